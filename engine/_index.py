@@ -1,0 +1,378 @@
+"""Querying an index: encode the query once, gather candidates from every ranker, compute every feature
+for every candidate, fuse, and return the results with their evidence."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._errors import ModelMismatchError, QueryInputError
+from ._images import ImageLimits, ImageRejected, load_image, resize_square
+from ._manifest import UNTRAINED_BANNER
+from ._reader import IndexReader
+from ._settings import QuerySettings
+from .fusion import FusionWeights, ordinal_ranks, rrf
+from .rankers import FEATURES, MAIN_RANKERS, POOL_RANKERS, RANKERS, QueryInput, Ranking, create_ranker
+
+DATA_DIR = Path(__file__).with_name("data")
+JSON_SCHEMA_VERSION = 1
+
+
+def shipped_weights() -> list[Path]:
+    return sorted(DATA_DIR.glob("weights-*.json"))
+
+
+def default_weights_for(fingerprint: str) -> FusionWeights | None:
+    """The shipped weights learned for these exact models, if any."""
+    for p in shipped_weights():
+        try:
+            w = FusionWeights.load(p, FEATURES)
+        except Exception:  # noqa: BLE001 - a broken shipped file must not break queries
+            continue
+        if w.models.get("fingerprint") == fingerprint:
+            w.name = f"shipped:{p.name}"
+            return w
+    return None
+
+
+@dataclass
+class Pool:
+    """One query's fused candidate pool: every feature for every candidate."""
+
+    rows: np.ndarray  # int64 record rows
+    feats: dict[str, np.ndarray]  # feature -> values (NaN = does not apply)
+    ranker_scores: dict[str, np.ndarray]  # ranker -> its own score of each candidate (NaN = not ranked)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class Fusion:
+    """How candidates are fused: ``weights`` (learned) or RRF when ``weights`` is None."""
+
+    weights: FusionWeights | None
+    rrf_k: int = 60
+    note: str = ""
+
+    @property
+    def method(self) -> str:
+        return "weighted" if self.weights is not None else "rrf"
+
+    @property
+    def threshold(self) -> float | None:
+        return self.weights.threshold if self.weights is not None else None
+
+    def describe(self) -> dict:
+        d: dict[str, Any] = {"method": self.method, "threshold": self.threshold, "note": self.note}
+        if self.weights is not None:
+            d["weights"] = self.weights.name
+            d["learned_on"] = self.weights.provenance.get("benchmark")
+        else:
+            d["rrf_k"] = self.rrf_k
+            d["rankers"] = list(MAIN_RANKERS)
+        return d
+
+
+@dataclass
+class Attribution:
+    """The answer to one query."""
+
+    query: dict
+    models: dict
+    fusion: dict
+    verdict: dict
+    results: list[dict]
+    timings_ms: dict
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "query": self.query,
+            "models": self.models,
+            "fusion": self.fusion,
+            "verdict": self.verdict,
+            "results": self.results,
+            "timings_ms": self.timings_ms,
+            "warnings": self.warnings,
+        }
+
+
+def _clean(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else round(float(x), 6)
+
+
+class Index:
+    """An opened index. Models load once, on the first query that needs them; then query many times."""
+
+    def __init__(self, path: str | os.PathLike, *, models: str | None = None, device: str | None = None,
+                 clip_weights: str | None = None, dino_weights: str | None = None,
+                 settings: QuerySettings | None = None) -> None:
+        self.reader = IndexReader(path)
+        self.path = self.reader.path
+        self.manifest = self.reader.manifest
+        self.settings = settings or QuerySettings()
+        built_with = self.manifest["models"]["profile"]
+        if models is not None and models != built_with:
+            raise ModelMismatchError(
+                f"index {self.path} was built with models {built_with!r}; the query asked for {models!r}. Query with "
+                f"--models {built_with} (or leave --models out), or rebuild the index with --models {models}"
+            )
+        self._device, self._clip_w, self._dino_w = device, clip_weights, dino_weights
+        self._encoders = None
+        self.rankers = {name: create_ranker(name, self.reader, self.settings) for name in RANKERS}
+
+    # ------------------------------------------------------------------------------------------ models
+    @property
+    def fingerprint(self) -> str:
+        return self.reader.fingerprint
+
+    @property
+    def untrained(self) -> bool:
+        return self.reader.untrained
+
+    @property
+    def models_info(self) -> dict:
+        m = self.manifest["models"]
+        out = {"profile": m["profile"], "pretrained": bool(m.get("pretrained")), "fingerprint": m["fingerprint"],
+               "clip": f"{m['clip']['arch']} ({m['clip'].get('weights_tag') or 'random init'})",
+               "dino": f"{m['dino']['arch']} ({m['dino'].get('weights_tag') or 'random init'})"}
+        if self.untrained:
+            out["warning"] = UNTRAINED_BANNER.format(profile=m["profile"])
+        return out
+
+    def use_encoders(self, encoders) -> None:
+        """Use already-loaded encoders (checked against the index), e.g. to share them between indexes."""
+        ident = encoders.identity
+        if ident["fingerprint"] != self.fingerprint:
+            theirs = self.manifest["models"]
+            raise ModelMismatchError(
+                f"the query models ({ident['profile']}, fingerprint {ident['fingerprint']}) differ from the models "
+                f"index {self.path} was built with ({theirs['profile']}, fingerprint {theirs['fingerprint']}): "
+                f"{_identity_diff(ident, theirs)}. Query with the same weights, or rebuild the index."
+            )
+        self._encoders = encoders
+
+    @property
+    def encoders(self):
+        if self._encoders is None:
+            from ._encoders import Encoders
+
+            enc = Encoders(self.manifest["models"]["profile"], device=self._device,
+                           clip_weights=self._clip_w, dino_weights=self._dino_w)
+            self.use_encoders(enc)
+        return self._encoders
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def _load_query_image(self, image) -> tuple[str, Any]:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            return "<PIL image>", image.convert("RGB")
+        ref = os.fspath(image)
+        if not os.path.exists(ref):
+            raise QueryInputError(f"query image {ref} does not exist")
+        try:
+            return ref, load_image(ref, ImageLimits(self.reader.manifest["settings"].get("max_pixels", 40_000_000)))
+        except ImageRejected as e:
+            raise QueryInputError(f"query image {ref} cannot be used: {e.reason} ({e.detail})") from None
+
+    def encode_queries(self, images: Sequence[Any | None], prompts: Sequence[str | None],
+                       query_ids: Sequence[str] | None = None, timings: dict | None = None) -> list[QueryInput]:
+        """Encode several queries in batches (images and prompts may be None)."""
+        n = len(images)
+        qids = list(query_ids) if query_ids is not None else [f"q{i}" for i in range(n)]
+        out = [QueryInput(query_id=qids[i], prompt=(prompts[i] or "")) for i in range(n)]
+        timings = timings if timings is not None else {}
+        img_idx = [i for i in range(n) if images[i] is not None]
+        txt_idx = [i for i in range(n) if out[i].prompt.strip()]
+        if (img_idx or txt_idx) and self._encoders is None:
+            t = time.perf_counter()
+            _ = self.encoders
+            timings["load_models"] = timings.get("load_models", 0.0) + (time.perf_counter() - t) * 1e3
+        enc = self._encoders
+        proj, grid = self.reader.projection, self.reader.grid
+        bs = int(self.manifest["settings"].get("batch_size", 32))
+        for s in range(0, len(img_idx), bs):
+            chunk = img_idx[s:s + bs]
+            clip_u8, dino_u8 = [], []
+            for i in chunk:
+                ref, im = self._load_query_image(images[i])
+                out[i].image = ref
+                clip_u8.append(resize_square(im, enc.clip_input.size, enc.clip_input.resize))
+                dino_u8.append(resize_square(im, enc.dino_input.size, enc.dino_input.resize))
+            t = time.perf_counter()
+            clip = enc.encode_clip_images(np.stack(clip_u8))
+            t1 = time.perf_counter()
+            cls, pmean, cells = enc.encode_dino_images(np.stack(dino_u8), grid)
+            t2 = time.perf_counter()
+            timings["encode_clip_image"] = timings.get("encode_clip_image", 0.0) + (t1 - t) * 1e3
+            timings["encode_dino"] = timings.get("encode_dino", 0.0) + (t2 - t1) * 1e3
+            g = proj.global_desc(cls, pmean)
+            c = proj.project_cells(cells)
+            for j, i in enumerate(chunk):
+                out[i].clip_image, out[i].dino_global, out[i].dino_cells = clip[j], g[j], c[j]
+        for s in range(0, len(txt_idx), bs):
+            chunk = txt_idx[s:s + bs]
+            t = time.perf_counter()
+            emb = enc.encode_texts([out[i].prompt for i in chunk])
+            timings["encode_clip_text"] = timings.get("encode_clip_text", 0.0) + (time.perf_counter() - t) * 1e3
+            for j, i in enumerate(chunk):
+                out[i].clip_text = emb[j]
+        for q in out:
+            q.terms = self.reader.text.terms(q.prompt)
+        return out
+
+    def encode_query(self, image=None, prompt: str | None = None, query_id: str = "q",
+                     timings: dict | None = None) -> QueryInput:
+        return self.encode_queries([image], [prompt], [query_id], timings)[0]
+
+    # ------------------------------------------------------------------------------------------ ranking
+    def rank(self, ranker: str, q: QueryInput, k: int) -> Ranking:
+        """One ranker on its own."""
+        if ranker not in self.rankers:
+            RANKERS.get(ranker)  # raises with the valid names
+        return self.rankers[ranker].search(q, k)
+
+    def pool(self, q: QueryInput, depth: int | None = None) -> Pool:
+        """Union of every available ranker's top ``depth`` candidates, with every feature for every one."""
+        depth = depth or self.settings.depth
+        t = time.perf_counter()
+        parts = [self.rankers[n].candidates(q, depth) for n in POOL_RANKERS if self.rankers[n].available(q)]
+        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        t1 = time.perf_counter()
+        feats: dict[str, np.ndarray] = {}
+        for name in ("clip", "dino", "bm25"):
+            r = self.rankers[name]
+            got = r.featurize(q, rows)
+            feats.update(got)
+        t2 = time.perf_counter()
+        scores = {}
+        for name in MAIN_RANKERS:
+            r = self.rankers[name]
+            scores[name] = r.combine(feats) if r.available(q) else np.full(len(rows), np.nan, np.float32)
+        return Pool(rows, feats, scores, {"candidates": (t1 - t) * 1e3, "features": (t2 - t1) * 1e3})
+
+    def resolve_fusion(self, weights: Any = "auto") -> Fusion:
+        """``"auto"``: the shipped weights learned for this index's models, else RRF; ``"rrf"``/None: RRF;
+        a path or :class:`FusionWeights`: those weights (refused if learned for other models)."""
+        k = self.settings.rrf_k
+        if weights is None or weights == "rrf":
+            return Fusion(None, k, "reciprocal rank fusion (k=%d) of clip, dino and bm25" % k)
+        if isinstance(weights, str) and weights == "auto":
+            w = default_weights_for(self.fingerprint)
+            if w is None:
+                return Fusion(None, k, "no learned weights match these models: reciprocal rank fusion (k=%d)" % k)
+            return Fusion(w, k, f"learned weights shipped with attrib ({w.name}), not plain RRF")
+        w = weights if isinstance(weights, FusionWeights) else FusionWeights.load(weights, FEATURES)
+        w.check_models(self.fingerprint, f"index {self.path}")
+        return Fusion(w, k, f"learned weights from {w.name}")
+
+    def fuse(self, pool: Pool, fusion: Fusion) -> np.ndarray:
+        if len(pool) == 0:
+            return np.zeros(0)
+        if fusion.weights is None:
+            return rrf(pool.ranker_scores, fusion.rrf_k)
+        return fusion.weights.score(pool.feats, FEATURES)
+
+    # ------------------------------------------------------------------------------------------ answers
+    def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
+               timings: dict | None = None) -> Attribution:
+        """Rank the index for an encoded query (the search-only path; see :meth:`query`)."""
+        t0 = time.perf_counter()
+        timings = dict(timings or {})
+        fusion = fusion or self.resolve_fusion(weights)
+        pool = self.pool(q, max(self.settings.depth, k))
+        timings.update(pool.timings)
+        t = time.perf_counter()
+        fused = self.fuse(pool, fusion)
+        order = np.lexsort((pool.rows, -fused))[:k] if len(pool) else np.zeros(0, np.int64)
+        ranks = {n: ordinal_ranks(s) for n, s in pool.ranker_scores.items()}
+        timings["fusion"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        meta = self.reader.records(pool.rows[order]) if len(order) else None
+        timings["metadata"] = (time.perf_counter() - t) * 1e3
+        thr = fusion.threshold
+        results = []
+        for pos, i in enumerate(order):
+            results.append({
+                "rank": pos + 1,
+                "id": meta["id"][pos],
+                "image": meta["image"][pos],
+                "caption": meta["caption"][pos],
+                "score": _clean(fused[i]),
+                "above_threshold": None if thr is None else bool(fused[i] >= thr),
+                "evidence": {f: _clean(pool.feats[f][i]) for f in FEATURES},
+                "ranks": {n: (int(ranks[n][i]) or None) for n in MAIN_RANKERS},
+            })
+        verdict = self._verdict(results, fusion, fused[order] if len(order) else np.zeros(0))
+        timings["search_total"] = (time.perf_counter() - t0) * 1e3
+        warnings = []
+        if self.untrained:
+            warnings.append(UNTRAINED_BANNER.format(profile=self.manifest["models"]["profile"]))
+        if thr is None:
+            warnings.append("no calibrated threshold for this fusion: results are ranked but no verdict is given")
+        return Attribution(
+            query={"image": q.image, "prompt": q.prompt},
+            models=self.models_info, fusion=fusion.describe(), verdict=verdict, results=results,
+            timings_ms={k2: round(v, 3) for k2, v in timings.items()}, warnings=warnings,
+        )
+
+    @staticmethod
+    def _verdict(results: list[dict], fusion: Fusion, top_scores: np.ndarray) -> dict:
+        thr = fusion.threshold
+        if thr is None:
+            return {"likely_source": None, "threshold": None, "n_above": None,
+                    "label": "No calibrated threshold: ranked candidates only"}
+        above = [r for r in results if r["above_threshold"]]
+        if above and fusion.weights is not None and fusion.weights.method == "logistic":
+            p = 1.0 / (1.0 + np.exp(-np.asarray([r["score"] for r in above], np.float64)))
+            shares = p / p.sum()
+            for r, s in zip(above, shares):
+                r["share"] = round(float(s), 4)
+        elif above:
+            for r in above:
+                r["share"] = round(1.0 / len(above), 4)
+        return {
+            "likely_source": bool(above),
+            "threshold": _clean(thr),
+            "n_above": len(above),
+            "label": "Likely sources found" if above else "No likely source in this index",
+            "share_note": "attribution shares are similarity-based estimates normalised over the results above the "
+                          "threshold, not causal claims",
+        }
+
+    def query(self, image=None, prompt: str | None = None, k: int = 10, weights: Any = "auto") -> Attribution:
+        """Attribute one generated image and/or prompt. Either side may be missing (its rankers take no part)."""
+        if image is None and not (prompt or "").strip():
+            raise QueryInputError("a query needs an image, a prompt, or both")
+        if k < 1:
+            raise QueryInputError(f"k must be at least 1 (got {k})")
+        fusion = self.resolve_fusion(weights)  # refuse a bad weights file before the slow part
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        q = self.encode_query(image, prompt, timings=timings)
+        res = self.search(q, k, fusion=fusion, timings=timings)
+        res.timings_ms["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+        return res
+
+
+def _identity_diff(a: dict, b: dict) -> str:
+    diffs = []
+    for side in ("clip", "dino"):
+        for key in ("arch", "weights_tag", "weights_sha256", "dim"):
+            if a.get(side, {}).get(key) != b.get(side, {}).get(key):
+                diffs.append(f"{side} {key} {a.get(side, {}).get(key)!r} vs {b.get(side, {}).get(key)!r}")
+    return "; ".join(diffs) or "input handling differs"
+
+
+def open_index(path: str | os.PathLike, **kwargs) -> Index:
+    """Open an index folder for querying (see :class:`Index`)."""
+    return Index(path, **kwargs)

@@ -1,0 +1,88 @@
+"""Read side of an index folder: opens and validates every store (no models needed)."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from ._build import CLIP_INDEX, DINO_INDEX, PATCHES, PROJECTION, RECORDS, ROW_SLOT, SLOTS, TEXT_DIR
+from ._errors import IndexFormatError
+from ._manifest import check_components, dir_size, read_manifest
+from ._stores import DinoProjection, PatchStore, TextStore, VectorStore
+
+
+class IndexReader:
+    """The stores of one index folder. Vectors are searched by faiss; patches are memory-mapped; record
+    metadata is read lazily. Rows are record positions; slots are positions among records with an image."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.manifest = read_manifest(self.path)
+        check_components(self.path, self.manifest)
+        m = self.manifest
+        self.n_records = int(m["counts"]["records"])
+        self.n_images = int(m["counts"]["images"])
+        dims = m["dims"]
+        self.grid = int(dims["patch_grid"])
+        try:
+            self.clip = VectorStore(self.path / CLIP_INDEX, m.get("ann", {}).get("clip", {}))
+            self.dino = VectorStore(self.path / DINO_INDEX, m.get("ann", {}).get("dino", {}))
+            self.patches = PatchStore(self.path / PATCHES, self.n_images, int(dims["patch_cells"]), int(dims["patch_dims"]))
+            self.projection = DinoProjection.load(self.path / PROJECTION)
+            self.slot_rows = np.load(self.path / SLOTS, mmap_mode="r")
+            self.row_slot = np.load(self.path / ROW_SLOT, mmap_mode="r")
+            self.text = TextStore(self.path / TEXT_DIR)
+        except IndexFormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - faiss/tantivy/numpy raise many types on damaged files
+            raise IndexFormatError(
+                f"index {self.path} is damaged ({e.__class__.__name__}: {e}); rebuild it with "
+                f"`attrib index SOURCE --out {self.path} --overwrite`"
+            ) from None
+        checks = [
+            (self.clip.ntotal, self.n_images, "clip vectors"), (self.dino.ntotal, self.n_images, "dino vectors"),
+            (len(self.slot_rows), self.n_images, "slot table"), (len(self.row_slot), self.n_records, "row table"),
+            (self.text.num_docs, self.n_records, "caption index"),
+        ]
+        for got, want, what in checks:
+            if got != want:
+                raise IndexFormatError(
+                    f"index {self.path} is damaged: its {what} holds {got} entries, the manifest says {want}; rebuild it"
+                )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["models"]["fingerprint"]
+
+    @property
+    def untrained(self) -> bool:
+        return not self.manifest["models"].get("pretrained", False)
+
+    @cached_property
+    def _meta(self):
+        try:
+            return pq.read_table(self.path / RECORDS, columns=["id", "image", "caption"], memory_map=True)
+        except Exception as e:  # noqa: BLE001
+            raise IndexFormatError(f"index {self.path} is damaged: {RECORDS} cannot be read ({e}); rebuild it") from None
+
+    def records(self, rows: np.ndarray) -> pl.DataFrame:
+        """id, image, caption of the given rows, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return pl.from_arrow(self._meta.take(rows))  # type: ignore[return-value]
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        """All record ids as an object array (benchmarks map ids to rows with it)."""
+        return np.asarray(self._meta.column("id").to_pylist(), dtype=object)
+
+    def rows_to_slots(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.row_slot[np.asarray(rows, np.int64)], np.int64) if len(rows) else np.zeros(0, np.int64)
+
+    def slots_to_rows(self, slots: np.ndarray) -> np.ndarray:
+        return np.asarray(self.slot_rows[np.asarray(slots, np.int64)], np.int64) if len(slots) else np.zeros(0, np.int64)
+
+    def component_sizes(self) -> dict[str, int]:
+        return {name: dir_size(self.path / e["path"]) for name, e in self.manifest["components"].items()}

@@ -1,0 +1,111 @@
+"""Terminal output (rich, on stderr): build summaries, index info and attribution tables."""
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from ._ui import stderr_console
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def untrained_panel(text: str) -> Panel:
+    return Panel(escape(text), title="untrained weights", border_style="bold yellow")
+
+
+def print_build_summary(s) -> None:
+    c = stderr_console()
+    m = s.manifest
+    if m.get("untrained"):
+        c.print(untrained_panel("This index was built with UNTRAINED (randomly initialised) encoders, profile "
+                                f"{m['models']['profile']!r}. Its rankings are not meaningful attributions."))
+    c.print(f"[bold green]indexed[/bold green] {s.records} records ({s.images} with images, "
+            f"{s.records - s.images} caption-only) into [bold]{escape(str(s.index_dir))}[/bold] "
+            f"in {s.seconds:.1f}s ({s.throughput:.1f} records/s)")
+    if s.rejected:
+        reasons = ", ".join(f"{n} {escape(r)}" for r, n in sorted(s.reject_reasons.items(), key=lambda kv: -kv[1]))
+        c.print(f"[yellow]skipped {s.rejected} records[/yellow] ({reasons}); see {escape(str(s.index_dir / 'rejects.jsonl'))}")
+    else:
+        c.print("skipped 0 records")
+    if s.ignored_files:
+        ex = ", ".join(escape(x) for x in s.ignored_files[:3])
+        c.print(f"[dim]ignored {len(s.ignored_files)} files that are neither images nor sidecars (e.g. {ex})[/dim]")
+
+
+def print_info(info: dict) -> None:
+    c = stderr_console()
+    m = info["manifest"]
+    if info.get("warning"):
+        c.print(untrained_panel(info["warning"]))
+    t = Table(title=f"index {escape(info['path'])}", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    mod = m["models"]
+    t.add_row("format", f"{m['format']} v{m['format_version']}")
+    t.add_row("created", m["created"])
+    t.add_row("profile", f"{mod['profile']} ({'pretrained' if mod.get('pretrained') else 'UNTRAINED'})")
+    t.add_row("clip", f"{mod['clip']['arch']} / {mod['clip'].get('weights_tag') or 'random init'} "
+                      f"(sha256 {mod['clip']['weights_sha256'][:12]}..., {mod['clip']['dim']} dims)")
+    t.add_row("dino", f"{mod['dino']['arch']} / {mod['dino'].get('weights_tag') or 'random init'} "
+                      f"(sha256 {mod['dino']['weights_sha256'][:12]}..., {mod['dino']['dim']} dims, "
+                      f"{mod['dino']['input']['size']}px)")
+    t.add_row("fingerprint", mod["fingerprint"])
+    cnt = m["counts"]
+    t.add_row("records", f"{cnt['records']} ({cnt['images']} images, {cnt['caption_only']} caption-only)")
+    rr = ", ".join(f"{n} {r}" for r, n in cnt.get("reject_reasons", {}).items())
+    t.add_row("rejected", f"{cnt['rejected']}" + (f" ({escape(rr)})" if rr else ""))
+    d = m["dims"]
+    t.add_row("dims", f"clip {d['clip']}, dino global {d['dino_global']}, patches {d['patch_grid']}x{d['patch_grid']} "
+                      f"cells x {d['patch_dims']} dims fp16")
+    t.add_row("ann", ", ".join(f"{k}: {v.get('kind')}" for k, v in m.get("ann", {}).items()))
+    t.add_row("source", escape(f"{m['source'].get('kind')}: {m['source'].get('path')}"))
+    t.add_row("versions", escape(", ".join(f"{k} {v}" for k, v in m["versions"].items())))
+    c.print(t)
+    s = Table(title="size on disk")
+    for col in ("component", "bytes", "per image"):
+        s.add_column(col, justify="right" if col != "component" else "left")
+    for name, b in sorted(info["sizes"].items(), key=lambda kv: -kv[1]):
+        s.add_row(name, _human(b), _human(info["bytes_per_image"][name]))
+    s.add_row("[bold]total[/bold]", _human(info["total_bytes"]), _human(info["bytes_per_image"]["total"]))
+    c.print(s)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def print_attribution(res) -> None:
+    c = stderr_console()
+    for w in res.warnings:
+        if "UNTRAINED" in w:
+            c.print(untrained_panel(w))
+        else:
+            c.print(f"[dim]{escape(w)}[/dim]")
+    v = res.verdict
+    style = "bold green" if v.get("likely_source") else ("bold red" if v.get("likely_source") is False else "bold")
+    c.print(f"[{style}]{escape(v['label'])}[/{style}]  [dim](fusion: {escape(res.fusion['note'])})[/dim]")
+    t = Table(title=f"attribution for {escape(str(res.query.get('image') or '(no image)'))}"
+                    f" + prompt {escape(_short(repr(res.query.get('prompt') or ''), 50))}")
+    for col in ("#", "id", "caption", "score", "share", "clip", "clip_text", "dino", "patch", "layout", "bm25"):
+        t.add_column(col, justify="right" if col not in ("id", "caption") else "left", overflow="fold")
+    for r in res.results:
+        e = r["evidence"]
+        mark = "[green]●[/green] " if r.get("above_threshold") else ""
+        t.add_row(str(r["rank"]), mark + escape(str(r["id"])), escape(_short(r["caption"])), _fmt(r["score"]),
+                  f"{r['share']:.0%}" if "share" in r else "", _fmt(e["clip"]), _fmt(e["clip_text"]), _fmt(e["dino"]),
+                  _fmt(e["dino_patch"]), _fmt(e["dino_layout"]), _fmt(e["bm25"]))
+    c.print(t)
+    tm = res.timings_ms
+    c.print("[dim]" + ", ".join(f"{k} {v:.0f} ms" for k, v in tm.items()) + "[/dim]")

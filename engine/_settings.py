@@ -1,0 +1,49 @@
+"""Frozen settings dataclasses (one line of comment per field)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ._errors import AttribError
+from ._images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    batch_size: int = 32  # images per encoder forward pass
+    workers: int = 2  # image decoding threads, overlapping with the model work
+    patch_grid: int = 8  # DINOv2 patch tokens are average-pooled to grid x grid cells (16x16 -> 8x8)
+    patch_dims: int = 64  # PCA-reduced dims per stored cell (fp16): 8*8*64*2 bytes = 8 KiB per image
+    pca_sample: int = 512  # images whose features fit the patch PCA and the descriptor centring
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejected as decompression bombs
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger image files are rejected
+    ann: str = "auto"  # faiss structure: flat (exhaustive fp16), ivf (memory-mapped lists), auto (by size)
+    ann_flat_max: int = 200_000  # with ann=auto, IVF is used above this many images
+
+    def __post_init__(self) -> None:
+        for f in ("batch_size", "patch_grid", "patch_dims", "pca_sample", "max_pixels", "max_bytes", "ann_flat_max"):
+            if getattr(self, f) < 1:
+                raise AttribError(f"index setting {f}={getattr(self, f)!r} must be at least 1")
+        if self.workers < 0:
+            raise AttribError(f"index setting workers={self.workers!r} must be 0 or more")
+        if self.ann not in ("auto", "flat", "ivf"):
+            raise AttribError(f"unknown ann kind {self.ann!r}; valid choices: auto, flat, ivf")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IndexSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    depth: int = 100  # candidates each ranker contributes to the fused pool
+    dino_rerank: int = 200  # global-descriptor candidates the dino ranker re-ranks with patch features
+    rrf_k: int = 60  # the k of reciprocal rank fusion
+
+    def __post_init__(self) -> None:
+        for f in ("depth", "dino_rerank", "rrf_k"):
+            if getattr(self, f) < 1:
+                raise AttribError(f"query setting {f}={getattr(self, f)!r} must be at least 1")

@@ -1,0 +1,330 @@
+"""The index's stores: faiss vectors, the DINO patch store, the tantivy caption index and the PCA/centering
+state that turns raw DINOv2 tokens into stored features. numpy / faiss / tantivy only (no torch)."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import tantivy
+
+# --------------------------------------------------------------------------------------------- vectors
+FLAT, IVF = "flat", "ivf"
+
+
+def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+class RawVectorSink:
+    """Append-only float32 rows on disk; the faiss structure is built from it once encoding ends."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path, self.dim, self.n = path, dim, 0
+        self._f = open(path, "wb")
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        assert x.ndim == 2 and x.shape[1] == self.dim  # internal invariant, not input validation
+        self._f.write(x.tobytes())
+        self.n += x.shape[0]
+
+    def close(self) -> np.memmap:
+        self._f.close()
+        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.n, self.dim)) if self.n else np.zeros((0, self.dim), np.float32)
+
+
+def choose_ann(kind: str, n: int, flat_max: int) -> str:
+    if kind == "auto":
+        return FLAT if n <= flat_max else IVF
+    if kind not in (FLAT, IVF):
+        raise ValueError(f"unknown ann kind {kind!r}; valid choices: auto, flat, ivf")
+    return kind
+
+
+def build_faiss(vectors: np.ndarray, path: Path, kind: str, nlist: int | None = None, chunk: int = 65536) -> dict:
+    """Write a faiss inner-product index of (already L2-normalised) vectors. Returns its settings.
+
+    ``flat`` is an exhaustive scan over fp16 codes (exact up to fp16 rounding, half the bytes of fp32, and
+    faster because the scan is memory-bound). ``ivf`` partitions the space (nlist ~ 4 sqrt(n)) and is
+    memory-mapped at query time, for corpora too large to hold in RAM.
+    """
+    n, d = vectors.shape
+    sq = faiss.ScalarQuantizer.QT_fp16
+    if kind == FLAT:
+        index = faiss.IndexScalarQuantizer(d, sq, faiss.METRIC_INNER_PRODUCT)
+        info = {"kind": FLAT}
+    else:
+        nlist = nlist or max(1, min(65536, int(4 * math.sqrt(max(n, 1)))))
+        nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, sq, faiss.METRIC_INNER_PRODUCT)
+        index.by_residual = False  # codes are the fp16 vectors themselves: same scores as the flat store
+        rng = np.random.default_rng(0)
+        sample = vectors[np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))] if n else vectors
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        info = {"kind": IVF, "nlist": nlist, "nprobe": max(1, min(nlist, nlist // 8 or 1, 64))}
+    for s in range(0, n, chunk):
+        index.add(np.ascontiguousarray(vectors[s:s + chunk], dtype=np.float32))
+    if kind == IVF:
+        index.make_direct_map()  # lets candidates be re-scored exactly by slot
+    faiss.write_index(index, str(path))
+    return info
+
+
+class VectorStore:
+    """A faiss index opened for search plus exact re-scoring of arbitrary slots."""
+
+    def __init__(self, path: Path, info: dict) -> None:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if info.get("kind") == IVF else 0
+        self.index = faiss.read_index(str(path), flags)
+        if info.get("kind") == IVF:
+            faiss.extract_index_ivf(self.index).nprobe = int(info.get("nprobe", 16))
+        self.ntotal = int(self.index.ntotal)
+        self.dim = int(self.index.d)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, slots) for each query row; slots are -1 where fewer than k exist."""
+        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
+        k = max(1, min(k, self.ntotal))
+        if self.ntotal == 0:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        return self.index.search(q, k)
+
+    def vectors(self, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self.index.reconstruct_batch(slots)
+
+
+# --------------------------------------------------------------------------------------------- DINO features
+@dataclass
+class DinoProjection:
+    """Corpus statistics that turn raw DINOv2 tokens into stored features.
+
+    * global descriptor = [CLS - mean_cls, patch-mean - mean_pm], each part scaled by its corpus RMS norm,
+      then L2-normalised. Centring removes the component every image shares (with random weights the CLS
+      token is almost constant, see DESIGN.md); the RMS scaling keeps one part from swamping the other.
+    * patch cells = PCA (fitted on corpus cells, centred) to ``dims`` dims, L2-normalised, stored as fp16.
+    """
+
+    cls_mean: np.ndarray  # (D,)
+    cls_scale: float
+    pm_mean: np.ndarray  # (D,)
+    pm_scale: float
+    cell_mean: np.ndarray  # (D,)
+    components: np.ndarray  # (D, dims) orthonormal columns
+
+    @property
+    def global_dim(self) -> int:
+        return 2 * self.cls_mean.shape[0]
+
+    @property
+    def cell_dim(self) -> int:
+        return self.components.shape[1]
+
+    @classmethod
+    def fit(cls, cls_tok: np.ndarray, pmean: np.ndarray, cells: np.ndarray, dims: int) -> "DinoProjection":
+        cls_tok, pmean = cls_tok.astype(np.float64), pmean.astype(np.float64)
+        flat = cells.reshape(-1, cells.shape[-1]).astype(np.float64)
+        cm, pm, cellm = cls_tok.mean(0), pmean.mean(0), flat.mean(0)
+        cs = float(np.sqrt(((cls_tok - cm) ** 2).sum(1).mean())) or 1.0
+        ps = float(np.sqrt(((pmean - pm) ** 2).sum(1).mean())) or 1.0
+        d = flat.shape[1]
+        dims = min(dims, d)
+        if dims >= d:
+            comps = np.eye(d)
+        else:
+            _, _, vt = np.linalg.svd(flat - cellm, full_matrices=False)
+            comps = vt[:dims].T
+            # Fix the sign of each component so that fitting is deterministic across BLAS builds.
+            comps *= np.sign(comps[np.abs(comps).argmax(0), np.arange(dims)])
+        return cls(cm.astype(np.float32), cs, pm.astype(np.float32), ps, cellm.astype(np.float32), comps.astype(np.float32))
+
+    def global_desc(self, cls_tok: np.ndarray, pmean: np.ndarray) -> np.ndarray:
+        g = np.concatenate([(cls_tok - self.cls_mean) / self.cls_scale, (pmean - self.pm_mean) / self.pm_scale], axis=-1)
+        return l2n(g).astype(np.float32)
+
+    def project_cells(self, cells: np.ndarray) -> np.ndarray:
+        return l2n((cells - self.cell_mean) @ self.components).astype(np.float32)
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, cls_mean=self.cls_mean, cls_scale=np.float32(self.cls_scale), pm_mean=self.pm_mean,
+                     pm_scale=np.float32(self.pm_scale), cell_mean=self.cell_mean, components=self.components)
+
+    @classmethod
+    def load(cls, path: Path) -> "DinoProjection":
+        with np.load(path) as z:
+            return cls(z["cls_mean"], float(z["cls_scale"]), z["pm_mean"], float(z["pm_scale"]), z["cell_mean"], z["components"])
+
+
+class PatchStore:
+    """Memory-mapped (n_images, cells, dims) float16 patch features."""
+
+    def __init__(self, path: Path, n: int, cells: int, dims: int) -> None:
+        self.shape = (n, cells, dims)
+        self.arr = np.memmap(path, dtype=np.float16, mode="r", shape=self.shape) if n else np.zeros(self.shape, np.float16)
+
+    def get(self, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        order = np.argsort(slots)  # sorted reads are friendlier to the page cache
+        out = np.empty((len(slots),) + self.shape[1:], np.float32)
+        out[order] = self.arr[slots[order]]
+        return out
+
+
+def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local and layout agreement between one query's cells (C, d) and candidates' cells (n, C, d).
+
+    Returns (chamfer, layout, best_match):
+    * chamfer: mean over query cells of the best cosine to any candidate cell (MaxSim): copied parts and
+      textures score high wherever they sit.
+    * layout: mean over cells of the cosine between the cells at the same grid position, compared with a
+      tolerance of one cell (max over the 3x3 neighbourhood): composition and pose.
+    * best_match: (n, C) index of the candidate cell that best matches each query cell.
+    """
+    if c_cells.shape[0] == 0:
+        z = np.zeros(0, np.float32)
+        return z, z, np.zeros((0, q_cells.shape[0]), np.int64)
+    sims = np.einsum("cd,nkd->nck", q_cells, c_cells, optimize=True)  # (n, Cq, Cc)
+    best = sims.max(axis=2)
+    chamfer = best.mean(axis=1)
+    n, C, _ = sims.shape
+    idx = np.arange(C)
+    r, c = idx // grid, idx % grid
+    layout_best = np.full((n, C), -np.inf, np.float32)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            rr, cc = r + dr, c + dc
+            ok = (rr >= 0) & (rr < grid) & (cc >= 0) & (cc < grid)
+            src = idx[ok]
+            dst = (rr * grid + cc)[ok]
+            layout_best[:, src] = np.maximum(layout_best[:, src], sims[:, src, dst])
+    layout = layout_best.mean(axis=1)
+    return chamfer.astype(np.float32), layout.astype(np.float32), sims.argmax(axis=2)
+
+
+# --------------------------------------------------------------------------------------------- captions
+TEXT_FIELD, ROW_FIELD = "caption", "row"
+ANALYZER_NAME = "attrib_en"
+ANALYZER_DESC = "simple tokenizer | remove_long(40) | lowercase | ascii_fold | english stopwords | english stemmer"
+MAX_QUERY_TERMS = 256
+
+
+def make_analyzer() -> "tantivy.TextAnalyzer":
+    return (
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+        .filter(tantivy.Filter.remove_long(40))
+        .filter(tantivy.Filter.lowercase())
+        .filter(tantivy.Filter.ascii_fold())
+        .filter(tantivy.Filter.stopword("english"))
+        .filter(tantivy.Filter.stemmer("english"))
+        .build()
+    )
+
+
+def _schema() -> "tantivy.Schema":
+    sb = tantivy.SchemaBuilder()
+    sb.add_integer_field(ROW_FIELD, stored=False, indexed=True, fast=True)
+    sb.add_text_field(TEXT_FIELD, stored=False, tokenizer_name=ANALYZER_NAME, index_option="freq")
+    return sb.build()
+
+
+class TextSink:
+    def __init__(self, path: Path, heap_bytes: int = 64_000_000) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.index = tantivy.Index(_schema(), path=str(path))
+        self.index.register_tokenizer(ANALYZER_NAME, make_analyzer())
+        self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
+        self.n = 0
+
+    def add(self, row: int, caption: str) -> None:
+        doc = tantivy.Document()
+        doc.add_integer(ROW_FIELD, int(row))
+        doc.add_text(TEXT_FIELD, caption or "")
+        self.writer.add_document(doc)
+        self.n += 1
+
+    def close(self) -> None:
+        self.writer.commit()
+        self.writer.wait_merging_threads()
+
+
+class TextStore:
+    """BM25 over captions. The prompt is analysed into terms and the query built from them, never parsed:
+    quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning."""
+
+    def __init__(self, path: Path) -> None:
+        self.index = tantivy.Index.open(str(path))
+        self.analyzer = make_analyzer()
+        self.index.register_tokenizer(ANALYZER_NAME, self.analyzer)
+        self.schema = self.index.schema
+        self.searcher = self.index.searcher()
+
+    def terms(self, prompt: str | None) -> list[str]:
+        if not prompt or not prompt.strip():
+            return []
+        seen: dict[str, None] = {}
+        for t in self.analyzer.analyze(prompt):
+            seen.setdefault(t, None)
+            if len(seen) >= MAX_QUERY_TERMS:
+                break
+        return list(seen)
+
+    def _terms_query(self, terms: list[str]):
+        return tantivy.Query.boolean_query(
+            [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, TEXT_FIELD, t)) for t in terms]
+        )
+
+    def _collect(self, result) -> tuple[np.ndarray, np.ndarray]:
+        hits = result.hits
+        if not hits:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        rows = self.searcher.fast_field_values(ROW_FIELD, [a for _, a in hits])
+        return np.asarray(rows, np.int64), np.asarray([s for s, _ in hits], np.float32)
+
+    def search(self, terms: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, bm25 scores), best first; empty when there are no terms."""
+        if not terms or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return self._collect(self.searcher.search(self._terms_query(terms), limit=k, count=False))
+
+    def score_rows(self, terms: list[str], rows: np.ndarray) -> np.ndarray:
+        """BM25 of the prompt for given rows (0 where no term matches), computed by tantivy itself so it
+        equals what ``search`` returns: Must(row in set, constant 0) + Should(terms)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.zeros(len(rows), np.float32)
+        if not terms or len(rows) == 0:
+            return out
+        restrict = tantivy.Query.const_score_query(
+            tantivy.Query.term_set_query(self.schema, ROW_FIELD, [int(r) for r in rows]), 0.0
+        )
+        q = tantivy.Query.boolean_query([(tantivy.Occur.Must, restrict), (tantivy.Occur.Should, self._terms_query(terms))])
+        got_rows, got = self._collect(self.searcher.search(q, limit=len(rows), count=False))
+        pos = {int(r): i for i, r in enumerate(rows)}
+        for r, s in zip(got_rows.tolist(), got.tolist()):
+            out[pos[r]] = s
+        return out
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.searcher.num_docs)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,38 @@
+"""Display helpers: rich progress bars and consoles on stderr (display only; never machine output)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+_console: Console | None = None
+
+
+def stderr_console() -> Console:
+    global _console
+    if _console is None:
+        _console = Console(stderr=True)
+    return _console
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:  # type: ignore[override]
+        speed = task.finished_speed or task.speed
+        return Text("-- rec/s" if speed is None else f"{speed:.1f} rec/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(n)``; shows records per second and the time left on stderr."""
+    if not enabled:
+        yield lambda n: None
+        return
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
+    with Progress(*cols, console=stderr_console(), transient=False) as prog:
+        task = prog.add_task(label, total=total)
+        yield lambda n: prog.advance(task, n)

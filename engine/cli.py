@@ -1,0 +1,217 @@
+"""`attrib`: a thin command line over the library API. Tables and progress go to stderr; --json to stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Callable, Sequence
+
+from ._errors import AttribError
+from ._profiles import PROFILES
+from ._settings import IndexSettings, QuerySettings
+from ._ui import stderr_console
+from rich.markup import escape
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _add_model_args(p: argparse.ArgumentParser, with_profile: bool = True) -> None:
+    if with_profile:
+        p.add_argument("--models", default=None, metavar="PROFILE",
+                       help=f"model profile: {', '.join(PROFILES.names())} (default: 'default' to build; the index's own to query)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--clip-weights", default=None, metavar="PATH",
+                   help="local CLIP weights file or folder (env ATTRIB_CLIP_WEIGHTS); default: Hugging Face cache/hub")
+    p.add_argument("--dino-weights", default=None, metavar="PATH",
+                   help="local DINOv2 weights file or folder (env ATTRIB_DINO_WEIGHTS); default: Hugging Face cache/hub")
+
+
+# --------------------------------------------------------------------------------------------- index / info
+def cmd_index(a: argparse.Namespace) -> int:
+    from ._build import build_index
+    from ._report_text import print_build_summary
+
+    d = IndexSettings()
+    settings = IndexSettings(
+        batch_size=a.batch_size or d.batch_size, workers=d.workers if a.workers is None else a.workers,
+        patch_grid=a.patch_grid or d.patch_grid, patch_dims=a.patch_dims or d.patch_dims,
+        max_pixels=a.max_pixels or d.max_pixels, ann=a.ann or d.ann,
+    )
+    s = build_index(a.source, a.out, models=a.models or "default", device=a.device, settings=settings,
+                    overwrite=a.overwrite, progress=not a.no_progress, clip_weights=a.clip_weights,
+                    dino_weights=a.dino_weights)
+    if a.json:
+        _print_json({"index": str(s.index_dir), "records": s.records, "images": s.images, "rejected": s.rejected,
+                     "reject_reasons": s.reject_reasons, "ignored_files": len(s.ignored_files),
+                     "seconds": round(s.seconds, 3), "records_per_second": round(s.throughput, 3),
+                     "untrained": s.manifest.get("untrained")})
+    else:
+        print_build_summary(s)
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from ._info import index_info
+    from ._report_text import print_info
+
+    info = index_info(a.index)
+    if a.json:
+        _print_json(info)
+    else:
+        print_info(info)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    rows = [PROFILES.get(n).to_dict() for n in PROFILES.names()]
+    if a.json:
+        _print_json(rows)
+        return 0
+    from rich.table import Table
+
+    t = Table(title="model profiles")
+    for c in ("name", "pretrained", "clip", "dino", "description"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], str(r["pretrained"]), f"{r['clip']['arch']} / {r['clip']['pretrained'] or 'random'}",
+                  f"{r['dino']['arch']} / {r['dino']['tag'] or 'random'} @ {r['dino']['img_size']}px", r["description"])
+    stderr_console().print(t)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- query
+def _weights_arg(value: str | None):
+    return "auto" if value in (None, "auto") else value
+
+
+def cmd_query(a: argparse.Namespace) -> int:
+    from ._index import Index
+    from ._report_text import print_attribution
+
+    if a.image is None and not (a.prompt or "").strip():
+        raise AttribError("give --image, --prompt, or both")
+    settings = QuerySettings(depth=a.depth or QuerySettings().depth)
+    idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,
+                dino_weights=a.dino_weights, settings=settings)
+    res = idx.query(image=a.image, prompt=a.prompt, k=a.k, weights=_weights_arg(a.weights))
+    if a.html:
+        from ._report_html import write_query_report
+
+        path = write_query_report(idx, res, a.html)
+        stderr_console().print(f"report written to [bold]{path}[/bold]")
+    if a.json:
+        _print_json(res.to_dict())
+    else:
+        print_attribution(res)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(cache=a.cache, models=a.models, fresh=a.fresh, json_out=a.json, html=a.html)
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attrib",
+        description="Attribute AI-generated images to their training data (CLIP + DINOv2 patches + BM25, fused).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("index", help="index a training set (folder, tar shard, parquet/CSV/JSONL table)")
+    s.add_argument("source", help="folder of images (+ .txt/.json sidecars), .tar shard, or .parquet/.csv/.jsonl table")
+    s.add_argument("--out", required=True, help="index folder to create")
+    _add_model_args(s)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    s.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 32)")
+    s.add_argument("--workers", type=int, default=None, help="image decoding threads (default 2)")
+    s.add_argument("--patch-grid", type=int, default=None, help="pooled DINOv2 patch grid side (default 8)")
+    s.add_argument("--patch-dims", type=int, default=None, help="PCA dims per stored patch cell (default 64)")
+    s.add_argument("--max-pixels", type=int, default=None, help="reject larger images (default 40,000,000)")
+    s.add_argument("--ann", choices=("auto", "flat", "ivf"), default=None, help="faiss structure (default auto)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("info", help="describe an index folder")
+    s.add_argument("index")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("models", help="list the model profiles")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("query", help="attribute a generated image and/or prompt")
+    s.add_argument("index")
+    s.add_argument("--image", default=None, help="the generated image")
+    s.add_argument("--prompt", default=None, help="the prompt that generated it (plain text, never query syntax)")
+    s.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    s.add_argument("--weights", default=None, metavar="FILE",
+                   help="fusion weights file from `attrib tune`; 'rrf' for plain RRF; default: shipped weights "
+                        "for the index's models when they exist, else RRF")
+    s.add_argument("--depth", type=int, default=None, help="candidates per ranker in the fused pool (default 100)")
+    s.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained visual report")
+    s.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("demo", help="build a small generated training set, index it and attribute a query")
+    s.add_argument("--cache", default=None, help="cache folder (default ~/.cache/attrib/demo or $ATTRIB_CACHE/demo)")
+    s.add_argument("--models", default=None, help="profile (default: 'default' when its weights are here, else 'offline')")
+    s.add_argument("--fresh", action="store_true", help="rebuild the demo data and index")
+    s.add_argument("--html", default=None, help="where to write the HTML report (default: in the cache folder)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_demo)
+
+    try:
+        from eval.cli import add_eval_commands
+    except ImportError:  # pragma: no cover - eval ships with the engine
+        pass
+    else:
+        add_eval_commands(sub)
+    return p
+
+
+def _sigterm(signum, frame):  # pragma: no cover - exercised by the kill test in a subprocess
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; ``main([...])`` runs the CLI in-process (tests) and returns the exit code."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = a.func
+    old = None
+    try:
+        old = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        return func(a)
+    except AttribError as e:
+        stderr_console().print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        stderr_console().print("[yellow]interrupted: nothing half-written was left behind[/yellow]")
+        return EXIT_INTERRUPTED
+    finally:
+        if old is not None:
+            try:
+                signal.signal(signal.SIGTERM, old)
+            except ValueError:
+                pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

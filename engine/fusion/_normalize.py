@@ -1,0 +1,42 @@
+"""Per-query normalisation of one feature over the candidate pool (NaN = the feature does not apply)."""
+from __future__ import annotations
+
+import numpy as np
+
+TRANSFORMS = ("raw", "z", "mm", "rr")
+
+
+def ordinal_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based rank of each finite value, best (largest) first; ties broken by position. NaN -> 0."""
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x)
+    ranks = np.zeros(len(x), np.int64)
+    idx = np.flatnonzero(ok)
+    order = idx[np.lexsort((idx, -x[idx]))]
+    ranks[order] = np.arange(1, len(order) + 1)
+    return ranks
+
+
+def normalize(x: np.ndarray, how: str, rrf_k: int = 60) -> np.ndarray:
+    """``z``: z-score over the pool; ``mm``: min-max to [0, 1]; ``rr``: 1/(k + rank); ``raw``: unchanged.
+    Missing values become 0 for z/mm/rr (average / bottom / unranked) and stay NaN for raw."""
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x)
+    if how == "raw":
+        return x.copy()
+    out = np.zeros(len(x), np.float64)
+    if not ok.any():
+        return out
+    v = x[ok]
+    if how == "z":
+        sd = v.std()
+        out[ok] = (v - v.mean()) / sd if sd > 1e-12 else 0.0
+    elif how == "mm":
+        lo, hi = v.min(), v.max()
+        out[ok] = (v - lo) / (hi - lo) if hi - lo > 1e-12 else 1.0
+    elif how == "rr":
+        r = ordinal_ranks(x)
+        out[ok] = 1.0 / (rrf_k + r[ok])
+    else:
+        raise ValueError(f"unknown normalisation {how!r}; valid choices: {', '.join(TRANSFORMS)}")
+    return out

@@ -1,0 +1,49 @@
+"""CLIP rankers: image-to-image cosine, and the prompt's text embedding against the image embeddings."""
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import QueryInput, Ranker, cosine_to, dense_candidates
+
+
+class ClipRanker(Ranker):
+    """Cosine of CLIP image embeddings; with no query image it falls back to the prompt's text embedding."""
+
+    name = "clip"
+    features = ("clip", "clip_text")
+
+    def available(self, q: QueryInput) -> bool:
+        return (q.clip_image is not None or q.clip_text is not None) and self.reader.n_images > 0
+
+    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
+        vec = q.clip_image if q.clip_image is not None else q.clip_text
+        return dense_candidates(self.reader.clip, self.reader, vec, n)
+
+    def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "clip": cosine_to(self.reader.clip, self.reader, q.clip_image, rows),
+            "clip_text": cosine_to(self.reader.clip, self.reader, q.clip_text, rows),
+        }
+
+    def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        img = feats["clip"]
+        return img if not np.all(np.isnan(img)) else feats["clip_text"]
+
+
+class ClipTextRanker(Ranker):
+    """The prompt's CLIP text embedding against the indexed image embeddings."""
+
+    name = "clip_text"
+    features = ("clip_text",)
+
+    def available(self, q: QueryInput) -> bool:
+        return q.clip_text is not None and self.reader.n_images > 0
+
+    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
+        return dense_candidates(self.reader.clip, self.reader, q.clip_text, n)
+
+    def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"clip_text": cosine_to(self.reader.clip, self.reader, q.clip_text, rows)}
+
+    def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        return feats["clip_text"]

@@ -1,0 +1,146 @@
+"""Tiny generated worlds for tests: images, sidecars, tables, shards and hostile files."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image, ImageDraw
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "cross"]
+RGB = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
+       "purple": (140, 40, 160), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245)}
+
+
+def scene(i: int, size: int = 96) -> tuple[Image.Image, str]:
+    """A distinct picture and its caption, determined by i."""
+    rng = np.random.default_rng(i)
+    bg = COLOURS[i % len(COLOURS)]
+    fg = COLOURS[(i // len(COLOURS) + 3) % len(COLOURS)]
+    shape = SHAPES[(i // 3) % len(SHAPES)]
+    arr = np.zeros((size, size, 3), np.uint8) + np.array(RGB[bg], np.uint8)
+    arr = np.clip(arr.astype(int) + rng.integers(-25, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    d = ImageDraw.Draw(im)
+    x0, y0 = rng.integers(5, size // 2, size=2)
+    x1, y1 = x0 + rng.integers(size // 4, size // 2), y0 + rng.integers(size // 4, size // 2)
+    if shape == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=RGB[fg])
+    elif shape == "square":
+        d.rectangle([x0, y0, x1, y1], fill=RGB[fg])
+    elif shape == "triangle":
+        d.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=RGB[fg])
+    else:
+        d.rectangle([x0, (y0 + y1) // 2 - 4, x1, (y0 + y1) // 2 + 4], fill=RGB[fg])
+        d.rectangle([(x0 + x1) // 2 - 4, y0, (x0 + x1) // 2 + 4, y1], fill=RGB[fg])
+    for _ in range(int(rng.integers(2, 6))):  # texture details so images differ beyond the shape
+        cx, cy = rng.integers(0, size, size=2)
+        d.point([(int(cx), int(cy))], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return im, f"a {fg} {shape} on a {bg} background, picture {i}"
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def image_folder(root: Path, n: int, sidecar: str = "txt", nested: bool = True, size: int = 96) -> list[str]:
+    """n images with .txt or .json sidecars; returns their captions in file order."""
+    caps = []
+    for i in range(n):
+        sub = root / (f"part{i % 2}" if nested else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        im, cap = scene(i, size)
+        name = f"img{i:04d}"
+        if i % 2:
+            (sub / f"{name}.jpg").write_bytes(jpeg_bytes(im))
+        else:
+            (sub / f"{name}.png").write_bytes(png_bytes(im))
+        if sidecar == "txt":
+            (sub / f"{name}.txt").write_text(cap + "\n", encoding="utf-8")
+        elif sidecar == "json":
+            (sub / f"{name}.json").write_text(json.dumps({"caption": cap, "url": f"http://x/{i}", "width": size}), encoding="utf-8")
+        caps.append(cap)
+    return caps
+
+
+def table(root: Path, n: int, fmt: str, caption_col: str = "caption", image_col: str = "image",
+          with_id: bool = True, caption_only: int = 0) -> Path:
+    """A table of n image records (images in root/imgs) plus caption-only rows."""
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        im, cap = scene(100 + i)
+        (root / "imgs" / f"{i}.png").write_bytes(png_bytes(im))
+        rows.append({"id": f"rec-{i}", image_col: f"imgs/{i}.png", caption_col: cap, "score": float(i) / 10})
+    for j in range(caption_only):
+        rows.append({"id": f"txt-{j}", image_col: None, caption_col: f"caption only record {j} about a purple kite", "score": 0.0})
+    df = pl.DataFrame(rows, schema={"id": pl.String, image_col: pl.String, caption_col: pl.String, "score": pl.Float64})
+    if not with_id:
+        df = df.drop("id")
+    path = root / f"table.{fmt}"
+    if fmt == "parquet":
+        df.write_parquet(path)
+    elif fmt == "csv":
+        df.write_csv(path)
+    else:
+        df.write_ndjson(path)
+    return path
+
+
+def tar_shard(path: Path, n: int, start: int = 0) -> list[str]:
+    """An img2dataset/webdataset-style shard: KEY.jpg + KEY.txt + KEY.json per sample."""
+    caps = []
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            im, cap = scene(500 + start + i)
+            key = f"{start + i:09d}"
+            for name, data in ((f"{key}.jpg", jpeg_bytes(im)), (f"{key}.txt", cap.encode()),
+                               (f"{key}.json", json.dumps({"key": key, "url": f"http://x/{key}", "caption": cap}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            caps.append(cap)
+    return caps
+
+
+def png_bomb_header(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims a gigantic image (a decompression-bomb shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def hostile_files(folder: Path) -> dict[str, str]:
+    """One file of each bad kind; returns {file name: expected reason}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good, _ = scene(999)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 255, 500, dtype=np.uint8)))
+    full = jpeg_bytes(good)
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "notimage.png").write_text("this is a text file pretending to be a png", encoding="utf-8")
+    (folder / "bomb.png").write_bytes(png_bomb_header())
+    (folder / "empty.png").write_bytes(b"")
+    return {
+        "corrupt.jpg": "corrupt or truncated image",
+        "truncated.jpg": "corrupt or truncated image",
+        "notimage.png": "not an image",
+        "bomb.png": "image too large (decompression bomb)",
+        "empty.png": "corrupt or truncated image",
+    }
