@@ -28,8 +28,8 @@ from ._manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, library_vers
                         write_json_atomic)
 from ._profiles import get_profile
 from ._settings import IndexSettings
-from ._stores import (ANALYZER_DESC, DinoProjection, RawVectorSink, TextSink, build_faiss, choose_ann,
-                      fsync_dir)
+from ._fs import fsync_dir, swap_into_place
+from ._stores import ANALYZER_DESC, DinoProjection, RawVectorSink, TextSink, build_faiss, choose_ann
 from ._ui import progress_bar
 
 # File names inside an index folder.
@@ -315,7 +315,7 @@ def build_index(
             raise EmptyCorpusError(_empty_message(src, tmp))
         manifest = writer.finalize({"path": str(Path(source).expanduser().absolute()), "kind": src.kind,
                                     "ignored_files": len(src.ignored)})
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -337,17 +337,6 @@ def _empty_message(src: Source, tmp: Path) -> str:
         return f"the source {src.path} holds no records (no images, no captions); nothing was written"
     detail = "; ".join(f"{r['record']}: {r['reason']}" for r in lines)
     return f"every record of {src.path} was rejected, so no index was written. First rejects: {detail}"
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSettings, progress: bool) -> float:

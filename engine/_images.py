@@ -20,6 +20,9 @@ DEFAULT_MAX_PIXELS = 40_000_000  # e.g. 8000 x 5000; larger is treated as a deco
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 
 
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
 class ImageRejected(Exception):
     """An image that cannot be used; ``reason`` is a short phrase for the rejects file."""
 
@@ -81,6 +84,8 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits(), draft: int | None =
         try:
             im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            if data.startswith(_MAGIC):
+                raise ImageRejected("corrupt or truncated image", "has an image signature but cannot be decoded") from None
             raise ImageRejected("not an image", "no known image format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageRejected("image too large (decompression bomb)", str(e)) from None

@@ -16,6 +16,7 @@ from ._images import ImageLimits, ImageRejected, load_image, resize_square
 from ._manifest import UNTRAINED_BANNER
 from ._reader import IndexReader
 from ._settings import QuerySettings
+from ._stores import cell_similarities
 from .fusion import FusionWeights, ordinal_ranks, rrf
 from .rankers import FEATURES, MAIN_RANKERS, POOL_RANKERS, RANKERS, QueryInput, Ranking, create_ranker
 
@@ -91,6 +92,7 @@ class Attribution:
     results: list[dict]
     timings_ms: dict
     warnings: list[str]
+    query_input: QueryInput | None = field(default=None, repr=False)  # the encoded query (reports use it)
 
     def to_dict(self) -> dict:
         return {
@@ -245,7 +247,22 @@ class Index:
         """Union of every available ranker's top ``depth`` candidates, with every feature for every one."""
         depth = depth or self.settings.depth
         t = time.perf_counter()
-        parts = [self.rankers[n].candidates(q, depth) for n in POOL_RANKERS if self.rankers[n].available(q)]
+        parts: list[np.ndarray] = []
+        dense: dict[str, list[np.ndarray]] = {}
+        for name in POOL_RANKERS:
+            r = self.rankers[name]
+            if not r.available(q):
+                continue
+            dq = r.dense_query(q)
+            if dq is None:
+                parts.append(r.candidates(q, depth))
+            elif not any(np.array_equal(dq[1], v) for v in dense.get(dq[0], [])):
+                dense.setdefault(dq[0], []).append(dq[1])
+        for store_name, vecs in dense.items():
+            store = getattr(self.reader, store_name)
+            if store.ntotal:
+                _, slots = store.search(np.stack(vecs), depth)  # one batched faiss call per store
+                parts.append(self.reader.slots_to_rows(slots[slots >= 0]))
         rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         t1 = time.perf_counter()
         feats: dict[str, np.ndarray] = {}
@@ -304,6 +321,7 @@ class Index:
         for pos, i in enumerate(order):
             results.append({
                 "rank": pos + 1,
+                "row": int(pool.rows[i]),
                 "id": meta["id"][pos],
                 "image": meta["image"][pos],
                 "caption": meta["caption"][pos],
@@ -322,7 +340,7 @@ class Index:
         return Attribution(
             query={"image": q.image, "prompt": q.prompt},
             models=self.models_info, fusion=fusion.describe(), verdict=verdict, results=results,
-            timings_ms={k2: round(v, 3) for k2, v in timings.items()}, warnings=warnings,
+            timings_ms={k2: round(v, 3) for k2, v in timings.items()}, warnings=warnings, query_input=q,
         )
 
     @staticmethod
@@ -349,6 +367,47 @@ class Index:
                           "threshold, not causal claims",
         }
 
+    def correspondences(self, q: QueryInput, rows: Sequence[int], baseline_rows: Sequence[int] | None = None,
+                        n_matches: int = 12) -> list[Correspondence | None]:
+        """Patch correspondences between the query and each record of ``rows`` (None for records without an
+        image, or when the query has no image). ``baseline_rows`` (default: the query's candidate pool) say
+        what "ordinary" similarity is, so that only evidence specific to a record lights up."""
+        grid = self.reader.grid
+        if q.dino_cells is None:
+            return [None] * len(rows)
+        if baseline_rows is None:
+            baseline_rows = self.pool(q).rows
+        base_rows = np.asarray(list(baseline_rows), np.int64)
+        base_slots = self.reader.rows_to_slots(base_rows) if len(base_rows) else np.zeros(0, np.int64)
+        keep = base_slots >= 0
+        base_rows, base_slots = base_rows[keep], base_slots[keep]
+        qc = q.dino_cells.astype(np.float32)
+        if len(base_slots):
+            base_best = cell_similarities(qc, self.reader.patches.get(base_slots)).max(axis=1)
+        else:
+            base_best = np.zeros((0, qc.shape[0]), np.float32)
+        out: list[Correspondence | None] = []
+        for row in rows:
+            slot = int(self.reader.rows_to_slots(np.asarray([row]))[0])
+            if slot < 0:
+                out.append(None)
+                continue
+            sc = self.reader.patches.get(np.asarray([slot]))[0]
+            sims = qc @ sc.T  # (Cq, Cs)
+            others = base_best[base_rows != row]
+            baseline = np.median(others, axis=0) if len(others) else np.zeros(qc.shape[0], np.float32)
+            excess = sims - baseline[:, None]
+            q_heat = np.clip(excess.max(axis=1), 0, None)
+            s_heat = np.clip(excess.max(axis=0), 0, None)
+            qi = np.arange(sims.shape[0])
+            sj = excess.argmax(axis=1)
+            mutual = excess.argmax(axis=0)[sj] == qi
+            cand = [(int(i), int(sj[i]), float(excess[i, sj[i]])) for i in qi[mutual] if excess[i, sj[i]] > 0]
+            cand.sort(key=lambda t: -t[2])
+            out.append(Correspondence(int(row), grid, q_heat.reshape(grid, grid), s_heat.reshape(grid, grid),
+                                      sims.max(axis=1).reshape(grid, grid), cand[:n_matches]))
+        return out
+
     def query(self, image=None, prompt: str | None = None, k: int = 10, weights: Any = "auto") -> Attribution:
         """Attribute one generated image and/or prompt. Either side may be missing (its rankers take no part)."""
         if image is None and not (prompt or "").strip():
@@ -362,6 +421,24 @@ class Index:
         res = self.search(q, k, fusion=fusion, timings=timings)
         res.timings_ms["total"] = round((time.perf_counter() - t0) * 1e3, 3)
         return res
+
+
+@dataclass
+class Correspondence:
+    """Where one indexed record matches the query, on the pooled DINOv2 patch grid (row-major cells).
+
+    ``query_heat[i]`` is how much better this record explains query cell i than the other candidates do
+    (best cosine to any of its cells minus the median best cosine over the baseline candidates, floored at
+    0); ``source_heat[j]`` is the same evidence seen from the record's cell j. A copied object or texture
+    lights up where it sits in both images; shared plain backgrounds do not (every candidate has them).
+    """
+
+    row: int
+    grid: int
+    query_heat: np.ndarray  # (grid, grid)
+    source_heat: np.ndarray  # (grid, grid)
+    query_best: np.ndarray  # (grid, grid) best raw cosine of each query cell to this record's cells
+    matches: list[tuple[int, int, float]]  # (query cell, record cell, heat) for the strongest mutual matches
 
 
 def _identity_diff(a: dict, b: dict) -> str:

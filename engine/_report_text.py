@@ -78,12 +78,16 @@ def print_info(info: dict) -> None:
 
 
 def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+    return "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def _short(text: str | None, n: int = 60) -> str:
     text = (text or "").replace("\n", " ")
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+_EVIDENCE_LABELS = (("clip", "clip"), ("clip_text", "text"), ("dino", "dino"), ("dino_patch", "patch"),
+                    ("dino_layout", "layout"), ("bm25", "bm25"))
 
 
 def print_attribution(res) -> None:
@@ -98,14 +102,23 @@ def print_attribution(res) -> None:
     c.print(f"[{style}]{escape(v['label'])}[/{style}]  [dim](fusion: {escape(res.fusion['note'])})[/dim]")
     t = Table(title=f"attribution for {escape(str(res.query.get('image') or '(no image)'))}"
                     f" + prompt {escape(_short(repr(res.query.get('prompt') or ''), 50))}")
-    for col in ("#", "id", "caption", "score", "share", "clip", "clip_text", "dino", "patch", "layout", "bm25"):
-        t.add_column(col, justify="right" if col not in ("id", "caption") else "left", overflow="fold")
+    t.add_column("#", justify="right")
+    t.add_column("id", no_wrap=True, overflow="ellipsis", min_width=12, max_width=40)
+    t.add_column("score", justify="right")
+    with_share = any("share" in r for r in res.results)
+    if with_share:
+        t.add_column("share", justify="right")
+    t.add_column("evidence", overflow="fold", min_width=18)
+    t.add_column("caption", overflow="fold", max_width=48)
     for r in res.results:
         e = r["evidence"]
         mark = "[green]●[/green] " if r.get("above_threshold") else ""
-        t.add_row(str(r["rank"]), mark + escape(str(r["id"])), escape(_short(r["caption"])), _fmt(r["score"]),
-                  f"{r['share']:.0%}" if "share" in r else "", _fmt(e["clip"]), _fmt(e["clip_text"]), _fmt(e["dino"]),
-                  _fmt(e["dino_patch"]), _fmt(e["dino_layout"]), _fmt(e["bm25"]))
+        ev = " · ".join(f"{label} {_fmt(e[key])}" for key, label in _EVIDENCE_LABELS if e.get(key) is not None)
+        row = [str(r["rank"]), mark + escape(str(r["id"])), _fmt(r["score"])]
+        if with_share:
+            row.append(f"{r['share']:.0%}" if "share" in r else "")
+        row += [escape(ev) or "-", escape(_short(r["caption"], 120))]
+        t.add_row(*row)
     c.print(t)
     tm = res.timings_ms
     c.print("[dim]" + ", ".join(f"{k} {v:.0f} ms" for k, v in tm.items()) + "[/dim]")

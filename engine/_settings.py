@@ -17,7 +17,7 @@ class IndexSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejected as decompression bombs
     max_bytes: int = DEFAULT_MAX_BYTES  # larger image files are rejected
     ann: str = "auto"  # faiss structure: flat (exhaustive fp16), ivf (memory-mapped lists), auto (by size)
-    ann_flat_max: int = 200_000  # with ann=auto, IVF is used above this many images
+    ann_flat_max: int = 50_000  # with ann=auto, IVF is used above this many images (a flat scan costs ~0.1 ms/1k)
 
     def __post_init__(self) -> None:
         for f in ("batch_size", "patch_grid", "patch_dims", "pca_sample", "max_pixels", "max_bytes", "ann_flat_max"):

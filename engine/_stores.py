@@ -2,8 +2,8 @@
 state that turns raw DINOv2 tokens into stored features. numpy / faiss / tantivy only (no torch)."""
 from __future__ import annotations
 
+import functools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +50,9 @@ def build_faiss(vectors: np.ndarray, path: Path, kind: str, nlist: int | None = 
     """Write a faiss inner-product index of (already L2-normalised) vectors. Returns its settings.
 
     ``flat`` is an exhaustive scan over fp16 codes (exact up to fp16 rounding, half the bytes of fp32, and
-    faster because the scan is memory-bound). ``ivf`` partitions the space (nlist ~ 4 sqrt(n)) and is
-    memory-mapped at query time, for corpora too large to hold in RAM.
+    faster because the scan is memory-bound). ``ivf`` partitions the space (nlist ~ 2 sqrt(n), nprobe ~
+    nlist/16, i.e. about 6% of the vectors scanned per query) and is memory-mapped at query time, for corpora
+    too large to scan or to hold in RAM.
     """
     n, d = vectors.shape
     sq = faiss.ScalarQuantizer.QT_fp16
@@ -59,15 +60,15 @@ def build_faiss(vectors: np.ndarray, path: Path, kind: str, nlist: int | None = 
         index = faiss.IndexScalarQuantizer(d, sq, faiss.METRIC_INNER_PRODUCT)
         info = {"kind": FLAT}
     else:
-        nlist = nlist or max(1, min(65536, int(4 * math.sqrt(max(n, 1)))))
+        nlist = nlist or max(1, min(65536, int(2 * math.sqrt(max(n, 1)))))
         nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, sq, faiss.METRIC_INNER_PRODUCT)
         index.by_residual = False  # codes are the fp16 vectors themselves: same scores as the flat store
         rng = np.random.default_rng(0)
-        sample = vectors[np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))] if n else vectors
+        sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))] if n else vectors
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        info = {"kind": IVF, "nlist": nlist, "nprobe": max(1, min(nlist, nlist // 8 or 1, 64))}
+        info = {"kind": IVF, "nlist": nlist, "nprobe": min(nlist, max(16, nlist // 16))}
     for s in range(0, n, chunk):
         index.add(np.ascontiguousarray(vectors[s:s + chunk], dtype=np.float32))
     if kind == IVF:
@@ -179,35 +180,44 @@ class PatchStore:
         return out
 
 
-def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Local and layout agreement between one query's cells (C, d) and candidates' cells (n, C, d).
+def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
+    """(n, Cc, Cq) cosines between n candidates' cells (n, Cc, d) and one query's cells (Cq, d): one BLAS call.
+    Note the order: candidate cell first, query cell last."""
+    n, cc, d = c_cells.shape
+    return (c_cells.reshape(n * cc, d) @ q_cells.T.astype(np.float32)).reshape(n, cc, -1)
 
-    Returns (chamfer, layout, best_match):
-    * chamfer: mean over query cells of the best cosine to any candidate cell (MaxSim): copied parts and
-      textures score high wherever they sit.
-    * layout: mean over cells of the cosine between the cells at the same grid position, compared with a
-      tolerance of one cell (max over the 3x3 neighbourhood): composition and pose.
-    * best_match: (n, C) index of the candidate cell that best matches each query cell.
-    """
-    if c_cells.shape[0] == 0:
-        z = np.zeros(0, np.float32)
-        return z, z, np.zeros((0, q_cells.shape[0]), np.int64)
-    sims = np.einsum("cd,nkd->nck", q_cells, c_cells, optimize=True)  # (n, Cq, Cc)
-    best = sims.max(axis=2)
-    chamfer = best.mean(axis=1)
-    n, C, _ = sims.shape
-    idx = np.arange(C)
+
+@functools.lru_cache(maxsize=8)
+def _neighbour_pairs(grid: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    idx = np.arange(grid * grid)
     r, c = idx // grid, idx % grid
-    layout_best = np.full((n, C), -np.inf, np.float32)
+    pairs = []
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
             rr, cc = r + dr, c + dc
             ok = (rr >= 0) & (rr < grid) & (cc >= 0) & (cc < grid)
-            src = idx[ok]
-            dst = (rr * grid + cc)[ok]
-            layout_best[:, src] = np.maximum(layout_best[:, src], sims[:, src, dst])
-    layout = layout_best.mean(axis=1)
-    return chamfer.astype(np.float32), layout.astype(np.float32), sims.argmax(axis=2)
+            pairs.append((idx[ok], (rr * grid + cc)[ok]))
+    return pairs
+
+
+def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Local and layout agreement between one query's cells (C, d) and candidates' cells (n, C, d).
+
+    Returns (chamfer, layout):
+    * chamfer: mean over query cells of the best cosine to any candidate cell (MaxSim): copied parts and
+      textures score high wherever they sit.
+    * layout: mean over cells of the cosine between the cells at the same grid position, with a tolerance of
+      one cell (max over the 3x3 neighbourhood, so a small shift or crop is forgiven): composition and pose.
+    """
+    if c_cells.shape[0] == 0:
+        z = np.zeros(0, np.float32)
+        return z, z
+    sims = cell_similarities(q_cells, c_cells)  # (n, Cc, Cq)
+    chamfer = sims.max(axis=1).mean(axis=1)
+    layout_best = np.full((sims.shape[0], sims.shape[2]), -np.inf, np.float32)
+    for src, dst in _neighbour_pairs(grid):  # query cell src against candidate cell dst
+        layout_best[:, src] = np.maximum(layout_best[:, src], sims[:, dst, src])
+    return chamfer.astype(np.float32), layout_best.mean(axis=1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -315,16 +325,3 @@ class TextStore:
     @property
     def num_docs(self) -> int:
         return int(self.searcher.num_docs)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

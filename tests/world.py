@@ -144,3 +144,71 @@ def hostile_files(folder: Path) -> dict[str, str]:
         "bomb.png": "image too large (decompression bomb)",
         "empty.png": "corrupt or truncated image",
     }
+
+
+# ------------------------------------------------------------------------------------------- copies (reports)
+def mosaic(seed: int, width: int, height: int, cell: int = 4) -> Image.Image:
+    """A high-frequency texture of random colour blocks: distinctive wherever it is pasted."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(height // cell, width // cell, 3)).astype(np.uint8)
+    return Image.fromarray(np.kron(small, np.ones((cell, cell, 1), np.uint8)))
+
+
+def plain_background(seed: int, size: int = 96, rgb: tuple[int, int, int] = (20, 110, 120)) -> Image.Image:
+    """A flat, lightly noisy background in a colour none of the scenes use (teal by default)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(np.clip(rng.normal(rgb, 6, size=(size, size, 3)), 0, 255).astype(np.uint8))
+
+
+def noise_photo(seed: int, width: int = 640, height: int = 480) -> Image.Image:
+    """A large, incompressible image (worst case for report size)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3)).astype(np.uint8))
+
+
+HOSTILE_CAPTIONS = [
+    '<script>alert("mosaic")</script> mosaic tile',
+    '"><img src=x onerror=alert(1)> mosaic',
+    "</style><b>bold</b> mosaic ' \" & end",
+    "🐱 ünïcödé mosaic — « quotes » 数据",
+]
+
+
+def copy_corpus(root: Path, seed: int = 0, n_scenes: int = 26, n_large: int = 2) -> dict:
+    """A table corpus for report tests: scenes, one "copy source" whose left half is a mosaic texture, records
+    with hostile captions/ids, large noisy photos, a caption-only record and a record ("doomed") whose image a
+    test can delete. Also writes the query: the mosaic pasted into the right half of a plain new background.
+
+    Returns {"table", "query", "source_id", "doomed_id", "doomed_image", "caption_only_id", "hostile_ids"}."""
+    imgs = root / "imgs"
+    imgs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_scenes):
+        im, cap = scene(i)
+        (imgs / f"s{i}.png").write_bytes(png_bytes(im))
+        rows.append({"id": f"scene-{i}", "image": f"imgs/s{i}.png", "caption": cap})
+    tex = mosaic(seed, 48, 96)
+    src, _ = scene(300 + seed)
+    src.paste(tex, (0, 0))  # the copied region: x < 48 of a 96 px image = grid columns c < G/2
+    (imgs / "copy-src.png").write_bytes(png_bytes(src))
+    rows.append({"id": "copy-src", "image": "imgs/copy-src.png",
+                 "caption": "a colourful mosaic texture beside a shape, the original"})
+    hostile_ids = ["javascript:alert(1)", '"><img src=x onerror=alert(2)>', "</style>id", "🐱-id"]
+    for j, (cap, hid) in enumerate(zip(HOSTILE_CAPTIONS, hostile_ids)):
+        im, _ = scene(40 + j)
+        (imgs / f"h{j}.jpg").write_bytes(jpeg_bytes(im))
+        rows.append({"id": hid, "image": f"imgs/h{j}.jpg", "caption": cap})
+    for j in range(n_large):
+        (imgs / f"large{j}.jpg").write_bytes(jpeg_bytes(noise_photo(60 + j), quality=95))
+        rows.append({"id": f"large-{j}", "image": f"imgs/large{j}.jpg", "caption": f"a large noisy photo {j}"})
+    im, _ = scene(77)
+    (imgs / "doomed.png").write_bytes(png_bytes(im))
+    rows.append({"id": "doomed", "image": "imgs/doomed.png", "caption": "a record whose mosaic image goes missing"})
+    rows.append({"id": "text-only", "image": None, "caption": "caption only record about a mosaic texture"})
+    path = root / "corpus.parquet"
+    pl.DataFrame(rows, schema={"id": pl.String, "image": pl.String, "caption": pl.String}).write_parquet(path)
+    q = plain_background(1000 + seed)
+    q.paste(tex, (48, 0))  # pasted region: x >= 48 = grid columns c >= G/2
+    (root / "query.png").write_bytes(png_bytes(q))
+    return {"table": path, "query": root / "query.png", "source_id": "copy-src", "doomed_id": "doomed",
+            "doomed_image": imgs / "doomed.png", "caption_only_id": "text-only", "hostile_ids": hostile_ids}

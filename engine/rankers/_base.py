@@ -89,9 +89,17 @@ class Ranker(ABC):
     def available(self, q: QueryInput) -> bool:
         """Whether this ranker can take part for this query (e.g. BM25 needs a prompt)."""
 
-    @abstractmethod
+    def dense_query(self, q: QueryInput) -> tuple[str, np.ndarray] | None:
+        """(store name, vector) when the first stage is a nearest-neighbour search in a vector store; the fused
+        pool batches such searches per store (one faiss call for the image and the text embedding)."""
+        return None
+
     def candidates(self, q: QueryInput, n: int) -> np.ndarray:
         """Up to n record rows from the first stage, best first."""
+        dq = self.dense_query(q)
+        if dq is None:
+            return np.zeros(0, np.int64)
+        return dense_candidates(getattr(self.reader, dq[0]), self.reader, dq[1], n)
 
     @abstractmethod
     def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:

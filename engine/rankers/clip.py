@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import QueryInput, Ranker, cosine_to, dense_candidates
+from ._base import QueryInput, Ranker, cosine_to
 
 
 class ClipRanker(Ranker):
@@ -15,9 +15,9 @@ class ClipRanker(Ranker):
     def available(self, q: QueryInput) -> bool:
         return (q.clip_image is not None or q.clip_text is not None) and self.reader.n_images > 0
 
-    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
+    def dense_query(self, q: QueryInput):
         vec = q.clip_image if q.clip_image is not None else q.clip_text
-        return dense_candidates(self.reader.clip, self.reader, vec, n)
+        return None if vec is None else ("clip", vec)
 
     def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -39,8 +39,8 @@ class ClipTextRanker(Ranker):
     def available(self, q: QueryInput) -> bool:
         return q.clip_text is not None and self.reader.n_images > 0
 
-    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
-        return dense_candidates(self.reader.clip, self.reader, q.clip_text, n)
+    def dense_query(self, q: QueryInput):
+        return None if q.clip_text is None else ("clip", q.clip_text)
 
     def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"clip_text": cosine_to(self.reader.clip, self.reader, q.clip_text, rows)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._stores import patch_scores
-from ._base import QueryInput, Ranker, cosine_to, dense_candidates, nan_array
+from ._base import QueryInput, Ranker, cosine_to, nan_array
 
 
 class DinoRanker(Ranker):
@@ -21,8 +21,8 @@ class DinoRanker(Ranker):
     def first_stage(self, k: int) -> int:
         return max(k, self.settings.dino_rerank)
 
-    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
-        return dense_candidates(self.reader.dino, self.reader, q.dino_global, n)
+    def dense_query(self, q: QueryInput):
+        return None if q.dino_global is None else ("dino", q.dino_global)
 
     def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
         n = len(rows)
@@ -37,7 +37,7 @@ class DinoRanker(Ranker):
         has = slots >= 0
         if has.any():
             cells = self.reader.patches.get(slots[has])
-            chamfer, layout, _ = patch_scores(q.dino_cells, cells, self.reader.grid)
+            chamfer, layout = patch_scores(q.dino_cells, cells, self.reader.grid)
             out["dino_patch"][has] = chamfer
             out["dino_layout"][has] = layout
         return out

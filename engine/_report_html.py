@@ -1,0 +1,571 @@
+"""Self-contained HTML reports: one query's attribution (with patch correspondences) and a benchmark's hard cases.
+
+Every page is a single file that works offline: images are decoded and re-encoded small by the engine and
+embedded as ``data:`` URIs, the CSS is inline, there is no JavaScript, and a Content-Security-Policy forbids
+every fetch. All text that comes from data (captions, prompts, ids, paths, model names) is untrusted and goes
+through :func:`esc`, in text and in attributes alike.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ._images import ImageRejected, load_image, thumbnail_png_or_jpeg
+from ._manifest import UNTRAINED_BANNER
+
+VIEW_SIDE = 320  # max side (px) of the query/source images in the patch views
+THUMB_SIDE = 112  # max side (px) of card thumbnails
+HEAT_UPSAMPLE = 8  # heat overlay pixels per grid cell (bilinear); the browser stretches it over the image
+HEAT_ALPHA = 175  # opacity (0-255) of the overlay at the report's peak heat
+MAX_LINKS = 8  # lines drawn between the strongest matched cells
+MAX_CAPTION = 1000  # characters of a caption/prompt shown; the rest is cut (pages stay small)
+MAX_ID = 300  # characters of an id/path shown
+CASE_SIDE = 240  # max side (px) of a hard case's query image
+PANEL, GAP = 320, 48  # patch view geometry in SVG user units: two square panels side by side
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+STOPWORDS = frozenset("""a an and are as at be but by for from has have in into is it its of on or over so than that the
+their then there these this those to under was were with without very""".split())
+
+_WORD = re.compile(r"\w+")
+
+
+# --------------------------------------------------------------------------------------------- text
+def esc(value: Any, limit: int | None = None) -> str:
+    """Escape untrusted text for HTML text *and* attribute values (quotes included); cut to ``limit`` chars."""
+    text = "" if value is None else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return html.escape(text, quote=True)
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text or "")} - STOPWORDS
+
+
+def highlight(caption: str | None, prompt: str | None, limit: int = MAX_CAPTION) -> str:
+    """Escaped caption with the (non-stopword) words it shares with the prompt wrapped in <mark>."""
+    text = caption or ""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    shared = _words(prompt or "")
+    out, pos = [], 0
+    for m in _WORD.finditer(text):
+        if m.group(0).lower() in shared:
+            out.append(esc(text[pos:m.start()]))
+            out.append(f"<mark>{esc(m.group(0))}</mark>")
+            pos = m.end()
+    out.append(esc(text[pos:]))
+    return "".join(out)
+
+
+def _num(v: float | None, fmt: str = "{:.3f}") -> str:
+    return "n/a" if v is None or not math.isfinite(float(v)) else fmt.format(float(v))
+
+
+# --------------------------------------------------------------------------------------------- images
+@dataclass
+class Embedded:
+    """One embedded image: a data: URI and its pixel size, or the reason it could not be shown."""
+
+    uri: str | None
+    width: int = 0
+    height: int = 0
+    reason: str | None = None
+
+
+def _data_uri(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class ImageEmbedder:
+    """Decodes each referenced image once (through the engine's safe reader) and re-encodes it small.
+
+    Raw source bytes never reach the page: every image is decoded, downscaled and encoded afresh. Only a copy
+    reduced to ``VIEW_SIDE`` is kept per image, so a report over huge photos does not hold them all decoded."""
+
+    def __init__(self) -> None:
+        self._decoded: dict[str, Image.Image | str] = {}
+        self._done: dict[tuple[str, int], Embedded] = {}
+
+    def _decode(self, ref: Any) -> Image.Image | str:
+        if isinstance(ref, Image.Image):
+            return ref.convert("RGB")
+        key = os.fspath(ref)
+        if key not in self._decoded:
+            try:
+                im = load_image(key, draft=2 * VIEW_SIDE)
+                im.thumbnail((VIEW_SIDE, VIEW_SIDE), Image.BICUBIC, reducing_gap=3.0)
+                self._decoded[key] = im
+            except ImageRejected as e:
+                self._decoded[key] = e.reason
+            except Exception as e:  # noqa: BLE001 - a report must be written even when one image breaks
+                self._decoded[key] = f"unreadable image ({e.__class__.__name__})"
+        return self._decoded[key]
+
+    def embed(self, ref: Any, max_side: int) -> Embedded:
+        if ref is None:
+            return Embedded(None, reason="caption-only record (no image)")
+        if isinstance(ref, str) and ref.startswith("<"):  # e.g. "<PIL image>": given in memory, not kept
+            return Embedded(None, reason="the image was given in memory and is not available to the report")
+        cache_key = (f"<pil:{id(ref)}>" if isinstance(ref, Image.Image) else os.fspath(ref), max_side)
+        if cache_key in self._done:
+            return self._done[cache_key]
+        im = self._decode(ref)
+        if isinstance(im, str):
+            out = Embedded(None, reason=f"image unavailable: {im}")
+        else:
+            mime, data = thumbnail_png_or_jpeg(im, min(max_side, VIEW_SIDE))
+            w, h = Image.open(io.BytesIO(data)).size  # our own fresh encoding: only its header is read
+            out = Embedded(_data_uri(mime, data), w, h)
+        self._done[cache_key] = out
+        return out
+
+
+def img_tag(e: Embedded, alt: str, cls: str = "thumb") -> str:
+    """An <img> for an embedded image, or a placeholder box that says why there is none."""
+    if e.uri is None:
+        return (f'<div class="ph {esc(cls)}" role="img" aria-label="{esc(e.reason)}">'
+                f'<span>{esc(e.reason)}</span></div>')
+    return (f'<img class="{esc(cls)}" src="{esc(e.uri)}" width="{e.width}" height="{e.height}" '
+            f'alt="{esc(alt, MAX_ID)}" title="{esc(alt, MAX_ID)}">')
+
+
+def heat_png(heat: np.ndarray, scale: float) -> str:
+    """A G x G heat grid as a small semi-transparent RGBA PNG (bilinear-upsampled), as a data: URI.
+
+    Transparent where there is no evidence; yellow to red, and more opaque (quadratically), as the heat grows to
+    ``scale`` (the report's peak), so one colour means the same strength on every card."""
+    h = np.asarray(heat, np.float32)
+    g0, g1 = h.shape
+    t = np.clip(h / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(h)
+    up = Image.fromarray(t.astype(np.float32)).resize((g1 * HEAT_UPSAMPLE, g0 * HEAT_UPSAMPLE), Image.BILINEAR)
+    t = np.clip(np.asarray(up, np.float32), 0.0, 1.0)
+    rgba = np.zeros(t.shape + (4,), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 1] = np.round(235 * (1.0 - t) ** 1.5).astype(np.uint8)  # yellow (weak) -> red (strong)
+    rgba[..., 2] = 0
+    rgba[..., 3] = np.round(HEAT_ALPHA * t ** 2).astype(np.uint8)  # weak evidence stays faint
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG", optimize=True)
+    return _data_uri("image/png", buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------- page parts
+CSS = """
+:root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bg:#f6f8fa;--card:#fff;--accent:#0969da;--good:#1a7f37;
+--bad:#cf222e;--warn-bg:#fff8c5;--warn:#9a6700}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+color:var(--fg);background:var(--bg);overflow-wrap:anywhere}
+main{max-width:1200px;margin:0 auto;padding:16px}
+h1{font-size:1.5rem;margin:.2em 0 .6em}h2{font-size:1.2rem;margin:1.4em 0 .6em}h3{font-size:1rem;margin:0}
+.muted{color:var(--muted)}small{font-size:.85em}
+.banner{border:2px solid var(--warn);background:var(--warn-bg);color:#4d2d00;padding:12px 16px;border-radius:8px;
+margin:0 0 16px;font-weight:600}
+.banner strong{display:block;font-size:1.1rem;letter-spacing:.02em}
+.panel{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px;margin:0 0 16px}
+.query{display:grid;grid-template-columns:minmax(0,320px) minmax(0,1fr);gap:16px;align-items:start}
+.query .view,.query .ph{width:100%;height:auto}
+dl.kv{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:4px 12px;margin:0}
+dl.kv dt{color:var(--muted)}dl.kv dd{margin:0}
+.prompt{font-size:1.05rem;font-weight:600}
+.verdict{font-size:1.25rem;font-weight:700;margin:0 0 6px}
+.verdict.good{color:var(--good)}.verdict.none{color:var(--bad)}.verdict.unk{color:var(--fg)}
+.shares{display:grid;grid-template-columns:minmax(0,14em) minmax(0,1fr) 4em;gap:6px 10px;align-items:center;
+margin:8px 0}
+.cards{display:grid;grid-template-columns:minmax(0,1fr);gap:16px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px;display:grid;
+grid-template-columns:minmax(0,5fr) minmax(0,6fr);gap:14px}
+.card>header{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:6px 12px;align-items:baseline}
+.card.above{border-color:var(--good);box-shadow:0 0 0 1px var(--good)}
+.rank{font-weight:700;background:var(--fg);color:#fff;border-radius:6px;padding:0 7px}
+.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9rem;min-width:0}
+.badge{border-radius:999px;padding:0 8px;font-size:.8rem;border:1px solid var(--line)}
+.badge.yes{background:#dafbe1;border-color:var(--good);color:var(--good)}
+.badge.no{background:#ffebe9;border-color:var(--bad);color:var(--bad)}
+.badge.warn{background:var(--warn-bg);border-color:var(--warn);color:var(--warn)}
+.meta{display:flex;gap:12px;align-items:flex-start}
+.meta>div{min-width:0;flex:1}
+.thumb{width:112px;height:auto;max-width:35%;border-radius:6px;border:1px solid var(--line);flex:none;
+image-rendering:auto}
+.ph{display:flex;align-items:center;justify-content:center;text-align:center;background:repeating-linear-gradient(
+45deg,#eaeef2,#eaeef2 8px,#f6f8fa 8px,#f6f8fa 16px);border:1px dashed #8c959f;border-radius:6px;color:var(--muted);
+font-size:.8rem;padding:6px;min-height:84px}
+.ph.thumb{width:112px;max-width:35%}
+.caption{margin:4px 0 8px}
+mark{background:#ffe58a;color:inherit;padding:0 1px;border-radius:2px}
+.ev{display:grid;grid-template-columns:6.5em minmax(0,1fr) 3.6em;gap:3px 8px;align-items:center;font-size:.85rem}
+.ev .v{text-align:right;font-variant-numeric:tabular-nums}
+.bar{height:9px;background:#eaeef2;border-radius:5px;overflow:hidden}
+.bar>span{display:block;height:100%;background:var(--accent);border-radius:5px}
+.bar.share>span{background:var(--good)}
+.bar.na{background:repeating-linear-gradient(90deg,#eaeef2,#eaeef2 4px,#fff 4px,#fff 8px)}
+.ranks{font-size:.85rem;margin-top:6px}
+.pair svg{display:block;width:100%;height:auto;max-width:688px;background:#fff}
+.pair p{margin:4px 0 0;font-size:.8rem}
+.legend{display:inline-block;width:56px;height:9px;border-radius:3px;vertical-align:middle;
+background:linear-gradient(90deg,rgba(255,235,0,.15),rgba(255,120,0,.5),rgba(255,0,0,.8))}
+.strip{display:flex;flex-wrap:wrap;gap:8px}
+.tile{margin:0;width:128px;max-width:calc(50% - 4px);font-size:.78rem}
+.tile .timg{display:block;width:100%;height:auto;border-radius:6px;border:1px solid var(--line)}
+.tile .ph{min-height:80px}
+.tile.rel .timg{outline:3px solid var(--good);outline-offset:-3px}
+.tile figcaption{margin-top:2px}
+.case{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px;display:grid;
+grid-template-columns:minmax(0,200px) minmax(0,1fr);gap:14px}
+.case>header{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:6px 12px;align-items:baseline}
+.case .q img,.case .q .ph{width:100%;max-width:240px;height:auto}
+.case h4{margin:.4em 0 .3em;font-size:.9rem}
+ul.notes{margin:0;padding-left:1.2em}
+footer{color:var(--muted);font-size:.8rem;margin:24px 0 8px}
+@media (max-width:760px){
+main{padding:10px}
+.query,.card,.case{grid-template-columns:minmax(0,1fr)}
+.shares{grid-template-columns:minmax(0,1fr) minmax(0,1fr) 3.4em}
+.query .view,.query .ph{max-width:320px}
+}
+"""
+
+
+def page(title: str, body: str) -> str:
+    """The shared page shell: strict CSP, inline CSS, no scripts."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{esc(CSP)}\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        "<meta name=\"referrer\" content=\"no-referrer\">"
+        f"<title>{esc(title, 200)}</title><style>{CSS}</style></head>\n"
+        f"<body><main>\n{body}\n<footer>Generated by attrib. Self-contained: every image is embedded; "
+        "nothing is fetched.</footer></main></body></html>\n"
+    )
+
+
+def untrained_text(models: dict | None, warnings: Iterable[str] = ()) -> str | None:
+    """The untrained-weights warning for these models/warnings, or None when the weights are trained."""
+    models = models or {}
+    for w in [models.get("warning"), *warnings]:
+        if w and "UNTRAINED" in str(w):
+            return str(w)
+    if models.get("pretrained") is False:
+        return UNTRAINED_BANNER.format(profile=models.get("profile", "?"))
+    return None
+
+
+def banner(models: dict | None, warnings: Iterable[str] = ()) -> str:
+    """A prominent banner when the weights are untrained (empty string otherwise)."""
+    text = untrained_text(models, warnings)
+    if text is None:
+        return ""
+    return f'<div class="banner" role="alert"><strong>⚠ Untrained weights: not a real attribution</strong>{esc(text)}</div>'
+
+
+def prompt_html(prompt: str | None) -> str:
+    """The prompt as a prominent paragraph (escaped), or a muted "(no prompt)"."""
+    if not (prompt or "").strip():
+        return '<p class="prompt"><span class="muted">(no prompt)</span></p>'
+    return f'<p class="prompt">{esc(prompt, MAX_CAPTION)}</p>'
+
+
+def models_dl(models: dict) -> str:
+    """<dt>/<dd> rows describing the models (profile, weights, clip, dino)."""
+    trained = models.get("pretrained")
+    rows = [("profile", models.get("profile")),
+            ("weights", "pretrained" if trained else "unknown" if trained is None else "UNTRAINED (random init)"),
+            ("clip", models.get("clip")), ("dino", models.get("dino"))]
+    return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v, MAX_ID)}</dd>" for k, v in rows if v is not None)
+
+
+def write_atomic(out_path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``out_path`` via a temp file in the same folder and os.replace (parents created)."""
+    out = Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh name opened with "x" (not mkstemp, whose files are 0600): the page gets the usual permissions
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return out.absolute()
+
+
+# --------------------------------------------------------------------------------------------- query report
+_EVIDENCE = (("clip", "clip image"), ("clip_text", "clip text"), ("dino", "dino"), ("dino_patch", "dino patch"),
+             ("dino_layout", "dino layout"), ("bm25", "bm25"))
+
+
+def _bar(fraction: float | None, cls: str = "") -> str:
+    if fraction is None:
+        return f'<div class="{" ".join(["bar", "na", *cls.split()])}" title="n/a"></div>'
+    pct = 100.0 * min(1.0, max(0.0, fraction))
+    return f'<div class="{" ".join(["bar", *cls.split()])}"><span style="width:{pct:.1f}%"></span></div>'
+
+
+def _evidence_html(ev: dict, bm25_max: float) -> str:
+    parts = []
+    for key, label in _EVIDENCE:
+        v = ev.get(key)
+        ok = v is not None and math.isfinite(float(v))
+        if not ok:
+            frac = None
+        elif key == "bm25":
+            frac = float(v) / bm25_max if bm25_max > 0 else 0.0
+        else:
+            frac = float(v)  # cosine in [-1, 1], drawn on 0..1, clipped
+        parts.append(f'<span>{esc(label)}</span>{_bar(frac)}<span class="v">{_num(v if ok else None)}</span>')
+    return f'<div class="ev" aria-label="evidence per ranker">{"".join(parts)}</div>'
+
+
+def _fit(w: int, h: int, side: int) -> tuple[float, float, float, float]:
+    """Where a w x h image sits, aspect kept and centred, in a side x side square: x, y, width, height."""
+    s = side / max(w, h, 1)
+    rw, rh = w * s, h * s
+    return (side - rw) / 2, (side - rh) / 2, rw, rh
+
+
+def _cell_xy(cell: int, grid: int, rect: tuple[float, float, float, float], dx: float) -> tuple[float, float]:
+    r, c = divmod(int(cell), grid)
+    x, y, w, h = rect
+    return dx + x + (c + 0.5) / grid * w, y + (r + 0.5) / grid * h
+
+
+QUERY_SYMBOL = "attrib-query-view"  # the query image is embedded once and drawn in every card with <use>
+
+
+def svg_symbol(e: Embedded, symbol_id: str) -> str:
+    """A hidden SVG holding ``e`` once as a <symbol>, so every patch view can <use> it instead of a copy."""
+    return (f'<svg width="0" height="0" style="position:absolute" aria-hidden="true" focusable="false"><defs>'
+            f'<symbol id="{esc(symbol_id)}" viewBox="0 0 {e.width} {e.height}" preserveAspectRatio="none">'
+            f'<image href="{esc(e.uri)}" width="{e.width}" height="{e.height}"/></symbol></defs></svg>')
+
+
+def _svg_panel(e: Embedded, heat_uri: str | None, dx: float, label: str, cls: str,
+               symbol: str | None = None) -> tuple[str, tuple]:
+    if e.uri is None:
+        rect = (0.0, 0.0, float(PANEL), float(PANEL))
+        head, _, why = (e.reason or "image unavailable").partition(": ")
+        lines = [head, why] if why else [head]
+        text = "".join(f'<text x="{dx + PANEL / 2}" y="{PANEL / 2 + 30 * (i - (len(lines) - 1) / 2):.0f}" '
+                       f'text-anchor="middle" font-size="24" fill="#59636e">{esc(t, 40)}</text>'
+                       for i, t in enumerate(lines))
+        return (f'<rect x="{dx}" y="0" width="{PANEL}" height="{PANEL}" fill="#eaeef2" stroke="#8c959f" '
+                f'stroke-dasharray="6 4"/>{text}'), rect
+    rect = _fit(e.width, e.height, PANEL)
+    x, y, w, h = rect
+    pos = f'x="{dx + x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}"'
+    if symbol is not None:
+        out = f'<use class="view {cls}" href="#{esc(symbol)}" {pos}><title>{esc(label, MAX_ID)}</title></use>'
+    else:
+        out = (f'<image class="view {cls}" href="{esc(e.uri)}" {pos} preserveAspectRatio="none">'
+               f'<title>{esc(label, MAX_ID)}</title></image>')
+    if heat_uri is not None:
+        out += f'<image class="heat {cls}" href="{esc(heat_uri)}" {pos} preserveAspectRatio="none"/>'
+    out += f'<rect {pos} fill="none" stroke="#8c959f" stroke-width="1"/>'
+    return out, rect
+
+
+def pair_view(q_img: Embedded, s_img: Embedded, corr: Any, scale: float, source_label: str,
+              q_symbol: str | None = None) -> str:
+    """Query and source side by side in one SVG, heat overlays on both, lines between the strongest matches."""
+    grid = int(corr.grid)
+    q_svg, q_rect = _svg_panel(q_img, heat_png(corr.query_heat, scale), 0.0, "query", "q", q_symbol)
+    s_svg, s_rect = _svg_panel(s_img, heat_png(corr.source_heat, scale) if s_img.uri else None,
+                               float(PANEL + GAP), source_label, "s")
+    links = []
+    strongest = max((m[2] for m in corr.matches), default=0.0)
+    if q_img.uri is not None and s_img.uri is not None:
+        for qc, sc, heat in corr.matches[:MAX_LINKS]:
+            x1, y1 = _cell_xy(qc, grid, q_rect, 0.0)
+            x2, y2 = _cell_xy(sc, grid, s_rect, float(PANEL + GAP))
+            op = 0.35 + 0.65 * (heat / strongest if strongest > 0 else 0)
+            links.append(
+                f'<g class="link" opacity="{op:.2f}"><line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+                f'stroke="#0b1f3a" stroke-width="4"/><line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+                f'stroke="#7ee2ff" stroke-width="2"/><circle cx="{x1:.1f}" cy="{y1:.1f}" r="4" fill="#7ee2ff" '
+                f'stroke="#0b1f3a"/><circle cx="{x2:.1f}" cy="{y2:.1f}" r="4" fill="#7ee2ff" stroke="#0b1f3a"/></g>')
+    peak = max(float(np.max(corr.query_heat)), float(np.max(corr.source_heat)))
+    note = (f"{len(corr.matches)} mutual cell matches; strongest {strongest:.3f}" if corr.matches
+            else "no cell of this record matches the query better than the other candidates do")
+    return (
+        f'<figure class="pair" style="margin:0"><svg viewBox="0 0 {2 * PANEL + GAP} {PANEL}" role="img" '
+        f'aria-label="patch correspondences between the query and {esc(source_label, MAX_ID)}">'
+        f'{q_svg}{s_svg}{"".join(links)}</svg>'
+        f'<p class="muted">Left: query · right: this record. Heat <span class="legend" title="weak to strong">'
+        f'</span> = where this record explains the query better than the other candidates do (peak {peak:.3f}, '
+        f'{grid}×{grid} cells); lines = strongest matched cells. {esc(note)}.</p></figure>'
+    )
+
+
+def _ranks_html(ranks: dict) -> str:
+    parts = [f"{esc(n)} {('#' + str(int(v))) if v else '–'}" for n, v in (ranks or {}).items()]
+    return f'<div class="ranks muted">ranks: {" · ".join(parts)}</div>'
+
+
+def _result_card(r: dict, prompt: str, images: ImageEmbedder, q_img: Embedded, corr: Any, scale: float,
+                 bm25_max: float, query_has_image: bool) -> str:
+    rid = r.get("id")
+    thumb = images.embed(r.get("image"), THUMB_SIDE)
+    above = r.get("above_threshold")
+    badges = []
+    if above is True:
+        badges.append('<span class="badge yes">above threshold</span>')
+    elif above is False:
+        badges.append('<span class="badge no">below threshold</span>')
+    if "share" in r:
+        badges.append(f'<span class="badge yes">share {100 * float(r["share"]):.1f}%</span>')
+    head = (f'<header><span class="rank">#{int(r.get("rank", 0))}</span><h3 class="id">{esc(rid, MAX_ID)}</h3>'
+            f'<span>fused score <b>{_num(r.get("score"), "{:.4f}")}</b></span>{"".join(badges)}</header>')
+    left = (f'<div><div class="meta">{img_tag(thumb, f"record {rid}")}<div>'
+            f'<p class="caption">{highlight(r.get("caption"), prompt)}</p>'
+            f'<div class="muted"><small>{esc(r.get("image") or "no image", MAX_ID)}</small></div></div></div>'
+            f'{_evidence_html(r.get("evidence") or {}, bm25_max)}{_ranks_html(r.get("ranks") or {})}</div>')
+    if r.get("image") is None:
+        right = '<div class="ph">caption-only record: no image, no patch view</div>'
+    elif corr is not None:
+        right = pair_view(q_img, images.embed(r.get("image"), VIEW_SIDE), corr, scale, f"record {rid}",
+                          QUERY_SYMBOL if q_img.uri is not None else None)
+    elif not query_has_image:
+        right = '<div class="ph">no patch view: the query has no image</div>'
+    else:
+        right = '<div class="ph">no patch view: no patch features for this record</div>'
+    cls = "card above" if above else "card"
+    return f'<article class="{cls}" data-rank="{int(r.get("rank", 0))}">{head}{left}<div>{right}</div></article>'
+
+
+def _verdict_html(result: Any) -> str:
+    v = result.verdict or {}
+    like = v.get("likely_source")
+    cls = "good" if like else ("none" if like is False else "unk")
+    out = [f'<p class="verdict {cls}">{esc(v.get("label", ""))}</p>']
+    thr = v.get("threshold")
+    out.append(f'<p class="muted">threshold: {_num(thr, "{:.4f}") if thr is not None else "none (not calibrated)"}'
+               f'{" · results above it: " + str(int(v["n_above"])) if v.get("n_above") is not None else ""}</p>')
+    shared = [r for r in result.results if "share" in r]
+    if shared:
+        rows = "".join(f'<span class="id">#{int(r["rank"])} {esc(r["id"], 80)}</span>'
+                       f'{_bar(float(r["share"]), "share")}<span>{100 * float(r["share"]):.1f}%</span>'
+                       for r in shared)
+        out.append(f'<h3>Attribution share (estimate)</h3><div class="shares">{rows}</div>')
+        out.append(f'<p class="muted"><small>{esc(v.get("share_note") or "similarity-based estimates, not causal claims")}'
+                   f'</small></p>')
+    return "".join(out)
+
+
+def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, query_image: Any = None) -> Path:
+    """Write one query's attribution as a self-contained HTML page; returns its path.
+
+    ``query_image`` (a path or PIL image) overrides ``result.query["image"]``, e.g. for in-memory queries."""
+    images = ImageEmbedder()
+    prompt = (result.query or {}).get("prompt") or ""
+    q_ref = query_image if query_image is not None else (result.query or {}).get("image")
+    q_view = images.embed(q_ref, VIEW_SIDE) if q_ref is not None else Embedded(None, reason="no query image")
+    qin = getattr(result, "query_input", None)
+    query_has_image = qin is not None and getattr(qin, "dino_cells", None) is not None
+    rows = [int(r["row"]) for r in result.results]
+    corrs: list[Any] = [None] * len(rows)
+    if query_has_image and rows:
+        corrs = list(index.correspondences(qin, rows))
+    heats = [float(np.max(h)) for c in corrs if c is not None for h in (c.query_heat, c.source_heat)]
+    scale = max(heats, default=0.0)
+    bm25s = [float(r["evidence"]["bm25"]) for r in result.results
+             if (r.get("evidence") or {}).get("bm25") is not None and math.isfinite(float(r["evidence"]["bm25"]))]
+    bm25_max = max(bm25s, default=0.0)
+
+    q_name = q_ref if isinstance(q_ref, str) else "none" if q_ref is None else "(in memory)"
+    warnings = list(result.warnings or [])
+    other_warnings = [w for w in warnings if "UNTRAINED" not in w]
+    fusion = result.fusion or {}
+    query_panel = (
+        f'<section class="panel"><h2 style="margin-top:0">Query</h2><div class="query">'
+        f'{img_tag(q_view, "query image", "view")}<div>'
+        f'{prompt_html(prompt)}<dl class="kv"><dt>image</dt><dd>{esc(q_name, MAX_ID)}</dd>'
+        f'{models_dl(result.models or {})}<dt>fusion</dt><dd>{esc(fusion.get("note") or fusion.get("method"))}</dd>'
+        f'<dt>index</dt><dd>{esc(getattr(index, "path", ""), MAX_ID)}</dd></dl>'
+        + ("".join(f'<p class="muted"><small>{esc(w)}</small></p>' for w in other_warnings))
+        + "</div></div></section>"
+    )
+    verdict = f'<section class="panel"><h2 style="margin-top:0">Verdict</h2>{_verdict_html(result)}</section>'
+    cards = "".join(_result_card(r, prompt, images, q_view, c, scale, bm25_max, query_has_image)
+                    for r, c in zip(result.results, corrs))
+    if not result.results:
+        cards = '<p class="muted">No candidates were found.</p>'
+    shared_defs = svg_symbol(q_view, QUERY_SYMBOL) if q_view.uri and any(c is not None for c in corrs) else ""
+    body = (
+        f'{shared_defs}{banner(result.models, warnings)}<h1>Attribution report</h1>{query_panel}{verdict}'
+        f'<h2>Candidates ({len(result.results)})</h2><div class="cards">{cards}</div>'
+    )
+    return write_atomic(out_path, page("attrib report: " + (prompt[:80] or str(q_ref or "query")), body))
+
+
+# --------------------------------------------------------------------------------------------- hard cases
+def _tile(images: ImageEmbedder, item: dict, extra: str = "", relevant: bool = False) -> str:
+    e = images.embed(item.get("image"), THUMB_SIDE)
+    cls = "tile rel" if relevant else "tile"
+    cap = esc(item.get("caption"), 200)
+    return (f'<figure class="{cls}">{img_tag(e, str(item.get("id")), "timg")}<figcaption><span class="id">'
+            f'{esc(item.get("id"), 80)}</span>{extra}<br><span class="muted">{cap}</span></figcaption></figure>')
+
+
+def _case_card(c: dict, images: ImageEmbedder) -> str:
+    reason = c.get("reason") or ""
+    badge = "no" if reason == "miss" else "warn"
+    frr = c.get("first_relevant_rank")
+    facts = [f'first relevant rank: {int(frr) if frr is not None else "not found"}',
+             f'top score: {_num(c.get("top_score"), "{:.4f}")}',
+             f'threshold: {_num(c.get("threshold"), "{:.4f}")}']
+    head = (f'<header><h3 class="id">{esc(c.get("query_id"), MAX_ID)}</h3><span class="badge {badge}">'
+            f'{esc(reason)}</span><span class="muted"><small>{esc(" · ".join(facts))}</small></span></header>')
+    q = images.embed(c.get("image"), CASE_SIDE) if c.get("image") else Embedded(None, reason="no query image")
+    left = f'<div class="q">{img_tag(q, "query " + str(c.get("query_id")), "view")}{prompt_html(c.get("prompt"))}</div>'
+    expected = c.get("expected") or []
+    exp_html = ("".join(_tile(images, e, relevant=True) for e in expected) if expected
+                else '<p class="muted">nothing: this query has no source in the corpus</p>')
+    returned = c.get("returned") or []
+    ret_html = "".join(
+        _tile(images, r, f' #{i} <b>{_num(r.get("score"), "{:.3f}")}</b>{" ✓ relevant" if r.get("relevant") else ""}',
+              relevant=bool(r.get("relevant")))
+        for i, r in enumerate(returned, 1)) or '<p class="muted">nothing came back</p>'
+    right = (f'<div><h4>Expected ({len(expected)})</h4><div class="strip">{exp_html}</div>'
+             f'<h4>Returned ({len(returned)})</h4><div class="strip">{ret_html}</div></div>')
+    return f'<article class="case">{head}{left}{right}</article>'
+
+
+def write_hard_cases_report(cases: Sequence[dict], out_path: str | os.PathLike, title: str, models: dict,
+                            notes: Sequence[str] | None = None) -> Path:
+    """Write a benchmark's hardest cases, grouped by query kind, as a self-contained HTML page."""
+    images = ImageEmbedder()
+    kinds: dict[str, list[dict]] = {}
+    for c in cases:
+        kinds.setdefault(str(c.get("kind") or "unknown"), []).append(c)
+    notes_html = ("<ul class=\"notes\">" + "".join(f"<li>{esc(n, MAX_CAPTION)}</li>" for n in notes) + "</ul>"
+                  if notes else "")
+    head = (f'{banner(models)}<h1>{esc(title, 200)}</h1><section class="panel"><dl class="kv">{models_dl(models or {})}'
+            f'<dt>cases</dt><dd>{len(cases)} in {len(kinds)} kinds</dd></dl>{notes_html}</section>')
+    sections = []
+    for kind in sorted(kinds):
+        group = kinds[kind]
+        cards = "".join(_case_card(c, images) for c in group)
+        sections.append(f'<section><h2>{esc(kind, 200)} <span class="muted">({len(group)} '
+                        f'case{"s" if len(group) != 1 else ""})</span></h2><div class="cards">{cards}</div></section>')
+    if not cases:
+        sections.append('<p class="muted">No hard cases: every query was answered correctly.</p>')
+    return write_atomic(out_path, page(title, head + "".join(sections)))

@@ -1,0 +1,216 @@
+"""`attrib bench ...` and `attrib tune`: thin commands over the eval package."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.markup import escape
+from rich.table import Table
+
+from engine._report_text import untrained_panel
+from engine._ui import stderr_console
+
+from .run import DEFAULT_TARGET_FAR, RANKER_ORDER, REPORT_METRICS
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_evaluation(result: dict) -> None:
+    c = stderr_console()
+    if result["models"].get("warning"):
+        c.print(untrained_panel(result["models"]["warning"]))
+    c.print(f"[dim]fused = {escape(result['fusion']['fused']['note'])}[/dim]")
+    t = Table(title=f"{escape(result['benchmark'])} [{result['split']}]: {result['n_queries_with_source']} queries "
+                    f"with a source, {result['novel']['n_novel']} without (± = half the bootstrap 95% interval)")
+    t.add_column("ranker")
+    for m in REPORT_METRICS:
+        t.add_column(m, justify="right")
+    for n in RANKER_ORDER:
+        row = [f"[bold]{n}[/bold]" if n == "fused" else n]
+        for m in REPORT_METRICS:
+            v, ci = result["metrics"][n][m], result["ci95"][n][m]
+            half = (ci[1] - ci[0]) / 2 if ci[0] is not None and ci[1] is not None else None
+            row.append(f"{_fmt(v)}[dim]±{half:.2f}[/dim]" if v is not None and half is not None else _fmt(v))
+        t.add_row(*row)
+    c.print(t)
+    k = Table(title="by kind: recall@1 / map@100 (false-attribution rate for novel)")
+    k.add_column("kind")
+    for n in RANKER_ORDER:
+        k.add_column(n, justify="right")
+    for kind, d in result["by_kind"].items():
+        if "map@100" in d["fused"]:
+            k.add_row(escape(kind), *[f"{_fmt(d[n]['recall@1'])} / {_fmt(d[n]['map@100'])}" for n in RANKER_ORDER])
+        else:
+            k.add_row(escape(kind), *[_fmt(d[n]["false_attribution_rate"]) for n in RANKER_ORDER])
+    c.print(k)
+    nv = result["novel"]
+    d = Table(title=f"'no source' detection (thresholds calibrated on tune at FAR {nv['target_far']})")
+    for col in ("ranker", "threshold", "false attribution (novel)", "detection (with source)", "correct top-1 + detected"):
+        d.add_column(col, justify="right" if col != "ranker" else "left")
+    for n in RANKER_ORDER:
+        x = nv["rankers"][n]
+        d.add_row(n, _fmt(x["threshold"]), _fmt(x["false_attribution_rate"]), _fmt(x["detection_rate"]),
+                  _fmt(x["correct_detection_rate"]))
+    c.print(d)
+    if nv.get("note"):
+        c.print(f"[dim]{escape(nv['note'])}[/dim]")
+
+
+def print_tune(weights, evals: dict, metric: str) -> None:
+    from .tune import metric_by_ranker
+
+    c = stderr_console()
+    if evals["test"].result["models"].get("warning"):
+        c.print(untrained_panel(evals["test"].result["models"]["warning"]))
+    scores = {s: metric_by_ranker(evals[s], metric) for s in ("tune", "test")}
+    t = Table(title=f"{metric}: learned on tune, held-out test")
+    for col in ("ranker", "tune", "test"):
+        t.add_column(col, justify="right" if col != "ranker" else "left")
+    for n in RANKER_ORDER:
+        t.add_row(f"[bold]{n}[/bold]" if n == "fused" else n, _fmt(scores["tune"][n]), _fmt(scores["test"][n]))
+    c.print(t)
+    best = max(("clip", "dino", "bm25"), key=lambda n: scores["test"][n] or -1)
+    b, f, r = scores["test"][best], scores["test"]["fused"], scores["test"]["rrf"]
+    if b and f is not None:
+        c.print(f"test: fused / best single ({best}) = {f / b:.3f}; fused / rrf = {f / r:.3f}" if r else "")
+    k = Table(title=f"{metric} by kind (tune | test)")
+    k.add_column("kind")
+    for n in RANKER_ORDER:
+        k.add_column(n, justify="right")
+    kinds = sorted(set(evals["tune"].result["by_kind"]) | set(evals["test"].result["by_kind"]))
+    for kind in kinds:
+        cells = []
+        for n in RANKER_ORDER:
+            vals = []
+            for s in ("tune", "test"):
+                d = evals[s].result["by_kind"].get(kind, {}).get(n, {})
+                vals.append(_fmt(d.get(metric, d.get("map@100", d.get("false_attribution_rate")))))
+            cells.append(" | ".join(vals))
+        k.add_row(escape(kind), *cells)
+    c.print(k)
+    c.print(f"weights: {len(weights.features)} features, threshold {_fmt(weights.threshold)} "
+            f"({escape(weights.threshold_rule)}); written to [bold]{escape(weights.name)}[/bold]")
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .synth import generate
+
+    summary = generate(a.out, train=a.train, queries=a.queries, seed=a.seed, image_size=a.size,
+                       progress=not a.no_progress, overwrite=a.overwrite)
+    if a.json:
+        _print_json(summary)
+    else:
+        stderr_console().print(f"wrote a synthetic benchmark to [bold]{escape(a.out)}[/bold]: "
+                               f"{escape(json.dumps(summary.get('counts', summary)))}")
+    return 0
+
+
+def _open(a: argparse.Namespace):
+    from .bench import load_benchmark
+    from .run import ensure_index
+
+    bench = load_benchmark(a.bench)
+    idx = ensure_index(bench, a.index, a.models, a.device, progress=not a.no_progress)
+    return bench, idx
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .run import evaluate, write_report
+
+    bench, idx = _open(a)
+    ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress)
+    if a.report:
+        paths = write_report(ev, idx, a.report)
+        stderr_console().print("report: " + ", ".join(escape(str(p)) for p in paths.values()))
+    if a.json:
+        _print_json(ev.result)
+    else:
+        print_evaluation(ev.result)
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from .tune import metric_by_ranker, tune
+
+    bench, idx = _open(a)
+    w, evals = tune(bench, idx, a.out, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)
+    if a.json:
+        _print_json({"weights": w.to_dict(), "metric": a.metric,
+                     "scores": {s: metric_by_ranker(evals[s], a.metric) for s in evals},
+                     "tune": evals["tune"].result, "test": evals["test"].result})
+    else:
+        print_tune(w, evals, a.metric)
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from .importer import import_memorized
+
+    summary = import_memorized(a.csv, a.out, unmemorized=a.unmemorized, fetch=a.fetch, timeout=a.timeout,
+                               overwrite=a.overwrite, seed=a.seed)
+    if a.json:
+        _print_json(summary)
+    else:
+        stderr_console().print(f"wrote {escape(a.out)}: {escape(json.dumps(summary))}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, with_out: bool = False) -> None:
+    p.add_argument("bench", help="benchmark folder (corpus.parquet, queries.parquet, images)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--index", default=None, help="an index of the benchmark corpus (default: build one, cached)")
+    g.add_argument("--models", default=None, help="profile to build the corpus index with (default: 'default')")
+    p.add_argument("--device", default=None)
+    p.add_argument("--target-far", type=float, default=DEFAULT_TARGET_FAR,
+                   help="false-attribution rate the 'no source' threshold is calibrated to on tune (default 0.05)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def add_eval_commands(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks: generate, import, run")
+    bs = b.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    bs.required = True
+
+    s = bs.add_parser("synth", help="generate the synthetic memorization benchmark")
+    s.add_argument("out")
+    s.add_argument("--train", type=int, default=2000, help="training records (default 2000)")
+    s.add_argument("--queries", type=int, default=1000, help="queries (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_synth)
+
+    s = bs.add_parser("run", help="score every ranker alone and fused on a benchmark")
+    _common(s)
+    s.add_argument("--split", choices=("test", "tune", "all"), default="test")
+    s.add_argument("--weights", default=None, help="fusion weights file (default: shipped weights for these models, else RRF); 'rrf' for plain RRF")
+    s.add_argument("--report", default=None, metavar="DIR", help="write bench.json, recall_at_k.png and hard_cases.html")
+    s.set_defaults(func=cmd_run)
+
+    s = bs.add_parser("import-memorized", help="benchmark from a memorized-prompt CSV (LAION caption, URL, VM/TM, index)")
+    s.add_argument("csv", help="memorized prompts CSV (columns Caption;URL;type;...;Index)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--unmemorized", default=None, help="CSV of non-memorized captions: half become corpus distractors, half novel queries")
+    s.add_argument("--fetch", action="store_true", help="try to download the images by URL (short timeouts)")
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds per URL when fetching (default 5)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_import)
+
+    t = sub.add_parser("tune", help="learn fusion weights on a benchmark's tune split; report tune and test")
+    _common(t)
+    t.add_argument("--out", required=True, metavar="WEIGHTS", help="weights file to write")
+    t.add_argument("--metric", default="map@100", help="metric that selects the regularisation (default map@100)")
+    t.set_defaults(func=cmd_tune)

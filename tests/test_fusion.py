@@ -1,0 +1,88 @@
+"""Fusion against arithmetic worked out by hand, and the weights file format."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import engine
+from engine.fusion import FusionWeights, feature_matrix, normalize, ordinal_ranks, rrf
+
+NAN = float("nan")
+FEATURES = engine.FEATURES
+
+
+def test_ordinal_ranks_break_ties_by_position_and_skip_missing():
+    # values 0.2, 0.9, 0.2, nan, 0.5 -> order 0.9 (pos 1), 0.5 (pos 4), 0.2 (pos 0), 0.2 (pos 2)
+    assert ordinal_ranks(np.array([0.2, 0.9, 0.2, NAN, 0.5])).tolist() == [3, 1, 4, 0, 2]
+
+
+def test_rrf_matches_hand_computation():
+    # pool of 4 candidates; ranker a ranks them 2,1,3,- ; ranker b ranks them 1,-,2,3 (k = 60)
+    a = np.array([0.8, 0.9, 0.1, NAN])
+    b = np.array([5.0, NAN, 3.0, 1.0])
+    got = rrf({"a": a, "b": b}, k=60)
+    want = [1 / 62 + 1 / 61, 1 / 61, 1 / 63 + 1 / 62, 1 / 63]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # the order: candidate 0 (0.032522), 2 (0.032002), 1 (0.016393), 3 (0.015873)
+    assert np.argsort(-got).tolist() == [0, 2, 1, 3]
+    np.testing.assert_allclose(rrf({"a": a}, k=1), [1 / 3, 1 / 2, 1 / 4, 0.0])
+
+
+def test_normalisations_by_hand():
+    x = np.array([1.0, 2.0, 3.0, NAN])
+    # mean 2, population std sqrt(2/3) = 0.8165
+    np.testing.assert_allclose(normalize(x, "z"), [-1.224745, 0.0, 1.224745, 0.0], atol=1e-6)
+    np.testing.assert_allclose(normalize(x, "mm"), [0.0, 0.5, 1.0, 0.0])
+    np.testing.assert_allclose(normalize(x, "rr", 60), [1 / 63, 1 / 62, 1 / 61, 0.0])
+    raw = normalize(x, "raw")
+    assert raw[:3].tolist() == [1.0, 2.0, 3.0] and math.isnan(raw[3])
+    assert normalize(np.array([NAN, NAN]), "z").tolist() == [0.0, 0.0]
+    assert normalize(np.array([4.0, 4.0]), "z").tolist() == [0.0, 0.0]  # constant: no information
+    with pytest.raises(ValueError, match="unknown normalisation 'log'"):
+        normalize(x, "log")
+
+
+def test_weighted_fusion_matches_hand_computation():
+    feats = {"clip": np.array([0.9, 0.5, NAN]), "bm25": np.array([0.0, 10.0, 5.0])}
+    w = FusionWeights(features=["clip", "bm25:rr"], weights=[2.0, 30.0], bias=-1.0, mean=[0.5, 0.0],
+                      std=[0.25, 1.0], models={"fingerprint": "x"})
+    # candidate 0: clip (0.9-0.5)/0.25 = 1.6 -> 3.2 ; bm25 rank 3 -> 1/63 -> 30/63 = 0.476190 ; -1 -> 2.676190
+    # candidate 1: clip 0 -> 0 ; bm25 rank 1 -> 30/61 = 0.491803 ; -1 -> -0.508197
+    # candidate 2: clip missing -> mean -> 0 ; bm25 rank 2 -> 30/62 = 0.483871 ; -1 -> -0.516129
+    np.testing.assert_allclose(w.score(feats, FEATURES), [2.676190, -0.508197, -0.516129], atol=1e-6)
+    X = feature_matrix(feats, ["clip", "bm25:rr"], FEATURES)
+    assert X.shape == (3, 2) and math.isnan(X[2, 0])
+
+
+def test_weights_file_round_trip_and_validation(tmp_path):
+    w = FusionWeights(features=["clip", "dino_patch:z", "bm25:rr"], weights=[1.5, -0.25, 3.0], bias=0.1,
+                      mean=[0.1, 0.0, 0.01], std=[0.2, 1.0, 0.005], models={"fingerprint": "abc", "profile": "tiny"},
+                      threshold=0.7, threshold_rule="target FAR 0.05 on tune", provenance={"benchmark": "b", "metric": "map@100"})
+    w.save(tmp_path / "w.json")
+    d = json.loads((tmp_path / "w.json").read_text())
+    assert d["format"] == "attrib-fusion-weights" and d["version"] == 1
+    back = FusionWeights.load(tmp_path / "w.json", FEATURES)
+    assert back.to_dict() == w.to_dict()
+    for mutate, msg in [
+        (lambda d: d.update(version=2), "version 2"),
+        (lambda d: d.update(format="other"), "not an attrib fusion weights file"),
+        (lambda d: d.update(weights=[1.0]), "differ in length"),
+        (lambda d: d.update(features=["clip", "dino_patch:z", "sift"]), "unknown fusion feature 'sift'"),
+        (lambda d: d.update(std=[0.2, 0.0, 1.0]), "std is not positive"),
+        (lambda d: d.pop("bias"), "damaged"),
+    ]:
+        bad = json.loads(json.dumps(d))
+        mutate(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(engine.FusionWeightsError, match=msg):
+            FusionWeights.load(tmp_path / "bad.json", FEATURES)
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(engine.FusionWeightsError, match="cannot be read"):
+        FusionWeights.load(tmp_path / "junk.json", FEATURES)
+    with pytest.raises(engine.FusionWeightsError, match="does not exist"):
+        FusionWeights.load(tmp_path / "none.json", FEATURES)
+    with pytest.raises(engine.ModelMismatchError, match="learned for models abc"):
+        back.check_models("def")
