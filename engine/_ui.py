@@ -16,6 +16,8 @@ def stderr_console() -> Console:
     global _console
     if _console is None:
         _console = Console(stderr=True)
+        if not _console.is_terminal:  # logs and pipes: wide enough for the result tables
+            _console = Console(stderr=True, width=max(_console.width, 140))
     return _console
 
 

@@ -108,8 +108,14 @@ def cmd_synth(a: argparse.Namespace) -> int:
     if a.json:
         _print_json(summary)
     else:
-        stderr_console().print(f"wrote a synthetic benchmark to [bold]{escape(a.out)}[/bold]: "
-                               f"{escape(json.dumps(summary.get('counts', summary)))}")
+        c = summary["counts"]
+        kinds = ", ".join(f"{n} {k}" for k, n in c["kind"].items())
+        prompts = ", ".join(f"{n} {k}" for k, n in c["prompt_kind"].items())
+        stderr_console().print(
+            f"wrote a synthetic benchmark to [bold]{escape(a.out)}[/bold]: {c['corpus']['records']} training images "
+            f"in {c['corpus']['groups']} groups ({c['corpus']['duplicate_records']} records in "
+            f"{c['corpus']['duplicate_groups']} duplicate groups); {c['queries']} queries ({kinds}); prompts: "
+            f"{prompts}; split {c['split']['tune']} tune / {c['split']['test']} test by source group")
     return 0
 
 
@@ -159,7 +165,8 @@ def cmd_import(a: argparse.Namespace) -> int:
     if a.json:
         _print_json(summary)
     else:
-        stderr_console().print(f"wrote {escape(a.out)}: {escape(json.dumps(summary))}")
+        stderr_console().print(f"wrote a text-only benchmark to [bold]{escape(a.out)}[/bold]")
+        stderr_console().print_json(json.dumps(summary))
     return 0
 
 

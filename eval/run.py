@@ -43,6 +43,7 @@ class QueryRun:
     feats: dict[str, np.ndarray]  # every feature for every candidate
     ranker_scores: dict[str, np.ndarray]  # each main ranker's own score of each candidate (for RRF)
     meta: dict = field(default_factory=dict)  # image path and prompt (reports)
+    took_part: dict[str, bool] = field(default_factory=dict)  # whether each single ranker could run
 
     @property
     def labels(self) -> np.ndarray:
@@ -156,6 +157,7 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
     with progress_bar("ranking queries", len(rows), enabled=progress) as advance:
         for q, r in zip(encoded, rows):
             rankings, tops = {}, {}
+            took_part = {name: idx.rankers[name].available(q) for name in MAIN_RANKERS}
             for name in MAIN_RANKERS:
                 rk = idx.rank(name, q, DEPTH)
                 rankings[name] = [str(ids[x]) for x in rk.rows]
@@ -164,7 +166,7 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
             runs.append(QueryRun(
                 r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops,
                 ids[pool.rows] if len(pool) else np.zeros(0, object), pool.feats, pool.ranker_scores,
-                {"image": bench.image_path(r["image"]), "prompt": r["prompt"]},
+                {"image": bench.image_path(r["image"]), "prompt": r["prompt"]}, took_part,
             ))
             advance(1)
     return runs
@@ -321,8 +323,10 @@ def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "
     }
     if split in ("tune", "all"):
         result["novel"]["note"] = "thresholds calibrated on the tune split are also evaluated on it: optimistic"
-    if idx.reader.n_images == 0:  # a text-only corpus: the image rankers take no part
-        _not_applicable(result, ("clip", "dino"), "the index has no images")
+    idle = [n for n in MAIN_RANKERS if not any(r.took_part.get(n, True) for r in runs)]
+    if idle:  # e.g. a text-only corpus (no image ranker), or no query with a prompt (no BM25)
+        _not_applicable(result, idle, "took part in no query of this split (no images in the index, or no "
+                                      "query input of its kind)")
     return Evaluation(result, runs, rankings, tops, thresholds, fusions)
 
 

@@ -17,6 +17,7 @@ The test split is read only after the weights and threshold are fixed, to report
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -29,12 +30,16 @@ import engine
 from engine import FEATURES, FusionWeights, Index
 from engine._manifest import now_iso
 from engine.fusion import feature_matrix
+from engine.fusion.weighted import COSINE_FEATURES
 
 from . import metrics as M
 from .bench import Benchmark
 from .run import DEFAULT_TARGET_FAR, QueryRun, fused_ranking, run_queries
 
-FEATURE_SPECS: tuple[str, ...] = tuple(f"{f}{suffix}" for f in FEATURES for suffix in ("", ":z", ":rr"))
+FEATURE_SPECS: tuple[str, ...] = tuple(
+    f"{f}{suffix}" for f in FEATURES
+    for suffix in (("", ":z", ":rr", ":nd", ":ndz") if f in COSINE_FEATURES else ("", ":z", ":rr"))
+)
 L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 RRF_K = 60
 
@@ -184,6 +189,7 @@ def tune(bench: Benchmark, idx: Index, out: str | os.PathLike, metric: str = "ma
     w.provenance = {
         "benchmark": str(bench.path),
         "benchmark_sha256": bench.content_hash,
+        "benchmark_generator": _generator_params(bench),
         "index": str(idx.path),
         "metric": metric,
         "l2": float(max(res.cv, key=lambda l: (res.cv[l], l))),
@@ -198,6 +204,18 @@ def tune(bench: Benchmark, idx: Index, out: str | os.PathLike, metric: str = "ma
     w.save(out)
     w.name = str(out)
     return w, evals
+
+
+def _generator_params(bench: Benchmark) -> dict | None:
+    """The generator's parameters when the benchmark was made by `attrib bench synth` (reproducible origin)."""
+    p = bench.path / "synth.json"
+    if not p.exists():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {k: d.get(k) for k in ("generator", "version", "train", "queries", "seed", "image_size")}
 
 
 def metric_by_ranker(ev, metric: str) -> dict[str, float | None]:

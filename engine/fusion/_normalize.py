@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 
-TRANSFORMS = ("raw", "z", "mm", "rr")
+TRANSFORMS = ("raw", "z", "mm", "rr", "nd", "ndz")
+#: Transforms that only make sense for cosine similarities.
+COSINE_TRANSFORMS = ("nd", "ndz")
+_ND_FLOOR = 1e-4  # 1 - cosine is floored here: nd is at most -log(1e-4) = 9.2
+
+
+def near_duplicate(x: np.ndarray) -> np.ndarray:
+    """-log(1 - cosine): a log-distance that grows sharply as a match approaches an exact copy, so that a
+    near-duplicate (cosine 0.999 -> 6.9) stands out linearly from a merely similar image (0.95 -> 3.0)."""
+    return -np.log(np.clip(1.0 - x, _ND_FLOOR, 2.0))
 
 
 def ordinal_ranks(x: np.ndarray) -> np.ndarray:
@@ -18,12 +27,19 @@ def ordinal_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def normalize(x: np.ndarray, how: str, rrf_k: int = 60) -> np.ndarray:
-    """``z``: z-score over the pool; ``mm``: min-max to [0, 1]; ``rr``: 1/(k + rank); ``raw``: unchanged.
-    Missing values become 0 for z/mm/rr (average / bottom / unranked) and stay NaN for raw."""
+    """``z``: z-score over the pool; ``mm``: min-max to [0, 1]; ``rr``: 1/(k + rank); ``raw``: unchanged;
+    ``nd``: -log(1 - x) (cosines only); ``ndz``: z-score of nd over the pool.
+    Missing values become 0 for z/mm/rr/ndz (average / bottom / unranked) and stay NaN for raw and nd."""
     x = np.asarray(x, np.float64)
     ok = np.isfinite(x)
     if how == "raw":
         return x.copy()
+    if how == "nd":
+        out = np.full(len(x), np.nan)
+        out[ok] = near_duplicate(x[ok])
+        return out
+    if how == "ndz":
+        return normalize(np.where(ok, near_duplicate(np.where(ok, x, 0.0)), np.nan), "z")
     out = np.zeros(len(x), np.float64)
     if not ok.any():
         return out

@@ -1,8 +1,8 @@
 """Weighted fusion with learned weights, and the versioned weights file format.
 
 score(d) = bias + sum_j w_j * (phi_j(d) - mean_j) / std_j, where phi_j is a feature after an optional
-per-query transform, named ``FEATURE`` (raw value) or ``FEATURE:z`` / ``FEATURE:mm`` / ``FEATURE:rr`` (see
-``_normalize``). Missing values count as the training mean. With logistic weights the score is the log-odds
+per-query transform, named ``FEATURE`` (raw value) or ``FEATURE:z`` / ``:mm`` / ``:rr`` / ``:nd`` / ``:ndz``
+(see ``_normalize``). Missing values count as the training mean. With logistic weights the score is the log-odds
 that a candidate is a source; ``threshold`` is the calibrated "no likely source" cut on the top score.
 """
 from __future__ import annotations
@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import FusionWeightsError, ModelMismatchError
-from ._normalize import TRANSFORMS, normalize
+from ._normalize import COSINE_TRANSFORMS, TRANSFORMS, normalize
+
+#: Features that are cosine similarities (the only ones the nd/ndz transforms apply to).
+COSINE_FEATURES = ("clip", "clip_text", "dino", "dino_patch", "dino_layout")
 
 WEIGHTS_FORMAT = "attrib-fusion-weights"
 WEIGHTS_VERSION = 1
@@ -29,6 +32,9 @@ def parse_feature(spec: str, known: tuple[str, ...]) -> tuple[str, str]:
             f"unknown fusion feature {spec!r}; features are {', '.join(known)} with an optional suffix "
             f"{', '.join(':' + t for t in TRANSFORMS if t != 'raw')}"
         )
+    if how in COSINE_TRANSFORMS and base not in COSINE_FEATURES:
+        raise FusionWeightsError(f"fusion feature {spec!r}: :{how} applies to cosine features only "
+                                 f"({', '.join(COSINE_FEATURES)})")
     return base, how
 
 
