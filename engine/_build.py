@@ -30,6 +30,7 @@ from ._profiles import get_profile
 from ._settings import IndexSettings
 from ._fs import fsync_dir, swap_into_place
 from ._stores import ANALYZER_DESC, DinoProjection, RawVectorSink, TextSink, build_faiss, choose_ann
+from ._threads import blas_single
 from ._ui import progress_bar
 
 # File names inside an index folder.
@@ -139,6 +140,7 @@ class IndexWriter:
             self._write_dino(*p)
         self._pending.clear()
 
+    @blas_single
     def _write_dino(self, cls: np.ndarray, pm: np.ndarray, cells: np.ndarray) -> None:
         assert self.projection is not None
         self._dino.add(self.projection.global_desc(cls, pm))

@@ -17,6 +17,7 @@ from ._manifest import UNTRAINED_BANNER
 from ._reader import IndexReader
 from ._settings import QuerySettings
 from ._stores import cell_similarities
+from ._threads import blas_single, single_threaded_blas
 from .fusion import FusionWeights, ordinal_ranks, rrf
 from .rankers import FEATURES, MAIN_RANKERS, POOL_RANKERS, RANKERS, QueryInput, Ranking, create_ranker
 
@@ -117,10 +118,10 @@ class Index:
     def __init__(self, path: str | os.PathLike, *, models: str | None = None, device: str | None = None,
                  clip_weights: str | None = None, dino_weights: str | None = None,
                  settings: QuerySettings | None = None) -> None:
-        self.reader = IndexReader(path)
+        self.settings = settings or QuerySettings()
+        self.reader = IndexReader(path, nprobe=self.settings.nprobe)
         self.path = self.reader.path
         self.manifest = self.reader.manifest
-        self.settings = settings or QuerySettings()
         built_with = self.manifest["models"]["profile"]
         if models is not None and models != built_with:
             raise ModelMismatchError(
@@ -217,8 +218,9 @@ class Index:
             t2 = time.perf_counter()
             timings["encode_clip_image"] = timings.get("encode_clip_image", 0.0) + (t1 - t) * 1e3
             timings["encode_dino"] = timings.get("encode_dino", 0.0) + (t2 - t1) * 1e3
-            g = proj.global_desc(cls, pmean)
-            c = proj.project_cells(cells)
+            with single_threaded_blas():
+                g = proj.global_desc(cls, pmean)
+                c = proj.project_cells(cells)
             for j, i in enumerate(chunk):
                 out[i].clip_image, out[i].dino_global, out[i].dino_cells = clip[j], g[j], c[j]
         for s in range(0, len(txt_idx), bs):
@@ -237,12 +239,14 @@ class Index:
         return self.encode_queries([image], [prompt], [query_id], timings)[0]
 
     # ------------------------------------------------------------------------------------------ ranking
+    @blas_single
     def rank(self, ranker: str, q: QueryInput, k: int) -> Ranking:
         """One ranker on its own."""
         if ranker not in self.rankers:
             RANKERS.get(ranker)  # raises with the valid names
         return self.rankers[ranker].search(q, k)
 
+    @blas_single
     def pool(self, q: QueryInput, depth: int | None = None) -> Pool:
         """Union of every available ranker's top ``depth`` candidates, with every feature for every one."""
         depth = depth or self.settings.depth
@@ -300,6 +304,7 @@ class Index:
         return fusion.weights.score(pool.feats, FEATURES)
 
     # ------------------------------------------------------------------------------------------ answers
+    @blas_single
     def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
                timings: dict | None = None) -> Attribution:
         """Rank the index for an encoded query (the search-only path; see :meth:`query`)."""
@@ -367,6 +372,7 @@ class Index:
                           "threshold, not causal claims",
         }
 
+    @blas_single
     def correspondences(self, q: QueryInput, rows: Sequence[int], baseline_rows: Sequence[int] | None = None,
                         n_matches: int = 12) -> list[Correspondence | None]:
         """Patch correspondences between the query and each record of ``rows`` (None for records without an

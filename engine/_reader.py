@@ -18,7 +18,7 @@ class IndexReader:
     """The stores of one index folder. Vectors are searched by faiss; patches are memory-mapped; record
     metadata is read lazily. Rows are record positions; slots are positions among records with an image."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, nprobe: int | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
         self.manifest = read_manifest(self.path)
         check_components(self.path, self.manifest)
@@ -28,8 +28,9 @@ class IndexReader:
         dims = m["dims"]
         self.grid = int(dims["patch_grid"])
         try:
-            self.clip = VectorStore(self.path / CLIP_INDEX, m.get("ann", {}).get("clip", {}))
-            self.dino = VectorStore(self.path / DINO_INDEX, m.get("ann", {}).get("dino", {}))
+            ann = {k: dict(v, **({"nprobe": nprobe} if nprobe else {})) for k, v in m.get("ann", {}).items()}
+            self.clip = VectorStore(self.path / CLIP_INDEX, ann.get("clip", {}))
+            self.dino = VectorStore(self.path / DINO_INDEX, ann.get("dino", {}))
             self.patches = PatchStore(self.path / PATCHES, self.n_images, int(dims["patch_cells"]), int(dims["patch_dims"]))
             self.projection = DinoProjection.load(self.path / PROJECTION)
             self.slot_rows = np.load(self.path / SLOTS, mmap_mode="r")
@@ -64,7 +65,8 @@ class IndexReader:
     @cached_property
     def _meta(self):
         try:
-            return pq.read_table(self.path / RECORDS, columns=["id", "image", "caption"], memory_map=True)
+            # one contiguous chunk: `take` of a few rows is then a cheap gather
+            return pq.read_table(self.path / RECORDS, columns=["id", "image", "caption"], memory_map=True).combine_chunks()
         except Exception as e:  # noqa: BLE001
             raise IndexFormatError(f"index {self.path} is damaged: {RECORDS} cannot be read ({e}); rebuild it") from None
 

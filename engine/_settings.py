@@ -42,8 +42,11 @@ class QuerySettings:
     depth: int = 100  # candidates each ranker contributes to the fused pool
     dino_rerank: int = 200  # global-descriptor candidates the dino ranker re-ranks with patch features
     rrf_k: int = 60  # the k of reciprocal rank fusion
+    nprobe: int | None = None  # IVF lists probed per search (None: the value the index was built with)
 
     def __post_init__(self) -> None:
+        if self.nprobe is not None and self.nprobe < 1:
+            raise AttribError(f"query setting nprobe={self.nprobe!r} must be at least 1")
         for f in ("depth", "dino_rerank", "rrf_k"):
             if getattr(self, f) < 1:
                 raise AttribError(f"query setting {f}={getattr(self, f)!r} must be at least 1")

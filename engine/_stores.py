@@ -51,7 +51,7 @@ def build_faiss(vectors: np.ndarray, path: Path, kind: str, nlist: int | None = 
 
     ``flat`` is an exhaustive scan over fp16 codes (exact up to fp16 rounding, half the bytes of fp32, and
     faster because the scan is memory-bound). ``ivf`` partitions the space (nlist ~ 2 sqrt(n), nprobe ~
-    nlist/16, i.e. about 6% of the vectors scanned per query) and is memory-mapped at query time, for corpora
+    nlist/32, i.e. about 3% of the vectors scanned per query) and is memory-mapped at query time, for corpora
     too large to scan or to hold in RAM.
     """
     n, d = vectors.shape
@@ -68,7 +68,7 @@ def build_faiss(vectors: np.ndarray, path: Path, kind: str, nlist: int | None = 
         rng = np.random.default_rng(0)
         sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))] if n else vectors
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        info = {"kind": IVF, "nlist": nlist, "nprobe": min(nlist, max(16, nlist // 16))}
+        info = {"kind": IVF, "nlist": nlist, "nprobe": min(nlist, max(8, nlist // 32))}
     for s in range(0, n, chunk):
         index.add(np.ascontiguousarray(vectors[s:s + chunk], dtype=np.float32))
     if kind == IVF:
@@ -171,13 +171,15 @@ class PatchStore:
     def __init__(self, path: Path, n: int, cells: int, dims: int) -> None:
         self.shape = (n, cells, dims)
         self.arr = np.memmap(path, dtype=np.float16, mode="r", shape=self.shape) if n else np.zeros(self.shape, np.float16)
+        # faiss's fp16 decoder is SIMD (F16C): ~3x faster than numpy's float16 -> float32 cast
+        self._fp16 = faiss.ScalarQuantizer(dims, faiss.ScalarQuantizer.QT_fp16)
 
     def get(self, slots: np.ndarray) -> np.ndarray:
-        slots = np.asarray(slots, dtype=np.int64)
-        order = np.argsort(slots)  # sorted reads are friendlier to the page cache
-        out = np.empty((len(slots),) + self.shape[1:], np.float32)
-        out[order] = self.arr[slots[order]]
-        return out
+        """float32 (len(slots), cells, dims) copies of the given images' cells."""
+        half = np.ascontiguousarray(self.arr[np.asarray(slots, dtype=np.int64)])
+        if half.size == 0:
+            return half.astype(np.float32)
+        return self._fp16.decode(half.view(np.uint8).reshape(-1, 2 * self.shape[2])).reshape(half.shape)
 
 
 def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
@@ -188,16 +190,19 @@ def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _neighbour_pairs(grid: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    idx = np.arange(grid * grid)
+def _layout_index(grid: int) -> np.ndarray:
+    """(C, 9) flat indices into a (Cc * Cq + 1) row: candidate cell dst = a 3x3 neighbour of query cell src,
+    as dst * C + src; out-of-grid neighbours point at the extra last slot (filled with -inf)."""
+    C = grid * grid
+    idx = np.arange(C)
     r, c = idx // grid, idx % grid
-    pairs = []
+    cols = []
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
             rr, cc = r + dr, c + dc
             ok = (rr >= 0) & (rr < grid) & (cc >= 0) & (cc < grid)
-            pairs.append((idx[ok], (rr * grid + cc)[ok]))
-    return pairs
+            cols.append(np.where(ok, (rr * grid + cc) * C + idx, C * C))
+    return np.stack(cols, axis=1)
 
 
 def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,11 +218,11 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
         z = np.zeros(0, np.float32)
         return z, z
     sims = cell_similarities(q_cells, c_cells)  # (n, Cc, Cq)
+    n, C, _ = sims.shape
     chamfer = sims.max(axis=1).mean(axis=1)
-    layout_best = np.full((sims.shape[0], sims.shape[2]), -np.inf, np.float32)
-    for src, dst in _neighbour_pairs(grid):  # query cell src against candidate cell dst
-        layout_best[:, src] = np.maximum(layout_best[:, src], sims[:, dst, src])
-    return chamfer.astype(np.float32), layout_best.mean(axis=1).astype(np.float32)
+    flat = np.concatenate([sims.reshape(n, C * C), np.full((n, 1), -np.inf, np.float32)], axis=1)
+    layout = flat[:, _layout_index(grid)].max(axis=2).mean(axis=1)  # (n, C, 9) -> best neighbour per cell
+    return chamfer.astype(np.float32), layout.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -312,9 +317,10 @@ class TextStore:
         out = np.zeros(len(rows), np.float32)
         if not terms or len(rows) == 0:
             return out
-        restrict = tantivy.Query.const_score_query(
-            tantivy.Query.term_set_query(self.schema, ROW_FIELD, [int(r) for r in rows]), 0.0
-        )
+        # A disjunction of row terms: direct term lookups (a term-set query walks the whole row dictionary,
+        # 3 ms at 100k records against 0.5 ms for this).
+        restrict = tantivy.Query.const_score_query(tantivy.Query.boolean_query(
+            [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, ROW_FIELD, int(r))) for r in rows]), 0.0)
         q = tantivy.Query.boolean_query([(tantivy.Occur.Must, restrict), (tantivy.Occur.Should, self._terms_query(terms))])
         got_rows, got = self._collect(self.searcher.search(q, limit=len(rows), count=False))
         pos = {int(r): i for i, r in enumerate(rows)}

@@ -97,7 +97,7 @@ def cmd_query(a: argparse.Namespace) -> int:
 
     if a.image is None and not (a.prompt or "").strip():
         raise AttribError("give --image, --prompt, or both")
-    settings = QuerySettings(depth=a.depth or QuerySettings().depth)
+    settings = QuerySettings(depth=a.depth or QuerySettings().depth, nprobe=a.nprobe)
     idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,
                 dino_weights=a.dino_weights, settings=settings)
     res = idx.query(image=a.image, prompt=a.prompt, k=a.k, weights=_weights_arg(a.weights))
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion weights file from `attrib tune`; 'rrf' for plain RRF; default: shipped weights "
                         "for the index's models when they exist, else RRF")
     s.add_argument("--depth", type=int, default=None, help="candidates per ranker in the fused pool (default 100)")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (large indexes; default: as built)")
     s.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained visual report")
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     _add_model_args(s)

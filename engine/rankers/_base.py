@@ -134,13 +134,22 @@ def dense_candidates(store, reader: IndexReader, vec: np.ndarray | None, n: int)
     return reader.slots_to_rows(slots[slots >= 0])
 
 
-def cosine_to(store, reader: IndexReader, vec: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    """Cosine between ``vec`` and the stored vectors of ``rows`` (NaN for rows without an image)."""
-    out = nan_array(len(rows))
-    if vec is None or len(rows) == 0:
-        return out
+def cosines_to(store, reader: IndexReader, vecs: list[np.ndarray | None], rows: np.ndarray) -> list[np.ndarray]:
+    """Cosine between each query vector and the stored vectors of ``rows`` (NaN for rows without an image,
+    and for a missing query vector). The stored vectors are read once for all query vectors."""
+    outs = [nan_array(len(rows)) for _ in vecs]
+    if len(rows) == 0 or all(v is None for v in vecs):
+        return outs
     slots = reader.rows_to_slots(rows)
     has = slots >= 0
     if has.any():
-        out[has] = store.vectors(slots[has]) @ vec.astype(np.float32)
-    return out
+        stored = store.vectors(slots[has])
+        for out, v in zip(outs, vecs):
+            if v is not None:
+                out[has] = stored @ v.astype(np.float32)
+    return outs
+
+
+def cosine_to(store, reader: IndexReader, vec: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """Cosine between ``vec`` and the stored vectors of ``rows`` (NaN for rows without an image)."""
+    return cosines_to(store, reader, [vec], rows)[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import QueryInput, Ranker, cosine_to
+from ._base import QueryInput, Ranker, cosine_to, cosines_to
 
 
 class ClipRanker(Ranker):
@@ -20,10 +20,8 @@ class ClipRanker(Ranker):
         return None if vec is None else ("clip", vec)
 
     def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {
-            "clip": cosine_to(self.reader.clip, self.reader, q.clip_image, rows),
-            "clip_text": cosine_to(self.reader.clip, self.reader, q.clip_text, rows),
-        }
+        img, txt = cosines_to(self.reader.clip, self.reader, [q.clip_image, q.clip_text], rows)
+        return {"clip": img, "clip_text": txt}
 
     def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         img = feats["clip"]
