@@ -269,7 +269,10 @@ class Encoders:
 
     # ------------------------------------------------------------------------------------------ encoding
     def _to_tensor(self, batch: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        batch = np.ascontiguousarray(batch)
+        if not batch.flags.writeable:  # e.g. np.asarray(PIL image): torch wants writable memory
+            batch = batch.copy()
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - mean) / std
 

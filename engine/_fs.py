@@ -34,6 +34,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(out_path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
+    """Write ``text`` through a fresh temporary file in the same folder and a rename (parents created), so a
+    reader never sees half a file. The file gets the usual permissions (not mkstemp's 0600)."""
+    out = Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return out.absolute()
+
+
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder ``tmp`` to ``out``, replacing what was there."""
     old = None

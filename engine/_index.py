@@ -2,6 +2,7 @@
 for every candidate, fuse, and return the results with their evidence."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -29,17 +30,22 @@ def shipped_weights() -> list[Path]:
     return sorted(DATA_DIR.glob("weights-*.json"))
 
 
-def default_weights_for(fingerprint: str) -> FusionWeights | None:
-    """The shipped weights learned for these exact models, if any."""
+@functools.lru_cache(maxsize=1)
+def _shipped() -> tuple[FusionWeights, ...]:
+    out = []
     for p in shipped_weights():
         try:
             w = FusionWeights.load(p, FEATURES)
         except Exception:  # noqa: BLE001 - a broken shipped file must not break queries
             continue
-        if w.models.get("fingerprint") == fingerprint:
-            w.name = f"shipped:{p.name}"
-            return w
-    return None
+        w.name = f"shipped:{p.name}"
+        out.append(w)
+    return tuple(out)
+
+
+def default_weights_for(fingerprint: str) -> FusionWeights | None:
+    """The shipped weights learned for these exact models, if any (read once per process)."""
+    return next((w for w in _shipped() if w.models.get("fingerprint") == fingerprint), None)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ._errors import IndexFormatError
+from ._fs import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "attrib-index"
@@ -45,14 +46,8 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON through a temporary file, fsync and a rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", fsync=True)
 
 
 def read_manifest(index_dir: str | os.PathLike) -> dict:

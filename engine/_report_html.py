@@ -13,7 +13,6 @@ import io
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -21,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from ._fs import write_text_atomic
 from ._images import ImageRejected, load_image, thumbnail_png_or_jpeg
 from ._manifest import UNTRAINED_BANNER
 
@@ -289,25 +289,6 @@ def models_dl(models: dict) -> str:
     return "".join(f"<dt>{esc(k)}</dt><dd>{esc(v, MAX_ID)}</dd>" for k, v in rows if v is not None)
 
 
-def write_atomic(out_path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``out_path`` via a temp file in the same folder and os.replace (parents created)."""
-    out = Path(out_path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name opened with "x" (not mkstemp, whose files are 0600): the page gets the usual permissions
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return out.absolute()
-
-
 # --------------------------------------------------------------------------------------------- query report
 _EVIDENCE = (("clip", "clip image"), ("clip_text", "clip text"), ("dino", "dino"), ("dino_patch", "dino patch"),
              ("dino_layout", "dino layout"), ("bm25", "bm25"))
@@ -513,7 +494,7 @@ def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, 
         f'{shared_defs}{banner(result.models, warnings)}<h1>Attribution report</h1>{query_panel}{verdict}'
         f'<h2>Candidates ({len(result.results)})</h2><div class="cards">{cards}</div>'
     )
-    return write_atomic(out_path, page("attrib report: " + (prompt[:80] or str(q_ref or "query")), body))
+    return write_text_atomic(out_path, page("attrib report: " + (prompt[:80] or str(q_ref or "query")), body))
 
 
 # --------------------------------------------------------------------------------------------- hard cases
@@ -568,4 +549,4 @@ def write_hard_cases_report(cases: Sequence[dict], out_path: str | os.PathLike, 
                         f'case{"s" if len(group) != 1 else ""})</span></h2><div class="cards">{cards}</div></section>')
     if not cases:
         sections.append('<p class="muted">No hard cases: every query was answered correctly.</p>')
-    return write_atomic(out_path, page(title, head + "".join(sections)))
+    return write_text_atomic(out_path, page(title, head + "".join(sections)))

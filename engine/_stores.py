@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,20 +167,54 @@ class DinoProjection:
 
 
 class PatchStore:
-    """Memory-mapped (n_images, cells, dims) float16 patch features."""
+    """(n_images, cells, dims) float16 patch features in one flat file, read by slot.
+
+    Reads use one positioned read (``os.preadv``) per record: with scattered slots in a large file this costs
+    about 1 ms for 400 records, where touching fresh pages of a memory map costs 6 ms in page faults. Where
+    ``preadv`` does not exist (Windows) the file is memory-mapped instead."""
 
     def __init__(self, path: Path, n: int, cells: int, dims: int) -> None:
         self.shape = (n, cells, dims)
-        self.arr = np.memmap(path, dtype=np.float16, mode="r", shape=self.shape) if n else np.zeros(self.shape, np.float16)
+        self.path = path
+        self._rec = cells * dims * 2
+        self._fd: int | None = None
+        self._map = None
+        if n and not hasattr(os, "preadv"):
+            self._map = np.memmap(path, dtype=np.float16, mode="r", shape=self.shape)
         # faiss's fp16 decoder is SIMD (F16C): ~3x faster than numpy's float16 -> float32 cast
         self._fp16 = faiss.ScalarQuantizer(dims, faiss.ScalarQuantizer.QT_fp16)
 
+    def _read(self, slots: np.ndarray) -> np.ndarray:
+        if self._map is not None:
+            return np.ascontiguousarray(self._map[slots])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        buf = bytearray(len(slots) * self._rec)
+        view = memoryview(buf)
+        rec = self._rec
+        for i, s in enumerate(slots.tolist()):
+            if os.preadv(self._fd, [view[i * rec:(i + 1) * rec]], s * rec) != rec:
+                raise OSError(f"{self.path} is shorter than its manifest says (slot {s}); rebuild the index")
+        return np.frombuffer(buf, np.float16).reshape((len(slots),) + self.shape[1:])
+
     def get(self, slots: np.ndarray) -> np.ndarray:
         """float32 (len(slots), cells, dims) copies of the given images' cells."""
-        half = np.ascontiguousarray(self.arr[np.asarray(slots, dtype=np.int64)])
-        if half.size == 0:
-            return half.astype(np.float32)
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size == 0:
+            return np.zeros((0,) + self.shape[1:], np.float32)
+        half = self._read(slots)
         return self._fp16.decode(half.view(np.uint8).reshape(-1, 2 * self.shape[2])).reshape(half.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
@@ -191,8 +226,9 @@ def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _layout_index(grid: int) -> np.ndarray:
-    """(C, 9) flat indices into a (Cc * Cq + 1) row: candidate cell dst = a 3x3 neighbour of query cell src,
-    as dst * C + src; out-of-grid neighbours point at the extra last slot (filled with -inf)."""
+    """(C, 9) flat indices into a row of (Cc * Cq) similarities: candidate cell dst in the 3x3 neighbourhood of
+    query cell src, as dst * C + src. Out-of-grid neighbours repeat the cell itself, which is in every
+    neighbourhood anyway, so the max over the 9 is unchanged."""
     C = grid * grid
     idx = np.arange(C)
     r, c = idx // grid, idx % grid
@@ -201,7 +237,7 @@ def _layout_index(grid: int) -> np.ndarray:
         for dc in (-1, 0, 1):
             rr, cc = r + dr, c + dc
             ok = (rr >= 0) & (rr < grid) & (cc >= 0) & (cc < grid)
-            cols.append(np.where(ok, (rr * grid + cc) * C + idx, C * C))
+            cols.append(np.where(ok, rr * grid + cc, idx) * C + idx)
     return np.stack(cols, axis=1)
 
 
@@ -220,8 +256,7 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
     sims = cell_similarities(q_cells, c_cells)  # (n, Cc, Cq)
     n, C, _ = sims.shape
     chamfer = sims.max(axis=1).mean(axis=1)
-    flat = np.concatenate([sims.reshape(n, C * C), np.full((n, 1), -np.inf, np.float32)], axis=1)
-    layout = flat[:, _layout_index(grid)].max(axis=2).mean(axis=1)  # (n, C, 9) -> best neighbour per cell
+    layout = sims.reshape(n, C * C)[:, _layout_index(grid)].max(axis=2).mean(axis=1)  # (n, C, 9): best neighbour
     return chamfer.astype(np.float32), layout.astype(np.float32)
 
 

@@ -56,7 +56,12 @@ class QueryRun:
 
 # --------------------------------------------------------------------------------------------- index
 def _index_settings_key(settings: IndexSettings) -> str:
-    return hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    """Settings, engine version and index format: a cached index is reused only when all three match."""
+    from engine import __version__
+    from engine._manifest import FORMAT_VERSION
+
+    blob = json.dumps([settings.to_dict(), __version__, FORMAT_VERSION], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def ensure_index(bench: Benchmark, index: str | os.PathLike | None, models: str | None, device: str | None = None,
@@ -357,7 +362,11 @@ def plot_recall(ev: Evaluation, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     styles = {"clip": ("tab:blue", "-"), "dino": ("tab:green", "-"), "bm25": ("tab:orange", "-"),
               "rrf": ("tab:gray", "--"), "fused": ("tab:red", "-")}
+    idle = ev.result.get("not_applicable", {})
     for n, c in curves.items():
+        if n in idle:  # took part in no query: no curve, a note in the legend
+            ax.plot([], [], color=styles[n][0], linestyle=":", label=f"{n} (took no part)")
+            continue
         col, ls = styles[n]
         ax.plot(ks, c, label=f"{n} (R@1 {c[0]:.2f}, R@10 {c[9]:.2f})", color=col, linestyle=ls,
                 linewidth=2.4 if n == "fused" else 1.6)

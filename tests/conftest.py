@@ -14,15 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import world  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("ATTRIB_TEST_PRETRAINED") == "1":
-        return
-    skip = pytest.mark.skip(reason="needs pretrained weights: set ATTRIB_TEST_PRETRAINED=1")
-    for item in items:
-        if "pretrained" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny encoders, loaded once per session."""
