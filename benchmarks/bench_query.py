@@ -1,6 +1,6 @@
 """Query latency: encoders versus the whole query, and search-only latency at 100,000 records.
 
-Usage: python benchmarks/bench_query.py [--records 10000] [--large 100000] [--runs 40] [--models offline]
+Usage: python benchmarks/bench_query.py [--records 10000] [--large 100000] [--runs 100] [--models offline]
 
 The indexes hold synthetic vectors written through the store API (engine.IndexWriter), so no 10,000 images need
 encoding; the captions are generated, realistic-length text for BM25. In one run it measures:
@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=10_000)
     ap.add_argument("--large", type=int, default=100_000)
-    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--models", default="offline")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
