@@ -135,15 +135,10 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
     con.print(f"query: {escape(str(query_img))} (a crop + colour shift + JPEG of scene{DEMO_SOURCE:04d}.png)\n"
               f"prompt: {escape(prompt)!r}")
     res = idx.query(image=query_img, prompt=prompt, k=5)
-    try:
-        from ._report_html import write_query_report
-    except ImportError:  # pragma: no cover
-        report = None
-    else:
-        report = write_query_report(idx, res, html or (root / "report.html"))
+    report = idx.write_report(res, html or (root / "report.html"))
     if json_out:
         d = res.to_dict()
-        d["report"] = str(report) if report else None
+        d["report"] = str(report)
         print(json.dumps(d, indent=2, ensure_ascii=False))
     else:
         print_attribution(res)
@@ -153,8 +148,7 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
         con.print(f"[green]the true source {expected} is ranked first[/green]")
     else:
         con.print(f"[yellow]the true source {expected} is not ranked first (top: {escape(str(top))})[/yellow]")
-    if report:
-        con.print(f"HTML report: [bold]{escape(str(report))}[/bold]")
+    con.print(f"HTML report: [bold]{escape(str(report))}[/bold]")
     if top is None:
         raise AttribError("the demo query returned no results")
     return 0

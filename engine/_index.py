@@ -435,6 +435,12 @@ class Index:
                                       sims.max(axis=1).reshape(grid, grid), cand[:n_matches]))
         return out
 
+    def write_report(self, result: Attribution, out_path: str | os.PathLike, query_image: Any = None) -> Path:
+        """Write the self-contained HTML report of a query result (see ``attrib query --html``)."""
+        from ._report_html import write_query_report
+
+        return write_query_report(self, result, out_path, query_image=query_image)
+
     def query(self, image=None, prompt: str | None = None, k: int = 10, weights: Any = "auto") -> Attribution:
         """Attribute one generated image and/or prompt. Either side may be missing (its rankers take no part)."""
         if image is None and not (prompt or "").strip():

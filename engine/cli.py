@@ -102,9 +102,7 @@ def cmd_query(a: argparse.Namespace) -> int:
                 dino_weights=a.dino_weights, settings=settings)
     res = idx.query(image=a.image, prompt=a.prompt, k=a.k, weights=_weights_arg(a.weights))
     if a.html:
-        from ._report_html import write_query_report
-
-        path = write_query_report(idx, res, a.html)
+        path = idx.write_report(res, a.html)
         stderr_console().print(f"report written to [bold]{path}[/bold]")
     if a.json:
         _print_json(res.to_dict())
