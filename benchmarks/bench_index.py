@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import engine
-    from engine._images import decode, read_bytes, resize_square
+    from engine._images import ImageLimits, encoder_inputs, read_bytes
 
     work = Path(tempfile.mkdtemp(prefix="bench-index-"))
     try:
@@ -59,9 +59,9 @@ def main() -> None:
         files = sorted(p for p in (work / "src").iterdir() if p.suffix in (".png", ".jpg"))
         clip_u8, dino_u8 = [], []
         for p in files:
-            im = decode(read_bytes(str(p)))
-            clip_u8.append(resize_square(im, enc.clip_input.size, enc.clip_input.resize))
-            dino_u8.append(resize_square(im, enc.dino_input.size, enc.dino_input.resize))
+            cu8, du8 = encoder_inputs(read_bytes(str(p)), ImageLimits(), enc.clip_input, enc.dino_input)
+            clip_u8.append(cu8)
+            dino_u8.append(du8)
         clip_u8, dino_u8 = np.stack(clip_u8), np.stack(dino_u8)
         bs = settings.batch_size
         enc.encode_images(clip_u8[:bs], dino_u8[:bs], settings.patch_grid)  # warm-up

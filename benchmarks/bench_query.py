@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import engine
-    from engine._images import load_image, resize_square
+    from engine._images import ImageLimits, encoder_inputs, read_bytes
     from eval.synth import caption_of, random_scene, render
 
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
@@ -86,9 +86,8 @@ def main() -> None:
         grid = idx.reader.grid
 
         # (a) the three encoder calls for one query, on pre-decoded tensors
-        im = load_image(str(queries[0][0]))
-        cu8 = resize_square(im, enc.clip_input.size, enc.clip_input.resize)[None]
-        du8 = resize_square(im, enc.dino_input.size, enc.dino_input.resize)[None]
+        cu8, du8 = encoder_inputs(read_bytes(str(queries[0][0])), ImageLimits(), enc.clip_input, enc.dino_input)
+        cu8, du8 = cu8[None], du8[None]
         prompt = queries[0][1]
 
         def encoders_only() -> None:

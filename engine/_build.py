@@ -6,11 +6,11 @@ complete (manifest last), so an interrupted or crashed build never leaves a fold
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,22 +19,25 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
-from ._errors import AttribError, EmptyCorpusError, IndexFormatError
-from ._images import ImageLimits, ImageRejected, decode, read_bytes, resize_square
+from ._errors import AttribError, EmptyCorpusError
+from ._images import ImageLimits, ImageRejected, encoder_inputs, read_bytes
 from ._ingest import Record, Source, open_source
 from ._manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, now_iso,
                         write_json_atomic)
 from ._profiles import get_profile
 from ._settings import IndexSettings
-from ._fs import fsync_dir, swap_into_place
+from ._fs import fsync_dir, staged_folder
 from ._stores import ANALYZER_DESC, DinoProjection, RawVectorSink, TextSink, build_faiss, choose_ann
 from ._threads import blas_single
 from ._ui import progress_bar
 
 # File names inside an index folder.
 RECORDS, CLIP_INDEX, DINO_INDEX, PATCHES = "records.parquet", "clip.faiss", "dino.faiss", "patches.f16"
+SERVING = "records.arrow"  # id, image, caption as uncompressed Arrow IPC: memory-mapped by queries
+SERVING_COLUMNS = ("id", "image", "caption")
 SLOTS, ROW_SLOT, PROJECTION, TEXT_DIR, REJECTS = "slots.npy", "row_slot.npy", "projection.npz", "text", "rejects.jsonl"
 
 
@@ -65,7 +68,7 @@ class IndexWriter:
     def __init__(self, folder: Path, identity: dict, settings: IndexSettings,
                  extra_columns: dict[str, pl.DataType] | None = None) -> None:
         self.folder, self.identity, self.settings = folder, identity, settings
-        folder.mkdir(parents=True, exist_ok=False)
+        folder.mkdir(parents=True, exist_ok=True)
         self.clip_dim = int(identity["clip"]["dim"])
         self.dino_dim = int(identity["dino"]["dim"])
         self.cells = settings.patch_grid ** 2
@@ -77,6 +80,7 @@ class IndexWriter:
         self._patches = open(folder / PATCHES, "wb")
         self._text = TextSink(folder / TEXT_DIR)
         self._pq: pq.ParquetWriter | None = None
+        self._ipc: pa.ipc.RecordBatchFileWriter | None = None
         self._rows: list[dict] = []
         self._slots: list[int] = []
         self._row_slot: list[int] = []
@@ -131,10 +135,9 @@ class IndexWriter:
             cls = np.concatenate([p[0] for p in self._pending])
             pm = np.concatenate([p[1] for p in self._pending])
             cells = np.concatenate([p[2] for p in self._pending])
-        else:  # a caption-only corpus: identity projection, nothing to project
-            cls = pm = np.zeros((1, self.dino_dim), np.float32)
-            cells = np.zeros((1, self.cells, self.dino_dim), np.float32)
-        self.projection = DinoProjection.fit(cls, pm, cells, self.patch_dims)
+            self.projection = DinoProjection.fit(cls, pm, cells, self.patch_dims)
+        else:  # a caption-only corpus: nothing to fit and nothing to project
+            self.projection = DinoProjection.identity(self.dino_dim, self.patch_dims)
         self.patch_dims = self.projection.cell_dim
         for p in self._pending:
             self._write_dino(*p)
@@ -150,16 +153,29 @@ class IndexWriter:
         if not self._rows:
             return
         table = pl.DataFrame(self._rows, schema=self.schema, strict=False, orient="row").to_arrow()
+        self._write_tables(table)
+
+    def _write_tables(self, table: pa.Table) -> None:
+        """The full metadata to parquet (interchange) and its serving columns to Arrow IPC (queries)."""
         if self._pq is None:
             self._pq = pq.ParquetWriter(self.folder / RECORDS, table.schema, compression="zstd")
-        self._pq.write_table(table.cast(self._pq.schema))
+            serving = table.select(list(SERVING_COLUMNS)).schema
+            self._ipc = pa.ipc.new_file(str(self.folder / SERVING), serving)
+        table = table.cast(self._pq.schema)
+        self._pq.write_table(table)
+        self._ipc.write_table(table.select(list(SERVING_COLUMNS)))
         self._rows.clear()
 
     def abort(self) -> None:
-        for f in (self._patches, self.rejects):
+        """Release every open file, writer and thread after a failed build (the folder is then deleted)."""
+        closers = [self._patches.close, self.rejects.close, self._clip.abort, self._dino.abort]
+        if self._pq is not None:
+            closers += [self._pq.close, self._ipc.close]
+        closers.append(self._text.abort)
+        for close in closers:
             try:
-                f.close()
-            except Exception:  # noqa: BLE001
+                close()
+            except Exception:  # noqa: BLE001 - best effort: the folder is deleted next
                 pass
 
     # ------------------------------------------------------------------------------------------ finishing
@@ -168,9 +184,10 @@ class IndexWriter:
         if self.projection is None:
             self._fit_projection()
         self._flush_rows()
-        if self._pq is None:  # no rows at all: still write a valid (empty) table
-            self._pq = pq.ParquetWriter(self.folder / RECORDS, pl.DataFrame(schema=self.schema).to_arrow().schema)
+        if self._pq is None:  # no rows at all: still write valid (empty) tables
+            self._write_tables(pl.DataFrame(schema=self.schema).to_arrow())
         self._pq.close()
+        self._ipc.close()
         self._patches.close()
         self.rejects.close()
         self._text.close()
@@ -186,7 +203,7 @@ class IndexWriter:
             del vecs
             sink.path.unlink()
         components = {
-            "records": RECORDS, "clip": CLIP_INDEX, "dino": DINO_INDEX, "patches": PATCHES, "text": TEXT_DIR,
+            "records": RECORDS, "serving": SERVING, "clip": CLIP_INDEX, "dino": DINO_INDEX, "patches": PATCHES, "text": TEXT_DIR,
             "slots": SLOTS, "row_slot": ROW_SLOT, "projection": PROJECTION, "rejects": REJECTS,
         }
         comp = {}
@@ -300,7 +317,7 @@ def build_index(
     if encoders is None:
         get_profile(models)  # an unknown profile fails before any slow work
     out = Path(out).expanduser().absolute()
-    src = open_source(source)
+    src = open_source(source, settings.max_bytes)
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _stale_builds(out)
@@ -308,20 +325,18 @@ def build_index(
         from ._encoders import Encoders
 
         encoders = Encoders(models, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    writer = IndexWriter(tmp, encoders.identity, settings, src.extra_columns)
-    try:
-        encode_s = _run_pipeline(src, writer, encoders, settings, progress)
-        if writer.n_rows == 0:
-            writer.rejects.flush()
-            raise EmptyCorpusError(_empty_message(src, tmp))
-        manifest = writer.finalize({"path": str(Path(source).expanduser().absolute()), "kind": src.kind,
-                                    "ignored_files": len(src.ignored)})
-        swap_into_place(tmp, out)
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_folder(out, "building") as tmp:  # renamed into place only when complete
+        writer = IndexWriter(tmp, encoders.identity, settings, src.extra_columns)
+        try:
+            encode_s = _run_pipeline(src, writer, encoders, settings, progress)
+            if writer.n_rows == 0:
+                writer.rejects.flush()
+                raise EmptyCorpusError(_empty_message(src, tmp))
+            manifest = writer.finalize({"path": str(Path(source).expanduser().absolute()), "kind": src.kind,
+                                        "ignored_files": len(src.ignored)})
+        except BaseException:
+            writer.abort()
+            raise
     return BuildSummary(
         out, writer.n_rows, writer.n_images, int(sum(writer.reject_reasons.values())), dict(writer.reject_reasons),
         list(src.ignored), time.perf_counter() - t0, encode_s, manifest,
@@ -344,14 +359,13 @@ def _empty_message(src: Source, tmp: Path) -> str:
 def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSettings, progress: bool) -> float:
     limits = ImageLimits(settings.max_pixels, settings.max_bytes)
     cin, din = encoders.clip_input, encoders.dino_input
-    draft = max(cin.size, din.size)
 
     def prepare(rec: Record):
         if rec.image is None:
             return None
         try:
-            im = decode(rec.data if rec.data is not None else read_bytes(rec.image, limits), limits, draft)
-            return resize_square(im, cin.size, cin.resize), resize_square(im, din.size, din.resize)
+            data = rec.data if rec.data is not None else read_bytes(rec.image, limits)
+            return encoder_inputs(data, limits, cin, din)
         except ImageRejected as e:
             return e
         except MemoryError:
@@ -395,8 +409,9 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
         n_img = 0
 
     window = max(2 * settings.batch_size, 4 * max(1, settings.workers))
-    with progress_bar("indexing", src.count, enabled=progress) as advance:
-        for rec, out in _prefetch(src.records(), prepare, settings.workers, window):
+    with progress_bar("indexing", src.count, enabled=progress) as advance, \
+            contextlib.closing(_prefetch(src.records(), prepare, settings.workers, window)) as prepared:
+        for rec, out in prepared:
             rec.data = None  # free tar bytes early
             advance(1)
             key = rec.key

@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance
 from rich.markup import escape
 from rich.panel import Panel
 
-from ._errors import AttribError, IndexFormatError, WeightsUnavailableError
+from ._errors import AttribError, IndexFormatError, ModelMismatchError, WeightsUnavailableError
 from ._profiles import get_profile
 from ._ui import stderr_console
 
@@ -77,13 +77,17 @@ def make_query(src: Path, out: Path) -> Path:
 
 
 def _usable_index(path: Path, profile: str):
+    """The cached index, if it is intact and was built with exactly the models that load here now."""
     from ._index import Index
 
     try:
         idx = Index(path)
-    except IndexFormatError:
+        if idx.manifest["models"]["profile"] != profile:
+            return None
+        _ = idx.encoders  # loads the models and checks their weights against the index
+    except (IndexFormatError, ModelMismatchError):
         return None
-    return idx if idx.manifest["models"]["profile"] == profile else None
+    return idx
 
 
 def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = False, json_out: bool = False,

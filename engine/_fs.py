@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +16,14 @@ def is_nonempty(path: Path) -> bool:
 
 
 def remove(path: Path) -> None:
+    """Delete a file or folder. A folder is retried briefly: a writer's background thread that is still
+    finishing (tantivy's, after a rollback) can add a file while it is being deleted."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        for _ in range(20):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                return
+            time.sleep(0.05)
     elif path.exists() or path.is_symlink():
         path.unlink()
 

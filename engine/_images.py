@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,48 +76,68 @@ def read_bytes(ref: str, limits: ImageLimits = ImageLimits()) -> bytes:
         return f.read()
 
 
+def _check_size(im: Image.Image, limits: ImageLimits) -> None:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageRejected("corrupt or truncated image", f"size {w}x{h}")
+    if w * h > limits.max_pixels:
+        raise ImageRejected(
+            "image too large (decompression bomb)", f"{w}x{h} = {w * h} pixels > limit {limits.max_pixels}"
+        )
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """EXIF orientation applied; transparency flattened onto white; any mode converted to RGB."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def decode(data: bytes, limits: ImageLimits = ImageLimits(), draft: int | None = None) -> Image.Image:
-    """Decode to an RGB image, fully loaded, EXIF orientation applied. Raises ImageRejected."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            if data.startswith(_MAGIC):
-                raise ImageRejected("corrupt or truncated image", "has an image signature but cannot be decoded") from None
-            raise ImageRejected("not an image", "no known image format") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageRejected("image too large (decompression bomb)", str(e)) from None
-        except Exception as e:  # noqa: BLE001 - PIL raises many types on hostile headers
-            raise ImageRejected("corrupt or truncated image", f"{e.__class__.__name__}: {e}") from None
-        w, h = im.size
-        if w <= 0 or h <= 0:
-            raise ImageRejected("corrupt or truncated image", f"size {w}x{h}")
-        if w * h > limits.max_pixels:
-            raise ImageRejected(
-                "image too large (decompression bomb)", f"{w}x{h} = {w * h} pixels > limit {limits.max_pixels}"
-            )
-        try:
-            if draft and im.format == "JPEG":
-                im.draft("RGB", (draft, draft))  # decode at reduced scale: much faster on big photos
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGB", rgba.size, (255, 255, 255))
-                bg.paste(rgba, mask=rgba.getchannel("A"))
-                im = bg
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageRejected("image too large (decompression bomb)", str(e)) from None
-        except Exception as e:  # noqa: BLE001 - truncated data surfaces as OSError, SyntaxError, ValueError...
-            raise ImageRejected("corrupt or truncated image", f"{e.__class__.__name__}: {e}") from None
-    return im
+    """Decode to an RGB image, fully loaded, EXIF orientation applied. Raises ImageRejected.
+
+    The pixel limit is checked from the header, before any decoding. (No warning filters are touched here:
+    decoding runs on several threads and ``warnings.catch_warnings`` is not thread-safe.)"""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if data.startswith(_MAGIC):
+            raise ImageRejected("corrupt or truncated image", "has an image signature but cannot be decoded") from None
+        raise ImageRejected("not an image", "no known image format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("image too large (decompression bomb)", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on hostile headers
+        raise ImageRejected("corrupt or truncated image", f"{e.__class__.__name__}: {e}") from None
+    _check_size(im, limits)
+    try:
+        if draft and im.format == "JPEG":
+            im.draft("RGB", (draft, draft))  # decode at reduced scale: much faster on big photos
+        im.load()
+        return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("image too large (decompression bomb)", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - truncated data surfaces as OSError, SyntaxError, ValueError...
+        raise ImageRejected("corrupt or truncated image", f"{e.__class__.__name__}: {e}") from None
 
 
 def load_image(ref: str, limits: ImageLimits = ImageLimits(), draft: int | None = None) -> Image.Image:
     return decode(read_bytes(ref, limits), limits, draft)
+
+
+def encoder_inputs(source: bytes | Image.Image, limits: ImageLimits, clip_spec, dino_spec) -> tuple[np.ndarray, np.ndarray]:
+    """The two uint8 encoder inputs of an image: the one preparation shared by indexing and querying, so that
+    the same file gives the same pixels on both sides. ``source`` is encoded bytes or an in-memory image;
+    the specs have ``size`` and ``resize`` (see ``_encoders.InputSpec``)."""
+    if isinstance(source, Image.Image):
+        _check_size(source, limits)
+        im = to_rgb(source)
+    else:
+        im = decode(source, limits, draft=max(clip_spec.size, dino_spec.size))
+    return resize_square(im, clip_spec.size, clip_spec.resize), resize_square(im, dino_spec.size, dino_spec.resize)
 
 
 def resize_square(im: Image.Image, size: int, mode: str) -> np.ndarray:

@@ -6,7 +6,7 @@ import functools
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._errors import ModelMismatchError, QueryInputError
-from ._images import ImageLimits, ImageRejected, load_image, resize_square
+from ._images import DEFAULT_MAX_PIXELS, ImageLimits, ImageRejected, encoder_inputs, read_bytes
 from ._manifest import UNTRAINED_BANNER
 from ._reader import IndexReader
 from ._settings import QuerySettings
@@ -81,6 +81,15 @@ class Fusion:
     def threshold(self) -> float | None:
         return self.weights.threshold if self.weights is not None else None
 
+    def scores(self, feats: dict[str, np.ndarray], ranker_scores: dict[str, np.ndarray]) -> np.ndarray:
+        """Fused score of each candidate of one pool (the one implementation queries and benchmarks share)."""
+        n = len(next(iter(feats.values()))) if feats else 0
+        if n == 0:
+            return np.zeros(0)
+        if self.weights is None:
+            return rrf(ranker_scores, self.rrf_k)
+        return self.weights.score(feats, FEATURES)
+
     def describe(self) -> dict:
         d: dict[str, Any] = {"method": self.method, "threshold": _clean(self.threshold), "note": self.note}
         if self.weights is not None:
@@ -107,6 +116,7 @@ class Attribution:
     timings_ms: dict
     warnings: list[str]
     query_input: QueryInput | None = field(default=None, repr=False)  # the encoded query (reports use it)
+    pool_rows: np.ndarray | None = field(default=None, repr=False)  # the candidate pool (report baselines)
 
     def to_dict(self) -> dict:
         return {
@@ -119,6 +129,13 @@ class Attribution:
             "timings_ms": self.timings_ms,
             "warnings": self.warnings,
         }
+
+
+def fused_order(rows: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best candidates: score descending, ties by record row (everywhere the same rule)."""
+    if len(rows) == 0:
+        return np.zeros(0, np.int64)
+    return np.lexsort((rows, -scores))[:k]
 
 
 def _clean(x: float) -> float | None:
@@ -145,6 +162,17 @@ class Index:
         self._encoders = None
         self.rankers = {name: create_ranker(name, self.reader, self.settings) for name in RANKERS}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attrib-query")
+
+    def close(self) -> None:
+        """Stop the helper thread and close open files (also done at exit)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self.reader.patches.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ models
     @property
@@ -188,16 +216,23 @@ class Index:
         return self._encoders
 
     # ------------------------------------------------------------------------------------------ encoding
-    def _load_query_image(self, image) -> tuple[str, Any]:
+    def _query_inputs(self, image) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+        """(reference, encoder inputs), prepared exactly as the index prepared its images."""
         from PIL import Image
 
+        limits = ImageLimits(int(self.manifest["settings"].get("max_pixels", DEFAULT_MAX_PIXELS)))
+        enc = self._encoders
         if isinstance(image, Image.Image):
-            return "<PIL image>", image.convert("RGB")
-        ref = os.fspath(image)
-        if not os.path.exists(ref):
-            raise QueryInputError(f"query image {ref} does not exist")
+            ref, source = "<PIL image>", image
+        else:
+            ref = os.fspath(image)
+            if not os.path.exists(ref):
+                raise QueryInputError(f"query image {ref} does not exist")
+            source = None
         try:
-            return ref, load_image(ref, ImageLimits(self.reader.manifest["settings"].get("max_pixels", 40_000_000)))
+            if source is None:
+                source = read_bytes(ref, limits)
+            return ref, encoder_inputs(source, limits, enc.clip_input, enc.dino_input)
         except ImageRejected as e:
             raise QueryInputError(f"query image {ref} cannot be used: {e.reason} ({e.detail})") from None
 
@@ -221,10 +256,10 @@ class Index:
             chunk = img_idx[s:s + bs]
             clip_u8, dino_u8 = [], []
             for i in chunk:
-                ref, im = self._load_query_image(images[i])
+                ref, (cu8, du8) = self._query_inputs(images[i])
                 out[i].image = ref
-                clip_u8.append(resize_square(im, enc.clip_input.size, enc.clip_input.resize))
-                dino_u8.append(resize_square(im, enc.dino_input.size, enc.dino_input.resize))
+                clip_u8.append(cu8)
+                dino_u8.append(du8)
             t = time.perf_counter()
             clip = enc.encode_clip_images(np.stack(clip_u8))
             t1 = time.perf_counter()
@@ -267,34 +302,47 @@ class Index:
         t = time.perf_counter()
         parts: list[np.ndarray] = []
         dense: dict[str, list[np.ndarray]] = {}
-        side: list[tuple[str, Future]] = []
-        # Rankers without a vector first stage (BM25: tantivy releases the GIL) run on a helper thread while
-        # the faiss searches and, below, the patch features run here: on 2 cores this saves ~30% of a search.
-        for name in POOL_RANKERS:
-            r = self.rankers[name]
-            if not r.available(q):
-                continue
-            dq = r.dense_query(q)
-            if dq is None:
-                side.append((name, self._worker.submit(r.candidates, q, depth)))
-            elif not any(np.array_equal(dq[1], v) for v in dense.get(dq[0], [])):
-                dense.setdefault(dq[0], []).append(dq[1])
-        for store_name, vecs in dense.items():
-            store = getattr(self.reader, store_name)
-            if store.ntotal:
-                _, slots = store.search(np.stack(vecs), depth)  # one batched faiss call per store
-                parts.append(self.reader.slots_to_rows(slots[slots >= 0]))
-        parts += [f.result() for _, f in side]
-        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-        t1 = time.perf_counter()
-        feats: dict[str, np.ndarray] = {}
-        background = {n: self._worker.submit(self.rankers[n].featurize, q, rows)
-                      for n in FEATURE_RANKERS if self.rankers[n].dense_query(q) is None}
-        for name in FEATURE_RANKERS:
-            if name not in background:
-                feats.update(self.rankers[name].featurize(q, rows))
-        for f in background.values():
-            feats.update(f.result())
+        pending: list[Future] = []
+
+        def later(fn, *args) -> Future:
+            fut = self._worker.submit(fn, *args)
+            pending.append(fut)
+            return fut
+
+        try:
+            # Rankers without a vector first stage (BM25: tantivy releases the GIL) run on a helper thread while
+            # the faiss searches and, below, the patch features run here: on 2 cores this saves ~30% of a search.
+            side = []
+            for name in POOL_RANKERS:
+                r = self.rankers[name]
+                if not r.available(q):
+                    continue
+                dq = r.dense_query(q)
+                if dq is None:
+                    side.append(later(r.candidates, q, depth))
+                elif not any(np.array_equal(dq[1], v) for v in dense.get(dq[0], [])):
+                    dense.setdefault(dq[0], []).append(dq[1])
+            for store_name, vecs in dense.items():
+                store = getattr(self.reader, store_name)
+                if store.ntotal:
+                    _, slots = store.search(np.stack(vecs), depth)  # one batched faiss call per store
+                    parts.append(self.reader.slots_to_rows(slots[slots >= 0]))
+            parts += [f.result() for f in side]
+            rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+            t1 = time.perf_counter()
+            feats: dict[str, np.ndarray] = {}
+            background = [later(self.rankers[n].featurize, q, rows)
+                          for n in FEATURE_RANKERS if self.rankers[n].dense_query(q) is None]
+            for name in FEATURE_RANKERS:
+                if self.rankers[name].dense_query(q) is not None:
+                    feats.update(self.rankers[name].featurize(q, rows))
+            for f in background:
+                feats.update(f.result())
+        finally:
+            # never leave work of this query queued ahead of the next one (after an error or Ctrl-C above)
+            for f in pending:
+                f.cancel()
+            wait(pending)
         t2 = time.perf_counter()
         scores = {}
         for name in MAIN_RANKERS:
@@ -318,11 +366,7 @@ class Index:
         return Fusion(w, k, f"learned weights from {w.name}")
 
     def fuse(self, pool: Pool, fusion: Fusion) -> np.ndarray:
-        if len(pool) == 0:
-            return np.zeros(0)
-        if fusion.weights is None:
-            return rrf(pool.ranker_scores, fusion.rrf_k)
-        return fusion.weights.score(pool.feats, FEATURES)
+        return fusion.scores(pool.feats, pool.ranker_scores) if len(pool) else np.zeros(0)
 
     # ------------------------------------------------------------------------------------------ answers
     @blas_single
@@ -336,7 +380,7 @@ class Index:
         timings.update(pool.timings)
         t = time.perf_counter()
         fused = self.fuse(pool, fusion)
-        order = np.lexsort((pool.rows, -fused))[:k] if len(pool) else np.zeros(0, np.int64)
+        order = fused_order(pool.rows, fused, k)
         ranks = {n: ordinal_ranks(s) for n, s in pool.ranker_scores.items()}
         timings["fusion"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
@@ -356,7 +400,7 @@ class Index:
                 "evidence": {f: _clean(pool.feats[f][i]) for f in FEATURES},
                 "ranks": {n: (int(ranks[n][i]) or None) for n in MAIN_RANKERS},
             })
-        verdict = self._verdict(results, fusion, fused[order] if len(order) else np.zeros(0))
+        verdict = self._verdict(results, fusion)
         timings["search_total"] = (time.perf_counter() - t0) * 1e3
         warnings = []
         if self.untrained:
@@ -367,10 +411,11 @@ class Index:
             query={"image": q.image, "prompt": q.prompt},
             models=self.models_info, fusion=fusion.describe(), verdict=verdict, results=results,
             timings_ms={k2: round(v, 3) for k2, v in timings.items()}, warnings=warnings, query_input=q,
+            pool_rows=pool.rows,
         )
 
     @staticmethod
-    def _verdict(results: list[dict], fusion: Fusion, top_scores: np.ndarray) -> dict:
+    def _verdict(results: list[dict], fusion: Fusion) -> dict:
         thr = fusion.threshold
         if thr is None:
             return {"likely_source": None, "threshold": None, "n_above": None,

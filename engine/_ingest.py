@@ -12,7 +12,7 @@ from typing import Iterator
 import polars as pl
 
 from ._errors import SourceError
-from ._images import TAR_SEP, is_image_name
+from ._images import DEFAULT_MAX_BYTES, TAR_SEP, is_image_name
 
 IMAGE_COLUMNS = ("image", "path")
 CAPTION_COLUMNS = ("caption", "text", "TEXT")
@@ -49,16 +49,17 @@ class Source:
         return self._iter()  # type: ignore[operator]
 
 
-def open_source(path: str | os.PathLike) -> Source:
-    """Recognise a source by its path; errors name the path and list what is accepted."""
+def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Source:
+    """Recognise a source by its path; errors name the path and list what is accepted. Tar members larger
+    than ``max_bytes`` are not read into memory (the build then rejects them as too large)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise SourceError(f"source {p} does not exist; give a folder of images, a .tar shard or a .parquet/.csv/.jsonl table")
     if p.is_dir():
-        return _folder_source(p)
+        return _folder_source(p, max_bytes)
     suffix = p.suffix.lower()
     if suffix == ".tar":
-        return _tar_source(p)
+        return _tar_source(p, max_bytes)
     if suffix in TABLE_SUFFIXES:
         return _table_source(p, TABLE_SUFFIXES[suffix])
     raise SourceError(
@@ -92,7 +93,7 @@ def _meta_json(extra: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- folders
-def _folder_source(root: Path) -> Source:
+def _folder_source(root: Path, max_bytes: int) -> Source:
     images: list[Path] = []
     shards: list[Path] = []
     ignored: list[str] = []
@@ -133,7 +134,7 @@ def _folder_source(root: Path) -> Source:
                     pass
             yield Record(rid, str(img.resolve()), caption, rel, rel, _meta_json(extra))
         for shard in shards:
-            yield from _tar_records(shard, shard.relative_to(root).as_posix())
+            yield from _tar_records(shard, shard.relative_to(root).as_posix(), max_bytes)
 
     return Source("folder", root, count, {"meta": pl.String}, ignored, it)
 
@@ -150,17 +151,24 @@ def _tar_count(shard: Path) -> int:
         raise SourceError(f"tar shard {shard} cannot be read ({e}); remove it or re-create it") from None
 
 
-def _tar_records(shard: Path, rel: str) -> Iterator[Record]:
-    """Group consecutive members by key (name up to the first dot of the basename), webdataset style."""
+_SIDECAR_MAX_BYTES = 1024 * 1024
+
+
+def _tar_records(shard: Path, rel: str, max_bytes: int) -> Iterator[Record]:
+    """Group consecutive members by key (name up to the first dot of the basename), webdataset style.
+    Only images (up to ``max_bytes``; larger ones are left unread and rejected later by size) and .txt/.json
+    sidecars (up to 1 MiB) are read; other members are skipped without reading them."""
     absolute = str(shard.resolve())
 
-    def flush(key: str, group: dict[str, bytes]) -> Iterator[Record]:
+    def flush(key: str, group: dict[str, bytes | None]) -> Iterator[Record]:
         img_name = next((n for n in group if is_image_name(n)), None)
         if img_name is None:
             return
         caption, rid, extra = "", None, {}
         for n, raw in group.items():
             low = n.lower()
+            if raw is None or n == img_name:
+                continue
             if low.endswith(".json"):
                 try:
                     c, rid, extra = _sidecar_fields(json.loads(raw.decode("utf-8", errors="replace")))
@@ -183,15 +191,20 @@ def _tar_records(shard: Path, rel: str) -> Iterator[Record]:
                 yield from flush(key, group)
                 group = {}
             key = k
-            f = tf.extractfile(m)
-            group[m.name] = f.read() if f is not None else b""
+            low = m.name.lower()
+            if is_image_name(m.name):
+                f = tf.extractfile(m) if m.size <= max_bytes else None
+                group[m.name] = f.read() if f is not None else None
+            elif low.endswith((".txt", ".json")) and m.size <= _SIDECAR_MAX_BYTES:
+                f = tf.extractfile(m)
+                group[m.name] = f.read() if f is not None else None
         if key is not None:
             yield from flush(key, group)
 
 
-def _tar_source(shard: Path) -> Source:
+def _tar_source(shard: Path, max_bytes: int) -> Source:
     count = _tar_count(shard)
-    return Source("tar", shard, count, {"meta": pl.String}, [], lambda: _tar_records(shard, shard.name))
+    return Source("tar", shard, count, {"meta": pl.String}, [], lambda: _tar_records(shard, shard.name, max_bytes))
 
 
 # --------------------------------------------------------------------------------------------- tables

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 
-from ._build import CLIP_INDEX, DINO_INDEX, PATCHES, PROJECTION, RECORDS, ROW_SLOT, SLOTS, TEXT_DIR
+from ._build import CLIP_INDEX, DINO_INDEX, PATCHES, PROJECTION, ROW_SLOT, SERVING, SLOTS, TEXT_DIR
 from ._errors import IndexFormatError
 from ._manifest import check_components, dir_size, read_manifest
 from ._stores import DinoProjection, PatchStore, TextStore, VectorStore
 
 
 class IndexReader:
-    """The stores of one index folder. Vectors are searched by faiss; patches are memory-mapped; record
+    """The stores of one index folder. Vectors are searched by faiss; patches are read by record; record
     metadata is read lazily. Rows are record positions; slots are positions among records with an image."""
 
     def __init__(self, path: str | Path, nprobe: int | None = None) -> None:
@@ -63,22 +64,38 @@ class IndexReader:
         return not self.manifest["models"].get("pretrained", False)
 
     @cached_property
-    def _meta(self):
+    def _serving(self) -> tuple[list, np.ndarray]:
+        """The Arrow IPC batches of id/image/caption, memory-mapped (zero-copy), and each batch's first row."""
         try:
-            # one contiguous chunk: `take` of a few rows is then a cheap gather
-            return pq.read_table(self.path / RECORDS, columns=["id", "image", "caption"], memory_map=True).combine_chunks()
+            reader = pa.ipc.open_file(pa.memory_map(str(self.path / SERVING), "r"))
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         except Exception as e:  # noqa: BLE001
-            raise IndexFormatError(f"index {self.path} is damaged: {RECORDS} cannot be read ({e}); rebuild it") from None
+            raise IndexFormatError(f"index {self.path} is damaged: {SERVING} cannot be read ({e}); rebuild it") from None
+        starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].astype(np.int64)
+        return batches, starts
 
     def records(self, rows: np.ndarray) -> pl.DataFrame:
-        """id, image, caption of the given rows, in that order."""
+        """id, image, caption of the given rows, in that order (only their pages of the file are read)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return pl.from_arrow(self._meta.take(rows))  # type: ignore[return-value]
+        batches, starts = self._serving
+        if len(rows) == 0 or not batches:
+            return pl.DataFrame(schema={"id": pl.String, "image": pl.String, "caption": pl.String})
+        which = np.searchsorted(starts, rows, side="right") - 1
+        parts, order = [], []
+        for b in np.unique(which):
+            sel = np.flatnonzero(which == b)
+            parts.append(batches[b].take(pa.array(rows[sel] - starts[b])))
+            order.append(sel)
+        table = pa.Table.from_batches(parts)
+        inverse = np.empty(len(rows), np.int64)
+        inverse[np.concatenate(order)] = np.arange(len(rows))
+        return pl.from_arrow(table.take(pa.array(inverse)))  # type: ignore[return-value]
 
     @cached_property
     def ids(self) -> np.ndarray:
         """All record ids as an object array (benchmarks map ids to rows with it)."""
-        return np.asarray(self._meta.column("id").to_pylist(), dtype=object)
+        batches, _ = self._serving
+        return np.asarray([x for b in batches for x in b.column(0).to_pylist()], dtype=object)
 
     def rows_to_slots(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.row_slot[np.asarray(rows, np.int64)], np.int64) if len(rows) else np.zeros(0, np.int64)

@@ -464,7 +464,8 @@ def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, 
     rows = [int(r["row"]) for r in result.results]
     corrs: list[Any] = [None] * len(rows)
     if query_has_image and rows:
-        corrs = list(index.correspondences(qin, rows))
+        # the pool the results came from is the baseline: no second search
+        corrs = list(index.correspondences(qin, rows, baseline_rows=getattr(result, "pool_rows", None)))
     heats = [float(np.max(h)) for c in corrs if c is not None for h in (c.query_heat, c.source_heat)]
     scale = max(heats, default=0.0)
     bm25s = [float(r["evidence"]["bm25"]) for r in result.results

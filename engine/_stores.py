@@ -34,16 +34,24 @@ class RawVectorSink:
         self._f.write(x.tobytes())
         self.n += x.shape[0]
 
+    def abort(self) -> None:
+        self._f.close()
+
     def close(self) -> np.memmap:
         self._f.close()
         return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.n, self.dim)) if self.n else np.zeros((0, self.dim), np.float32)
 
 
+IVF_MIN_VECTORS = 1000  # below this an IVF index cannot be trained sensibly: a flat scan is used
+
+
 def choose_ann(kind: str, n: int, flat_max: int) -> str:
+    if kind not in ("auto", FLAT, IVF):
+        raise ValueError(f"unknown ann kind {kind!r}; valid choices: auto, flat, ivf")
+    if n < IVF_MIN_VECTORS:
+        return FLAT
     if kind == "auto":
         return FLAT if n <= flat_max else IVF
-    if kind not in (FLAT, IVF):
-        raise ValueError(f"unknown ann kind {kind!r}; valid choices: auto, flat, ivf")
     return kind
 
 
@@ -131,6 +139,12 @@ class DinoProjection:
         return self.components.shape[1]
 
     @classmethod
+    def identity(cls, d: int, dims: int) -> "DinoProjection":
+        """No statistics to fit (a caption-only corpus): no centring, unit scales, the first ``dims`` axes."""
+        z = np.zeros(d, np.float32)
+        return cls(z, 1.0, z.copy(), 1.0, z.copy(), np.eye(d, dtype=np.float32)[:, :min(dims, d)])
+
+    @classmethod
     def fit(cls, cls_tok: np.ndarray, pmean: np.ndarray, cells: np.ndarray, dims: int) -> "DinoProjection":
         cls_tok, pmean = cls_tok.astype(np.float64), pmean.astype(np.float64)
         flat = cells.reshape(-1, cells.shape[-1]).astype(np.float64)
@@ -141,6 +155,8 @@ class DinoProjection:
         dims = min(dims, d)
         if dims >= d:
             comps = np.eye(d)
+        elif flat.shape[0] < dims:  # fewer sample cells than dims: PCA is undetermined, keep the first axes
+            comps = np.eye(d)[:, :dims]
         else:
             _, _, vt = np.linalg.svd(flat - cellm, full_matrices=False)
             comps = vt[:dims].T
@@ -303,6 +319,11 @@ class TextSink:
 
     def close(self) -> None:
         self.writer.commit()
+        self.writer.wait_merging_threads()
+
+    def abort(self) -> None:
+        """Drop what was added and stop the writer's threads (a failed build)."""
+        self.writer.rollback()
         self.writer.wait_merging_threads()
 
 

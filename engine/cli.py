@@ -17,7 +17,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _print_json(obj) -> None:
+def print_json(obj) -> None:
+    """Machine-readable output: JSON on stdout (rich output goes to stderr)."""
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
 
@@ -38,17 +39,13 @@ def cmd_index(a: argparse.Namespace) -> int:
     from ._build import build_index
     from ._report_text import print_build_summary
 
-    d = IndexSettings()
-    settings = IndexSettings(
-        batch_size=a.batch_size or d.batch_size, workers=d.workers if a.workers is None else a.workers,
-        patch_grid=a.patch_grid or d.patch_grid, patch_dims=a.patch_dims or d.patch_dims,
-        max_pixels=a.max_pixels or d.max_pixels, ann=a.ann or d.ann,
-    )
+    given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann")}
+    settings = IndexSettings(**{k: v for k, v in given.items() if v is not None})  # invalid values are named
     s = build_index(a.source, a.out, models=a.models or "default", device=a.device, settings=settings,
                     overwrite=a.overwrite, progress=not a.no_progress, clip_weights=a.clip_weights,
                     dino_weights=a.dino_weights)
     if a.json:
-        _print_json({"index": str(s.index_dir), "records": s.records, "images": s.images, "rejected": s.rejected,
+        print_json({"index": str(s.index_dir), "records": s.records, "images": s.images, "rejected": s.rejected,
                      "reject_reasons": s.reject_reasons, "ignored_files": len(s.ignored_files),
                      "seconds": round(s.seconds, 3), "records_per_second": round(s.throughput, 3),
                      "untrained": s.manifest.get("untrained")})
@@ -63,7 +60,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     info = index_info(a.index)
     if a.json:
-        _print_json(info)
+        print_json(info)
     else:
         print_info(info)
     return 0
@@ -72,7 +69,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_models(a: argparse.Namespace) -> int:
     rows = [PROFILES.get(n).to_dict() for n in PROFILES.names()]
     if a.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     from rich.table import Table
 
@@ -97,7 +94,7 @@ def cmd_query(a: argparse.Namespace) -> int:
 
     if a.image is None and not (a.prompt or "").strip():
         raise AttribError("give --image, --prompt, or both")
-    settings = QuerySettings(depth=a.depth or QuerySettings().depth, nprobe=a.nprobe)
+    settings = QuerySettings(**({"depth": a.depth} if a.depth is not None else {}), nprobe=a.nprobe)
     idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,
                 dino_weights=a.dino_weights, settings=settings)
     res = idx.query(image=a.image, prompt=a.prompt, k=a.k, weights=_weights_arg(a.weights))
@@ -105,7 +102,7 @@ def cmd_query(a: argparse.Namespace) -> int:
         path = idx.write_report(res, a.html)
         stderr_console().print(f"report written to [bold]{path}[/bold]")
     if a.json:
-        _print_json(res.to_dict())
+        print_json(res.to_dict())
     else:
         print_attribution(res)
     return 0

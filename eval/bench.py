@@ -28,7 +28,8 @@ class Benchmark:
     path: Path
     corpus: pl.DataFrame
     queries: pl.DataFrame
-    content_hash: str  # sha256 of corpus.parquet + queries.parquet
+    content_hash: str  # sha256 of both tables and of every image's path, size and mtime
+    corpus_hash: str  # the same for the corpus table and its images only (keys the cached corpus index)
 
     @property
     def name(self) -> str:
@@ -46,19 +47,21 @@ class Benchmark:
         return None if rel is None else str(self.path / rel)
 
     @property
-    def corpus_hash(self) -> str:
-        return hashlib.sha256((self.path / CORPUS).read_bytes()).hexdigest()
-
-    @property
     def text_only(self) -> bool:
         return self.corpus["image"].null_count() == self.corpus.height
 
 
-def _hash_files(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def _fingerprint(folder: Path, table: str, images: list[str]) -> "hashlib._Hash":
+    """sha256 of a table's bytes and of its images' paths, sizes and modification times: regenerated images
+    (same table, new pixels) change it, so caches keyed by it are not reused by mistake."""
+    h = hashlib.sha256((folder / table).read_bytes())
+    for rel in images:
+        try:
+            st = (folder / rel).stat()
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}|missing\n".encode())
+    return h
 
 
 def _require(df: pl.DataFrame, file: str, cols: dict[str, tuple]) -> None:
@@ -122,4 +125,7 @@ def load_benchmark(path: str | os.PathLike, check_images: bool = True) -> Benchm
         missing += [f"{QUERIES}: {x}" for x in queries["image"].drop_nulls().to_list() if not (p / x).is_file()]
         if missing:
             raise BenchmarkError(f"{len(missing)} images of {p} are missing, e.g. {'; '.join(missing[:5])}")
-    return Benchmark(p, corpus, queries, _hash_files(p / CORPUS, p / QUERIES))
+    ch = _fingerprint(p, CORPUS, corpus["image"].drop_nulls().to_list())
+    qh = _fingerprint(p, QUERIES, queries["image"].drop_nulls().to_list())
+    both = hashlib.sha256((ch.hexdigest() + qh.hexdigest()).encode()).hexdigest()
+    return Benchmark(p, corpus, queries, both, ch.hexdigest())

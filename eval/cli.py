@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from rich.markup import escape
 from rich.table import Table
 
 from engine._report_text import untrained_panel
+from engine.cli import print_json
 from engine._ui import stderr_console
 
 from .run import DEFAULT_TARGET_FAR, RANKER_ORDER, REPORT_METRICS
-
-
-def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fmt(v) -> str:
@@ -64,7 +60,7 @@ def print_evaluation(result: dict) -> None:
 
 
 def print_tune(weights, evals: dict, metric: str) -> None:
-    from .tune import metric_by_ranker
+    from .tune import metric_by_kind, metric_by_ranker
 
     c = stderr_console()
     if evals["test"].result["models"].get("warning"):
@@ -80,18 +76,18 @@ def print_tune(weights, evals: dict, metric: str) -> None:
     b, f, r = scores["test"][best], scores["test"]["fused"], scores["test"]["rrf"]
     if b and f is not None:
         c.print(f"test: fused / best single ({best}) = {f / b:.3f}; fused / rrf = {f / r:.3f}" if r else "")
-    k = Table(title=f"{metric} by kind (tune | test)")
+    k = Table(title=f"{metric} by kind, tune | test (false-attribution rate for kinds without a source)")
     k.add_column("kind")
     for n in RANKER_ORDER:
         k.add_column(n, justify="right")
     kinds = sorted(set(evals["tune"].result["by_kind"]) | set(evals["test"].result["by_kind"]))
+    kind_scores = {s: metric_by_kind(evals[s], metric) for s in ("tune", "test")}
     for kind in kinds:
         cells = []
         for n in RANKER_ORDER:
             vals = []
             for s in ("tune", "test"):
-                d = evals[s].result["by_kind"].get(kind, {}).get(n, {})
-                vals.append(_fmt(d.get(metric, d.get("map@100", d.get("false_attribution_rate")))))
+                vals.append(_fmt(kind_scores[s].get(kind, {}).get(n)))
             cells.append(" | ".join(vals))
         k.add_row(escape(kind), *cells)
     c.print(k)
@@ -106,7 +102,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     summary = generate(a.out, train=a.train, queries=a.queries, seed=a.seed, image_size=a.size,
                        progress=not a.no_progress, overwrite=a.overwrite)
     if a.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         c = summary["counts"]
         kinds = ", ".join(f"{n} {k}" for k, n in c["kind"].items())
@@ -137,7 +133,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         paths = write_report(ev, idx, a.report)
         stderr_console().print("report: " + ", ".join(escape(str(p)) for p in paths.values()))
     if a.json:
-        _print_json(ev.result)
+        print_json(ev.result)
     else:
         print_evaluation(ev.result)
     return 0
@@ -149,7 +145,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     bench, idx = _open(a)
     w, evals = tune(bench, idx, a.out, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)
     if a.json:
-        _print_json({"weights": w.to_dict(), "metric": a.metric,
+        print_json({"weights": w.to_dict(), "metric": a.metric,
                      "scores": {s: metric_by_ranker(evals[s], a.metric) for s in evals},
                      "tune": evals["tune"].result, "test": evals["test"].result})
     else:
@@ -163,7 +159,7 @@ def cmd_import(a: argparse.Namespace) -> int:
     summary = import_memorized(a.csv, a.out, unmemorized=a.unmemorized, fetch=a.fetch, timeout=a.timeout,
                                overwrite=a.overwrite, seed=a.seed)
     if a.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         stderr_console().print(f"wrote a text-only benchmark to [bold]{escape(a.out)}[/bold]")
         stderr_console().print_json(json.dumps(summary))

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from engine import FEATURES, MAIN_RANKERS, AttribError, Fusion, Index, IndexSettings, build_index, open_index
+from engine import MAIN_RANKERS, AttribError, Fusion, Index, IndexSettings, build_index, open_index
 from engine._demo import cache_root
+from engine._index import fused_order
 from engine._ui import progress_bar, stderr_console
-from engine.fusion import rrf
 from engine.rankers import QueryInput
 
 from . import metrics as M
@@ -39,6 +39,7 @@ class QueryRun:
     relevant: frozenset[str]
     rankings: dict[str, list[str]]  # single rankers: ids, best first
     tops: dict[str, float]  # single rankers: top score (NaN when empty)
+    pool_rows: np.ndarray  # candidate record rows (ties are broken by row, as in queries)
     pool_ids: np.ndarray  # object array of candidate ids
     feats: dict[str, np.ndarray]  # every feature for every candidate
     ranker_scores: dict[str, np.ndarray]  # each main ranker's own score of each candidate (for RRF)
@@ -76,6 +77,7 @@ def ensure_index(bench: Benchmark, index: str | os.PathLike | None, models: str 
         folder = cache_root() / "bench-index" / key
         try:
             idx = open_index(folder, device=device)
+            _ = idx.encoders  # a cached index built with other weights (e.g. another torch) is rebuilt
         except AttribError:
             stderr_console().print(f"indexing the benchmark corpus ({bench.corpus.height} records) with models "
                                    f"{models!r} into the cache {folder}")
@@ -169,7 +171,7 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
                 tops[name] = float(rk.scores[0]) if len(rk) else math.nan
             pool = idx.pool(q, DEPTH)
             runs.append(QueryRun(
-                r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops,
+                r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops, pool.rows,
                 ids[pool.rows] if len(pool) else np.zeros(0, object), pool.feats, pool.ranker_scores,
                 {"image": bench.image_path(r["image"]), "prompt": r["prompt"]}, took_part,
             ))
@@ -178,17 +180,13 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
 
 
 def fused_scores(run: QueryRun, fusion: Fusion) -> np.ndarray:
-    if len(run.pool_ids) == 0:
-        return np.zeros(0)
-    if fusion.weights is None:
-        return rrf(run.ranker_scores, fusion.rrf_k)
-    return fusion.weights.score(run.feats, FEATURES)
+    return fusion.scores(run.feats, run.ranker_scores) if len(run.pool_ids) else np.zeros(0)
 
 
 def fused_ranking(run: QueryRun, scores: np.ndarray, k: int = DEPTH) -> tuple[list[str], float]:
     if len(scores) == 0:
         return [], math.nan
-    order = np.lexsort((run.pool_ids.astype(str), -scores))[:k]
+    order = fused_order(run.pool_rows, scores, k)
     return [str(run.pool_ids[i]) for i in order], float(scores[order[0]])
 
 

@@ -220,7 +220,7 @@ def test_interrupted_build_leaves_no_valid_looking_index(tmp_path, sig):
     assert not out.exists()
     leftovers = list(tmp_path.glob(f".{out.name}.building-*"))
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and leftovers == []
+        assert (proc.returncode, leftovers) == (130, []), proc.stderr.read().decode()[-2000:]
     for p in leftovers:  # a kill -9 cannot clean up, but what it leaves is hidden and has no manifest
         assert not (p / MANIFEST_NAME).exists()
         with pytest.raises(engine.IndexFormatError):

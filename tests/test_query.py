@@ -218,3 +218,37 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
     assert main(["demo", "--models", "tiny", "--cache", str(tmp_path / "demo")]) == 0
     err = capsys.readouterr().err
     assert "reusing the cached index" in err and "attribution for" in err
+
+
+def test_query_images_are_prepared_exactly_like_indexed_images(tmp_path, tiny):
+    """A big JPEG (decoded at reduced scale) and a transparent PNG give the same encoder inputs on both sides,
+    whether the query is a path or an in-memory image."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    big, _ = world.scene(3, size=900)
+    big.save(src / "big.jpg", quality=92)
+    rgba = Image.new("RGBA", (120, 90), (0, 0, 0, 0))
+    rgba.paste(world.scene(4, size=60)[0], (30, 15))
+    rgba.save(src / "alpha.png")
+    for i in range(6):
+        world.scene(10 + i)[0].save(src / f"other{i}.png")
+    engine.build_index(src, tmp_path / "idx", encoders=tiny, progress=False, settings=engine.IndexSettings(pca_sample=4))
+    idx = engine.open_index(tmp_path / "idx")
+    idx.use_encoders(tiny)
+    for name in ("big.jpg", "alpha.png"):
+        for query in (src / name, Image.open(src / name)):
+            top = idx.query(image=query, k=1, weights="rrf").results[0]
+            assert top["id"] == name
+            assert top["evidence"]["clip"] == pytest.approx(1.0, abs=2e-3)
+            assert top["evidence"]["dino_patch"] == pytest.approx(1.0, abs=2e-3)
+    # the path query is pixel-identical to what was indexed: cosine 1 up to fp16 storage
+    assert idx.query(image=src / "big.jpg", k=1, weights="rrf").results[0]["evidence"]["dino"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bm25_ranking_scores_equal_the_pool_rescoring(idx):
+    q = idx.encode_query(None, "a red circle on a blue background")
+    r = idx.rank("bm25", q, 10)
+    assert len(r) == 10
+    np.testing.assert_allclose(idx.reader.text.score_rows(q.terms, r.rows), r.scores, rtol=1e-6)

@@ -71,3 +71,22 @@ def test_projection_is_deterministic_and_normalised(tmp_path):
     a.save(tmp_path / "proj.npz")
     c = DinoProjection.load(tmp_path / "proj.npz")
     np.testing.assert_array_equal(c.project_cells(cells[:2]), p)
+
+
+def test_record_metadata_is_served_in_request_order_across_batches(tmp_path, tiny):
+    """Metadata is written in batches of 8,192 rows; lookups across batches keep the asked-for order."""
+    import engine
+    from engine._reader import IndexReader
+
+    w = engine.IndexWriter(tmp_path / "idx", tiny.identity, engine.IndexSettings())
+    n = 20_000
+    for i in range(n):
+        w.add_caption_only(f"r{i}", f"caption number {i}")
+    w.finalize({"path": "generated", "kind": "test"})
+    r = IndexReader(tmp_path / "idx")
+    rows = np.array([19_999, 5, 8_192, 8_191, 16_384, 5])
+    got = r.records(rows)
+    assert got["id"].to_list() == [f"r{i}" for i in rows]
+    assert got["caption"][0] == "caption number 19999" and got["image"].null_count() == len(rows)
+    assert r.ids[12_345] == "r12345" and len(r.ids) == n
+    assert r.records(np.zeros(0, np.int64)).height == 0

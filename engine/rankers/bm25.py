@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import QueryInput, Ranker
+from ._base import QueryInput, Ranker, Ranking
 
 
 class Bm25Ranker(Ranker):
@@ -18,6 +18,13 @@ class Bm25Ranker(Ranker):
     def candidates(self, q: QueryInput, n: int) -> np.ndarray:
         rows, _ = self.reader.text.search(q.terms, n)
         return rows
+
+    def search(self, q: QueryInput, k: int) -> Ranking:
+        """Tantivy's own ranking: its scores are the feature values, so no second (rescoring) query is needed."""
+        if k <= 0 or not self.available(q):
+            return Ranking.empty(self.name)
+        rows, scores = self.reader.text.search(q.terms, k)
+        return Ranking.from_scores(self.name, rows, self.combine({"bm25": scores}), k)
 
     def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
         if not q.terms:
