@@ -15,6 +15,9 @@ from ._manifest import check_components, dir_size, read_manifest
 from ._stores import DinoProjection, PatchStore, TextStore, VectorStore
 
 
+REQUIRED_COMPONENTS = ("records", "serving", "clip", "dino", "patches", "text", "slots", "row_slot", "projection")
+
+
 class IndexReader:
     """The stores of one index folder. Vectors are searched by faiss; patches are read by record; record
     metadata is read lazily. Rows are record positions; slots are positions among records with an image."""
@@ -22,6 +25,12 @@ class IndexReader:
     def __init__(self, path: str | Path, nprobe: int | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
         self.manifest = read_manifest(self.path)
+        missing = [c for c in REQUIRED_COMPONENTS if c not in self.manifest["components"]]
+        if missing:
+            raise IndexFormatError(
+                f"index {self.path} lacks the components {', '.join(missing)} (written by an older attrib?); rebuild "
+                f"it with `attrib index SOURCE --out {self.path} --overwrite`"
+            )
         check_components(self.path, self.manifest)
         m = self.manifest
         self.n_records = int(m["counts"]["records"])
