@@ -96,8 +96,6 @@ def main() -> None:
             enc.encode_dino_images(du8, grid)
 
         # (b) the whole query, warm; the two are interleaved so that machine noise hits both alike
-        i_q = [0]
-
         def whole_query() -> None:
             p, c = queries[0]
             idx.query(image=p, prompt=c, k=10)
@@ -137,7 +135,7 @@ def main() -> None:
         a50, b50 = pct(a_ms, 50), pct(b_ms, 50)
         untrained = not enc.profile.pretrained
         rows = [
-            (f"(a) encoders, one query (p50 / p95)", f"{a50:.1f} / {pct(a_ms, 95):.1f} ms", ""),
+            ("(a) encoders, one query (p50 / p95)", f"{a50:.1f} / {pct(a_ms, 95):.1f} ms", ""),
             (f"(b) whole query at {args.records:,} (p50 / p95)", f"{b50:.1f} / {pct(b_ms, 95):.1f} ms", ""),
             ("overhead b - a at p50", f"{b50 - a50:.1f} ms", "<= 30 ms"),
             (f"search-only at {args.records:,} (p50 / p95)", f"{pct(s_small, 50):.1f} / {pct(s_small, 95):.1f} ms", ""),

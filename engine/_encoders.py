@@ -228,12 +228,11 @@ class Encoders:
         self.dino_sha256 = state_dict_sha256(dino)
         self.clip = clip.to(self.device).eval()
         self.dino = dino.to(self.device).eval()
-        self.clip_dim = int(clip.text_projection.shape[1] if hasattr(clip, "text_projection") and clip.text_projection is not None else clip.visual.output_dim)
+        self.clip_dim = int(clip.visual.output_dim)
         self.dino_dim = int(dino.num_features)
         self.dino_prefix = int(getattr(dino, "num_prefix_tokens", 1))
         gh, gw = dino.patch_embed.grid_size
         self.dino_patch_grid = (int(gh), int(gw))
-        self._weight_files = {"clip": str(clip_path) if clip_path else None, "dino": str(dino_path) if dino_path else None}
         self._clip_mean = torch.tensor(self.clip_input.mean, device=self.device).view(1, 3, 1, 1)
         self._clip_std = torch.tensor(self.clip_input.std, device=self.device).view(1, 3, 1, 1)
         self._dino_mean = torch.tensor(self.dino_input.mean, device=self.device).view(1, 3, 1, 1)
@@ -315,7 +314,3 @@ class Encoders:
         with self._autocast():
             t = self.clip.encode_text(tokens)
         return F.normalize(t.float(), dim=-1).cpu().numpy()
-
-
-def torch_version() -> str:
-    return torch.__version__

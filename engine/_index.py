@@ -81,14 +81,13 @@ class Fusion:
     def threshold(self) -> float | None:
         return self.weights.threshold if self.weights is not None else None
 
-    def scores(self, feats: dict[str, np.ndarray], ranker_scores: dict[str, np.ndarray]) -> np.ndarray:
+    def scores(self, pool: "Pool") -> np.ndarray:
         """Fused score of each candidate of one pool (the one implementation queries and benchmarks share)."""
-        n = len(next(iter(feats.values()))) if feats else 0
-        if n == 0:
+        if len(pool) == 0:
             return np.zeros(0)
         if self.weights is None:
-            return rrf(ranker_scores, self.rrf_k)
-        return self.weights.score(feats, FEATURES)
+            return rrf(pool.ranker_scores, self.rrf_k)
+        return self.weights.score(pool.feats, FEATURES)
 
     def describe(self) -> dict:
         d: dict[str, Any] = {"method": self.method, "threshold": _clean(self.threshold), "note": self.note}
@@ -365,9 +364,6 @@ class Index:
         w.check_models(self.fingerprint, f"index {self.path}")
         return Fusion(w, k, f"learned weights from {w.name}")
 
-    def fuse(self, pool: Pool, fusion: Fusion) -> np.ndarray:
-        return fusion.scores(pool.feats, pool.ranker_scores) if len(pool) else np.zeros(0)
-
     # ------------------------------------------------------------------------------------------ answers
     @blas_single
     def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
@@ -379,7 +375,7 @@ class Index:
         pool = self.pool(q, max(self.settings.depth, k))
         timings.update(pool.timings)
         t = time.perf_counter()
-        fused = self.fuse(pool, fusion)
+        fused = fusion.scores(pool)
         order = fused_order(pool.rows, fused, k)
         ranks = {n: ordinal_ranks(s) for n, s in pool.ranker_scores.items()}
         timings["fusion"] = (time.perf_counter() - t) * 1e3

@@ -110,7 +110,7 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
                 shards.append(full)
             else:
                 stem, ext = os.path.splitext(name)
-                if ext.lower() in (".txt", ".json") and any(is_image_name(stem + e) and (stem + e) in names for e in _EXT_CASES):
+                if ext.lower() in (".txt", ".json") and any(stem + e in names for e in _EXT_CASES):
                     continue  # a sidecar
                 ignored.append(str(full.relative_to(root)))
     shard_counts = [_tar_count(s) for s in shards]

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -101,7 +100,3 @@ def dir_size(p: Path) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def python_info() -> dict:
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine()}

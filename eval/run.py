@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from engine import MAIN_RANKERS, AttribError, Fusion, Index, IndexSettings, build_index, open_index
+from engine import MAIN_RANKERS, AttribError, Fusion, Index, IndexSettings, Pool, build_index, open_index
 from engine._demo import cache_root
 from engine._index import fused_order
 from engine._ui import progress_bar, stderr_console
@@ -39,10 +39,8 @@ class QueryRun:
     relevant: frozenset[str]
     rankings: dict[str, list[str]]  # single rankers: ids, best first
     tops: dict[str, float]  # single rankers: top score (NaN when empty)
-    pool_rows: np.ndarray  # candidate record rows (ties are broken by row, as in queries)
-    pool_ids: np.ndarray  # object array of candidate ids
-    feats: dict[str, np.ndarray]  # every feature for every candidate
-    ranker_scores: dict[str, np.ndarray]  # each main ranker's own score of each candidate (for RRF)
+    pool: Pool  # the fused candidate pool: rows, every feature, each main ranker's own scores
+    pool_ids: np.ndarray  # object array of the pool's record ids
     meta: dict = field(default_factory=dict)  # image path and prompt (reports)
     took_part: dict[str, bool] = field(default_factory=dict)  # whether each single ranker could run
 
@@ -171,8 +169,8 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
                 tops[name] = float(rk.scores[0]) if len(rk) else math.nan
             pool = idx.pool(q, DEPTH)
             runs.append(QueryRun(
-                r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops, pool.rows,
-                ids[pool.rows] if len(pool) else np.zeros(0, object), pool.feats, pool.ranker_scores,
+                r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops, pool,
+                ids[pool.rows] if len(pool) else np.zeros(0, object),
                 {"image": bench.image_path(r["image"]), "prompt": r["prompt"]}, took_part,
             ))
             advance(1)
@@ -180,13 +178,13 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
 
 
 def fused_scores(run: QueryRun, fusion: Fusion) -> np.ndarray:
-    return fusion.scores(run.feats, run.ranker_scores) if len(run.pool_ids) else np.zeros(0)
+    return fusion.scores(run.pool)
 
 
 def fused_ranking(run: QueryRun, scores: np.ndarray, k: int = DEPTH) -> tuple[list[str], float]:
     if len(scores) == 0:
         return [], math.nan
-    order = fused_order(run.pool_rows, scores, k)
+    order = fused_order(run.pool.rows, scores, k)
     return [str(run.pool_ids[i]) for i in order], float(scores[order[0]])
 
 

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache

@@ -53,7 +53,7 @@ def _design(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[np.ndarray,
     for i, r in enumerate(runs):
         if len(r.pool_ids) == 0:
             continue
-        Xs.append(feature_matrix(r.feats, list(specs), FEATURES, RRF_K))
+        Xs.append(feature_matrix(r.pool.feats, list(specs), FEATURES, RRF_K))
         ys.append(r.labels.astype(np.float64))
         qs.append(np.full(len(r.pool_ids), i))
     if not Xs:

@@ -322,6 +322,17 @@ def test_fetch_local_server_and_unreachable(tmp_path, server, no_proxy):
     assert json.loads((out / "import.json").read_text(encoding="utf-8"))["fetch"] == s["fetch"]
 
 
+def _timed_fetch_import(tmp_path, rows, timeout: float, release: threading.Event) -> tuple[dict, float]:
+    """Import ``rows`` with fetching on; the stalled fake downloads are released afterwards, whatever happens."""
+    src = _write(tmp_path / "m.csv", MEM_HEADER, rows)
+    try:
+        t0 = time.monotonic()
+        s = import_memorized(src, tmp_path / "bench", fetch=True, timeout=timeout)
+        return s, time.monotonic() - t0
+    finally:
+        release.set()
+
+
 def test_fetch_overall_deadline_reports_the_rest(tmp_path, monkeypatch):
     release = threading.Event()
     calls = []
@@ -334,13 +345,7 @@ def test_fetch_overall_deadline_reports_the_rest(tmp_path, monkeypatch):
     monkeypatch.setattr(importer, "_fetch_one", hang)
     monkeypatch.setattr(importer, "FETCH_GRACE_S", 100.0)  # the per-URL watchdog stays out of the way
     rows = [[f"caption {i}", f"http://img.example/{i}.jpg", "TM", "0.1", "0.1", i] for i in range(12)]
-    src = _write(tmp_path / "m.csv", MEM_HEADER, rows)
-    try:
-        t0 = time.monotonic()
-        s = import_memorized(src, tmp_path / "bench", fetch=True, timeout=0.1)
-        elapsed = time.monotonic() - t0
-    finally:
-        release.set()
+    s, elapsed = _timed_fetch_import(tmp_path, rows, 0.1, release)
     deadline = 0.1 * 4 + 12 * 0.05
     assert s["fetch"]["deadline_s"] == pytest.approx(deadline)
     assert deadline <= elapsed < deadline + 1.5
@@ -365,13 +370,7 @@ def test_fetch_watchdog_gives_up_stalled_urls_and_keeps_going(tmp_path, monkeypa
     monkeypatch.setattr(importer, "_fetch_one", fetch)
     monkeypatch.setattr(importer, "FETCH_GRACE_S", 0.1)
     rows = [[f"caption {i}", f"http://img.example/{i}.jpg", "VM", "0.9", "0.9", i] for i in range(20)]
-    src = _write(tmp_path / "m.csv", MEM_HEADER, rows)
-    try:
-        t0 = time.monotonic()
-        s = import_memorized(src, tmp_path / "bench", fetch=True, timeout=0.2)
-        elapsed = time.monotonic() - t0
-    finally:
-        release.set()
+    s, elapsed = _timed_fetch_import(tmp_path, rows, 0.2, release)
     assert elapsed < 0.2 * 4 + 20 * 0.05  # done before the overall deadline
     assert len(calls) == 20
     f = s["fetch"]
