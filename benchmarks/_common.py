@@ -16,7 +16,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    from engine._manifest import library_versions
+    from engine import library_versions
 
     try:
         import torch

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import save, table
 
 
 def make_images(folder: Path, n: int, size: int) -> None:
-    from eval.synth import caption_of, random_scene, render
+    from engine.scenes import caption_of, random_scene, render
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -47,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import engine
-    from engine._images import ImageLimits, encoder_inputs, read_bytes
+    from engine.images import ImageLimits, encoder_inputs, read_bytes
 
     work = Path(tempfile.mkdtemp(prefix="bench-index-"))
     try:

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import pct, save, table
 
 
 def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
     """n records with random unit vectors and generated captions, written with the real IndexWriter."""
     import engine
-    from eval.synth import caption_of, random_scene
+    from engine.scenes import caption_of, random_scene
 
     settings = engine.IndexSettings()
     w = engine.IndexWriter(out, enc.identity, settings)
@@ -63,8 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import engine
-    from engine._images import ImageLimits, encoder_inputs, read_bytes
-    from eval.synth import caption_of, random_scene, render
+    from engine.images import ImageLimits, encoder_inputs, read_bytes
+    from engine.scenes import caption_of, random_scene, render
 
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
     try:

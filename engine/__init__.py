@@ -1,6 +1,8 @@
 """attrib: attribute AI-generated images to their training data.
 
-Public API::
+Public API (everything ``eval/`` and ``benchmarks/`` use is exported here or lives in a module without a
+leading underscore: ``engine.rankers``, ``engine.fusion``, ``engine.results``, ``engine.report``,
+``engine.images``, ``engine.scenes``, ``engine.files``, ``engine.ui``)::
 
     import engine
     summary = engine.build_index("photos/", "my-index", models="offline")
@@ -10,24 +12,56 @@ Public API::
 """
 from __future__ import annotations
 
-from ._build import BuildSummary, IndexWriter, build_index
-from ._errors import (AttribError, EmptyCorpusError, FusionWeightsError, IndexFormatError, ModelMismatchError,
-                      QueryInputError, SourceError, UnknownNameError, WeightsUnavailableError)
-from ._index import Attribution, Fusion, Index, Pool, open_index
+from ._build import BuildSummary, build_index
+from ._encode import ARRAY_ENCODINGS, ENCODINGS
+from ._errors import (
+    AttribError,
+    EmptyCorpusError,
+    FusionWeightsError,
+    IndexFormatError,
+    ModelMismatchError,
+    QueryInputError,
+    SourceError,
+    UnknownNameError,
+    WeightsUnavailableError,
+)
+from ._explain import Correspondence
+from ._index import Index, open_index
 from ._info import index_info
+from ._manifest import FORMAT_VERSION as INDEX_FORMAT_VERSION
+from ._manifest import library_versions, now_iso
+from ._pool import Pool
 from ._profiles import PROFILES, ModelProfile, get_profile
-from ._settings import IndexSettings, QuerySettings
-from .fusion import FusionWeights
-from .rankers import FEATURES, MAIN_RANKERS, RANKERS, QueryInput, Ranker, Ranking
+from ._settings import IndexSettings, QuerySettings, cache_root
+from ._writer import IndexWriter
+from .fusion import Fusion, FusionWeights
+from .rankers import (
+    RANKERS,
+    Candidates,
+    Feature,
+    QueryInput,
+    Ranker,
+    Ranking,
+    feature_names,
+    feature_specs,
+    features,
+    main_rankers,
+    pool_rankers,
+    ranking_order,
+    register_ranker,
+)
+from .results import Attribution, Candidate, ModelsInfo, Verdict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_index", "open_index", "index_info", "Index", "IndexWriter", "BuildSummary", "Attribution", "Fusion", "Pool",
-    "IndexSettings", "QuerySettings", "FusionWeights", "PROFILES", "ModelProfile", "get_profile", "RANKERS",
-    "MAIN_RANKERS", "FEATURES", "QueryInput", "Ranker", "Ranking", "AttribError", "SourceError", "EmptyCorpusError",
+    "build_index", "open_index", "index_info", "Index", "IndexWriter", "BuildSummary", "Attribution", "Candidate",
+    "Verdict", "ModelsInfo", "Correspondence", "Fusion", "FusionWeights", "Pool", "IndexSettings", "QuerySettings",
+    "PROFILES", "ModelProfile", "get_profile", "RANKERS", "register_ranker", "main_rankers", "pool_rankers",
+    "features", "feature_names", "feature_specs", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates",
+    "ranking_order", "ENCODINGS", "ARRAY_ENCODINGS", "AttribError", "SourceError", "EmptyCorpusError",
     "IndexFormatError", "ModelMismatchError", "QueryInputError", "FusionWeightsError", "UnknownNameError",
-    "WeightsUnavailableError", "load_encoders",
+    "WeightsUnavailableError", "load_encoders", "cache_root", "library_versions", "now_iso", "INDEX_FORMAT_VERSION",
 ]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,14 @@ from rich.panel import Panel
 
 from ._errors import AttribError, IndexFormatError, ModelMismatchError, WeightsUnavailableError
 from ._profiles import get_profile
-from ._ui import stderr_console
+from ._settings import cache_root
+from .scenes import seeded_rng
+from .ui import stderr_console
 
 DEMO_TRAIN = 120
 DEMO_SEED = 7
 DEMO_SIZE = 224
 DEMO_SOURCE = 17  # the training record the demo query is derived from
-
-
-def cache_root() -> Path:
-    base = os.environ.get("ATTRIB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "attrib")
-    return Path(base).expanduser()
 
 
 def _pretrained_here() -> tuple[bool, str]:
@@ -49,11 +45,11 @@ def _training_set(folder: Path) -> Path:
     done = folder / ".complete"
     if done.exists():
         return folder
-    from eval.synth import caption_of, random_scene, render
+    from .scenes import caption_of, random_scene, render
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(DEMO_TRAIN):
-        rng = np.random.default_rng([DEMO_SEED, i])
+        rng = seeded_rng(DEMO_SEED, i)
         spec = random_scene(rng)
         render(spec, DEMO_SIZE).save(folder / f"scene{i:04d}.png")
         (folder / f"scene{i:04d}.txt").write_text(caption_of(spec, rng) + "\n", encoding="utf-8")
@@ -93,7 +89,7 @@ def _usable_index(path: Path, profile: str):
 def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = False, json_out: bool = False,
              html: str | None = None) -> int:
     from ._build import build_index
-    from ._report_text import print_attribution
+    from .report.text import print_attribution
 
     con = stderr_console()
     root = Path(cache).expanduser() if cache else cache_root() / "demo"
@@ -146,7 +142,7 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
         print(json.dumps(d, indent=2, ensure_ascii=False))
     else:
         print_attribution(res)
-    top = res.results[0]["id"] if res.results else None
+    top = res.results[0].id if res.results else None
     expected = f"scene{DEMO_SOURCE:04d}.png"
     if top == expected:
         con.print(f"[green]the true source {expected} is ranked first[/green]")

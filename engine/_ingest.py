@@ -12,7 +12,7 @@ from typing import Iterator
 import polars as pl
 
 from ._errors import SourceError
-from ._images import DEFAULT_MAX_BYTES, TAR_SEP, is_image_name
+from .images import DEFAULT_MAX_BYTES, TAR_SEP, is_image_name
 
 IMAGE_COLUMNS = ("image", "path")
 CAPTION_COLUMNS = ("caption", "text", "TEXT")

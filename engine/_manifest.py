@@ -10,9 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 from ._errors import IndexFormatError
-from ._fs import write_text_atomic
+from ._layout import COMPONENTS, MANIFEST
+from .files import write_text_atomic
 
-MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "attrib-index"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -56,11 +56,11 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
         raise IndexFormatError(f"index folder {d} does not exist; build one with `attrib index SOURCE --out {d}`")
     if not d.is_dir():
         raise IndexFormatError(f"{d} is a file, not an index folder; build one with `attrib index SOURCE --out DIR`")
-    mpath = d / MANIFEST_NAME
+    mpath = d / MANIFEST
     if not mpath.exists():
         hint = " (it looks like an interrupted build)" if any(d.glob("*.part")) else ""
         raise IndexFormatError(
-            f"{d} is not an attrib index: it has no {MANIFEST_NAME}{hint}. Rebuild it with `attrib index SOURCE --out {d} --overwrite`"
+            f"{d} is not an attrib index: it has no {MANIFEST}{hint}. Rebuild it with `attrib index SOURCE --out {d} --overwrite`"
         )
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
@@ -82,18 +82,31 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
 
 
 def check_components(index_dir: Path, manifest: dict) -> None:
-    """Every component the manifest lists exists with the recorded size (cheap damage detection)."""
-    for name, entry in manifest["components"].items():
+    """Every component the manifest lists exists with the recorded size, and components whose size follows
+    from the counts and dims have exactly that size (cheap damage detection)."""
+    for c in COMPONENTS:
+        entry = manifest["components"].get(c.name)
+        if entry is None:
+            continue
         p = index_dir / entry["path"]
         if not p.exists():
             raise IndexFormatError(
-                f"index {index_dir} is damaged: component {name!r} ({entry['path']}) is missing; rebuild the index"
+                f"index {index_dir} is damaged: component {c.name!r} ({entry['path']}) is missing; rebuild the index"
             )
-        if "bytes" in entry and p.is_file() and p.stat().st_size != entry["bytes"]:
-            raise IndexFormatError(
-                f"index {index_dir} is damaged: {entry['path']} has {p.stat().st_size} bytes, the manifest says "
-                f"{entry['bytes']}; rebuild the index"
-            )
+        if not p.is_file():
+            continue
+        size = p.stat().st_size
+        try:
+            implied = c.expected_bytes(manifest) if c.expected_bytes is not None else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise IndexFormatError(f"the manifest of {index_dir} is damaged: {e.__class__.__name__} {e} in its counts "
+                                   f"or dims; rebuild the index") from None
+        for want, what in ((entry.get("bytes"), "the manifest records"), (implied, "its counts and dims imply")):
+            if want is not None and size != want:
+                raise IndexFormatError(
+                    f"index {index_dir} is damaged: {entry['path']} has {size} bytes where {what} {want}; "
+                    f"rebuild the index"
+                )
 
 
 def dir_size(p: Path) -> int:

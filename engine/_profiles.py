@@ -1,7 +1,7 @@
 """Model profiles: named, frozen configs of the CLIP and DINOv2 encoders (no torch import here)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ._registry import Registry
 
@@ -31,7 +31,6 @@ class ModelProfile:
     pretrained: bool  # True when the weights are trained; False = results are meaningless for real use
     seed: int = 0  # torch seed used for random initialisation
     description: str = ""  # one line for `attrib models` / error messages
-    aliases: tuple[str, ...] = field(default=())  # other accepted names
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -9,13 +9,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc  # noqa: F401 - pa.ipc
 
-from ._build import CLIP_INDEX, DINO_INDEX, PATCHES, PROJECTION, ROW_SLOT, SERVING, SLOTS, TEXT_DIR
 from ._errors import IndexFormatError
+from ._layout import path_of, required
 from ._manifest import check_components, dir_size, read_manifest
 from ._stores import DinoProjection, PatchStore, TextStore, VectorStore
-
-
-REQUIRED_COMPONENTS = ("records", "serving", "clip", "dino", "patches", "text", "slots", "row_slot", "projection")
 
 
 class IndexReader:
@@ -25,7 +22,7 @@ class IndexReader:
     def __init__(self, path: str | Path, nprobe: int | None = None) -> None:
         self.path = Path(path).expanduser().absolute()
         self.manifest = read_manifest(self.path)
-        missing = [c for c in REQUIRED_COMPONENTS if c not in self.manifest["components"]]
+        missing = [c for c in required() if c not in self.manifest["components"]]
         if missing:
             raise IndexFormatError(
                 f"index {self.path} lacks the components {', '.join(missing)} (written by an older attrib?); rebuild "
@@ -39,13 +36,13 @@ class IndexReader:
         self.grid = int(dims["patch_grid"])
         try:
             ann = {k: dict(v, **({"nprobe": nprobe} if nprobe else {})) for k, v in m.get("ann", {}).items()}
-            self.clip = VectorStore(self.path / CLIP_INDEX, ann.get("clip", {}))
-            self.dino = VectorStore(self.path / DINO_INDEX, ann.get("dino", {}))
-            self.patches = PatchStore(self.path / PATCHES, self.n_images, int(dims["patch_cells"]), int(dims["patch_dims"]))
-            self.projection = DinoProjection.load(self.path / PROJECTION)
-            self.slot_rows = np.load(self.path / SLOTS, mmap_mode="r")
-            self.row_slot = np.load(self.path / ROW_SLOT, mmap_mode="r")
-            self.text = TextStore(self.path / TEXT_DIR)
+            self.clip = VectorStore(self.path / path_of("clip"), ann.get("clip", {}))
+            self.dino = VectorStore(self.path / path_of("dino"), ann.get("dino", {}))
+            self.patches = PatchStore(self.path / path_of("patches"), self.n_images, int(dims["patch_cells"]), int(dims["patch_dims"]))
+            self.projection = DinoProjection.load(self.path / path_of("projection"))
+            self.slot_rows = np.load(self.path / path_of("slots"), mmap_mode="r")
+            self.row_slot = np.load(self.path / path_of("row_slot"), mmap_mode="r")
+            self.text = TextStore(self.path / path_of("text"))
         except IndexFormatError:
             raise
         except Exception as e:  # noqa: BLE001 - faiss/tantivy/numpy raise many types on damaged files
@@ -76,10 +73,10 @@ class IndexReader:
     def _serving(self) -> tuple[list, np.ndarray]:
         """The Arrow IPC batches of id/image/caption, memory-mapped (zero-copy), and each batch's first row."""
         try:
-            reader = pa.ipc.open_file(pa.memory_map(str(self.path / SERVING), "r"))
+            reader = pa.ipc.open_file(pa.memory_map(str(self.path / path_of("serving")), "r"))
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         except Exception as e:  # noqa: BLE001
-            raise IndexFormatError(f"index {self.path} is damaged: {SERVING} cannot be read ({e}); rebuild it") from None
+            raise IndexFormatError(f"index {self.path} is damaged: {path_of('serving')} cannot be read ({e}); rebuild it") from None
         starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].astype(np.int64)
         return batches, starts
 

@@ -26,6 +26,12 @@ class Registry(Generic[T]):
 
         return add(item) if item is not None else add
 
+    def unregister(self, name: str) -> T:
+        """Remove and return ``name`` (plug-ins and tests that register something temporarily)."""
+        item = self.get(name)
+        del self._items[name]
+        return item
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
@@ -37,8 +43,14 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return list(self._items)
 
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._items.items())
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)

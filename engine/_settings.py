@@ -1,10 +1,12 @@
 """Frozen settings dataclasses (one line of comment per field)."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from ._errors import AttribError
-from ._images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,10 @@ class QuerySettings:
         for f in ("depth", "dino_rerank", "rrf_k"):
             if getattr(self, f) < 1:
                 raise AttribError(f"query setting {f}={getattr(self, f)!r} must be at least 1")
+
+
+def cache_root() -> Path:
+    """Where benchmarks and the demo keep their caches: ``$ATTRIB_CACHE``, else ``$XDG_CACHE_HOME/attrib``,
+    else ``~/.cache/attrib``."""
+    base = os.environ.get("ATTRIB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "attrib")
+    return Path(base).expanduser()

@@ -131,10 +131,6 @@ class DinoProjection:
     components: np.ndarray  # (D, dims) orthonormal columns
 
     @property
-    def global_dim(self) -> int:
-        return 2 * self.cls_mean.shape[0]
-
-    @property
     def cell_dim(self) -> int:
         return self.components.shape[1]
 

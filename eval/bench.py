@@ -46,10 +46,6 @@ class Benchmark:
     def image_path(self, rel: str | None) -> str | None:
         return None if rel is None else str(self.path / rel)
 
-    @property
-    def text_only(self) -> bool:
-        return self.corpus["image"].null_count() == self.corpus.height
-
 
 def _fingerprint(folder: Path, table: str, images: list[str]) -> "hashlib._Hash":
     """sha256 of a table's bytes and of its images' paths, sizes and modification times: regenerated images

@@ -7,15 +7,17 @@ import json
 from rich.markup import escape
 from rich.table import Table
 
-from engine._report_text import untrained_panel
-from engine.cli import print_json
-from engine._ui import stderr_console
+from engine import PROFILES, main_rankers
+from engine.cli import Parser, float_in, int_in, print_json
+from engine.report import fmt_number
+from engine.report.text import untrained_panel
+from engine.ui import stderr_console
 
-from .run import DEFAULT_TARGET_FAR, RANKER_ORDER, REPORT_METRICS
+from .run import DEFAULT_TARGET_FAR, REPORT_METRICS, ranker_order
 
 
 def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+    return fmt_number(v, "{:.3f}")
 
 
 def print_evaluation(result: dict) -> None:
@@ -28,7 +30,7 @@ def print_evaluation(result: dict) -> None:
     t.add_column("ranker")
     for m in REPORT_METRICS:
         t.add_column(m, justify="right")
-    for n in RANKER_ORDER:
+    for n in ranker_order():
         row = [f"[bold]{n}[/bold]" if n == "fused" else n]
         for m in REPORT_METRICS:
             v, ci = result["metrics"][n][m], result["ci95"][n][m]
@@ -38,19 +40,19 @@ def print_evaluation(result: dict) -> None:
     c.print(t)
     k = Table(title="by kind: recall@1 / map@100 (false-attribution rate for novel)")
     k.add_column("kind")
-    for n in RANKER_ORDER:
+    for n in ranker_order():
         k.add_column(n, justify="right")
     for kind, d in result["by_kind"].items():
         if "map@100" in d["fused"]:
-            k.add_row(escape(kind), *[f"{_fmt(d[n]['recall@1'])} / {_fmt(d[n]['map@100'])}" for n in RANKER_ORDER])
+            k.add_row(escape(kind), *[f"{_fmt(d[n]['recall@1'])} / {_fmt(d[n]['map@100'])}" for n in ranker_order()])
         else:
-            k.add_row(escape(kind), *[_fmt(d[n]["false_attribution_rate"]) for n in RANKER_ORDER])
+            k.add_row(escape(kind), *[_fmt(d[n]["false_attribution_rate"]) for n in ranker_order()])
     c.print(k)
     nv = result["novel"]
     d = Table(title=f"'no source' detection (thresholds calibrated on tune at FAR {nv['target_far']})")
     for col in ("ranker", "threshold", "false attribution (novel)", "detection (with source)", "correct top-1 + detected"):
         d.add_column(col, justify="right" if col != "ranker" else "left")
-    for n in RANKER_ORDER:
+    for n in ranker_order():
         x = nv["rankers"][n]
         d.add_row(n, _fmt(x["threshold"]), _fmt(x["false_attribution_rate"]), _fmt(x["detection_rate"]),
                   _fmt(x["correct_detection_rate"]))
@@ -69,22 +71,22 @@ def print_tune(weights, evals: dict, metric: str) -> None:
     t = Table(title=f"{metric}: learned on tune, held-out test")
     for col in ("ranker", "tune", "test"):
         t.add_column(col, justify="right" if col != "ranker" else "left")
-    for n in RANKER_ORDER:
+    for n in ranker_order():
         t.add_row(f"[bold]{n}[/bold]" if n == "fused" else n, _fmt(scores["tune"][n]), _fmt(scores["test"][n]))
     c.print(t)
-    best = max(("clip", "dino", "bm25"), key=lambda n: scores["test"][n] or -1)
+    best = max(main_rankers(), key=lambda n: scores["test"][n] or -1)
     b, f, r = scores["test"][best], scores["test"]["fused"], scores["test"]["rrf"]
     if b and f is not None:
         c.print(f"test: fused / best single ({best}) = {f / b:.3f}; fused / rrf = {f / r:.3f}" if r else "")
     k = Table(title=f"{metric} by kind, tune | test (false-attribution rate for kinds without a source)")
     k.add_column("kind")
-    for n in RANKER_ORDER:
+    for n in ranker_order():
         k.add_column(n, justify="right")
     kinds = sorted(set(evals["tune"].result["by_kind"]) | set(evals["test"].result["by_kind"]))
     kind_scores = {s: metric_by_kind(evals[s], metric) for s in ("tune", "test")}
     for kind in kinds:
         cells = []
-        for n in RANKER_ORDER:
+        for n in ranker_order():
             vals = []
             for s in ("tune", "test"):
                 vals.append(_fmt(kind_scores[s].get(kind, {}).get(n)))
@@ -166,29 +168,42 @@ def cmd_import(a: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, with_out: bool = False) -> None:
+def _metric(text: str) -> str:
+    from .metrics import parse_metric
+
+    try:
+        parse_metric(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip().lower()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("bench", help="benchmark folder (corpus.parquet, queries.parquet, images)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--index", default=None, help="an index of the benchmark corpus (default: build one, cached)")
-    g.add_argument("--models", default=None, help="profile to build the corpus index with (default: 'default')")
+    g.add_argument("--models", default=None, choices=PROFILES.names(),
+                   help="profile to build the corpus index with (default: 'default')")
     p.add_argument("--device", default=None)
-    p.add_argument("--target-far", type=float, default=DEFAULT_TARGET_FAR,
+    p.add_argument("--target-far", type=float_in(0.0, 1.0), default=DEFAULT_TARGET_FAR,
                    help="false-attribution rate the 'no source' threshold is calibrated to on tune (default 0.05)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def add_eval_commands(sub) -> None:
+def add_commands(sub) -> None:
+    """The eval package's command group (found by `attrib` through the ``attrib.commands`` entry point)."""
     b = sub.add_parser("bench", help="benchmarks: generate, import, run")
-    bs = b.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    bs = b.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", parser_class=Parser)
     bs.required = True
 
     s = bs.add_parser("synth", help="generate the synthetic memorization benchmark")
     s.add_argument("out")
-    s.add_argument("--train", type=int, default=2000, help="training records (default 2000)")
-    s.add_argument("--queries", type=int, default=1000, help="queries (default 1000)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    s.add_argument("--train", type=int_in(10, 10_000_000), default=2000, help="training records (default 2000, at least 10)")
+    s.add_argument("--queries", type=int_in(6, 10_000_000), default=1000,
+                   help="queries (default 1000, at least 6: one per kind)")
+    s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    s.add_argument("--size", type=int_in(32, 4096), default=256, help="image side in pixels (default 256)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
@@ -206,8 +221,8 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--unmemorized", default=None, help="CSV of non-memorized captions: half become corpus distractors, half novel queries")
     s.add_argument("--fetch", action="store_true", help="try to download the images by URL (short timeouts)")
-    s.add_argument("--timeout", type=float, default=5.0, help="seconds per URL when fetching (default 5)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--timeout", type=float_in(0.1, 600.0), default=5.0, help="seconds per URL when fetching (default 5)")
+    s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_import)
@@ -215,5 +230,6 @@ def add_eval_commands(sub) -> None:
     t = sub.add_parser("tune", help="learn fusion weights on a benchmark's tune split; report tune and test")
     _common(t)
     t.add_argument("--out", required=True, metavar="WEIGHTS", help="weights file to write")
-    t.add_argument("--metric", default="map@100", help="metric that selects the regularisation (default map@100)")
+    t.add_argument("--metric", type=_metric, default="map@100",
+                   help="metric that selects the regularisation (default map@100): recall@K, success@K, ndcg@K, map@K, mrr")
     t.set_defaults(func=cmd_tune)

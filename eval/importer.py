@@ -27,7 +27,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +34,11 @@ import numpy as np
 import polars as pl
 
 from engine import AttribError, EmptyCorpusError, SourceError
+from engine.files import is_nonempty, staged_folder
+from engine.images import DEFAULT_MAX_PIXELS
+from engine.scenes import seeded_rng
 
-from engine._fs import is_nonempty, staged_folder
-from engine._images import DEFAULT_MAX_PIXELS
-
+from ._util import counts
 from .bench import CORPUS, QUERIES, SPLITS, BenchmarkError, load_benchmark
 
 VERSION = 1
@@ -206,14 +206,10 @@ def _dedupe(rows: list[_Row], seen: dict[int, _Row], duplicates: list[dict]) -> 
 
 
 # ------------------------------------------------------------------------------------------------- splitting
-def _rng(seed: int, tag: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(tag.encode())])
-
-
 def _assign_splits(ids: list[str], seed: int, tag: str) -> dict[str, str]:
     """Half of ``ids`` to tune, half to test (an odd one out goes either way), as a pure function of the id set."""
     order = sorted(ids)
-    rng = _rng(seed, f"split/{tag}")
+    rng = seeded_rng(seed, f"split/{tag}")
     perm = rng.permutation(len(order))
     n_tune = len(order) // 2 + (int(rng.integers(2)) if len(order) % 2 else 0)
     return {order[i]: (SPLITS[0] if k < n_tune else SPLITS[1]) for k, i in enumerate(perm)}
@@ -222,7 +218,7 @@ def _assign_splits(ids: list[str], seed: int, tag: str) -> dict[str, str]:
 def _halve(rows: list[_Row], seed: int) -> tuple[list[_Row], list[_Row]]:
     """Split the unmemorized rows into (corpus distractors, novel queries), keeping file order in each half."""
     order = sorted(range(len(rows)), key=lambda i: rows[i].index)
-    perm = _rng(seed, "unmemorized").permutation(len(order))
+    perm = seeded_rng(seed, "unmemorized").permutation(len(order))
     n_corpus = (len(rows) + 1) // 2
     to_corpus = {order[i] for i in perm[:n_corpus]}
     return ([r for i, r in enumerate(rows) if i in to_corpus], [r for i, r in enumerate(rows) if i not in to_corpus])
@@ -279,7 +275,7 @@ def _download(url: str, timeout: float) -> tuple[bytes, str]:
 
 def _to_jpeg(data: bytes, ctype: str) -> bytes:
     """Decode-check ``data`` with the engine's safe decoder and re-encode it as an RGB JPEG."""
-    from engine._images import ImageLimits, ImageRejected, decode
+    from engine.images import ImageLimits, ImageRejected, decode
 
     try:
         rgb = decode(data, ImageLimits(max_pixels=MAX_IMAGE_PIXELS, max_bytes=MAX_IMAGE_BYTES))
@@ -391,10 +387,6 @@ def _source_info(path: Path) -> dict:
     return {"name": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def _counts(values: list[str], keys) -> dict[str, int]:
-    return {k: sum(1 for v in values if v == k) for k in keys}
-
-
 def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized: str | os.PathLike | None = None,
                      fetch: bool = False, timeout: float = 5.0, overwrite: bool = False, seed: int = 0) -> dict:
     """Write the benchmark folder ``out`` from a memorized-prompt CSV and return its summary (saved as import.json).
@@ -472,10 +464,10 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
         "sources": {"memorized": _source_info(mem_path),
                     "unmemorized": _source_info(unmem_path) if unmem_path is not None else None},
         "corpus": {"records": corpus.height, "memorized": len(mem), "distractors": len(distractors),
-                   "by_memorization": _counts(corpus["memorization"].to_list(), KINDS + ("none",))},
-        "queries": {"total": queries.height, "by_kind": _counts(queries["kind"].to_list(), kinds),
-                    "by_split": _counts(queries["split"].to_list(), SPLITS),
-                    "by_kind_split": {k: _counts(queries.filter(pl.col("kind") == k)["split"].to_list(), SPLITS)
+                   "by_memorization": counts(corpus["memorization"].to_list(), KINDS + ("none",))},
+        "queries": {"total": queries.height, "by_kind": counts(queries["kind"].to_list(), kinds),
+                    "by_split": counts(queries["split"].to_list(), SPLITS),
+                    "by_kind_split": {k: counts(queries.filter(pl.col("kind") == k)["split"].to_list(), SPLITS)
                                       for k in kinds}},
         "rows": rows_info,
         "skipped": {"count": len(skipped), "rows": skipped[:MAX_LISTED]},

@@ -13,20 +13,40 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from engine import MAIN_RANKERS, AttribError, Fusion, Index, IndexSettings, Pool, build_index, open_index
-from engine._demo import cache_root
-from engine._index import fused_order
-from engine._ui import progress_bar, stderr_console
+from engine import (
+    ARRAY_ENCODINGS,
+    INDEX_FORMAT_VERSION,
+    RANKERS,
+    AttribError,
+    Fusion,
+    Index,
+    IndexSettings,
+    Pool,
+    QuerySettings,
+    build_index,
+    cache_root,
+    main_rankers,
+    open_index,
+    ranking_order,
+)
 from engine.rankers import QueryInput
+from engine.results import clean_number as _num
+from engine.ui import progress_bar, stderr_console
 
 from . import metrics as M
 from .bench import Benchmark
 
-DEPTH = 100
+DEPTH = QuerySettings().depth  # candidates per ranker: the engine's own pool depth
 REPORT_METRICS = ("recall@1", "recall@5", "recall@10", "map@100", "mrr", "ndcg@10")
 EXTRA_METRICS = ("success@1", "success@10")
-RANKER_ORDER = ("clip", "dino", "bm25", "rrf", "fused")
+FUSIONS = ("rrf", "fused")
+FUSION_STYLES = {"rrf": ("tab:gray", "--"), "fused": ("tab:red", "-")}
 DEFAULT_TARGET_FAR = 0.05
+
+
+def ranker_order() -> tuple[str, ...]:
+    """The rankers every table and plot shows: each main ranker alone, then RRF and the learned fusion."""
+    return (*main_rankers(), *FUSIONS)
 
 
 @dataclass
@@ -57,9 +77,8 @@ class QueryRun:
 def _index_settings_key(settings: IndexSettings) -> str:
     """Settings, engine version and index format: a cached index is reused only when all three match."""
     from engine import __version__
-    from engine._manifest import FORMAT_VERSION
 
-    blob = json.dumps([settings.to_dict(), __version__, FORMAT_VERSION], sort_keys=True)
+    blob = json.dumps([settings.to_dict(), __version__, INDEX_FORMAT_VERSION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -124,11 +143,11 @@ def encode_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bo
 def _save_encoded(path: Path, qs: list[QueryInput]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    for f in ("clip_image", "clip_text", "dino_global", "dino_cells"):
-        have = [q for q in qs if getattr(q, f) is not None]
-        arrays[f"has_{f}"] = np.array([getattr(q, f) is not None for q in qs])
+    for f in ARRAY_ENCODINGS:
+        have = [q for q in qs if q.get(f) is not None]
+        arrays[f"has_{f}"] = np.array([q.get(f) is not None for q in qs])
         if have:
-            arrays[f] = np.stack([getattr(q, f) for q in have]).astype(np.float32)
+            arrays[f] = np.stack([q.get(f) for q in have]).astype(np.float32)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -138,18 +157,16 @@ def _load_encoded(path: Path, qids, images, prompts, idx: Index) -> list[QueryIn
     with np.load(path) as z:
         data = {k: z[k] for k in z.files}
     qs = [QueryInput(query_id=q, image=im, prompt=p or "") for q, im, p in zip(qids, images, prompts)]
-    for f in ("clip_image", "clip_text", "dino_global", "dino_cells"):
+    for f in ARRAY_ENCODINGS:
         has = data[f"has_{f}"]
         if len(has) != len(qs):
             raise ValueError("cache does not match the queries")
         j = 0
         for q, h in zip(qs, has):
             if h:
-                setattr(q, f, data[f][j])
+                q.encodings[f] = data[f][j]
                 j += 1
-    for q in qs:
-        q.terms = idx.reader.text.terms(q.prompt)
-    return qs
+    return [idx.with_terms(q) for q in qs]
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -162,8 +179,8 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
     with progress_bar("ranking queries", len(rows), enabled=progress) as advance:
         for q, r in zip(encoded, rows):
             rankings, tops = {}, {}
-            took_part = {name: idx.rankers[name].available(q) for name in MAIN_RANKERS}
-            for name in MAIN_RANKERS:
+            took_part = {name: idx.rankers[name].available(q) for name in main_rankers()}
+            for name in main_rankers():
                 rk = idx.rank(name, q, DEPTH)
                 rankings[name] = [str(ids[x]) for x in rk.rows]
                 tops[name] = float(rk.scores[0]) if len(rk) else math.nan
@@ -177,27 +194,25 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
     return runs
 
 
-def fused_scores(run: QueryRun, fusion: Fusion) -> np.ndarray:
-    return fusion.scores(run.pool)
-
-
-def fused_ranking(run: QueryRun, scores: np.ndarray, k: int = DEPTH) -> tuple[list[str], float]:
+def fused_ranking(run: QueryRun, fusion: Fusion, k: int = DEPTH) -> tuple[list[str], float]:
+    """The fused ranking of one query's pool (ids, best first) and its top score (NaN when empty)."""
+    scores = fusion.scores(run.pool)
     if len(scores) == 0:
         return [], math.nan
-    order = fused_order(run.pool.rows, scores, k)
+    order = ranking_order(run.pool.rows, scores, k)
     return [str(run.pool_ids[i]) for i in order], float(scores[order[0]])
 
 
 def all_rankings(runs: list[QueryRun], fusions: dict[str, Fusion]) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, float]]]:
     """ranker -> query -> ids, and ranker -> query -> top score, for single rankers and each fusion."""
-    rankings: dict[str, dict[str, list[str]]] = {n: {} for n in (*MAIN_RANKERS, *fusions)}
+    rankings: dict[str, dict[str, list[str]]] = {n: {} for n in (*main_rankers(), *fusions)}
     tops: dict[str, dict[str, float]] = {n: {} for n in rankings}
     for r in runs:
-        for n in MAIN_RANKERS:
+        for n in main_rankers():
             rankings[n][r.query_id] = r.rankings[n]
             tops[n][r.query_id] = r.tops[n]
         for n, fus in fusions.items():
-            rankings[n][r.query_id], tops[n][r.query_id] = fused_ranking(r, fused_scores(r, fus))
+            rankings[n][r.query_id], tops[n][r.query_id] = fused_ranking(r, fus)
     return rankings, tops
 
 
@@ -217,10 +232,6 @@ def metric_table(runs: list[QueryRun], rankings: dict[str, dict[str, list[str]]]
             ci = M.bootstrap_ci(mat) if len(qids) else np.full((len(names), 2), np.nan)
             cis[ranker] = {m: [_num(ci[j, 0]), _num(ci[j, 1])] for j, m in enumerate(names)}
     return values, cis
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 def thresholds_from_tune(tune_runs: list[QueryRun], tops_tune: dict[str, dict[str, float]],
@@ -301,30 +312,30 @@ def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "
                             {n: {r.query_id: v[r.query_id] for r in kr} for n, v in tops.items()}, thresholds)
             by_kind[kind] = {n: {"false_attribution_rate": d["false_attribution_rate"]} for n, d in det.items()}
     det = detection(runs, rankings, tops, thresholds)
-    m = idx.manifest["models"]
+    m = idx.models_info
     result = {
         "benchmark": str(bench.path),
         "split": split,
-        "metrics": {n: {k: _num(v) for k, v in values[n].items()} for n in RANKER_ORDER},
-        "ci95": {n: cis[n] for n in RANKER_ORDER},
-        "by_kind": {k: {n: {mm: _num(v) for mm, v in d[n].items()} for n in RANKER_ORDER} for k, d in by_kind.items()},
+        "metrics": {n: {k: _num(v) for k, v in values[n].items()} for n in ranker_order()},
+        "ci95": {n: cis[n] for n in ranker_order()},
+        "by_kind": {k: {n: {mm: _num(v) for mm, v in d[n].items()} for n in ranker_order()} for k, d in by_kind.items()},
         "novel": {
             "target_far": target_far,
             "calibrated_on": "tune",
             "n_novel": sum(r.novel for r in runs),
             "n_sourced": sum(not r.novel for r in runs),
-            "rankers": {n: det[n] for n in RANKER_ORDER},
+            "rankers": {n: det[n] for n in ranker_order()},
         },
         "n_queries": len(runs),
         "n_queries_with_source": sum(not r.novel for r in runs),
-        "models": {"profile": m["profile"], "pretrained": bool(m.get("pretrained")), "fingerprint": m["fingerprint"],
-                   **({"warning": idx.models_info["warning"]} if "warning" in idx.models_info else {})},
+        "models": {"profile": m.profile, "pretrained": m.pretrained, "fingerprint": m.fingerprint,
+                   **({"warning": m.warning} if m.warning else {})},
         "fusion": {"rrf": rrf_fusion.describe(), "fused": fusion.describe()},
         "index": str(idx.path),
     }
     if split in ("tune", "all"):
         result["novel"]["note"] = "thresholds calibrated on the tune split are also evaluated on it: optimistic"
-    idle = [n for n in MAIN_RANKERS if not any(r.took_part.get(n, True) for r in runs)]
+    idle = [n for n in main_rankers() if not any(r.took_part.get(n, True) for r in runs)]
     if idle:  # e.g. a text-only corpus (no image ranker), or no query with a prompt (no BM25)
         _not_applicable(result, idle, "took part in no query of this split (no images in the index, or no "
                                       "query input of its kind)")
@@ -344,7 +355,7 @@ def _not_applicable(result: dict, rankers: Sequence[str], why: str) -> None:
 # --------------------------------------------------------------------------------------------- reports
 def recall_curves(ev: Evaluation, max_k: int = 100) -> dict[str, np.ndarray]:
     qrels = _qrels(ev.runs)
-    return {n: M.recall_curve(ev.rankings[n], qrels, max_k) for n in RANKER_ORDER}
+    return {n: M.recall_curve(ev.rankings[n], qrels, max_k) for n in ranker_order()}
 
 
 def plot_recall(ev: Evaluation, path: Path) -> Path:
@@ -356,8 +367,7 @@ def plot_recall(ev: Evaluation, path: Path) -> Path:
     curves = recall_curves(ev)
     ks = np.arange(1, 101)
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    styles = {"clip": ("tab:blue", "-"), "dino": ("tab:green", "-"), "bm25": ("tab:orange", "-"),
-              "rrf": ("tab:gray", "--"), "fused": ("tab:red", "-")}
+    styles = {n: (RANKERS.get(n).style, "-") for n in main_rankers()} | FUSION_STYLES
     idle = ev.result.get("not_applicable", {})
     for n, c in curves.items():
         if n in idle:  # took part in no query: no curve, a note in the legend
@@ -410,7 +420,7 @@ def hard_cases(ev: Evaluation, idx: Index, per_kind: int = 4) -> list[dict]:
         scored.sort(key=lambda t: t[0])
         for _, r, reason, first in scored[:per_kind]:
             ranking = ev.rankings["fused"][r.query_id][:5]
-            sc = fused_scores(r, ev.fusions["fused"])
+            sc = ev.fusions["fused"].scores(r.pool)
             score_of = {str(i): float(v) for i, v in zip(r.pool_ids, sc)}
             cases.append({
                 "kind": kind, "query_id": r.query_id, "reason": reason, "image": r.meta.get("image"),
@@ -437,10 +447,10 @@ def write_report(ev: Evaluation, idx: Index, folder: str | os.PathLike) -> dict[
     paths = {"json": out / "bench.json", "plot": out / "recall_at_k.png", "html": out / "hard_cases.html"}
     paths["json"].write_text(json.dumps(ev.result, indent=2) + "\n", encoding="utf-8")
     plot_recall(ev, paths["plot"])
-    from engine._report_html import write_hard_cases_report
+    from engine.report.html import write_hard_cases_report
 
     notes = [f"Fusion: {ev.result['fusion']['fused']['note']}",
              f"Split {ev.result['split']}: {ev.result['n_queries']} queries ({ev.result['novel']['n_novel']} without a source)."]
     write_hard_cases_report(hard_cases(ev, idx), paths["html"], f"Hardest cases: {Path(ev.result['benchmark']).name}",
-                            idx.models_info, notes)
+                            idx.models_info.to_dict(), notes)
     return paths

@@ -24,27 +24,20 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 import engine
-from engine import FEATURES, Fusion, FusionWeights, Index
-from engine._manifest import now_iso
-from engine.fusion import feature_matrix
-from engine.fusion.weighted import COSINE_FEATURES
+from engine import Fusion, FusionWeights, Index, QuerySettings, feature_specs, now_iso
+from engine.fusion import feature_matrix, fit_logistic, standardization, standardize
 
 from . import metrics as M
 from .bench import Benchmark
-from .run import DEFAULT_TARGET_FAR, QueryRun, fused_ranking, fused_scores, run_queries
+from .run import DEFAULT_TARGET_FAR, QueryRun, fused_ranking, metric_table, run_queries
 
-FEATURE_SPECS: tuple[str, ...] = tuple(
-    f"{f}{suffix}" for f in FEATURES
-    for suffix in (("", ":z", ":rr", ":nd", ":ndz") if f in COSINE_FEATURES else ("", ":z", ":rr"))
-)
 L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-RRF_K = 60
+RRF_K = QuerySettings().rrf_k  # the :rr transform uses the engine's RRF k
 
 
 def _design(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +46,7 @@ def _design(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[np.ndarray,
     for i, r in enumerate(runs):
         if len(r.pool_ids) == 0:
             continue
-        Xs.append(feature_matrix(r.pool.feats, list(specs), FEATURES, RRF_K))
+        Xs.append(feature_matrix(r.pool.feats, list(specs), RRF_K))
         ys.append(r.labels.astype(np.float64))
         qs.append(np.full(len(r.pool_ids), i))
     if not Xs:
@@ -61,64 +54,15 @@ def _design(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[np.ndarray,
     return np.concatenate(Xs), np.concatenate(ys), np.concatenate(qs)
 
 
-def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mu = np.nanmean(np.where(np.isfinite(X), X, np.nan), axis=0)
-    mu = np.where(np.isfinite(mu), mu, 0.0)
-    sd = np.nanstd(np.where(np.isfinite(X), X, np.nan), axis=0)
-    sd = np.where(np.isfinite(sd) & (sd > 1e-9), sd, 1.0)
-    return mu, sd
-
-
-def _z(X: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    Z = (X - mu) / sd
-    return np.where(np.isfinite(Z), Z, 0.0)
-
-
-def fit_logistic(Z: np.ndarray, y: np.ndarray, l2: float, iters: int = 100) -> tuple[np.ndarray, float]:
-    """Damped Newton (backtracking line search) for L2-regularised logistic regression; the intercept is not
-    penalised. Converges on separable or collinear data, where plain Newton steps can overshoot."""
-    n, m = Z.shape
-    A = np.hstack([Z, np.ones((n, 1))])
-    reg = np.full(m + 1, float(l2))
-    reg[-1] = 0.0
-
-    def loss(w: np.ndarray) -> float:
-        z = A @ w
-        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(reg * w * w))
-
-    w = np.zeros(m + 1)
-    pos = min(max(y.mean(), 1e-6), 1 - 1e-6)
-    w[-1] = math.log(pos / (1 - pos))
-    f = loss(w)
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-np.clip(A @ w, -40, 40)))
-        g = A.T @ (p - y) + reg * w
-        H = (A * (p * (1 - p))[:, None]).T @ A + np.diag(reg) + 1e-6 * np.eye(m + 1)
-        step = np.linalg.solve(H, g)
-        t, decrease = 1.0, float(g @ step)
-        while t > 1e-10:
-            cand = w - t * step
-            fc = loss(cand)
-            if fc <= f - 1e-4 * t * decrease:
-                break
-            t *= 0.5
-        else:
-            break
-        w, f_old, f = cand, f, fc
-        if f_old - f < 1e-10 * max(1.0, abs(f_old)):
-            break
-    return w[:-1], float(w[-1])
-
-
 def _score_runs(runs: Sequence[QueryRun], weights: FusionWeights) -> dict[str, tuple[list[str], float]]:
     fusion = Fusion(weights, RRF_K)
-    return {r.query_id: fused_ranking(r, fused_scores(r, fusion)) for r in runs}
+    return {r.query_id: fused_ranking(r, fusion) for r in runs}
 
 
 def metric_of(runs: Sequence[QueryRun], rankings: dict[str, list[str]], metric: str) -> float:
-    qrels = {r.query_id: set(r.relevant) for r in runs if r.relevant}
-    qids, mat = M.per_query(rankings, qrels, [metric])
-    return float(mat[:, 0].mean()) if len(qids) else float("nan")
+    """Mean ``metric`` of one ranking over the queries that have a source (NaN when none has)."""
+    v = metric_table(list(runs), {"r": rankings}, [metric])[0]["r"][metric]
+    return float("nan") if v is None else v
 
 
 def _weights(w: np.ndarray, b: float, mu: np.ndarray, sd: np.ndarray, specs, models: dict) -> FusionWeights:
@@ -135,9 +79,11 @@ class TuneResult:
 
 
 def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", target_far: float = DEFAULT_TARGET_FAR,
-          specs: Sequence[str] = FEATURE_SPECS, folds: int = 3, seed: int = 0) -> TuneResult:
-    """Fit the weights and the threshold on tune runs only (nothing else is passed in)."""
+          specs: Sequence[str] | None = None, folds: int = 3, seed: int = 0) -> TuneResult:
+    """Fit the weights and the threshold on tune runs only (nothing else is passed in). ``specs`` defaults to
+    every registered feature with its standard transforms (``engine.feature_specs()``)."""
     M.parse_metric(metric)
+    specs = tuple(specs) if specs is not None else feature_specs()
     if any(r.split != "tune" for r in tune_runs):
         raise engine.AttribError("learn() was given queries outside the tune split")
     X, y, qi = _design(tune_runs, specs)
@@ -152,15 +98,15 @@ def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", targ
         scores = []
         for f in range(folds):
             tr = fold_of[qi] != f
-            mu, sd = _standardize(X[tr])
-            w, b = fit_logistic(_z(X[tr], mu, sd), y[tr], l2)
+            mu, sd = standardization(X[tr])
+            w, b = fit_logistic(standardize(X[tr], mu, sd), y[tr], l2)
             held = [r for i, r in enumerate(tune_runs) if fold_of[i] == f]
             ranks = {q: v[0] for q, v in _score_runs(held, _weights(w, b, mu, sd, specs, models)).items()}
             scores.append(metric_of(held, ranks, metric))
         cv[l2] = float(np.nanmean(scores))
     best = max(L2_GRID, key=lambda l: (cv[l], l))  # ties: the stronger regularisation
-    mu, sd = _standardize(X)
-    w, b = fit_logistic(_z(X, mu, sd), y, best)
+    mu, sd = standardization(X)
+    w, b = fit_logistic(standardize(X, mu, sd), y, best)
     weights = _weights(w, b, mu, sd, specs, models)
     novel_top = np.array([v[1] for q, v in _score_runs([r for r in tune_runs if r.novel], weights).items()])
     thr = M.calibrate_threshold(novel_top, target_far) if len(novel_top) else None
@@ -239,6 +185,3 @@ def metric_by_ranker(ev, metric: str) -> dict[str, float | None]:
         out[n] = None if math.isnan(v) else round(v, 6)
     return out
 
-
-def weights_path_default(bench: Benchmark, idx: Index) -> Path:
-    return Path(f"weights-{idx.manifest['models']['profile']}-{bench.name}.json")

@@ -11,10 +11,11 @@ import pytest
 
 import engine
 from engine.cli import main
+from engine.fusion import fit_logistic
 from eval.bench import BenchmarkError, load_benchmark
 from eval.run import ensure_index, evaluate, run_queries
 from eval.synth import generate
-from eval.tune import FEATURE_SPECS, fit_logistic, learn, tune
+from eval.tune import learn, tune
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +172,8 @@ def test_weights_file_records_provenance_and_round_trips(bench, bidx, tmp_path, 
     assert main(["tune", str(bench), "--models", "tiny", "--out", str(tmp_path / "w.json"), "--no-progress",
                  "--metric", "map@50", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    w = engine.FusionWeights.load(tmp_path / "w.json", engine.FEATURES)
-    assert w.features == list(FEATURE_SPECS) and w.models["fingerprint"] == idx.fingerprint
+    w = engine.FusionWeights.load(tmp_path / "w.json")
+    assert w.features == list(engine.feature_specs()) and w.models["fingerprint"] == idx.fingerprint
     p = w.provenance
     assert p["benchmark"] == str(bench) and p["metric"] == "map@50" and p["benchmark_sha256"] == b.content_hash
     assert set(p["scores"]) == {"tune", "test"} and set(p["scores"]["test"]) == {"clip", "dino", "bm25", "rrf", "fused"}

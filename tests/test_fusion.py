@@ -11,7 +11,6 @@ import engine
 from engine.fusion import FusionWeights, feature_matrix, normalize, ordinal_ranks, rrf
 
 NAN = float("nan")
-FEATURES = engine.FEATURES
 
 
 def test_ordinal_ranks_break_ties_by_position_and_skip_missing():
@@ -52,8 +51,8 @@ def test_weighted_fusion_matches_hand_computation():
     # candidate 0: clip (0.9-0.5)/0.25 = 1.6 -> 3.2 ; bm25 rank 3 -> 1/63 -> 30/63 = 0.476190 ; -1 -> 2.676190
     # candidate 1: clip 0 -> 0 ; bm25 rank 1 -> 30/61 = 0.491803 ; -1 -> -0.508197
     # candidate 2: clip missing -> mean -> 0 ; bm25 rank 2 -> 30/62 = 0.483871 ; -1 -> -0.516129
-    np.testing.assert_allclose(w.score(feats, FEATURES), [2.676190, -0.508197, -0.516129], atol=1e-6)
-    X = feature_matrix(feats, ["clip", "bm25:rr"], FEATURES)
+    np.testing.assert_allclose(w.score(feats), [2.676190, -0.508197, -0.516129], atol=1e-6)
+    X = feature_matrix(feats, ["clip", "bm25:rr"])
     assert X.shape == (3, 2) and math.isnan(X[2, 0])
 
 
@@ -64,7 +63,7 @@ def test_weights_file_round_trip_and_validation(tmp_path):
     w.save(tmp_path / "w.json")
     d = json.loads((tmp_path / "w.json").read_text())
     assert d["format"] == "attrib-fusion-weights" and d["version"] == 1
-    back = FusionWeights.load(tmp_path / "w.json", FEATURES)
+    back = FusionWeights.load(tmp_path / "w.json")
     assert back.to_dict() == w.to_dict()
     for mutate, msg in [
         (lambda d: d.update(version=2), "version 2"),
@@ -78,11 +77,11 @@ def test_weights_file_round_trip_and_validation(tmp_path):
         mutate(bad)
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(engine.FusionWeightsError, match=msg):
-            FusionWeights.load(tmp_path / "bad.json", FEATURES)
+            FusionWeights.load(tmp_path / "bad.json")
     (tmp_path / "junk.json").write_text("{")
     with pytest.raises(engine.FusionWeightsError, match="cannot be read"):
-        FusionWeights.load(tmp_path / "junk.json", FEATURES)
+        FusionWeights.load(tmp_path / "junk.json")
     with pytest.raises(engine.FusionWeightsError, match="does not exist"):
-        FusionWeights.load(tmp_path / "none.json", FEATURES)
+        FusionWeights.load(tmp_path / "none.json")
     with pytest.raises(engine.ModelMismatchError, match="learned for models abc"):
         back.check_models("def")

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import world
 
 import engine
-from engine._build import REJECTS
-from engine._manifest import MANIFEST_NAME, read_manifest
+from engine._layout import MANIFEST as MANIFEST_NAME
+from engine._layout import path_of
+from engine._manifest import read_manifest
 from engine._stores import VectorStore, build_faiss, l2n
 from engine.cli import main
 
-import world
+REJECTS = path_of("rejects")
 
 SETTINGS = engine.IndexSettings(pca_sample=8, batch_size=8)
 
@@ -83,7 +85,7 @@ def test_tar_shards_in_a_folder(tmp_path, tiny):
     assert df["caption"].to_list() == caps
     assert df["id"][0] == "00000.tar::000000000.jpg"
     # the stored reference reopens the member for reports
-    from engine._images import load_image
+    from engine.images import load_image
 
     assert load_image(df["image"][0]).size == (96, 96)
 
@@ -170,7 +172,7 @@ def test_cli_reports_bad_sources_clearly(tmp_path, capsys):
     assert "neither an image column" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "t.csv"), "--out", str(tmp_path / "i"), "--models", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown model profile 'nope'" in err and "default, offline, tiny" in err
+    assert "--models: invalid choice: 'nope'" in err and "'default', 'offline', 'tiny'" in err and len(err.splitlines()) == 1
 
 
 def test_overwrite_rules(tmp_path, tiny):

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import world
 
 import engine
 from engine.cli import main
 from engine.rankers import RANKING_COLUMNS, QueryInput
-
-import world
 
 RANKER_NAMES = ["clip", "clip_text", "dino", "bm25"]
 
@@ -52,8 +51,9 @@ def test_ranker_contract(idx, tiny_index, name):
 
 
 def test_unknown_ranker_lists_valid_names(idx):
-    with pytest.raises(engine.UnknownNameError, match="valid choices: clip, clip_text, dino, bm25"):
+    with pytest.raises(engine.UnknownNameError, match="unknown ranker 'sift'; valid choices: ") as e:
         idx.rank("sift", QueryInput(), 5)
+    assert set(str(e.value).split(": ")[1].split(", ")) == {"clip", "clip_text", "dino", "bm25"}
 
 
 def test_bm25_without_prompt_is_empty_and_image_rankers_without_image_take_no_part(idx):
@@ -62,8 +62,8 @@ def test_bm25_without_prompt_is_empty_and_image_rankers_without_image_take_no_pa
     q = idx.encode_query(None, "purple circle")
     assert len(idx.rank("dino", q, 5)) == 0 and len(idx.rank("bm25", q, 5)) > 0
     res = idx.search(q, 5)
-    assert all(r["evidence"]["dino"] is None and r["evidence"]["clip"] is None for r in res.results)
-    assert all(r["evidence"]["clip_text"] is not None for r in res.results)
+    assert all(r.evidence["dino"] is None and r.evidence["clip"] is None for r in res.results)
+    assert all(r.evidence["clip_text"] is not None for r in res.results)
 
 
 # ------------------------------------------------------------------------------------------- accuracy
@@ -71,19 +71,19 @@ def test_bm25_without_prompt_is_empty_and_image_rankers_without_image_take_no_pa
 def test_exact_copy_comes_back_first(idx, tiny_index, weights):
     for n in (0, 7, 21, 33):
         res = idx.query(image=source_image(tiny_index, n), prompt=None, k=3, weights=weights)
-        assert res.results[0]["id"].endswith(f"img{n:04d}.{'jpg' if n % 2 else 'png'}")
-        assert res.results[0]["evidence"]["clip"] == pytest.approx(1.0, abs=1e-3)
+        assert res.results[0].id.endswith(f"img{n:04d}.{'jpg' if n % 2 else 'png'}")
+        assert res.results[0].evidence["clip"] == pytest.approx(1.0, abs=1e-3)
         for name in ("clip", "dino"):
             r = idx.rank(name, idx.encode_query(source_image(tiny_index, n)), 1)
-            assert idx.reader.records(r.rows)["id"][0] == res.results[0]["id"]
+            assert idx.reader.records(r.rows)["id"][0] == res.results[0].id
 
 
 def test_prompt_only_query_finds_the_caption(idx, tiny_index):
     cap = pl.read_parquet(tiny_index / "records.parquet")["caption"][12]
     res = idx.query(prompt=cap, k=40)
     # RRF also listens to the (untrained, noisy) CLIP text ranker, so the caption match need not be first
-    hit = [r for r in res.results if r["caption"] == cap]
-    assert hit and hit[0]["ranks"]["bm25"] == 1
+    hit = [r for r in res.results if r.caption == cap]
+    assert hit and hit[0].ranks["bm25"] == 1
     assert idx.reader.records(idx.rank("bm25", idx.encode_query(None, cap), 1).rows)["caption"][0] == cap
 
 
@@ -91,7 +91,7 @@ def test_pool_has_every_feature_for_every_candidate(idx, tiny_index):
     q = idx.encode_query(source_image(tiny_index, 5), "yellow square")
     pool = idx.pool(q, depth=4)
     assert len(pool) >= 4
-    for f in engine.FEATURES:
+    for f in engine.feature_names():
         assert pool.feats[f].shape == (len(pool),)
         assert np.isfinite(pool.feats[f]).all(), f  # computed even for rows another ranker brought in
 
@@ -122,11 +122,11 @@ def test_query_syntax_cannot_change_the_meaning(idx):
     # operators and field names are plain words: the same as typing the words without the punctuation
     plain = idx.encode_query(None, "caption red and circle 5")
     syntax = idx.encode_query(None, 'caption:"red" AND circle^5~')
-    assert syntax.terms == plain.terms == ["caption", "red", "circl", "5"]
+    assert syntax.get("terms") == plain.get("terms") == ["caption", "red", "circl", "5"]
     a, b = idx.rank("bm25", plain, 10), idx.rank("bm25", syntax, 10)
     np.testing.assert_array_equal(a.rows, b.rows)
-    assert idx.encode_query(None, "row:3").terms == ["row", "3"]
-    assert len(idx.encode_query(None, "word " * 10_000).terms) == 1
+    assert idx.encode_query(None, "row:3").get("terms") == ["row", "3"]
+    assert len(idx.encode_query(None, "word " * 10_000).get("terms")) == 1
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -167,7 +167,7 @@ def test_weights_file_for_other_models_is_refused(idx, tmp_path):
     w.models = {"fingerprint": idx.fingerprint, "profile": "tiny"}
     w.save(tmp_path / "ok.json")
     res = idx.query(prompt="red circle", weights=tmp_path / "ok.json", k=3)
-    assert res.fusion["method"] == "weighted" and res.verdict["threshold"] == 0.5
+    assert res.fusion["method"] == "weighted" and res.verdict.threshold == 0.5
     d = json.loads((tmp_path / "ok.json").read_text())
     d["features"] = ["clip", "sift:z"]
     (tmp_path / "bad.json").write_text(json.dumps(d))
@@ -239,15 +239,15 @@ def test_query_images_are_prepared_exactly_like_indexed_images(tmp_path, tiny):
     for name in ("big.jpg", "alpha.png"):
         for query in (src / name, Image.open(src / name)):
             top = idx.query(image=query, k=1, weights="rrf").results[0]
-            assert top["id"] == name
-            assert top["evidence"]["clip"] == pytest.approx(1.0, abs=2e-3)
-            assert top["evidence"]["dino_patch"] == pytest.approx(1.0, abs=2e-3)
+            assert top.id == name
+            assert top.evidence["clip"] == pytest.approx(1.0, abs=2e-3)
+            assert top.evidence["dino_patch"] == pytest.approx(1.0, abs=2e-3)
     # the path query is pixel-identical to what was indexed: cosine 1 up to fp16 storage
-    assert idx.query(image=src / "big.jpg", k=1, weights="rrf").results[0]["evidence"]["dino"] == pytest.approx(1.0, abs=1e-3)
+    assert idx.query(image=src / "big.jpg", k=1, weights="rrf").results[0].evidence["dino"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_bm25_ranking_scores_equal_the_pool_rescoring(idx):
     q = idx.encode_query(None, "a red circle on a blue background")
     r = idx.rank("bm25", q, 10)
     assert len(r) == 10
-    np.testing.assert_allclose(idx.reader.text.score_rows(q.terms, r.rows), r.scores, rtol=1e-6)
+    np.testing.assert_allclose(idx.reader.text.score_rows(q.get("terms"), r.rows), r.scores, rtol=1e-6)

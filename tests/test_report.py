@@ -14,13 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import world
 from PIL import Image
 
 import engine
-from engine._report_html import (CSP, THUMB_SIDE, VIEW_SIDE, banner, esc, highlight, write_hard_cases_report,
-                                 write_query_report)
-
-import world
+from engine.report.html import (
+    CSP,
+    THUMB_SIDE,
+    VIEW_SIDE,
+    banner,
+    esc,
+    highlight,
+    write_hard_cases_report,
+    write_query_report,
+)
 
 COPY_SEED = 7  # mosaic seed; seeds 0-9 all pass the heat checks, this one with the widest margin (~0.8 / 0.8)
 PROMPT = "a mosaic texture pasted on teal"
@@ -211,13 +218,13 @@ def test_query_report_is_safe_embedded_and_small(copy_world, full_result, tmp_pa
     assert len(cards) == 20
     text = "".join(a.text)
     for rid in copy_world["hostile_ids"]:
-        if any(r["id"] == rid for r in res.results):
+        if any(r.id == rid for r in res.results):
             assert esc(rid) in page and rid in text
-    shown = [r for r in res.results if r["caption"] in world.HOSTILE_CAPTIONS]
+    shown = [r for r in res.results if r.caption in world.HOSTILE_CAPTIONS]
     assert len(shown) == len(world.HOSTILE_CAPTIONS)
     for r in shown:
-        assert highlight(r["caption"], PROMPT) in page
-        assert r["caption"] in text  # the parser reads it back as plain text
+        assert highlight(r.caption, PROMPT) in page
+        assert r.caption in text  # the parser reads it back as plain text
     assert "🐱 ünïcödé" in page
 
     # images: re-encoded by the engine, downscaled, never the source files' bytes
@@ -235,7 +242,7 @@ def test_query_report_is_safe_embedded_and_small(copy_world, full_result, tmp_pa
 
     # the query, models, fusion, untrained banner and verdict
     assert "UNTRAINED WEIGHTS" in page and 'class="banner"' in page
-    assert esc(res.fusion["note"]) in page and esc(res.models["clip"]) in page
+    assert esc(res.fusion["note"]) in page and esc(res.models.clip) in page
     assert esc(PROMPT) in page
     assert "No calibrated threshold: ranked candidates only" in text
 
@@ -243,7 +250,7 @@ def test_query_report_is_safe_embedded_and_small(copy_world, full_result, tmp_pa
     doomed = card(page, copy_world["doomed_id"])
     assert "image unavailable: missing file" in doomed and "<img" not in doomed
     # a caption-only record: no image, no heatmap
-    if any(r["id"] == copy_world["caption_only_id"] for r in res.results):
+    if any(r.id == copy_world["caption_only_id"] for r in res.results):
         txt = card(page, copy_world["caption_only_id"])
         assert "caption-only record" in txt and "<img" not in txt and "heat" not in txt
 
@@ -252,7 +259,7 @@ def test_query_image_is_embedded_once_for_all_cards(copy_world, full_result, tmp
     page, a = audit(write_query_report(copy_world["index"], full_result, tmp_path / "r.html"))
     q_uri = re.search(r'<img class="view" src="(data:image/jpeg;base64,[^"]+)"', page).group(1)
     assert page.count(q_uri) == 2  # the query panel's <img> and the one <symbol> every patch view uses
-    views = sum(r["image"] is not None for r in full_result.results)
+    views = sum(r.image is not None for r in full_result.results)
     assert page.count('<use class="view q" href="#attrib-query-view"') == views == page.count('class="heat q"')
     assert a.ids.count("attrib-query-view") == 1
 
@@ -286,11 +293,11 @@ def test_report_of_20_large_photos_stays_small(tiny, tmp_path):
 def test_evidence_bars_and_ranks(copy_world, full_result, tmp_path):
     res = full_result
     page = write_query_report(copy_world["index"], res, tmp_path / "r.html").read_text(encoding="utf-8")
-    bm25_max = max(r["evidence"]["bm25"] for r in res.results if r["evidence"]["bm25"] is not None)
-    r = next(r for r in res.results if r["id"] == copy_world["source_id"])
-    html_card = card(page, r["id"])
+    bm25_max = max(r.evidence["bm25"] for r in res.results if r.evidence["bm25"] is not None)
+    r = next(r for r in res.results if r.id == copy_world["source_id"])
+    html_card = card(page, r.id)
     widths = [float(x) for x in re.findall(r'<span style="width:([0-9.]+)%"></span>', html_card)]
-    ev = r["evidence"]
+    ev = r.evidence
     expect = []
     for key in ("clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25"):
         v = ev[key]
@@ -300,12 +307,12 @@ def test_evidence_bars_and_ranks(copy_world, full_result, tmp_path):
         expect.append(round(100 * min(1.0, max(0.0, frac)), 1))
     assert widths == pytest.approx(expect, abs=0.051)
     assert f"{ev['clip']:.3f}" in html_card
-    ranks = r["ranks"]
+    ranks = r.ranks
     line = re.search(r'<div class="ranks muted">ranks: (.*?)</div>', html_card).group(1)
     assert line == " · ".join(f"{n} {'#' + str(v) if v else '–'}" for n, v in ranks.items())
     assert '<mark>mosaic</mark>' in html_card and '<mark>texture</mark>' in html_card
     # a feature that is missing is drawn as n/a
-    fake = dataclasses.replace(res, results=[dict(r, evidence=dict(ev, clip_text=None, bm25=None))])
+    fake = dataclasses.replace(res, results=[dataclasses.replace(r, evidence=dict(ev, clip_text=None, bm25=None))])
     page2 = write_query_report(copy_world["index"], fake, tmp_path / "r2.html").read_text(encoding="utf-8")
     assert page2.count('class="bar na"') == 2 and page2.count(">n/a<") == 2
 
@@ -314,7 +321,7 @@ def test_known_copy_lights_up_where_it_sits(copy_world, full_result, tmp_path):
     """The mosaic sits in columns c >= G/2 of the query and c < G/2 of the source: the heat must be there."""
     idx, res = copy_world["index"], full_result
     src_row = int(np.flatnonzero(idx.reader.ids == copy_world["source_id"])[0])
-    assert any(r["row"] == src_row for r in res.results[:5]), "the copy source should rank in the top 5"
+    assert any(r.row == src_row for r in res.results[:5]), "the copy source should rank in the top 5"
     corr = idx.correspondences(res.query_input, [src_row])[0]
     g = corr.grid
     assert g == idx.reader.grid and corr.query_heat.shape == (g, g) and g % 2 == 0
@@ -346,10 +353,9 @@ def test_known_copy_lights_up_where_it_sits(copy_world, full_result, tmp_path):
 def test_verdicts_and_shares(copy_world, full_result, tmp_path):
     res, idx = full_result, copy_world["index"]
     note = "attribution shares are similarity-based estimates normalised over the results above the threshold, not causal claims"
-    top = [dict(r, above_threshold=True, share=s) for r, s in zip(res.results[:2], (0.75, 0.25))]
-    rest = [dict(r, above_threshold=False) for r in res.results[2:5]]
-    found = dataclasses.replace(res, results=top + rest, verdict={
-        "likely_source": True, "threshold": 0.5, "n_above": 2, "label": "Likely sources found", "share_note": note})
+    top = [dataclasses.replace(r, above_threshold=True, share=s) for r, s in zip(res.results[:2], (0.75, 0.25))]
+    rest = [dataclasses.replace(r, above_threshold=False, share=None) for r in res.results[2:5]]
+    found = dataclasses.replace(res, results=top + rest, verdict=engine.Verdict(True, 0.5, 2, "Likely sources found", note))
     page, a = audit(write_query_report(idx, found, tmp_path / "found.html"))
     assert_safe(page, a)
     assert '<p class="verdict good">Likely sources found</p>' in page
@@ -358,13 +364,13 @@ def test_verdicts_and_shares(copy_world, full_result, tmp_path):
     share_bars = re.findall(r'<div class="bar share"><span style="width:([0-9.]+)%"></span>', page)
     assert [float(x) for x in share_bars] == [75.0, 25.0]
 
-    none = dataclasses.replace(res, results=[dict(r, above_threshold=False) for r in res.results[:3]], verdict={
-        "likely_source": False, "threshold": 0.9, "n_above": 0, "label": "No likely source in this index",
-        "share_note": note})
+    none = dataclasses.replace(res, results=[dataclasses.replace(r, above_threshold=False, share=None)
+                                             for r in res.results[:3]],
+                               verdict=engine.Verdict(False, 0.9, 0, "No likely source in this index", note))
     page = write_query_report(idx, none, tmp_path / "none.html").read_text(encoding="utf-8")
     assert '<p class="verdict none">No likely source in this index</p>' in page and "share " not in page
 
-    trained = dataclasses.replace(res, models=dict(res.models, pretrained=True, warning=None),
+    trained = dataclasses.replace(res, models=dataclasses.replace(res.models, pretrained=True, warning=None),
                                   warnings=[w for w in res.warnings if "UNTRAINED" not in w])
     page = write_query_report(idx, trained, tmp_path / "trained.html").read_text(encoding="utf-8")
     assert 'class="banner"' not in page and "UNTRAINED WEIGHTS" not in page
@@ -375,7 +381,7 @@ def test_prompt_only_query_has_no_patch_views(copy_world, tmp_path):
     page, a = audit(write_query_report(copy_world["index"], res, tmp_path / "p.html"))
     assert_safe(page, a)
     assert "no query image" in page and 'class="heat' not in page
-    assert page.count("no patch view: the query has no image") == sum(r["image"] is not None for r in res.results)
+    assert page.count("no patch view: the query has no image") == sum(r.image is not None for r in res.results)
     assert '&lt;script&gt;alert(&quot;p&quot;)&lt;/script&gt;' in page
 
 
@@ -437,7 +443,7 @@ def test_in_memory_query_image(copy_world, tmp_path):
     page, a = audit(write_query_report(copy_world["index"], res, tmp_path / "mem.html"))
     assert_safe(page, a)
     assert "the image was given in memory" in page and "attrib-query-view" not in page
-    assert page.count('class="heat s"') == sum(r["image"] is not None and r["id"] != "doomed" for r in res.results)
+    assert page.count('class="heat s"') == sum(r.image is not None and r.id != "doomed" for r in res.results)
     page, a = audit(write_query_report(copy_world["index"], res, tmp_path / "mem2.html", query_image=im))
     assert_safe(page, a)
     assert "given in memory" not in page and page.count('href="#attrib-query-view"') == 3
@@ -492,7 +498,7 @@ def test_report_in_headless_chromium(chromium, copy_world, tmp_path):
     from selenium.webdriver.common.by import By
 
     res = copy_world["index"].query(image=str(copy_world["query"]), prompt=PROMPT, k=5)
-    hostile = [r["caption"] for r in res.results if r["caption"] in world.HOSTILE_CAPTIONS]
+    hostile = [r.caption for r in res.results if r.caption in world.HOSTILE_CAPTIONS]
     assert any("<script>" in c for c in hostile) and any("onerror" in c for c in hostile)
     report = write_query_report(copy_world["index"], res, tmp_path / "browser" / "report.html")
 

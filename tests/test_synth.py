@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from engine import scenes
 from eval import synth
 
 PARAMS = dict(train=60, queries=60, image_size=64)
@@ -196,7 +197,7 @@ def test_captions_are_not_unique_keys(bench):
     assert mean_j > 0.2
     best = [max(_jaccard(words[i], words[j]) for j in range(len(words)) if j != i) for i in range(len(words))]
     assert np.mean(np.array(best) >= 0.5) > 0.4
-    vocabulary = set(synth.PALETTE) | set(synth.SHAPES) | {w for w in synth.TEXTURE_WORDS.values() if w}
+    vocabulary = set(scenes.PALETTE) | set(scenes.SHAPES) | {w for w in scenes.TEXTURE_WORDS.values() if w}
     assert all(words_i & vocabulary for words_i in words)
 
 
@@ -222,38 +223,14 @@ def test_prompts_follow_their_kind(bench):
             assert owners and owners.isdisjoint(groups)
         elif kind == "paraphrase":
             assert prompt not in all_captions
-            assert set(prompt.split()).isdisjoint(set(synth.SHAPES) | set(synth.PALETTE))  # reworded
+            assert set(prompt.split()).isdisjoint(set(scenes.SHAPES) | set(scenes.PALETTE))  # reworded
         elif kind == "partial":
             assert len(prompt.split()) < 30 and prompt not in all_captions
 
 
-def test_scene_api_is_deterministic_and_compositional():
-    spec = synth.random_scene(np.random.default_rng([7, 1]))
-    again = synth.random_scene(np.random.default_rng([7, 1]))
-    assert spec == again and 1 <= len(spec.objects) <= 3
-    img = synth.render(spec, 96)
-    assert img.size == (96, 96) and img.mode == "RGB"
-    assert np.array_equal(_pixels(img), _pixels(synth.render(again, 96)))
-    caption = synth.caption_of(spec, np.random.default_rng(0))
-    assert caption.count(" background") == 1
-    for obj in spec.objects:
-        assert obj.shape in caption and obj.texture.colour1 in caption and obj.position in caption
-    assert spec.background.colour1 in caption
-    assert len(synth.SHAPES) >= 8 and len(synth.TEXTURE_KINDS) == 8 and len(synth.PALETTE) == 12
-    # every shape and texture kind renders something visible
-    for shape in synth.SHAPES:
-        obj = synth.SceneObject(shape, "large", 4, 0.0, 0.0, 10.0, spec.background)
-        assert 0.02 < (np.asarray(synth.shape_mask(obj, 64)) > 0).mean() < 0.3, shape
-    for kind in synth.TEXTURE_KINDS:
-        tex = synth.random_texture(np.random.default_rng(3), kind=kind)
-        arr = synth.render_texture(tex, 64)
-        spatial_std = arr.reshape(-1, 3).astype(np.float64).std(axis=0).max()
-        assert arr.shape == (64, 64, 3) and (spatial_std > 5) == (kind != "solid"), kind
-
-
 def test_template_and_texture_specs():
     rng = np.random.default_rng(11)
-    spec = synth.random_scene(rng)
+    spec = scenes.random_scene(rng)
     tpl = synth.template_spec(spec, np.random.default_rng(1))
     assert [(o.shape, o.size, o.cell, o.dx, o.dy) for o in tpl.objects] == \
         [(o.shape, o.size, o.cell, o.dx, o.dy) for o in spec.objects]
@@ -310,11 +287,11 @@ def test_pasted_regions_contain_source_pixels(bench, kind):
 
 def test_crop_boxes_hold_an_object():
     for i in range(30):
-        spec = synth.random_scene(np.random.default_rng([5, i]))
+        spec = scenes.random_scene(np.random.default_rng([5, i]))
         x0, y0, x1, y1 = synth.object_crop_box(spec, 128, np.random.default_rng([6, i]))
         assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 128
         assert 0.33 <= (x1 - x0) * (y1 - y0) / 128**2 <= 0.62
-        masks = [np.asarray(synth.shape_mask(o, 128)) > 0 for o in spec.objects]
+        masks = [np.asarray(scenes.shape_mask(o, 128)) > 0 for o in spec.objects]
         inside = [m[y0:y1, x0:x1].sum() / max(1, m.sum()) for m in masks]
         assert max(inside) > 0.6, (i, inside)  # most of at least one object's silhouette is in the crop
 
@@ -330,11 +307,18 @@ def test_overwrite_refusal_and_replace(tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(synth.SynthOptionError, match="already exists .a non-empty folder.; pass --overwrite"):
         synth.generate(out, train=10, queries=6, image_size=32, progress=False)
+    # --overwrite replaces only what the generator wrote: a foreign folder is never wiped
+    with pytest.raises(synth.SynthOptionError, match="not written by `attrib bench synth` .no valid synth.json.; refusing"):
+        synth.generate(out, train=10, queries=6, image_size=32, progress=False, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine" and not (out / "synth.json").exists()
-    summary = synth.generate(out, train=10, queries=6, image_size=32, progress=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and json.loads((out / "synth.json").read_text()) == summary
+    (out / "keep.txt").unlink()
+    first = synth.generate(out, train=10, queries=6, image_size=32, progress=False)
+    with pytest.raises(synth.SynthOptionError, match="already exists .a synthetic benchmark."):
+        synth.generate(out, train=10, queries=6, image_size=32, progress=False, seed=1)
+    summary = synth.generate(out, train=10, queries=6, image_size=32, progress=False, overwrite=True, seed=1)
+    assert summary != first and json.loads((out / "synth.json").read_text()) == summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -357,7 +341,9 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(synth, "_build_prompt", boom)
+    import eval.synth.write as gen
+
+    monkeypatch.setattr(gen, "_build_prompt", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         synth.generate(tmp_path / "bench", train=10, queries=6, image_size=32, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -4,8 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 TRANSFORMS = ("raw", "z", "mm", "rr", "nd", "ndz")
-#: Transforms that only make sense for cosine similarities.
-COSINE_TRANSFORMS = ("nd", "ndz")
 _ND_FLOOR = 1e-4  # 1 - cosine is floored here: nd is at most -log(1e-4) = 9.2
 
 

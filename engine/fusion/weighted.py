@@ -2,8 +2,9 @@
 
 score(d) = bias + sum_j w_j * (phi_j(d) - mean_j) / std_j, where phi_j is a feature after an optional
 per-query transform, named ``FEATURE`` (raw value) or ``FEATURE:z`` / ``:mm`` / ``:rr`` / ``:nd`` / ``:ndz``
-(see ``_normalize``). Missing values count as the training mean. With logistic weights the score is the log-odds
-that a candidate is a source; ``threshold`` is the calibrated "no likely source" cut on the top score.
+(see ``_normalize``; which transforms a feature allows comes from its kind in the ranker registry). Missing
+values count as the training mean. With logistic weights the score is the log-odds that a candidate is a
+source; ``threshold`` is the calibrated "no likely source" cut on the top score.
 """
 from __future__ import annotations
 
@@ -15,35 +16,37 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import FusionWeightsError, ModelMismatchError
-from ._normalize import COSINE_TRANSFORMS, TRANSFORMS, normalize
-
-#: Features that are cosine similarities (the only ones the nd/ndz transforms apply to).
-COSINE_FEATURES = ("clip", "clip_text", "dino", "dino_patch", "dino_layout")
+from ..rankers import feature_names, get_feature
+from ._normalize import TRANSFORMS, normalize
+from .logistic import standardize
 
 WEIGHTS_FORMAT = "attrib-fusion-weights"
 WEIGHTS_VERSION = 1
 
 
-def parse_feature(spec: str, known: tuple[str, ...]) -> tuple[str, str]:
-    base, _, how = spec.partition(":")
+def parse_feature(spec: str) -> tuple[str, str]:
+    """(feature, transform) of a spec such as ``dino_patch:z``; unknown names or transforms fail."""
+    base, _, how = str(spec).partition(":")
     how = how or "raw"
+    known = feature_names()
     if base not in known or how not in TRANSFORMS:
         raise FusionWeightsError(
             f"unknown fusion feature {spec!r}; features are {', '.join(known)} with an optional suffix "
             f"{', '.join(':' + t for t in TRANSFORMS if t != 'raw')}"
         )
-    if how in COSINE_TRANSFORMS and base not in COSINE_FEATURES:
-        raise FusionWeightsError(f"fusion feature {spec!r}: :{how} applies to cosine features only "
-                                 f"({', '.join(COSINE_FEATURES)})")
+    f = get_feature(base)
+    if how not in f.transforms:
+        raise FusionWeightsError(f"fusion feature {spec!r}: :{how} does not apply to {f.kind} features "
+                                 f"(valid: {', '.join(':' + t for t in f.transforms if t != 'raw')})")
     return base, how
 
 
-def feature_matrix(feats: dict[str, np.ndarray], specs: list[str], known: tuple[str, ...], rrf_k: int = 60) -> np.ndarray:
+def feature_matrix(feats: dict[str, np.ndarray], specs: list[str], rrf_k: int = 60) -> np.ndarray:
     """(n_candidates, len(specs)) matrix; raw missing values stay NaN (imputed by the model)."""
     n = len(next(iter(feats.values()))) if feats else 0
     cols = []
     for spec in specs:
-        base, how = parse_feature(spec, known)
+        base, how = parse_feature(spec)
         x = feats.get(base)
         cols.append(np.full(n, np.nan) if x is None else normalize(x, how, rrf_k))
     return np.stack(cols, axis=1) if cols else np.zeros((n, 0))
@@ -64,15 +67,11 @@ class FusionWeights:
     provenance: dict = field(default_factory=dict)  # benchmark, metric, scores per split, date, ...
     name: str = ""  # display name (file name) - not saved
 
-    def score(self, feats: dict[str, np.ndarray], known: tuple[str, ...]) -> np.ndarray:
-        X = feature_matrix(feats, self.features, known, self.rrf_k)
-        return self.score_matrix(X)
+    def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        return self.score_matrix(feature_matrix(feats, self.features, self.rrf_k))
 
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
-        mu, sd = np.asarray(self.mean), np.asarray(self.std)
-        Z = (X - mu) / sd
-        Z = np.where(np.isfinite(Z), Z, 0.0)
-        return self.bias + Z @ np.asarray(self.weights)
+        return self.bias + standardize(X, self.mean, self.std) @ np.asarray(self.weights)
 
     def check_models(self, fingerprint: str, where: str = "this index") -> None:
         theirs = self.models.get("fingerprint")
@@ -89,12 +88,13 @@ class FusionWeights:
         return {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, **d}
 
     def save(self, path: str | os.PathLike) -> None:
-        from .._manifest import write_json_atomic
+        from ..files import write_text_atomic
 
-        write_json_atomic(Path(path), self.to_dict())
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", fsync=True)
 
     @classmethod
-    def from_dict(cls, d: dict, known: tuple[str, ...], name: str = "") -> "FusionWeights":
+    def from_dict(cls, d: dict, name: str = "") -> "FusionWeights":
+        """Validate and build weights from a parsed file; every refusal names the file and the problem."""
         if not isinstance(d, dict) or d.get("format") != WEIGHTS_FORMAT:
             raise FusionWeightsError(f"{name or 'weights'} is not an attrib fusion weights file (format {d.get('format') if isinstance(d, dict) else None!r})")
         if d.get("version") != WEIGHTS_VERSION:
@@ -115,11 +115,24 @@ class FusionWeights:
         if any(s <= 0 for s in w.std):
             raise FusionWeightsError(f"weights file {name} is damaged: a standardisation std is not positive")
         for spec in w.features:
-            parse_feature(spec, known)
+            parse_feature(spec)
         return w
 
     @classmethod
-    def load(cls, path: str | os.PathLike, known: tuple[str, ...]) -> "FusionWeights":
+    def load(cls, path: str | os.PathLike) -> "FusionWeights":
+        """Read and validate a weights file.
+
+        Args:
+            path: a JSON file written by ``attrib tune`` (or :meth:`save`).
+        Returns:
+            The weights, named after the file.
+        Raises:
+            FusionWeightsError: the file is missing, unreadable, of another format or version, damaged, or
+                names features no registered ranker computes.
+        Example:
+            >>> w = FusionWeights.load("weights.json")  # doctest: +SKIP
+            >>> index.query(image="gen.png", prompt="...", weights=w)  # doctest: +SKIP
+        """
         p = Path(path)
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
@@ -127,4 +140,4 @@ class FusionWeights:
             raise FusionWeightsError(f"weights file {p} does not exist") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FusionWeightsError(f"weights file {p} cannot be read: {e}") from None
-        return cls.from_dict(d, known, str(p))
+        return cls.from_dict(d, str(p))

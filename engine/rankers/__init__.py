@@ -1,29 +1,41 @@
-"""Rankers behind one interface, created by name from a registry."""
+"""Rankers behind one interface, registered by name. Importing this package registers the built-in ones.
+
+What the pool, fusion, reports and benchmarks do per ranker is derived from the registry: see
+``engine/rankers/README.md``."""
 from __future__ import annotations
 
 from .._reader import IndexReader
-from .._registry import Registry
 from .._settings import QuerySettings
-from ._base import RANKING_COLUMNS, QueryInput, Ranker, Ranking
-from .bm25 import Bm25Ranker
-from .clip import ClipRanker, ClipTextRanker
-from .dino import DinoRanker
-
-RANKERS: Registry[type[Ranker]] = Registry("ranker")
-for _cls in (ClipRanker, ClipTextRanker, DinoRanker, Bm25Ranker):
-    RANKERS.register(_cls.name, _cls)
-
-#: The three rankers fused by RRF and reported on their own by benchmarks.
-MAIN_RANKERS = ("clip", "dino", "bm25")
-#: Rankers whose first-stage candidates form the fused pool.
-POOL_RANKERS = ("clip", "clip_text", "dino", "bm25")
-#: Every evidence feature, in display order.
-FEATURES = ("clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25")
+from . import bm25, clip, dino  # noqa: E402,F401 - the built-in rankers register themselves (in this order)
+from ._base import (
+    KINDS,
+    RANKING_COLUMNS,
+    Candidates,
+    Feature,
+    QueryInput,
+    Ranker,
+    Ranking,
+    dense_candidates,
+    nan_array,
+    ranking_order,
+)
+from ._registry import (
+    RANKERS,
+    feature_names,
+    feature_specs,
+    features,
+    get_feature,
+    main_rankers,
+    pool_rankers,
+    ranker_names,
+    register_ranker,
+)
 
 
 def create_ranker(name: str, reader: IndexReader, settings: QuerySettings | None = None) -> Ranker:
     return RANKERS.get(name)(reader, settings)
 
 
-__all__ = ["RANKERS", "MAIN_RANKERS", "POOL_RANKERS", "FEATURES", "QueryInput", "Ranker", "Ranking",
-           "RANKING_COLUMNS", "create_ranker"]
+__all__ = ["RANKERS", "KINDS", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates", "RANKING_COLUMNS",
+           "create_ranker", "register_ranker", "main_rankers", "pool_rankers", "features", "feature_names",
+           "feature_specs", "get_feature", "ranker_names", "ranking_order", "dense_candidates", "nan_array"]

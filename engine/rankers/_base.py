@@ -1,8 +1,24 @@
-"""The ranker interface. Every ranker returns the same columns: query_id, id, score, rank, ranker."""
+"""The ranker interface: what every ranker declares about itself, and the objects it works on.
+
+A ranker is one retrieval signal. It declares (as class attributes, read by the registry):
+
+* ``name``, ``label`` and ``style``: its registry name, its display label and its plot colour;
+* ``features``: the evidence values it computes for any candidate, each with a *kind* (see :data:`KINDS`)
+  that says how fusion may transform it and how reports draw it;
+* ``first_stage``: whether it contributes candidates to the fused pool (a cheap search of the whole index);
+* ``main``: whether benchmarks report it on its own and RRF fuses it;
+* ``components``: the index components it reads; ``encodings``: the query encodings it uses.
+
+and implements ``available`` (can it take part for this query?), a first stage (``dense_query`` for a
+nearest-neighbour search in a vector store, or ``candidates``), ``featurize`` (its features for any rows)
+and ``score`` (its own ranking score from the features).
+"""
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import polars as pl
@@ -12,32 +28,51 @@ from .._settings import QuerySettings
 
 RANKING_COLUMNS = ("query_id", "id", "score", "rank", "ranker")
 
+#: Feature kinds: the per-query transforms fusion may apply to each (see ``engine.fusion``) and how a
+#: report draws the value ("unit": on a 0..1 bar as is; "relative": against the largest value shown).
+KINDS: dict[str, dict[str, Any]] = {
+    "cosine": {"transforms": ("raw", "z", "mm", "rr", "nd", "ndz"), "bar": "unit"},
+    "score": {"transforms": ("raw", "z", "mm", "rr"), "bar": "relative"},
+}
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str  # unique across rankers: the key in evidence, pools and weights files
+    kind: str  # one of KINDS: "cosine" (similarity in [-1, 1]) or "score" (unbounded, larger is better)
+    label: str  # short label for tables and report bars
+    description: str = ""  # one line for documentation
+
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        return KINDS[self.kind]["transforms"]
+
 
 @dataclass
 class QueryInput:
-    """An encoded query. Any side may be missing: its rankers then take no part."""
+    """An encoded query: its identity plus named encodings (see ``engine._encode.ENCODINGS``). Any encoding
+    may be missing (no image, no prompt): rankers that need it then take no part."""
 
     query_id: str = "q"
     image: str | None = None  # where the image came from (display only)
     prompt: str = ""
-    clip_image: np.ndarray | None = None  # (Dc,) L2-normalised
-    clip_text: np.ndarray | None = None  # (Dc,) L2-normalised
-    dino_global: np.ndarray | None = None  # (2D,) descriptor, L2-normalised
-    dino_cells: np.ndarray | None = None  # (C, Dp) projected, L2-normalised cells
-    terms: list[str] = field(default_factory=list)  # analysed prompt terms (BM25)
+    encodings: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def has_image(self) -> bool:
-        return self.clip_image is not None
+    def get(self, name: str) -> Any:
+        """The encoding ``name`` (``None`` when the query has none)."""
+        return self.encodings.get(name)
 
-    @property
-    def has_prompt(self) -> bool:
-        return bool(self.terms) or self.clip_text is not None
+
+def ranking_order(rows: np.ndarray, scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Positions of the best ``k`` entries: score descending, ties broken by record row ascending (the row
+    is the record's position in the index, i.e. source order). The one tie rule of every ranking."""
+    order = np.lexsort((np.asarray(rows, np.int64), -np.asarray(scores, np.float64)))
+    return order if k is None else order[: max(0, k)]
 
 
 @dataclass
 class Ranking:
-    """A ranked list of record rows, best first (ties broken by row, so results are deterministic)."""
+    """A ranked list of record rows, best first (see :func:`ranking_order` for ties)."""
 
     ranker: str
     rows: np.ndarray  # int64 record rows
@@ -49,11 +84,11 @@ class Ranking:
 
     @classmethod
     def from_scores(cls, ranker: str, rows: np.ndarray, scores: np.ndarray, k: int) -> "Ranking":
-        """Keep the k best finite scores; order by score desc, then row asc."""
+        """Keep the k best finite scores."""
         rows, scores = np.asarray(rows, np.int64), np.asarray(scores, np.float32)
         ok = np.isfinite(scores)
         rows, scores = rows[ok], scores[ok]
-        order = np.lexsort((rows, -scores))[: max(0, k)]
+        order = ranking_order(rows, scores, k)
         return cls(ranker, rows[order], scores[order])
 
     def __len__(self) -> int:
@@ -74,82 +109,121 @@ class Ranking:
         )
 
 
-class Ranker(ABC):
-    """One retrieval signal. ``candidates`` is the cheap first stage; ``features`` scores any rows (so the
-    fused pool gets every feature for every candidate); ``combine`` turns features into this ranker's score."""
+def nan_array(n: int) -> np.ndarray:
+    return np.full(n, np.nan, np.float32)
 
-    name: str = ""
-    features: tuple[str, ...] = ()
+
+class Candidates:
+    """A set of candidate rows and what rankers read about them, gathered once and shared by every ranker
+    that featurizes them (the slot of each row, stored vectors, patch cells). Safe to use from the helper
+    thread that runs background rankers."""
+
+    def __init__(self, reader: IndexReader, rows: np.ndarray) -> None:
+        self.reader = reader
+        self.rows = np.asarray(rows, np.int64)
+        self._cache: dict[Any, Any] = {}
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _get(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = make()
+            return self._cache[key]
+
+    @property
+    def slots(self) -> np.ndarray:
+        """Image slot of each row (-1 for caption-only records)."""
+        return self._get("slots", lambda: self.reader.rows_to_slots(self.rows))
+
+    @property
+    def has_image(self) -> np.ndarray:
+        return self.slots >= 0
+
+    def vectors(self, store: str) -> np.ndarray:
+        """Stored vectors of the rows that have an image (in row order), from vector store ``store``."""
+        return self._get(("vectors", store), lambda: getattr(self.reader, store).vectors(self.slots[self.has_image]))
+
+    def cosines(self, store: str, vec: np.ndarray | None) -> np.ndarray:
+        """Cosine between ``vec`` and each row's stored vector (NaN without an image or without ``vec``)."""
+        out = nan_array(len(self.rows))
+        if vec is None or not self.has_image.any():
+            return out
+        out[self.has_image] = self.vectors(store) @ np.asarray(vec, np.float32)
+        return out
+
+    def patches(self) -> np.ndarray:
+        """Patch cells (n_with_image, cells, dims) float32 of the rows that have an image."""
+        return self._get("patches", lambda: self.reader.patches.get(self.slots[self.has_image]))
+
+
+class Ranker(ABC):
+    """One retrieval signal (see the module docstring for what a ranker declares)."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    features: ClassVar[tuple[Feature, ...]] = ()
+    first_stage: ClassVar[bool] = True  # contributes candidates to the fused pool
+    main: ClassVar[bool] = False  # reported on its own by benchmarks and fused by RRF
+    components: ClassVar[tuple[str, ...]] = ()  # index components it reads (see engine._layout)
+    encodings: ClassVar[tuple[str, ...]] = ()  # query encodings it uses (see engine._encode.ENCODINGS)
+    background: ClassVar[bool] = False  # its work releases the GIL: the pool runs it on a helper thread
+    style: ClassVar[str] = "tab:gray"  # matplotlib colour of its curves
+    order: ClassVar[int] = 100  # display order of rankers and their features (then registration order)
 
     def __init__(self, reader: IndexReader, settings: QuerySettings | None = None) -> None:
         self.reader = reader
         self.settings = settings or QuerySettings()
+
+    @classmethod
+    def feature_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in cls.features)
 
     @abstractmethod
     def available(self, q: QueryInput) -> bool:
         """Whether this ranker can take part for this query (e.g. BM25 needs a prompt)."""
 
     def dense_query(self, q: QueryInput) -> tuple[str, np.ndarray] | None:
-        """(store name, vector) when the first stage is a nearest-neighbour search in a vector store; the fused
-        pool batches such searches per store (one faiss call for the image and the text embedding)."""
+        """(vector store, query vector) when the first stage is a nearest-neighbour search; the pool batches
+        such searches per store (one faiss call for every vector searched in the same store)."""
         return None
 
     def candidates(self, q: QueryInput, n: int) -> np.ndarray:
-        """Up to n record rows from the first stage, best first."""
-        dq = self.dense_query(q)
-        if dq is None:
-            return np.zeros(0, np.int64)
-        return dense_candidates(getattr(self.reader, dq[0]), self.reader, dq[1], n)
+        """Up to n record rows from a first stage that is not a vector search (e.g. BM25), best first."""
+        return np.zeros(0, np.int64)
+
+    def first_stage_depth(self, depth: int) -> int:
+        """How many first-stage candidates this ranker reranks to keep its best ``depth`` (default: no rerank)."""
+        return depth
 
     @abstractmethod
-    def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Each feature of ``self.features`` for each row (NaN where it does not apply)."""
+    def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
+        """Each of its features for each candidate (NaN where it does not apply). It may also return other
+        rankers' features that its own score reads (the pool keeps only the features a ranker declares)."""
 
     @abstractmethod
-    def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        """This ranker's own score from its features."""
-
-    def first_stage(self, k: int) -> int:
-        return k
+    def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        """This ranker's own score from the features (NaN = not ranked)."""
 
     def search(self, q: QueryInput, k: int) -> Ranking:
+        """This ranker alone: its first stage, reranked by its own score."""
         if k <= 0 or not self.available(q):
             return Ranking.empty(self.name)
-        rows = self.candidates(q, self.first_stage(k))
+        n = self.first_stage_depth(k)
+        dq = self.dense_query(q)
+        rows = dense_candidates(self.reader, dq[0], dq[1], n) if dq is not None else self.candidates(q, n)
         if len(rows) == 0:
             return Ranking.empty(self.name)
-        return Ranking.from_scores(self.name, rows, self.combine(self.featurize(q, rows)), k)
+        return Ranking.from_scores(self.name, rows, self.score(self.featurize(q, Candidates(self.reader, rows))), k)
 
 
-def nan_array(n: int) -> np.ndarray:
-    return np.full(n, np.nan, np.float32)
-
-
-def dense_candidates(store, reader: IndexReader, vec: np.ndarray | None, n: int) -> np.ndarray:
-    """Top-n record rows of a faiss store for one query vector."""
-    if vec is None or store.ntotal == 0 or n <= 0:
+def dense_candidates(reader: IndexReader, store: str, vec: np.ndarray | None, n: int) -> np.ndarray:
+    """Top-n record rows of a vector store for one query vector."""
+    vs = getattr(reader, store)
+    if vec is None or vs.ntotal == 0 or n <= 0:
         return np.zeros(0, np.int64)
-    _, slots = store.search(vec[None, :], n)
+    _, slots = vs.search(vec[None, :], n)
     slots = slots[0]
     return reader.slots_to_rows(slots[slots >= 0])
-
-
-def cosines_to(store, reader: IndexReader, vecs: list[np.ndarray | None], rows: np.ndarray) -> list[np.ndarray]:
-    """Cosine between each query vector and the stored vectors of ``rows`` (NaN for rows without an image,
-    and for a missing query vector). The stored vectors are read once for all query vectors."""
-    outs = [nan_array(len(rows)) for _ in vecs]
-    if len(rows) == 0 or all(v is None for v in vecs):
-        return outs
-    slots = reader.rows_to_slots(rows)
-    has = slots >= 0
-    if has.any():
-        stored = store.vectors(slots[has])
-        for out, v in zip(outs, vecs):
-            if v is not None:
-                out[has] = stored @ v.astype(np.float32)
-    return outs
-
-
-def cosine_to(store, reader: IndexReader, vec: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    """Cosine between ``vec`` and the stored vectors of ``rows`` (NaN for rows without an image)."""
-    return cosines_to(store, reader, [vec], rows)[0]

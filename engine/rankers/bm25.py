@@ -3,35 +3,44 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import QueryInput, Ranker, Ranking
+from ._base import Candidates, Feature, QueryInput, Ranker, Ranking
+from ._registry import register_ranker
 
 
+@register_ranker
 class Bm25Ranker(Ranker):
     """The prompt is analysed into terms (never parsed as query syntax). An empty prompt ranks nothing."""
 
     name = "bm25"
-    features = ("bm25",)
+    label = "bm25"
+    features = (Feature("bm25", "score", "bm25", "BM25 of the prompt's terms against the record's caption"),)
+    main = True
+    components = ("text",)
+    encodings = ("terms",)
+    background = True  # tantivy releases the GIL
+    style = "tab:orange"
+    order = 40
 
     def available(self, q: QueryInput) -> bool:
-        return bool(q.terms)
+        return bool(q.get("terms"))
 
     def candidates(self, q: QueryInput, n: int) -> np.ndarray:
-        rows, _ = self.reader.text.search(q.terms, n)
+        rows, _ = self.reader.text.search(q.get("terms"), n)
         return rows
 
     def search(self, q: QueryInput, k: int) -> Ranking:
         """Tantivy's own ranking: its scores are the feature values, so no second (rescoring) query is needed."""
         if k <= 0 or not self.available(q):
             return Ranking.empty(self.name)
-        rows, scores = self.reader.text.search(q.terms, k)
-        return Ranking.from_scores(self.name, rows, self.combine({"bm25": scores}), k)
+        rows, scores = self.reader.text.search(q.get("terms"), k)
+        return Ranking.from_scores(self.name, rows, self.score({"bm25": scores}), k)
 
-    def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
-        if not q.terms:
-            return {"bm25": np.full(len(rows), np.nan, np.float32)}
-        return {"bm25": self.reader.text.score_rows(q.terms, rows)}
+    def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
+        if not q.get("terms"):
+            return {"bm25": np.full(len(cands), np.nan, np.float32)}
+        return {"bm25": self.reader.text.score_rows(q.get("terms"), cands.rows)}
 
-    def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         s = feats["bm25"].copy()
         s[s <= 0] = np.nan  # a caption sharing no term with the prompt is not a BM25 match
         return s

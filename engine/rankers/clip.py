@@ -3,45 +3,61 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import QueryInput, Ranker, cosine_to, cosines_to
+from ._base import Candidates, Feature, QueryInput, Ranker
+from ._registry import register_ranker
 
 
+@register_ranker
 class ClipRanker(Ranker):
-    """Cosine of CLIP image embeddings; with no query image it falls back to the prompt's text embedding."""
+    """Cosine of CLIP image embeddings; with no query image it ranks by the prompt's text embedding."""
 
     name = "clip"
-    features = ("clip", "clip_text")
+    label = "clip"
+    features = (Feature("clip", "cosine", "clip image", "CLIP image embedding cosine between query and record"),)
+    main = True
+    components = ("clip",)
+    encodings = ("clip_image", "clip_text")
+    style = "tab:blue"
+    order = 10
 
     def available(self, q: QueryInput) -> bool:
-        return (q.clip_image is not None or q.clip_text is not None) and self.reader.n_images > 0
+        return (q.get("clip_image") is not None or q.get("clip_text") is not None) and self.reader.n_images > 0
 
     def dense_query(self, q: QueryInput):
-        vec = q.clip_image if q.clip_image is not None else q.clip_text
+        vec = q.get("clip_image") if q.get("clip_image") is not None else q.get("clip_text")
         return None if vec is None else ("clip", vec)
 
-    def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
-        img, txt = cosines_to(self.reader.clip, self.reader, [q.clip_image, q.clip_text], rows)
-        return {"clip": img, "clip_text": txt}
+    def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
+        out = {"clip": cands.cosines("clip", q.get("clip_image"))}
+        if q.get("clip_image") is None:  # the text fallback of score()
+            out["clip_text"] = cands.cosines("clip", q.get("clip_text"))
+        return out
 
-    def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         img = feats["clip"]
-        return img if not np.all(np.isnan(img)) else feats["clip_text"]
+        return img if not np.all(np.isnan(img)) or "clip_text" not in feats else feats["clip_text"]
 
 
+@register_ranker
 class ClipTextRanker(Ranker):
     """The prompt's CLIP text embedding against the indexed image embeddings."""
 
     name = "clip_text"
-    features = ("clip_text",)
+    label = "clip text"
+    features = (Feature("clip_text", "cosine", "clip text", "CLIP cosine between the prompt and the record's image"),)
+    components = ("clip",)
+    encodings = ("clip_text",)
+    style = "tab:cyan"
+    order = 20
 
     def available(self, q: QueryInput) -> bool:
-        return q.clip_text is not None and self.reader.n_images > 0
+        return q.get("clip_text") is not None and self.reader.n_images > 0
 
     def dense_query(self, q: QueryInput):
-        return None if q.clip_text is None else ("clip", q.clip_text)
+        return None if q.get("clip_text") is None else ("clip", q.get("clip_text"))
 
-    def featurize(self, q: QueryInput, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"clip_text": cosine_to(self.reader.clip, self.reader, q.clip_text, rows)}
+    def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
+        return {"clip_text": cands.cosines("clip", q.get("clip_text"))}
 
-    def combine(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         return feats["clip_text"]

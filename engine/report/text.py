@@ -5,7 +5,9 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from ._ui import stderr_console
+from ..rankers import features
+from ..ui import stderr_console
+from . import fmt_number
 
 
 def _human(n: float) -> str:
@@ -77,20 +79,13 @@ def print_info(info: dict) -> None:
     c.print(s)
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-
-
 def _short(text: str | None, n: int = 60) -> str:
     text = (text or "").replace("\n", " ")
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-_EVIDENCE_LABELS = (("clip", "clip"), ("clip_text", "text"), ("dino", "dino"), ("dino_patch", "patch"),
-                    ("dino_layout", "layout"), ("bm25", "bm25"))
-
-
 def print_attribution(res) -> None:
+    """An :class:`engine.Attribution` as a verdict line and a table of results with their evidence."""
     c = stderr_console()
     for w in res.warnings:
         if "UNTRAINED" in w:
@@ -98,26 +93,27 @@ def print_attribution(res) -> None:
         else:
             c.print(f"[dim]{escape(w)}[/dim]")
     v = res.verdict
-    style = "bold green" if v.get("likely_source") else ("bold red" if v.get("likely_source") is False else "bold")
-    c.print(f"[{style}]{escape(v['label'])}[/{style}]  [dim](fusion: {escape(res.fusion['note'])})[/dim]")
+    style = "bold green" if v.likely_source else ("bold red" if v.likely_source is False else "bold")
+    c.print(f"[{style}]{escape(v.label)}[/{style}]  [dim](fusion: {escape(res.fusion['note'])})[/dim]")
     t = Table(title=f"attribution for {escape(str(res.query.get('image') or '(no image)'))}"
                     f" + prompt {escape(_short(repr(res.query.get('prompt') or ''), 50))}")
     t.add_column("#", justify="right")
     t.add_column("id", no_wrap=True, overflow="ellipsis", min_width=12, max_width=40)
     t.add_column("score", justify="right")
-    with_share = any("share" in r for r in res.results)
+    with_share = any(r.share is not None for r in res.results)
     if with_share:
         t.add_column("share", justify="right")
     t.add_column("evidence", overflow="fold", min_width=18)
     t.add_column("caption", overflow="fold", max_width=48)
+    labels = [(f.name, f.label) for f in features()]
     for r in res.results:
-        e = r["evidence"]
-        mark = "[green]●[/green] " if r.get("above_threshold") else ""
-        ev = " · ".join(f"{label} {_fmt(e[key])}" for key, label in _EVIDENCE_LABELS if e.get(key) is not None)
-        row = [str(r["rank"]), mark + escape(str(r["id"])), _fmt(r["score"])]
+        e = r.evidence
+        mark = "[green]●[/green] " if r.above_threshold else ""
+        ev = " · ".join(f"{label} {fmt_number(e[key])}" for key, label in labels if e.get(key) is not None)
+        row = [str(r.rank), mark + escape(str(r.id)), fmt_number(r.score)]
         if with_share:
-            row.append(f"{r['share']:.0%}" if "share" in r else "")
-        row += [escape(ev) or "-", escape(_short(r["caption"], 120))]
+            row.append(f"{r.share:.0%}" if r.share is not None else "")
+        row += [escape(ev) or "-", escape(_short(r.caption, 120))]
         t.add_row(*row)
     c.print(t)
     tm = res.timings_ms

@@ -20,9 +20,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from ._fs import write_text_atomic
-from ._images import ImageRejected, load_image, thumbnail_png_or_jpeg
-from ._manifest import UNTRAINED_BANNER
+from .._manifest import UNTRAINED_BANNER
+from ..files import write_text_atomic
+from ..images import ImageRejected, load_image, thumbnail_jpeg
+from ..rankers import KINDS, features
+from . import fmt_number
 
 VIEW_SIDE = 320  # max side (px) of the query/source images in the patch views
 THUMB_SIDE = 112  # max side (px) of card thumbnails
@@ -72,7 +74,7 @@ def highlight(caption: str | None, prompt: str | None, limit: int = MAX_CAPTION)
 
 
 def _num(v: float | None, fmt: str = "{:.3f}") -> str:
-    return "n/a" if v is None or not math.isfinite(float(v)) else fmt.format(float(v))
+    return fmt_number(v, fmt, missing="n/a")
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -127,7 +129,7 @@ class ImageEmbedder:
         if isinstance(im, str):
             out = Embedded(None, reason=f"image unavailable: {im}")
         else:
-            mime, data = thumbnail_png_or_jpeg(im, min(max_side, VIEW_SIDE))
+            mime, data = thumbnail_jpeg(im, min(max_side, VIEW_SIDE))
             w, h = Image.open(io.BytesIO(data)).size  # our own fresh encoding: only its header is read
             out = Embedded(_data_uri(mime, data), w, h)
         self._done[cache_key] = out
@@ -164,81 +166,7 @@ def heat_png(heat: np.ndarray, scale: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------- page parts
-CSS = """
-:root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bg:#f6f8fa;--card:#fff;--accent:#0969da;--good:#1a7f37;
---bad:#cf222e;--warn-bg:#fff8c5;--warn:#9a6700}
-*{box-sizing:border-box}
-html{-webkit-text-size-adjust:100%}
-body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
-color:var(--fg);background:var(--bg);overflow-wrap:anywhere}
-main{max-width:1200px;margin:0 auto;padding:16px}
-h1{font-size:1.5rem;margin:.2em 0 .6em}h2{font-size:1.2rem;margin:1.4em 0 .6em}h3{font-size:1rem;margin:0}
-.muted{color:var(--muted)}small{font-size:.85em}
-.banner{border:2px solid var(--warn);background:var(--warn-bg);color:#4d2d00;padding:12px 16px;border-radius:8px;
-margin:0 0 16px;font-weight:600}
-.banner strong{display:block;font-size:1.1rem;letter-spacing:.02em}
-.panel{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px;margin:0 0 16px}
-.query{display:grid;grid-template-columns:minmax(0,320px) minmax(0,1fr);gap:16px;align-items:start}
-.query .view,.query .ph{width:100%;height:auto}
-dl.kv{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:4px 12px;margin:0}
-dl.kv dt{color:var(--muted)}dl.kv dd{margin:0}
-.prompt{font-size:1.05rem;font-weight:600}
-.verdict{font-size:1.25rem;font-weight:700;margin:0 0 6px}
-.verdict.good{color:var(--good)}.verdict.none{color:var(--bad)}.verdict.unk{color:var(--fg)}
-.shares{display:grid;grid-template-columns:minmax(0,14em) minmax(0,1fr) 4em;gap:6px 10px;align-items:center;
-margin:8px 0}
-.cards{display:grid;grid-template-columns:minmax(0,1fr);gap:16px}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px;display:grid;
-grid-template-columns:minmax(0,5fr) minmax(0,6fr);gap:14px}
-.card>header{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:6px 12px;align-items:baseline}
-.card.above{border-color:var(--good);box-shadow:0 0 0 1px var(--good)}
-.rank{font-weight:700;background:var(--fg);color:#fff;border-radius:6px;padding:0 7px}
-.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9rem;min-width:0}
-.badge{border-radius:999px;padding:0 8px;font-size:.8rem;border:1px solid var(--line)}
-.badge.yes{background:#dafbe1;border-color:var(--good);color:var(--good)}
-.badge.no{background:#ffebe9;border-color:var(--bad);color:var(--bad)}
-.badge.warn{background:var(--warn-bg);border-color:var(--warn);color:var(--warn)}
-.meta{display:flex;gap:12px;align-items:flex-start}
-.meta>div{min-width:0;flex:1}
-.thumb{width:112px;height:auto;max-width:35%;border-radius:6px;border:1px solid var(--line);flex:none;
-image-rendering:auto}
-.ph{display:flex;align-items:center;justify-content:center;text-align:center;background:repeating-linear-gradient(
-45deg,#eaeef2,#eaeef2 8px,#f6f8fa 8px,#f6f8fa 16px);border:1px dashed #8c959f;border-radius:6px;color:var(--muted);
-font-size:.8rem;padding:6px;min-height:84px}
-.ph.thumb{width:112px;max-width:35%}
-.caption{margin:4px 0 8px}
-mark{background:#ffe58a;color:inherit;padding:0 1px;border-radius:2px}
-.ev{display:grid;grid-template-columns:6.5em minmax(0,1fr) 3.6em;gap:3px 8px;align-items:center;font-size:.85rem}
-.ev .v{text-align:right;font-variant-numeric:tabular-nums}
-.bar{height:9px;background:#eaeef2;border-radius:5px;overflow:hidden}
-.bar>span{display:block;height:100%;background:var(--accent);border-radius:5px}
-.bar.share>span{background:var(--good)}
-.bar.na{background:repeating-linear-gradient(90deg,#eaeef2,#eaeef2 4px,#fff 4px,#fff 8px)}
-.ranks{font-size:.85rem;margin-top:6px}
-.pair svg{display:block;width:100%;height:auto;max-width:688px;background:#fff}
-.pair p{margin:4px 0 0;font-size:.8rem}
-.legend{display:inline-block;width:56px;height:9px;border-radius:3px;vertical-align:middle;
-background:linear-gradient(90deg,rgba(255,235,0,.15),rgba(255,120,0,.5),rgba(255,0,0,.8))}
-.strip{display:flex;flex-wrap:wrap;gap:8px}
-.tile{margin:0;width:128px;max-width:calc(50% - 4px);font-size:.78rem}
-.tile .timg{display:block;width:100%;height:auto;border-radius:6px;border:1px solid var(--line)}
-.tile .ph{min-height:80px}
-.tile.rel .timg{outline:3px solid var(--good);outline-offset:-3px}
-.tile figcaption{margin-top:2px}
-.case{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px;display:grid;
-grid-template-columns:minmax(0,200px) minmax(0,1fr);gap:14px}
-.case>header{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:6px 12px;align-items:baseline}
-.case .q img,.case .q .ph{width:100%;max-width:240px;height:auto}
-.case h4{margin:.4em 0 .3em;font-size:.9rem}
-ul.notes{margin:0;padding-left:1.2em}
-footer{color:var(--muted);font-size:.8rem;margin:24px 0 8px}
-@media (max-width:760px){
-main{padding:10px}
-.query,.card,.case{grid-template-columns:minmax(0,1fr)}
-.shares{grid-template-columns:minmax(0,1fr) minmax(0,1fr) 3.4em}
-.query .view,.query .ph{max-width:320px}
-}
-"""
+CSS = (Path(__file__).with_name("report.css")).read_text(encoding="utf-8")  # package data
 
 
 def page(title: str, body: str) -> str:
@@ -290,8 +218,6 @@ def models_dl(models: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------- query report
-_EVIDENCE = (("clip", "clip image"), ("clip_text", "clip text"), ("dino", "dino"), ("dino_patch", "dino patch"),
-             ("dino_layout", "dino layout"), ("bm25", "bm25"))
 
 
 def _bar(fraction: float | None, cls: str = "") -> str:
@@ -301,19 +227,32 @@ def _bar(fraction: float | None, cls: str = "") -> str:
     return f'<div class="{" ".join(["bar", *cls.split()])}"><span style="width:{pct:.1f}%"></span></div>'
 
 
-def _evidence_html(ev: dict, bm25_max: float) -> str:
+def _evidence_html(ev: dict, scales: dict[str, float]) -> str:
+    """One bar per registered feature: cosines drawn on 0..1 as they are, scores against the largest value
+    among the results shown (``scales``)."""
     parts = []
-    for key, label in _EVIDENCE:
-        v = ev.get(key)
+    for f in features():
+        v = ev.get(f.name)
         ok = v is not None and math.isfinite(float(v))
         if not ok:
             frac = None
-        elif key == "bm25":
-            frac = float(v) / bm25_max if bm25_max > 0 else 0.0
+        elif KINDS[f.kind]["bar"] == "relative":
+            frac = float(v) / scales[f.name] if scales.get(f.name, 0) > 0 else 0.0
         else:
-            frac = float(v)  # cosine in [-1, 1], drawn on 0..1, clipped
-        parts.append(f'<span>{esc(label)}</span>{_bar(frac)}<span class="v">{_num(v if ok else None)}</span>')
+            frac = float(v)  # e.g. a cosine in [-1, 1], drawn on 0..1, clipped
+        parts.append(f'<span>{esc(f.label)}</span>{_bar(frac)}<span class="v">{_num(v if ok else None)}</span>')
     return f'<div class="ev" aria-label="evidence per ranker">{"".join(parts)}</div>'
+
+
+def evidence_scales(results: Sequence[Any]) -> dict[str, float]:
+    """The largest finite value of each relative-bar feature among ``results`` (candidates)."""
+    out = {}
+    for f in features():
+        if KINDS[f.kind]["bar"] == "relative":
+            vals = [float(r.evidence[f.name]) for r in results if r.evidence.get(f.name) is not None
+                    and math.isfinite(float(r.evidence[f.name]))]
+            out[f.name] = max(vals, default=0.0)
+    return out
 
 
 def _fit(w: int, h: int, side: int) -> tuple[float, float, float, float]:
@@ -401,58 +340,58 @@ def _ranks_html(ranks: dict) -> str:
     return f'<div class="ranks muted">ranks: {" · ".join(parts)}</div>'
 
 
-def _result_card(r: dict, prompt: str, images: ImageEmbedder, q_img: Embedded, corr: Any, scale: float,
-                 bm25_max: float, query_has_image: bool) -> str:
-    rid = r.get("id")
-    thumb = images.embed(r.get("image"), THUMB_SIDE)
-    above = r.get("above_threshold")
+def _result_card(r: Any, prompt: str, images: ImageEmbedder, q_img: Embedded, corr: Any, scale: float,
+                 scales: dict[str, float], query_has_image: bool) -> str:
+    rid = r.id
+    thumb = images.embed(r.image, THUMB_SIDE)
+    above = r.above_threshold
     badges = []
     if above is True:
         badges.append('<span class="badge yes">above threshold</span>')
     elif above is False:
         badges.append('<span class="badge no">below threshold</span>')
-    if "share" in r:
-        badges.append(f'<span class="badge yes">share {100 * float(r["share"]):.1f}%</span>')
-    head = (f'<header><span class="rank">#{int(r.get("rank", 0))}</span><h3 class="id">{esc(rid, MAX_ID)}</h3>'
-            f'<span>fused score <b>{_num(r.get("score"), "{:.4f}")}</b></span>{"".join(badges)}</header>')
+    if r.share is not None:
+        badges.append(f'<span class="badge yes">share {100 * float(r.share):.1f}%</span>')
+    head = (f'<header><span class="rank">#{int(r.rank)}</span><h3 class="id">{esc(rid, MAX_ID)}</h3>'
+            f'<span>fused score <b>{_num(r.score, "{:.4f}")}</b></span>{"".join(badges)}</header>')
     left = (f'<div><div class="meta">{img_tag(thumb, f"record {rid}")}<div>'
-            f'<p class="caption">{highlight(r.get("caption"), prompt)}</p>'
-            f'<div class="muted"><small>{esc(r.get("image") or "no image", MAX_ID)}</small></div></div></div>'
-            f'{_evidence_html(r.get("evidence") or {}, bm25_max)}{_ranks_html(r.get("ranks") or {})}</div>')
-    if r.get("image") is None:
+            f'<p class="caption">{highlight(r.caption, prompt)}</p>'
+            f'<div class="muted"><small>{esc(r.image or "no image", MAX_ID)}</small></div></div></div>'
+            f'{_evidence_html(r.evidence or {}, scales)}{_ranks_html(r.ranks or {})}</div>')
+    if r.image is None:
         right = '<div class="ph">caption-only record: no image, no patch view</div>'
     elif corr is not None:
-        right = pair_view(q_img, images.embed(r.get("image"), VIEW_SIDE), corr, scale, f"record {rid}",
+        right = pair_view(q_img, images.embed(r.image, VIEW_SIDE), corr, scale, f"record {rid}",
                           QUERY_SYMBOL if q_img.uri is not None else None)
     elif not query_has_image:
         right = '<div class="ph">no patch view: the query has no image</div>'
     else:
         right = '<div class="ph">no patch view: no patch features for this record</div>'
     cls = "card above" if above else "card"
-    return f'<article class="{cls}" data-rank="{int(r.get("rank", 0))}">{head}{left}<div>{right}</div></article>'
+    return f'<article class="{cls}" data-rank="{int(r.rank)}">{head}{left}<div>{right}</div></article>'
 
 
 def _verdict_html(result: Any) -> str:
-    v = result.verdict or {}
-    like = v.get("likely_source")
+    v = result.verdict
+    like = v.likely_source
     cls = "good" if like else ("none" if like is False else "unk")
-    out = [f'<p class="verdict {cls}">{esc(v.get("label", ""))}</p>']
-    thr = v.get("threshold")
+    out = [f'<p class="verdict {cls}">{esc(v.label)}</p>']
+    thr = v.threshold
     out.append(f'<p class="muted">threshold: {_num(thr, "{:.4f}") if thr is not None else "none (not calibrated)"}'
-               f'{" · results above it: " + str(int(v["n_above"])) if v.get("n_above") is not None else ""}</p>')
-    shared = [r for r in result.results if "share" in r]
+               f'{" · results above it: " + str(int(v.n_above)) if v.n_above is not None else ""}</p>')
+    shared = [r for r in result.results if r.share is not None]
     if shared:
-        rows = "".join(f'<span class="id">#{int(r["rank"])} {esc(r["id"], 80)}</span>'
-                       f'{_bar(float(r["share"]), "share")}<span>{100 * float(r["share"]):.1f}%</span>'
+        rows = "".join(f'<span class="id">#{int(r.rank)} {esc(r.id, 80)}</span>'
+                       f'{_bar(float(r.share), "share")}<span>{100 * float(r.share):.1f}%</span>'
                        for r in shared)
         out.append(f'<h3>Attribution share (estimate)</h3><div class="shares">{rows}</div>')
-        out.append(f'<p class="muted"><small>{esc(v.get("share_note") or "similarity-based estimates, not causal claims")}'
+        out.append(f'<p class="muted"><small>{esc(v.share_note or "similarity-based estimates, not causal claims")}'
                    f'</small></p>')
     return "".join(out)
 
 
 def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, query_image: Any = None) -> Path:
-    """Write one query's attribution as a self-contained HTML page; returns its path.
+    """Write one query's attribution (an :class:`engine.Attribution`) as a self-contained HTML page; returns its path.
 
     ``query_image`` (a path or PIL image) overrides ``result.query["image"]``, e.g. for in-memory queries."""
     images = ImageEmbedder()
@@ -460,18 +399,16 @@ def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, 
     q_ref = query_image if query_image is not None else (result.query or {}).get("image")
     q_view = images.embed(q_ref, VIEW_SIDE) if q_ref is not None else Embedded(None, reason="no query image")
     qin = getattr(result, "query_input", None)
-    query_has_image = qin is not None and getattr(qin, "dino_cells", None) is not None
-    rows = [int(r["row"]) for r in result.results]
+    query_has_image = qin is not None and qin.get("dino_cells") is not None
+    rows = [int(r.row) for r in result.results]
     corrs: list[Any] = [None] * len(rows)
     if query_has_image and rows:
         # the pool the results came from is the baseline: no second search
         corrs = list(index.correspondences(qin, rows, baseline_rows=getattr(result, "pool_rows", None)))
     heats = [float(np.max(h)) for c in corrs if c is not None for h in (c.query_heat, c.source_heat)]
     scale = max(heats, default=0.0)
-    bm25s = [float(r["evidence"]["bm25"]) for r in result.results
-             if (r.get("evidence") or {}).get("bm25") is not None and math.isfinite(float(r["evidence"]["bm25"]))]
-    bm25_max = max(bm25s, default=0.0)
-
+    scales = evidence_scales(result.results)
+    models = result.models.to_dict()
     q_name = q_ref if isinstance(q_ref, str) else "none" if q_ref is None else "(in memory)"
     warnings = list(result.warnings or [])
     other_warnings = [w for w in warnings if "UNTRAINED" not in w]
@@ -480,19 +417,19 @@ def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, 
         f'<section class="panel"><h2 style="margin-top:0">Query</h2><div class="query">'
         f'{img_tag(q_view, "query image", "view")}<div>'
         f'{prompt_html(prompt)}<dl class="kv"><dt>image</dt><dd>{esc(q_name, MAX_ID)}</dd>'
-        f'{models_dl(result.models or {})}<dt>fusion</dt><dd>{esc(fusion.get("note") or fusion.get("method"))}</dd>'
+        f'{models_dl(models)}<dt>fusion</dt><dd>{esc(fusion.get("note") or fusion.get("method"))}</dd>'
         f'<dt>index</dt><dd>{esc(getattr(index, "path", ""), MAX_ID)}</dd></dl>'
         + ("".join(f'<p class="muted"><small>{esc(w)}</small></p>' for w in other_warnings))
         + "</div></div></section>"
     )
     verdict = f'<section class="panel"><h2 style="margin-top:0">Verdict</h2>{_verdict_html(result)}</section>'
-    cards = "".join(_result_card(r, prompt, images, q_view, c, scale, bm25_max, query_has_image)
+    cards = "".join(_result_card(r, prompt, images, q_view, c, scale, scales, query_has_image)
                     for r, c in zip(result.results, corrs))
     if not result.results:
         cards = '<p class="muted">No candidates were found.</p>'
     shared_defs = svg_symbol(q_view, QUERY_SYMBOL) if q_view.uri and any(c is not None for c in corrs) else ""
     body = (
-        f'{shared_defs}{banner(result.models, warnings)}<h1>Attribution report</h1>{query_panel}{verdict}'
+        f'{shared_defs}{banner(models, warnings)}<h1>Attribution report</h1>{query_panel}{verdict}'
         f'<h2>Candidates ({len(result.results)})</h2><div class="cards">{cards}</div>'
     )
     return write_text_atomic(out_path, page("attrib report: " + (prompt[:80] or str(q_ref or "query")), body))

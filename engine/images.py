@@ -156,7 +156,7 @@ def resize_square(im: Image.Image, size: int, mode: str) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def thumbnail_png_or_jpeg(im: Image.Image, max_side: int, quality: int = 82) -> tuple[str, bytes]:
+def thumbnail_jpeg(im: Image.Image, max_side: int, quality: int = 82) -> tuple[str, bytes]:
     """Re-encode a (possibly hostile) image as a fresh small JPEG; returns (mime type, bytes)."""
     t = im.copy()
     t.thumbnail((max_side, max_side), Image.BICUBIC)

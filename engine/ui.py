@@ -5,8 +5,15 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 _console: Console | None = None
@@ -22,18 +29,23 @@ def stderr_console() -> Console:
 
 
 class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
     def render(self, task) -> Text:  # type: ignore[override]
         speed = task.finished_speed or task.speed
-        return Text("-- rec/s" if speed is None else f"{speed:.1f} rec/s", style="progress.data.speed")
+        text = f"-- {self.unit}/s" if speed is None else f"{speed:.1f} {self.unit}/s"
+        return Text(text, style="progress.data.speed")
 
 
 @contextmanager
-def progress_bar(label: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``; shows records per second and the time left on stderr."""
+def progress_bar(label: str, total: int | None, enabled: bool = True, unit: str = "rec") -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(n)``; shows ``unit``s per second and the time left on stderr."""
     if not enabled:
         yield lambda n: None
         return
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
             TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
     with Progress(*cols, console=stderr_console(), transient=False) as prog:
         task = prog.add_task(label, total=total)

@@ -1,0 +1,83 @@
+"""The ranker registry. Everything the engine does per ranker or per feature is derived from it: the
+candidate pool, the evidence in results, the fusion features and transforms, the report labels, the
+benchmark tables and plots. See ``engine/rankers/README.md`` for how to add a ranker."""
+from __future__ import annotations
+
+from typing import TypeVar
+
+from .._registry import Registry
+from ._base import KINDS, Feature, Ranker
+
+RANKERS: Registry[type[Ranker]] = Registry("ranker")
+
+R = TypeVar("R", bound=type[Ranker])
+
+
+def register_ranker(cls: R) -> R:
+    """Class decorator: check a ranker's declarations and add it to :data:`RANKERS`."""
+    if not cls.name or not cls.name.isidentifier():
+        raise ValueError(f"ranker {cls.__name__} needs a name that is an identifier, got {cls.name!r}")
+    owned = {f.name: n for n, c in RANKERS.items() for f in c.features}
+    for f in cls.features:
+        if not isinstance(f, Feature):
+            raise TypeError(f"ranker {cls.name!r}: features must be Feature objects, got {f!r}")
+        if f.kind not in KINDS:
+            raise ValueError(f"ranker {cls.name!r}: feature {f.name!r} has unknown kind {f.kind!r}; "
+                             f"valid kinds: {', '.join(KINDS)}")
+        if ":" in f.name or not f.name:
+            raise ValueError(f"ranker {cls.name!r}: feature name {f.name!r} must be non-empty without ':'")
+        if f.name in owned:
+            raise ValueError(f"ranker {cls.name!r}: feature {f.name!r} is already computed by ranker {owned[f.name]!r}")
+    if cls.main and not cls.features:
+        raise ValueError(f"ranker {cls.name!r} is a main ranker but declares no feature to score with")
+    cls.label = cls.label or cls.name
+    RANKERS.register(cls.name, cls)
+    return cls
+
+
+def ranked_classes() -> list[tuple[str, type[Ranker]]]:
+    """(name, class) of every registered ranker in display order: ``Ranker.order``, then registration."""
+    items = RANKERS.items()
+    return sorted(items, key=lambda nc: (nc[1].order, items.index(nc)))
+
+
+def ranker_names() -> tuple[str, ...]:
+    return tuple(n for n, _ in ranked_classes())
+
+
+def main_rankers() -> tuple[str, ...]:
+    """Rankers reported on their own by benchmarks and fused by RRF, in display order."""
+    return tuple(n for n, c in ranked_classes() if c.main)
+
+
+def pool_rankers() -> tuple[str, ...]:
+    """Rankers whose first-stage candidates form the fused pool."""
+    return tuple(n for n, c in ranked_classes() if c.first_stage)
+
+
+def features() -> tuple[Feature, ...]:
+    """Every evidence feature, in display order (rankers in display order, then declaration order)."""
+    return tuple(f for _, c in ranked_classes() for f in c.features)
+
+
+def feature_names() -> tuple[str, ...]:
+    return tuple(f.name for f in features())
+
+
+def get_feature(name: str) -> Feature:
+    for f in features():
+        if f.name == name:
+            return f
+    from .._errors import UnknownNameError
+
+    raise UnknownNameError(f"unknown feature {name!r}; valid choices: {', '.join(feature_names())}")
+
+
+def feature_specs() -> tuple[str, ...]:
+    """The fusion feature specs a learned model uses by default: each feature raw, z-scored and as a
+    reciprocal rank within the pool; cosines also as the near-duplicate log-distance and its z-score."""
+    out = []
+    for f in features():
+        suffixes = ("", ":z", ":rr", ":nd", ":ndz") if f.kind == "cosine" else ("", ":z", ":rr")
+        out += [f"{f.name}{s}" for s in suffixes]
+    return tuple(out)
