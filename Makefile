@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test lint venv clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
 
 bench: venv
 	$(BIN)/python benchmarks/bench_index.py

@@ -93,7 +93,8 @@ def main() -> None:
             ("b / a", f"{ratio:.3f}", ">= 0.90"),
             ("model load (one-off)", f"{load_s:.1f} s", ""),
         ]
-        rows += [(f"bytes/image: {k}", f"{v:,.0f}", "") for k, v in sorted(per_image.items(), key=lambda kv: -kv[1]) if k != "total"]
+        rows += [(f"bytes/image: {k}", f"{v:,.0f}", "")
+                 for k, v in sorted(per_image.items(), key=lambda kv: -kv[1]) if k != "total"]
         rows.append(("bytes/image: total", f"{per_image['total']:,.0f}", "<= 16,384"))
         untrained = not enc.profile.pretrained
         table(f"bench_index ({args.models}{', UNTRAINED weights' if untrained else ''})", rows)

@@ -33,7 +33,8 @@ def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
     bs = 1000
     for s in range(0, n, bs):
         m = min(bs, n - s)
-        caps = [caption_of(random_scene(np.random.default_rng([3, s + i])), np.random.default_rng([4, s + i])) for i in range(m)]
+        caps = [caption_of(random_scene(np.random.default_rng([3, s + i])), np.random.default_rng([4, s + i]))
+                for i in range(m)]
         clip = rng.standard_normal((m, dc)).astype(np.float32)
         clip /= np.linalg.norm(clip, axis=1, keepdims=True)
         w.add_images([f"r{s + i}" for i in range(m)], [None] * m, caps, [{}] * m, clip,
@@ -138,7 +139,8 @@ def main() -> None:
             (f"(b) whole query at {args.records:,} (p50 / p95)", f"{b50:.1f} / {pct(b_ms, 95):.1f} ms", ""),
             ("overhead b - a at p50", f"{b50 - a50:.1f} ms", "<= 30 ms"),
             (f"search-only at {args.records:,} (p50 / p95)", f"{pct(s_small, 50):.1f} / {pct(s_small, 95):.1f} ms", ""),
-            (f"search-only at {args.large:,} (p50 / p95)", f"{pct(s_large, 50):.1f} / {pct(s_large, 95):.1f} ms", "<= 20 ms p50"),
+            (f"search-only at {args.large:,} (p50 / p95)", f"{pct(s_large, 50):.1f} / {pct(s_large, 95):.1f} ms",
+             "<= 20 ms p50"),
         ] + [(f"  {k} at {args.large:,} (p50)", f"{pct(v, 50):.1f} ms", "") for k, v in parts.items()]
         table(f"bench_query ({args.models}{', UNTRAINED weights' if untrained else ''}, fusion: {fus.method})", rows)
         path = save("bench_query", {

@@ -47,7 +47,9 @@ class BuildSummary:
 
 
 # --------------------------------------------------------------------------------------------- pipeline
-def _prefetch(items: Iterable[Record], fn: Callable[[Record], object], workers: int, window: int) -> Iterator[tuple[Record, object]]:
+def _prefetch(
+    items: Iterable[Record], fn: Callable[[Record], object], workers: int, window: int
+) -> Iterator[tuple[Record, object]]:
     """Ordered parallel map with a bounded number of items in flight."""
     if workers <= 0:
         for it in items:
@@ -111,7 +113,30 @@ def build_index(
     dino_weights: str | None = None,
     encoders=None,
 ) -> BuildSummary:
-    """Index a training set (folder, tar shard, or parquet/CSV/JSONL table) into the folder ``out``."""
+    """Index a training set into the folder ``out``.
+
+    Args:
+        source: a folder of images with .txt/.json sidecars (img2dataset folder output, .tar shards inside
+            are read too), a .tar shard, or a parquet/CSV/JSONL table with LAION-style columns.
+        out: the index folder to create.
+        models: the model profile (``default``: pretrained; ``offline``/``tiny``: untrained, for trying things).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
+        settings: index settings (batch size, patch grid, ANN structure, limits...).
+        overwrite: replace an existing index at ``out``.
+        progress: show a progress bar on stderr.
+        clip_weights, dino_weights: local weights files or folders for the pretrained profile.
+        encoders: already-loaded encoders (``engine.load_encoders``) instead of ``models``.
+    Returns:
+        A :class:`BuildSummary`: counts, rejects by reason, timings and the manifest written.
+    Raises:
+        SourceError: the source is missing or cannot be read.
+        EmptyCorpusError: nothing could be indexed (every record was rejected, or there are none).
+        AttribError: ``out`` exists and may not be replaced, or an option is invalid.
+        WeightsUnavailableError: pretrained weights cannot be found.
+    Example:
+        >>> s = build_index("photos/", "my-index", models="offline")  # doctest: +SKIP
+        >>> s.records, s.rejected  # doctest: +SKIP
+    """
     t0 = time.perf_counter()
     settings = settings or IndexSettings()
     if encoders is None:

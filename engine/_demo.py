@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
     if json_out:
         d = res.to_dict()
         d["report"] = str(report)
-        print(json.dumps(d, indent=2, ensure_ascii=False))
+        sys.stdout.write(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
     else:
         print_attribution(res)
     top = res.results[0].id if res.results else None

@@ -54,7 +54,9 @@ def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> 
     than ``max_bytes`` are not read into memory (the build then rejects them as too large)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise SourceError(f"source {p} does not exist; give a folder of images, a .tar shard or a .parquet/.csv/.jsonl table")
+        raise SourceError(
+            f"source {p} does not exist; give a folder of images, a .tar shard or a .parquet/.csv/.jsonl table"
+        )
     if p.is_dir():
         return _folder_source(p, max_bytes)
     suffix = p.suffix.lower()
@@ -80,7 +82,8 @@ def _sidecar_fields(obj: object) -> tuple[str | None, str | None, dict]:
             break
     rid = obj.get("id")
     rid = str(rid) if isinstance(rid, (str, int)) and str(rid) else None
-    extra = {k: v for k, v in obj.items() if k not in ("caption", "text", "TEXT", "id") and isinstance(v, (str, int, float, bool))}
+    extra = {k: v for k, v in obj.items()
+             if k not in ("caption", "text", "TEXT", "id") and isinstance(v, (str, int, float, bool))}
     return caption, rid, extra
 
 
@@ -99,7 +102,7 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
     ignored: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = set(filenames)
+        image_stems = {os.path.splitext(n)[0] for n in filenames if is_image_name(n)}
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -110,7 +113,7 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
                 shards.append(full)
             else:
                 stem, ext = os.path.splitext(name)
-                if ext.lower() in (".txt", ".json") and any(stem + e in names for e in _EXT_CASES):
+                if ext.lower() in (".txt", ".json") and stem in image_stems:
                     continue  # a sidecar
                 ignored.append(str(full.relative_to(root)))
     shard_counts = [_tar_count(s) for s in shards]
@@ -139,7 +142,6 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
     return Source("folder", root, count, {"meta": pl.String}, ignored, it)
 
 
-_EXT_CASES = tuple(e for ext in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") for e in (ext, ext.upper()))
 
 
 # --------------------------------------------------------------------------------------------- tar shards

@@ -60,7 +60,8 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
     if not mpath.exists():
         hint = " (it looks like an interrupted build)" if any(d.glob("*.part")) else ""
         raise IndexFormatError(
-            f"{d} is not an attrib index: it has no {MANIFEST}{hint}. Rebuild it with `attrib index SOURCE --out {d} --overwrite`"
+            f"{d} is not an attrib index: it has no {MANIFEST}{hint}. "
+            f"Rebuild it with `attrib index SOURCE --out {d} --overwrite`"
         )
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
@@ -69,7 +70,10 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
             f"the manifest {mpath} is damaged ({e}); rebuild the index with `attrib index SOURCE --out {d} --overwrite`"
         ) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise IndexFormatError(f"{d} is not an attrib index: {mpath} has format {m.get('format') if isinstance(m, dict) else type(m).__name__!r}")
+        raise IndexFormatError(
+            f"{d} is not an attrib index: {mpath} has format "
+            f"{m.get('format') if isinstance(m, dict) else type(m).__name__!r}"
+        )
     if m.get("format_version") not in SUPPORTED_VERSIONS:
         raise IndexFormatError(
             f"{d} has index format version {m.get('format_version')!r}; this engine reads versions "

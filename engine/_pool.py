@@ -75,7 +75,9 @@ class CandidatePool:
         main = {n: s for n, s in scores.items() if self.rankers[n].main}
         return Pool(union, feats, main, {"candidates": (t1 - t0) * 1e3, "features": (t2 - t1) * 1e3})
 
-    def _dense_first_stages(self, q: QueryInput, rankers: list[Ranker], wanted: dict[str, int]) -> dict[str, np.ndarray]:
+    def _dense_first_stages(
+        self, q: QueryInput, rankers: list[Ranker], wanted: dict[str, int]
+    ) -> dict[str, np.ndarray]:
         """One batched faiss search per vector store for every ranker searching it (identical query vectors,
         e.g. clip's text fallback and clip_text, are searched once)."""
         by_store: dict[str, list[tuple[str, np.ndarray]]] = {}

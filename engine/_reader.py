@@ -38,7 +38,8 @@ class IndexReader:
             ann = {k: dict(v, **({"nprobe": nprobe} if nprobe else {})) for k, v in m.get("ann", {}).items()}
             self.clip = VectorStore(self.path / path_of("clip"), ann.get("clip", {}))
             self.dino = VectorStore(self.path / path_of("dino"), ann.get("dino", {}))
-            self.patches = PatchStore(self.path / path_of("patches"), self.n_images, int(dims["patch_cells"]), int(dims["patch_dims"]))
+            self.patches = PatchStore(self.path / path_of("patches"), self.n_images, int(dims["patch_cells"]),
+                                      int(dims["patch_dims"]))
             self.projection = DinoProjection.load(self.path / path_of("projection"))
             self.slot_rows = np.load(self.path / path_of("slots"), mmap_mode="r")
             self.row_slot = np.load(self.path / path_of("row_slot"), mmap_mode="r")
@@ -58,7 +59,8 @@ class IndexReader:
         for got, want, what in checks:
             if got != want:
                 raise IndexFormatError(
-                    f"index {self.path} is damaged: its {what} holds {got} entries, the manifest says {want}; rebuild it"
+                    f"index {self.path} is damaged: its {what} holds {got} entries, "
+                    f"the manifest says {want}; rebuild it"
                 )
 
     @property
@@ -76,7 +78,9 @@ class IndexReader:
             reader = pa.ipc.open_file(pa.memory_map(str(self.path / path_of("serving")), "r"))
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         except Exception as e:  # noqa: BLE001
-            raise IndexFormatError(f"index {self.path} is damaged: {path_of('serving')} cannot be read ({e}); rebuild it") from None
+            raise IndexFormatError(
+                f"index {self.path} is damaged: {path_of('serving')} cannot be read ({e}); rebuild it"
+            ) from None
         starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].astype(np.int64)
         return batches, starts
 
@@ -107,7 +111,8 @@ class IndexReader:
         return np.asarray(self.row_slot[np.asarray(rows, np.int64)], np.int64) if len(rows) else np.zeros(0, np.int64)
 
     def slots_to_rows(self, slots: np.ndarray) -> np.ndarray:
-        return np.asarray(self.slot_rows[np.asarray(slots, np.int64)], np.int64) if len(slots) else np.zeros(0, np.int64)
+        return (np.asarray(self.slot_rows[np.asarray(slots, np.int64)], np.int64) if len(slots)
+                else np.zeros(0, np.int64))
 
     def component_sizes(self) -> dict[str, int]:
         return {name: dir_size(self.path / e["path"]) for name, e in self.manifest["components"].items()}

@@ -39,7 +39,8 @@ class RawVectorSink:
 
     def close(self) -> np.memmap:
         self._f.close()
-        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.n, self.dim)) if self.n else np.zeros((0, self.dim), np.float32)
+        return (np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.n, self.dim)) if self.n
+                else np.zeros((0, self.dim), np.float32))
 
 
 IVF_MIN_VECTORS = 1000  # below this an IVF index cannot be trained sensibly: a flat scan is used
@@ -158,10 +159,12 @@ class DinoProjection:
             comps = vt[:dims].T
             # Fix the sign of each component so that fitting is deterministic across BLAS builds.
             comps *= np.sign(comps[np.abs(comps).argmax(0), np.arange(dims)])
-        return cls(cm.astype(np.float32), cs, pm.astype(np.float32), ps, cellm.astype(np.float32), comps.astype(np.float32))
+        return cls(cm.astype(np.float32), cs, pm.astype(np.float32), ps, cellm.astype(np.float32),
+                   comps.astype(np.float32))
 
     def global_desc(self, cls_tok: np.ndarray, pmean: np.ndarray) -> np.ndarray:
-        g = np.concatenate([(cls_tok - self.cls_mean) / self.cls_scale, (pmean - self.pm_mean) / self.pm_scale], axis=-1)
+        g = np.concatenate([(cls_tok - self.cls_mean) / self.cls_scale, (pmean - self.pm_mean) / self.pm_scale],
+                           axis=-1)
         return l2n(g).astype(np.float32)
 
     def project_cells(self, cells: np.ndarray) -> np.ndarray:
@@ -175,7 +178,8 @@ class DinoProjection:
     @classmethod
     def load(cls, path: Path) -> "DinoProjection":
         with np.load(path) as z:
-            return cls(z["cls_mean"], float(z["cls_scale"]), z["pm_mean"], float(z["pm_scale"]), z["cell_mean"], z["components"])
+            return cls(z["cls_mean"], float(z["cls_scale"]), z["pm_mean"], float(z["pm_scale"]), z["cell_mean"],
+                       z["components"])
 
 
 class PatchStore:
@@ -373,7 +377,8 @@ class TextStore:
         # 3 ms at 100k records against 0.5 ms for this).
         restrict = tantivy.Query.const_score_query(tantivy.Query.boolean_query(
             [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, ROW_FIELD, int(r))) for r in rows]), 0.0)
-        q = tantivy.Query.boolean_query([(tantivy.Occur.Must, restrict), (tantivy.Occur.Should, self._terms_query(terms))])
+        q = tantivy.Query.boolean_query(
+            [(tantivy.Occur.Must, restrict), (tantivy.Occur.Should, self._terms_query(terms))])
         got_rows, got = self._collect(self.searcher.search(q, limit=len(rows), count=False))
         pos = {int(r): i for i, r in enumerate(rows)}
         for r, s in zip(got_rows.tolist(), got.tolist()):

@@ -94,7 +94,8 @@ class IndexWriter:
             self._write_dino(dino_cls, dino_mean, dino_cells)
 
     def reject(self, where: str, rid: str | None, reason: str, detail: str = "") -> None:
-        self.rejects.write(json.dumps({"record": where, "id": rid, "reason": reason, "detail": detail}, ensure_ascii=False) + "\n")
+        self.rejects.write(
+            json.dumps({"record": where, "id": rid, "reason": reason, "detail": detail}, ensure_ascii=False) + "\n")
         self.reject_reasons[reason] += 1
 
     # ------------------------------------------------------------------------------------------ internals

@@ -86,12 +86,14 @@ def add_model_args(p: argparse.ArgumentParser, with_profile: bool = True) -> Non
     """--models, --device and the local weights options shared by commands that load models."""
     if with_profile:
         p.add_argument("--models", default=None, metavar="PROFILE", choices=PROFILES.names(),
-                       help=f"model profile: {', '.join(PROFILES.names())} (default: 'default' to build; the index's own to query)")
+                       help=f"model profile: {', '.join(PROFILES.names())} "
+                            "(default: 'default' to build; the index's own to query)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--clip-weights", default=None, metavar="PATH",
                    help="local CLIP weights file or folder (env ATTRIB_CLIP_WEIGHTS); default: Hugging Face cache/hub")
     p.add_argument("--dino-weights", default=None, metavar="PATH",
-                   help="local DINOv2 weights file or folder (env ATTRIB_DINO_WEIGHTS); default: Hugging Face cache/hub")
+                   help="local DINOv2 weights file or folder (env ATTRIB_DINO_WEIGHTS); "
+                        "default: Hugging Face cache/hub")
 
 
 # --------------------------------------------------------------------------------------------- index / info
@@ -187,7 +189,8 @@ def add_commands(sub) -> None:
     s.add_argument("--workers", type=int_in(0, 256), default=None, help="image decoding threads (default 2)")
     s.add_argument("--patch-grid", type=int_in(1, 64), default=None,
                    help="pooled DINOv2 patch grid side, at most the model's patch grid (default 8)")
-    s.add_argument("--patch-dims", type=int_in(1, 4096), default=None, help="PCA dims per stored patch cell (default 64)")
+    s.add_argument("--patch-dims", type=int_in(1, 4096), default=None,
+                   help="PCA dims per stored patch cell (default 64)")
     s.add_argument("--max-pixels", type=int_in(1, 2_000_000_000), default=None,
                    help="reject larger images (default 40,000,000)")
     s.add_argument("--ann", choices=("auto", "flat", "ivf"), default=None, help="faiss structure (default auto)")

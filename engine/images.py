@@ -128,7 +128,9 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits(), draft: int | None 
     return decode(read_bytes(ref, limits), limits, draft)
 
 
-def encoder_inputs(source: bytes | Image.Image, limits: ImageLimits, clip_spec, dino_spec) -> tuple[np.ndarray, np.ndarray]:
+def encoder_inputs(
+    source: bytes | Image.Image, limits: ImageLimits, clip_spec, dino_spec
+) -> tuple[np.ndarray, np.ndarray]:
     """The two uint8 encoder inputs of an image: the one preparation shared by indexing and querying, so that
     the same file gives the same pixels on both sides. ``source`` is encoded bytes or an in-memory image;
     the specs have ``size`` and ``resize`` (see ``_encoders.InputSpec``)."""

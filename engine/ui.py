@@ -40,7 +40,9 @@ class _RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(label: str, total: int | None, enabled: bool = True, unit: str = "rec") -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    label: str, total: int | None, enabled: bool = True, unit: str = "rec"
+) -> Iterator[Callable[[int], None]]:
     """Yields ``advance(n)``; shows ``unit``s per second and the time left on stderr."""
     if not enabled:
         yield lambda n: None

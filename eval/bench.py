@@ -65,7 +65,9 @@ def _require(df: pl.DataFrame, file: str, cols: dict[str, tuple]) -> None:
         if c not in df.columns:
             raise BenchmarkError(f"{file} has no column {c!r}; its columns are {', '.join(df.columns)}")
         if df.schema[c] not in types:
-            raise BenchmarkError(f"{file} column {c!r} has type {df.schema[c]}, expected {' or '.join(map(str, types))}")
+            raise BenchmarkError(
+                f"{file} column {c!r} has type {df.schema[c]}, expected {' or '.join(map(str, types))}"
+            )
 
 
 def _duplicates(s: pl.Series) -> list[str]:
@@ -87,8 +89,8 @@ def load_benchmark(path: str | os.PathLike, check_images: bool = True) -> Benchm
         raise BenchmarkError(f"cannot read the benchmark tables in {p}: {e}") from None
     s, n = (pl.String,), (pl.String, pl.Null)
     _require(corpus, CORPUS, {"id": s, "image": n, "caption": n})
-    _require(queries, QUERIES, {"query_id": s, "image": n, "prompt": n, "relevant": (pl.List(pl.String), pl.List(pl.Null)),
-                                "kind": s, "split": s})
+    _require(queries, QUERIES, {"query_id": s, "image": n, "prompt": n,
+                                "relevant": (pl.List(pl.String), pl.List(pl.Null)), "kind": s, "split": s})
     corpus = corpus.with_columns(pl.col("caption").fill_null(""), pl.col("image").cast(pl.String))
     queries = queries.with_columns(pl.col("prompt").fill_null(""), pl.col("image").cast(pl.String),
                                    pl.col("relevant").cast(pl.List(pl.String)).fill_null([]))

@@ -50,7 +50,8 @@ def print_evaluation(result: dict) -> None:
     c.print(k)
     nv = result["novel"]
     d = Table(title=f"'no source' detection (thresholds calibrated on tune at FAR {nv['target_far']})")
-    for col in ("ranker", "threshold", "false attribution (novel)", "detection (with source)", "correct top-1 + detected"):
+    for col in ("ranker", "threshold", "false attribution (novel)", "detection (with source)",
+                "correct top-1 + detected"):
         d.add_column(col, justify="right" if col != "ranker" else "left")
     for n in ranker_order():
         x = nv["rankers"][n]
@@ -199,7 +200,8 @@ def add_commands(sub) -> None:
 
     s = bs.add_parser("synth", help="generate the synthetic memorization benchmark")
     s.add_argument("out")
-    s.add_argument("--train", type=int_in(10, 10_000_000), default=2000, help="training records (default 2000, at least 10)")
+    s.add_argument("--train", type=int_in(10, 10_000_000), default=2000,
+                   help="training records (default 2000, at least 10)")
     s.add_argument("--queries", type=int_in(6, 10_000_000), default=1000,
                    help="queries (default 1000, at least 6: one per kind)")
     s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
@@ -212,16 +214,22 @@ def add_commands(sub) -> None:
     s = bs.add_parser("run", help="score every ranker alone and fused on a benchmark")
     _common(s)
     s.add_argument("--split", choices=("test", "tune", "all"), default="test")
-    s.add_argument("--weights", default=None, help="fusion weights file (default: shipped weights for these models, else RRF); 'rrf' for plain RRF")
-    s.add_argument("--report", default=None, metavar="DIR", help="write bench.json, recall_at_k.png and hard_cases.html")
+    s.add_argument("--weights", default=None,
+                   help="fusion weights file (default: shipped weights for these models, else RRF); "
+                        "'rrf' for plain RRF")
+    s.add_argument("--report", default=None, metavar="DIR",
+                   help="write bench.json, recall_at_k.png and hard_cases.html")
     s.set_defaults(func=cmd_run)
 
-    s = bs.add_parser("import-memorized", help="benchmark from a memorized-prompt CSV (LAION caption, URL, VM/TM, index)")
+    s = bs.add_parser("import-memorized",
+                      help="benchmark from a memorized-prompt CSV (LAION caption, URL, VM/TM, index)")
     s.add_argument("csv", help="memorized prompts CSV (columns Caption;URL;type;...;Index)")
     s.add_argument("--out", required=True)
-    s.add_argument("--unmemorized", default=None, help="CSV of non-memorized captions: half become corpus distractors, half novel queries")
+    s.add_argument("--unmemorized", default=None,
+                   help="CSV of non-memorized captions: half become corpus distractors, half novel queries")
     s.add_argument("--fetch", action="store_true", help="try to download the images by URL (short timeouts)")
-    s.add_argument("--timeout", type=float_in(0.1, 600.0), default=5.0, help="seconds per URL when fetching (default 5)")
+    s.add_argument("--timeout", type=float_in(0.1, 600.0), default=5.0,
+                   help="seconds per URL when fetching (default 5)")
     s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--json", action="store_true")
@@ -231,5 +239,6 @@ def add_commands(sub) -> None:
     _common(t)
     t.add_argument("--out", required=True, metavar="WEIGHTS", help="weights file to write")
     t.add_argument("--metric", type=_metric, default="map@100",
-                   help="metric that selects the regularisation (default map@100): recall@K, success@K, ndcg@K, map@K, mrr")
+                   help="metric that selects the regularisation (default map@100): "
+                        "recall@K, success@K, ndcg@K, map@K, mrr")
     t.set_defaults(func=cmd_tune)

@@ -155,7 +155,7 @@ def _read_csv(path: Path, required: tuple[str, ...], memorized: bool, skipped: l
             label = fields[0].strip() if label_col is not None and fields[0].strip() else str(position)
             position += 1
 
-            def get(c: str) -> str:
+            def get(c: str, fields: list[str] = fields) -> str:
                 i = col.get(c)
                 return fields[i] if i is not None and i < len(fields) else ""
 
@@ -411,7 +411,9 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
     if out.exists() and not out.is_dir():
         raise BenchmarkError(f"output {str(out)!r} exists and is not a folder")
     if is_nonempty(out) and not overwrite:
-        raise BenchmarkError(f"output folder {str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise BenchmarkError(
+            f"output folder {str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
 
     skipped: list[dict] = []
     duplicates: list[dict] = []

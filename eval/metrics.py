@@ -4,9 +4,8 @@ Conventions
 -----------
 * A *ranking* is a list of record ids (``str``), best first. A *relevant set* is a set of ids
   (binary relevance: an id is either a source of the query image or not).
-* :func:`rank_ids` orders ids by score descending and breaks ties by id ascending, so a ranking is
-  deterministic whatever order the scores arrived in (like trec_eval's deterministic tie-break).
-  NaN scores are dropped. Duplicated ids are kept as given (the metrics handle them, see below).
+* Rankings are taken as given. The engine produces them with one tie rule everywhere (score descending,
+  then record row ascending, i.e. source order: ``engine.ranking_order``).
 * Duplicated ids in a ranking count only at their first position: later copies are removed before
   a metric is computed, so they neither score nor take up a rank (``[a, a, b]`` is read as
   ``[a, b]``).
@@ -56,7 +55,6 @@ __all__ = [
     "ndcg_at",
     "parse_metric",
     "per_query",
-    "rank_ids",
     "recall_at",
     "recall_curve",
     "reciprocal_rank",
@@ -68,16 +66,6 @@ MetricFn = Callable[[Sequence[str], Collection[str]], float]
 
 # --------------------------------------------------------------------------------------------
 # rankings
-
-
-def rank_ids(ids: Sequence[str], scores: Sequence[float] | np.ndarray) -> list[str]:
-    """Order ``ids`` by score descending, ties by id ascending; NaN scores are dropped."""
-    score_list = np.asarray(scores, dtype=np.float64).ravel().tolist()
-    if len(ids) != len(score_list):
-        raise ValueError(f"ids and scores differ in length: {len(ids)} ids, {len(score_list)} scores")
-    pairs = [(s, i) for i, s in zip(ids, score_list) if not math.isnan(s)]
-    pairs.sort(key=lambda p: (-p[0], p[1]))
-    return [i for _, i in pairs]
 
 
 def _check_k(k: int, name: str = "k") -> int:

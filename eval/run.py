@@ -106,7 +106,8 @@ def ensure_index(bench: Benchmark, index: str | os.PathLike | None, models: str 
     if missing:
         raise AttribError(
             f"index {idx.path} lacks {len(missing)} corpus records that queries of {bench.path} point to (e.g. "
-            f"{', '.join(missing[:5])}); it was built from another corpus, or they were rejected (see its rejects.jsonl)"
+            f"{', '.join(missing[:5])}); it was built from another corpus, "
+            "or they were rejected (see its rejects.jsonl)"
         )
     return idx
 
@@ -203,7 +204,9 @@ def fused_ranking(run: QueryRun, fusion: Fusion, k: int = DEPTH) -> tuple[list[s
     return [str(run.pool_ids[i]) for i in order], float(scores[order[0]])
 
 
-def all_rankings(runs: list[QueryRun], fusions: dict[str, Fusion]) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, float]]]:
+def all_rankings(
+    runs: list[QueryRun], fusions: dict[str, Fusion]
+) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, float]]]:
     """ranker -> query -> ids, and ranker -> query -> top score, for single rankers and each fusion."""
     rankings: dict[str, dict[str, list[str]]] = {n: {} for n in (*main_rankers(), *fusions)}
     tops: dict[str, dict[str, float]] = {n: {} for n in rankings}
@@ -254,7 +257,8 @@ def detection(runs: list[QueryRun], rankings, tops, thresholds: dict[str, float 
             continue
         nt = np.array([tops[n][r.query_id] for r in novel], np.float64)
         st = np.array([tops[n][r.query_id] for r in sourced], np.float64)
-        ok = np.array([bool(rankings[n][r.query_id]) and rankings[n][r.query_id][0] in r.relevant for r in sourced], bool)
+        ok = np.array([bool(rankings[n][r.query_id]) and rankings[n][r.query_id][0] in r.relevant for r in sourced],
+                      bool)
         out[n] = {
             "threshold": _num(thr) if math.isfinite(thr) else None,
             "false_attribution_rate": _num(M.false_attribution_rate(nt, thr)) if len(nt) else None,
@@ -306,7 +310,8 @@ def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "
     for kind in sorted({r.kind for r in runs}):
         kr = [r for r in runs if r.kind == kind]
         if any(not r.novel for r in kr):
-            by_kind[kind], _ = metric_table(kr, {n: {r.query_id: v[r.query_id] for r in kr} for n, v in rankings.items()}, names)
+            by_kind[kind], _ = metric_table(
+                kr, {n: {r.query_id: v[r.query_id] for r in kr} for n, v in rankings.items()}, names)
         else:
             det = detection(kr, {n: {r.query_id: v[r.query_id] for r in kr} for n, v in rankings.items()},
                             {n: {r.query_id: v[r.query_id] for r in kr} for n, v in tops.items()}, thresholds)
@@ -318,7 +323,8 @@ def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "
         "split": split,
         "metrics": {n: {k: _num(v) for k, v in values[n].items()} for n in ranker_order()},
         "ci95": {n: cis[n] for n in ranker_order()},
-        "by_kind": {k: {n: {mm: _num(v) for mm, v in d[n].items()} for n in ranker_order()} for k, d in by_kind.items()},
+        "by_kind": {k: {n: {mm: _num(v) for mm, v in d[n].items()} for n in ranker_order()}
+                    for k, d in by_kind.items()},
         "novel": {
             "target_far": target_far,
             "calibrated_on": "tune",
@@ -450,7 +456,8 @@ def write_report(ev: Evaluation, idx: Index, folder: str | os.PathLike) -> dict[
     from engine.report.html import write_hard_cases_report
 
     notes = [f"Fusion: {ev.result['fusion']['fused']['note']}",
-             f"Split {ev.result['split']}: {ev.result['n_queries']} queries ({ev.result['novel']['n_novel']} without a source)."]
+             f"Split {ev.result['split']}: {ev.result['n_queries']} queries "
+             f"({ev.result['novel']['n_novel']} without a source)."]
     write_hard_cases_report(hard_cases(ev, idx), paths["html"], f"Hardest cases: {Path(ev.result['benchmark']).name}",
                             idx.models_info.to_dict(), notes)
     return paths

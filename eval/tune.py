@@ -104,7 +104,7 @@ def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", targ
             ranks = {q: v[0] for q, v in _score_runs(held, _weights(w, b, mu, sd, specs, models)).items()}
             scores.append(metric_of(held, ranks, metric))
         cv[l2] = float(np.nanmean(scores))
-    best = max(L2_GRID, key=lambda l: (cv[l], l))  # ties: the stronger regularisation
+    best = max(L2_GRID, key=lambda reg: (cv[reg], reg))  # ties: the stronger regularisation
     mu, sd = standardization(X)
     w, b = fit_logistic(standardize(X, mu, sd), y, best)
     weights = _weights(w, b, mu, sd, specs, models)

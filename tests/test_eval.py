@@ -53,10 +53,12 @@ def _copy(bench: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda c, q: (c, q.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(["nope"])).otherwise(pl.col("relevant")).alias("relevant"))),
+    (lambda c, q: (c, q.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(["nope"]))
+                                     .otherwise(pl.col("relevant")).alias("relevant"))),
      r"relevant ids are not in corpus.parquet, e.g. .* -> nope"),
     (lambda c, q: (pl.concat([c, c.head(1)]), q), "duplicate ids: t000000"),
-    (lambda c, q: (c, q.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("dev")).otherwise(pl.col("split")).alias("split"))),
+    (lambda c, q: (c, q.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("dev"))
+                                     .otherwise(pl.col("split")).alias("split"))),
      r"split values \['dev'\]"),
     (lambda c, q: (c.drop("caption"), q), "no column 'caption'"),
     (lambda c, q: (c, pl.concat([q, q.head(1)])), "duplicate query ids"),
@@ -110,7 +112,8 @@ def test_bench_run_json_schema_and_report(bench, cache, tmp_path, capsys):
                                                      "correct_detection_rate"}
     assert out["models"]["profile"] == "tiny" and out["models"]["pretrained"] is False
     # without weights for these models, fused is RRF, and it says so
-    assert out["metrics"]["fused"] == out["metrics"]["rrf"] and "reciprocal rank fusion" in out["fusion"]["fused"]["note"]
+    assert (out["metrics"]["fused"] == out["metrics"]["rrf"]
+            and "reciprocal rank fusion" in out["fusion"]["fused"]["note"])
     rep = tmp_path / "rep"
     assert json.loads((rep / "bench.json").read_text()) == out
     assert (rep / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -149,7 +152,8 @@ def test_tuning_never_reads_the_test_split(bench, bidx, tmp_path, tiny):
     ids = pl.read_parquet(bad / "corpus.parquet")["id"].to_list()
     q = q.with_columns(
         pl.when(test).then(pl.lit("utterly different words")).otherwise(pl.col("prompt")).alias("prompt"),
-        pl.when(test).then(pl.lit(pl.read_parquet(bad / "corpus.parquet")["image"][0])).otherwise(pl.col("image")).alias("image"),
+        pl.when(test).then(pl.lit(pl.read_parquet(bad / "corpus.parquet")["image"][0]))
+        .otherwise(pl.col("image")).alias("image"),
         pl.when(test).then(pl.lit([ids[-1]])).otherwise(pl.col("relevant")).alias("relevant"),
     )
     q.write_parquet(bad / "queries.parquet")

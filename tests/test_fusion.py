@@ -59,7 +59,8 @@ def test_weighted_fusion_matches_hand_computation():
 def test_weights_file_round_trip_and_validation(tmp_path):
     w = FusionWeights(features=["clip", "dino_patch:z", "bm25:rr"], weights=[1.5, -0.25, 3.0], bias=0.1,
                       mean=[0.1, 0.0, 0.01], std=[0.2, 1.0, 0.005], models={"fingerprint": "abc", "profile": "tiny"},
-                      threshold=0.7, threshold_rule="target FAR 0.05 on tune", provenance={"benchmark": "b", "metric": "map@100"})
+                      threshold=0.7, threshold_rule="target FAR 0.05 on tune",
+                      provenance={"benchmark": "b", "metric": "map@100"})
     w.save(tmp_path / "w.json")
     d = json.loads((tmp_path / "w.json").read_text())
     assert d["format"] == "attrib-fusion-weights" and d["version"] == 1
@@ -85,3 +86,21 @@ def test_weights_file_round_trip_and_validation(tmp_path):
         FusionWeights.load(tmp_path / "none.json")
     with pytest.raises(engine.ModelMismatchError, match="learned for models abc"):
         back.check_models("def")
+
+
+def test_one_tie_rule_everywhere_score_then_row():
+    """Ties are broken by record row ascending (source order) by every ranking of the engine."""
+    from engine import Ranking, ranking_order
+    from engine.fusion import Fusion
+
+    rows = np.array([30, 10, 20, 40], np.int64)
+    scores = np.array([0.5, 0.5, 0.9, NAN])
+    assert ranking_order(rows, np.where(np.isfinite(scores), scores, -np.inf)).tolist() == [2, 1, 0, 3]
+    r = Ranking.from_scores("x", rows, scores, k=10)
+    assert r.rows.tolist() == [20, 10, 30]  # NaN dropped; 10 before 30 at equal scores
+    # within a pool (rows ascending) the per-ranker ranks and RRF follow the same rule
+    pool_rows = np.sort(rows)
+    assert ordinal_ranks(np.array([0.5, 0.9, 0.5, NAN])).tolist() == [2, 1, 3, 0]
+    pool = engine.Pool(pool_rows, {}, {"a": np.array([0.5, 0.5, 0.5, 0.5])})
+    fused = Fusion(None, 60).scores(pool)
+    assert ranking_order(pool.rows, fused).tolist() == [0, 1, 2, 3]  # strictly decreasing RRF by row

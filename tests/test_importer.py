@@ -43,7 +43,8 @@ def _write(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def _tricky_csv(path: Path) -> Path:
-    rows = [[cap, f"http://img.example/{idx}.jpg", kind, mean, mx, idx] for idx, (cap, kind, mean, mx) in TRICKY.items()]
+    rows = [[cap, f"http://img.example/{idx}.jpg", kind, mean, mx, idx]
+            for idx, (cap, kind, mean, mx) in TRICKY.items()]
     rows.insert(3, ["A different caption for an index seen before", "http://img.example/dup.jpg", "TM", "0.1",
                     "0.1", 102])  # row 3: duplicate Index
     rows.append(["   ", "http://img.example/empty.jpg", "VM", "0.9", "0.9", 107])  # row 7: empty caption
@@ -80,7 +81,8 @@ def test_import_tricky_csv(tmp_path):
     assert corpus["mean_sscd"].to_list() == [0.84, 0.19, 0.87, 0.92, None, 0.20]
     assert corpus["max_sscd"].to_list() == [0.85, 0.21, 0.87, 0.93, None, 0.22]
     # The duplicate Index kept its first caption.
-    assert corpus.filter(pl.col("id") == "laion-102")["caption"].item() == "Full body U-Zip; main opening on front of bag"
+    assert (corpus.filter(pl.col("id") == "laion-102")["caption"].item()
+            == "Full body U-Zip; main opening on front of bag")
 
     assert queries["query_id"].to_list() == [f"q-laion-{i}" for i in TRICKY]
     assert queries["prompt"].to_list() == [c for c, *_ in TRICKY.values()]
@@ -99,7 +101,8 @@ def test_import_tricky_csv(tmp_path):
     dup = summary["duplicates"]["rows"][0]
     assert (dup["row"], dup["index"], dup["file"]) == ("3", 102, "memorized.csv")
     assert summary["skipped"]["count"] == 2
-    assert [(s["row"], s["reason"]) for s in summary["skipped"]["rows"]] == [("7", "empty caption"), ("8", "missing Index")]
+    assert [(s["row"], s["reason"]) for s in summary["skipped"]["rows"]] == [
+        ("7", "empty caption"), ("8", "missing Index")]
     assert summary["rows"]["memorized"] == {"data_rows": 9, "skipped": 2, "duplicates": 1, "kept": 6}
     assert summary["sources"]["memorized"]["name"] == "memorized.csv"
     assert summary["sources"]["unmemorized"] is None

@@ -78,7 +78,8 @@ def test_tables(tmp_path, tiny, fmt, caption_col, image_col):
 
 def test_tar_shards_in_a_folder(tmp_path, tiny):
     (tmp_path / "src").mkdir()
-    caps = world.tar_shard(tmp_path / "src" / "00000.tar", 4) + world.tar_shard(tmp_path / "src" / "00001.tar", 3, start=4)
+    caps = (world.tar_shard(tmp_path / "src" / "00000.tar", 4)
+            + world.tar_shard(tmp_path / "src" / "00001.tar", 3, start=4))
     s = build(tmp_path / "src", tmp_path / "idx", tiny)
     assert (s.records, s.images) == (7, 7)
     df = records(tmp_path / "idx")
@@ -139,7 +140,8 @@ def test_missing_files_duplicates_and_size_limit_in_a_table(tmp_path, tiny):
         "caption": ["x", "y", "z", "w", "v"],
     })
     df.write_parquet(root / "t.parquet")
-    s = build(root / "t.parquet", tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, max_pixels=150 * 150))
+    s = build(root / "t.parquet", tmp_path / "idx", tiny,
+              settings=engine.IndexSettings(pca_sample=8, max_pixels=150 * 150))
     assert s.records == 2
     reasons = {r["record"]: r["reason"] for r in rejects(tmp_path / "idx")}
     assert reasons == {"row 2 of t.parquet": "duplicate id", "row 3 of t.parquet": "missing file",
@@ -172,7 +174,8 @@ def test_cli_reports_bad_sources_clearly(tmp_path, capsys):
     assert "neither an image column" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "t.csv"), "--out", str(tmp_path / "i"), "--models", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "--models: invalid choice: 'nope'" in err and "'default', 'offline', 'tiny'" in err and len(err.splitlines()) == 1
+    assert ("--models: invalid choice: 'nope'" in err and "'default', 'offline', 'tiny'" in err
+            and len(err.splitlines()) == 1)
 
 
 def test_overwrite_rules(tmp_path, tiny):
@@ -250,7 +253,8 @@ def test_manifest_round_trip_and_info(tmp_path, tiny, capsys):
     assert m["models"]["profile"] == "tiny" and m["untrained"] is True
     assert m["models"]["fingerprint"] == tiny.identity["fingerprint"]
     assert len(m["models"]["clip"]["weights_sha256"]) == 64
-    assert m["dims"] == {"clip": 64, "dino": 64, "dino_global": 128, "patch_grid": 8, "patch_cells": 64, "patch_dims": 64}
+    assert m["dims"] == {"clip": 64, "dino": 64, "dino_global": 128, "patch_grid": 8, "patch_cells": 64,
+                         "patch_dims": 64}
     assert m["counts"]["records"] == 5 and m["settings"]["patch_grid"] == 8
     assert {"torch", "faiss-cpu", "tantivy", "open_clip_torch", "timm"} <= set(m["versions"])
     assert main(["info", str(tmp_path / "idx"), "--json"]) == 0
@@ -318,7 +322,8 @@ def test_faiss_search_matches_brute_force(tmp_path, kind):
 # ------------------------------------------------------------------------------------------- models
 def test_profiles_share_architectures_and_tiny_is_deterministic(tiny):
     d, o = engine.get_profile("default"), engine.get_profile("offline")
-    assert (d.clip.arch, d.dino.arch, d.dino.img_size) == (o.clip.arch, o.dino.arch, o.dino.img_size) == ("ViT-B-32", "vit_small_patch14_dinov2", 224)
+    assert ((d.clip.arch, d.dino.arch, d.dino.img_size) == (o.clip.arch, o.dino.arch, o.dino.img_size)
+            == ("ViT-B-32", "vit_small_patch14_dinov2", 224))
     assert d.pretrained and not o.pretrained
     again = engine.load_encoders("tiny", device="cpu")
     assert again.identity == tiny.identity

@@ -124,7 +124,7 @@ def test_only_the_encoders_module_imports_torch():
 
 def test_no_silent_import_error_handlers():
     bad = []
-    for m, p in SOURCES.items():
+    for _m, p in SOURCES.items():
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ExceptHandler) and node.type is not None:
                 names = {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}

@@ -18,7 +18,6 @@ from eval.metrics import (
     ndcg_at,
     parse_metric,
     per_query,
-    rank_ids,
     recall_at,
     recall_curve,
     reciprocal_rank,
@@ -29,33 +28,6 @@ RANKING = ["a", "b", "c", "d", "e"]
 REL3 = {"a", "c", "e"}  # relevant at ranks 1, 3, 5
 
 L2, L3, L6 = math.log2(2), math.log2(3), math.log2(6)
-
-
-# ---------------------------------------------------------------------------------- rank_ids
-
-
-def test_rank_ids_ties_by_id_ascending():
-    # 0.9 first; "a" and "b" tie at 0.5 -> id ascending puts "a" before "b"
-    assert rank_ids(["b", "c", "a"], [0.5, 0.9, 0.5]) == ["c", "a", "b"]
-
-
-def test_rank_ids_independent_of_input_order():
-    ids = ["d", "a", "c", "b"]
-    scores = [1.0, 2.0, 1.0, 2.0]
-    # score 2.0: a, b (id order); score 1.0: c, d
-    assert rank_ids(ids, scores) == ["a", "b", "c", "d"]
-    assert rank_ids(ids[::-1], scores[::-1]) == ["a", "b", "c", "d"]
-
-
-def test_rank_ids_drops_nan_and_accepts_numpy():
-    scores = np.array([0.1, np.nan, -0.5, 0.3])
-    assert rank_ids(["a", "b", "c", "d"], scores) == ["d", "a", "c"]
-
-
-def test_rank_ids_empty_and_length_mismatch():
-    assert rank_ids([], []) == []
-    with pytest.raises(ValueError, match="length"):
-        rank_ids(["a", "b"], [1.0])
 
 
 # ---------------------------------------------------------------------------------- recall / success
@@ -257,7 +229,8 @@ def test_parse_metric_unusual_k():
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "map", "recall", "recall@", "recall@0", "recall@-1", "recall@1.5", "precision@5", "recall@k", "mrr@", "ndcg10"],
+    ["", "map", "recall", "recall@", "recall@0", "recall@-1", "recall@1.5", "precision@5", "recall@k", "mrr@",
+     "ndcg10"],
 )
 def test_parse_metric_bad_names(bad):
     with pytest.raises(ValueError, match="recall@K") as info:
@@ -512,3 +485,27 @@ def test_calibrated_threshold_roundtrip():
         # t is the smallest: the largest excluded score, if included, breaks the target
         below = np.nextafter(t, -np.inf)
         assert false_attribution_rate(novel, below) > far
+
+
+# ---------------------------------------------------------------------------------- independent cross-check
+def test_metrics_agree_with_trec_eval_on_random_runs():
+    """Our metrics against trec_eval (pytrec_eval) on 300 random queries: rankings of 1-60 ids, 1-8 relevant."""
+    import pytrec_eval  # a dev dependency: the check must not be skipped
+    rng = np.random.default_rng(2026)
+    runs, qrels = {}, {}
+    for qi in range(300):
+        pool = [f"d{j}" for j in rng.permutation(80)]
+        ranking = pool[: int(rng.integers(1, 61))]
+        relevant = set(rng.choice(pool, size=int(rng.integers(1, 9)), replace=False).tolist())
+        q = f"q{qi}"
+        runs[q] = {d: float(len(ranking) - i) for i, d in enumerate(ranking)}  # distinct scores: our order
+        qrels[q] = {d: 1 for d in relevant}
+    measures = {"recall.1", "recall.5", "recall.10", "map_cut.100", "recip_rank", "ndcg_cut.10", "success.1",
+                "success.10"}
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(runs)
+    ours = {"recall@1": "recall_1", "recall@5": "recall_5", "recall@10": "recall_10", "map@100": "map_cut_100",
+            "mrr": "recip_rank", "ndcg@10": "ndcg_cut_10", "success@1": "success_1", "success@10": "success_10"}
+    for q in runs:
+        ranking = sorted(runs[q], key=lambda d: -runs[q][d])
+        for name, key in ours.items():
+            assert parse_metric(name)(ranking, set(qrels[q])) == pytest.approx(theirs[q][key], abs=1e-9), (q, name)

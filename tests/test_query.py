@@ -233,7 +233,8 @@ def test_query_images_are_prepared_exactly_like_indexed_images(tmp_path, tiny):
     rgba.save(src / "alpha.png")
     for i in range(6):
         world.scene(10 + i)[0].save(src / f"other{i}.png")
-    engine.build_index(src, tmp_path / "idx", encoders=tiny, progress=False, settings=engine.IndexSettings(pca_sample=4))
+    engine.build_index(src, tmp_path / "idx", encoders=tiny, progress=False,
+                       settings=engine.IndexSettings(pca_sample=4))
     idx = engine.open_index(tmp_path / "idx")
     idx.use_encoders(tiny)
     for name in ("big.jpg", "alpha.png"):
@@ -243,7 +244,8 @@ def test_query_images_are_prepared_exactly_like_indexed_images(tmp_path, tiny):
             assert top.evidence["clip"] == pytest.approx(1.0, abs=2e-3)
             assert top.evidence["dino_patch"] == pytest.approx(1.0, abs=2e-3)
     # the path query is pixel-identical to what was indexed: cosine 1 up to fp16 storage
-    assert idx.query(image=src / "big.jpg", k=1, weights="rrf").results[0].evidence["dino"] == pytest.approx(1.0, abs=1e-3)
+    assert (idx.query(image=src / "big.jpg", k=1, weights="rrf").results[0].evidence["dino"]
+            == pytest.approx(1.0, abs=1e-3))
 
 
 def test_bm25_ranking_scores_equal_the_pool_rescoring(idx):

@@ -63,11 +63,13 @@ def long_caption_index(tmp_path, tiny):
 
 def test_registration_is_checked():
     with pytest.raises(ValueError, match="already computed by ranker 'clip'"):
-        register_ranker(type("Dup", (CaptionLengthRanker,), {"name": "dup", "features": (Feature("clip", "cosine", "x"),)}))
+        register_ranker(type("Dup", (CaptionLengthRanker,),
+                             {"name": "dup", "features": (Feature("clip", "cosine", "x"),)}))
     with pytest.raises(ValueError, match="unknown kind 'angle'"):
         register_ranker(type("Bad", (CaptionLengthRanker,), {"name": "bad", "features": (Feature("b", "angle", "x"),)}))
     with pytest.raises(ValueError, match="already registered"):
-        register_ranker(type("Clip2", (CaptionLengthRanker,), {"name": "clip", "features": (Feature("c2", "score", "x"),)}))
+        register_ranker(type("Clip2", (CaptionLengthRanker,),
+                             {"name": "clip", "features": (Feature("c2", "score", "x"),)}))
     assert "dup" not in RANKERS and "bad" not in RANKERS
 
 

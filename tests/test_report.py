@@ -231,7 +231,7 @@ def test_query_report_is_safe_embedded_and_small(copy_world, full_result, tmp_pa
     imgs = data_images(page)
     sources = {p.read_bytes() for p in (copy_world["root"] / "src" / "imgs").iterdir()}
     assert len(imgs) >= 2 * 18
-    for mime, data in imgs:
+    for _mime, data in imgs:
         assert data not in sources
         im = Image.open(io.BytesIO(data))
         assert max(im.size) <= VIEW_SIDE
@@ -271,7 +271,8 @@ def test_report_of_20_large_photos_stays_small(tiny, tmp_path):
     for i in range(22):
         (src / f"p{i}.jpg").write_bytes(world.jpeg_bytes(world.noise_photo(i), quality=95))
         (src / f"p{i}.txt").write_text(f"noise photo {i}", encoding="utf-8")
-    engine.build_index(src, tmp_path / "idx", encoders=tiny, progress=False, settings=engine.IndexSettings(pca_sample=16))
+    engine.build_index(src, tmp_path / "idx", encoders=tiny, progress=False,
+                       settings=engine.IndexSettings(pca_sample=16))
     idx = engine.open_index(tmp_path / "idx")
     idx.use_encoders(tiny)
     query = tmp_path / "q.png"
@@ -352,10 +353,12 @@ def test_known_copy_lights_up_where_it_sits(copy_world, full_result, tmp_path):
 
 def test_verdicts_and_shares(copy_world, full_result, tmp_path):
     res, idx = full_result, copy_world["index"]
-    note = "attribution shares are similarity-based estimates normalised over the results above the threshold, not causal claims"
+    note = ("attribution shares are similarity-based estimates normalised over the results above the threshold, "
+            "not causal claims")
     top = [dataclasses.replace(r, above_threshold=True, share=s) for r, s in zip(res.results[:2], (0.75, 0.25))]
     rest = [dataclasses.replace(r, above_threshold=False, share=None) for r in res.results[2:5]]
-    found = dataclasses.replace(res, results=top + rest, verdict=engine.Verdict(True, 0.5, 2, "Likely sources found", note))
+    found = dataclasses.replace(res, results=top + rest,
+                                verdict=engine.Verdict(True, 0.5, 2, "Likely sources found", note))
     page, a = audit(write_query_report(idx, found, tmp_path / "found.html"))
     assert_safe(page, a)
     assert '<p class="verdict good">Likely sources found</p>' in page
@@ -548,7 +551,8 @@ def test_report_in_headless_chromium(chromium, copy_world, tmp_path):
             scroll = driver.execute_script("return document.documentElement.scrollWidth")
             assert scroll <= inner, f"horizontal scrolling at {w}px: scrollWidth {scroll} > innerWidth {inner}"
             widest = driver.execute_script(
-                "return Math.max(...[...document.querySelectorAll('main *')].map(e => e.getBoundingClientRect().right))")
+                "return Math.max(...[...document.querySelectorAll('main *')]"
+                ".map(e => e.getBoundingClientRect().right))")
             assert widest <= inner + 0.5, f"an element sticks out at {w}px ({widest} > {inner})"
             for c in driver.find_elements(By.CSS_SELECTOR, "article.card"):
                 assert c.is_displayed() and 0 < c.size["width"] <= inner

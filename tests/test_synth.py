@@ -275,7 +275,7 @@ def test_pasted_regions_contain_source_pixels(bench, kind):
                 assert 0.55 <= (d1 - d0) / (x1 - x0) <= 1.05
             region = _pixels(query.crop(src["dst_box"]))
 
-            def diff(img: Image.Image) -> float:
+            def diff(img: Image.Image, region=region, src=src, d0=d0, d1=d1, e0=e0, e1=e1) -> float:
                 # an independent resampler: close to the generator's BILINEAR, not its exact code path
                 return float(np.abs(region - _pixels(img.crop(src["src_box"]).resize(
                     (d1 - d0, e1 - e0), Image.Resampling.BICUBIC))).mean())
@@ -310,7 +310,8 @@ def test_overwrite_refusal_and_replace(tmp_path):
     with pytest.raises(synth.SynthOptionError, match="already exists .a non-empty folder.; pass --overwrite"):
         synth.generate(out, train=10, queries=6, image_size=32, progress=False)
     # --overwrite replaces only what the generator wrote: a foreign folder is never wiped
-    with pytest.raises(synth.SynthOptionError, match="not written by `attrib bench synth` .no valid synth.json.; refusing"):
+    with pytest.raises(synth.SynthOptionError,
+                       match="not written by `attrib bench synth` .no valid synth.json.; refusing"):
         synth.generate(out, train=10, queries=6, image_size=32, progress=False, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine" and not (out / "synth.json").exists()
     (out / "keep.txt").unlink()

@@ -72,7 +72,8 @@ def image_folder(root: Path, n: int, sidecar: str = "txt", nested: bool = True, 
         if sidecar == "txt":
             (sub / f"{name}.txt").write_text(cap + "\n", encoding="utf-8")
         elif sidecar == "json":
-            (sub / f"{name}.json").write_text(json.dumps({"caption": cap, "url": f"http://x/{i}", "width": size}), encoding="utf-8")
+            (sub / f"{name}.json").write_text(json.dumps({"caption": cap, "url": f"http://x/{i}", "width": size}),
+                                              encoding="utf-8")
         caps.append(cap)
     return caps
 
@@ -87,7 +88,8 @@ def table(root: Path, n: int, fmt: str, caption_col: str = "caption", image_col:
         (root / "imgs" / f"{i}.png").write_bytes(png_bytes(im))
         rows.append({"id": f"rec-{i}", image_col: f"imgs/{i}.png", caption_col: cap, "score": float(i) / 10})
     for j in range(caption_only):
-        rows.append({"id": f"txt-{j}", image_col: None, caption_col: f"caption only record {j} about a purple kite", "score": 0.0})
+        rows.append({"id": f"txt-{j}", image_col: None, caption_col: f"caption only record {j} about a purple kite",
+                     "score": 0.0})
     df = pl.DataFrame(rows, schema={"id": pl.String, image_col: pl.String, caption_col: pl.String, "score": pl.Float64})
     if not with_id:
         df = df.drop("id")
@@ -109,7 +111,8 @@ def tar_shard(path: Path, n: int, start: int = 0) -> list[str]:
             im, cap = scene(500 + start + i)
             key = f"{start + i:09d}"
             for name, data in ((f"{key}.jpg", jpeg_bytes(im)), (f"{key}.txt", cap.encode()),
-                               (f"{key}.json", json.dumps({"key": key, "url": f"http://x/{key}", "caption": cap}).encode())):
+                               (f"{key}.json",
+                                json.dumps({"key": key, "url": f"http://x/{key}", "caption": cap}).encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
@@ -131,7 +134,8 @@ def hostile_files(folder: Path) -> dict[str, str]:
     """One file of each bad kind; returns {file name: expected reason}."""
     folder.mkdir(parents=True, exist_ok=True)
     good, _ = scene(999)
-    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 255, 500, dtype=np.uint8)))
+    (folder / "corrupt.jpg").write_bytes(
+        b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 255, 500, dtype=np.uint8)))
     full = jpeg_bytes(good)
     (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (folder / "notimage.png").write_text("this is a text file pretending to be a png", encoding="utf-8")

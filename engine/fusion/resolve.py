@@ -96,6 +96,8 @@ def resolve_fusion(weights: Any, fingerprint: str, where: str, rrf_k: int = 60) 
     elif isinstance(weights, (str, os.PathLike)):
         w = FusionWeights.load(weights)
     else:
-        raise FusionWeightsError(f"weights must be 'auto', 'rrf', a file path or FusionWeights, not {type(weights).__name__}")
+        raise FusionWeightsError(
+            f"weights must be 'auto', 'rrf', a file path or FusionWeights, not {type(weights).__name__}"
+        )
     w.check_models(fingerprint, where)
     return Fusion(w, rrf_k, f"learned weights from {w.name}")

@@ -96,9 +96,14 @@ class FusionWeights:
     def from_dict(cls, d: dict, name: str = "") -> "FusionWeights":
         """Validate and build weights from a parsed file; every refusal names the file and the problem."""
         if not isinstance(d, dict) or d.get("format") != WEIGHTS_FORMAT:
-            raise FusionWeightsError(f"{name or 'weights'} is not an attrib fusion weights file (format {d.get('format') if isinstance(d, dict) else None!r})")
+            raise FusionWeightsError(
+                f"{name or 'weights'} is not an attrib fusion weights file "
+                f"(format {d.get('format') if isinstance(d, dict) else None!r})"
+            )
         if d.get("version") != WEIGHTS_VERSION:
-            raise FusionWeightsError(f"{name} has weights format version {d.get('version')!r}; this engine reads {WEIGHTS_VERSION}")
+            raise FusionWeightsError(
+                f"{name} has weights format version {d.get('version')!r}; this engine reads {WEIGHTS_VERSION}"
+            )
         try:
             w = cls(
                 features=list(d["features"]), weights=[float(x) for x in d["weights"]], bias=float(d["bias"]),
@@ -111,7 +116,9 @@ class FusionWeights:
             raise FusionWeightsError(f"weights file {name} is damaged: {e.__class__.__name__}: {e}") from None
         n = len(w.features)
         if not (len(w.weights) == len(w.mean) == len(w.std) == n) or n == 0:
-            raise FusionWeightsError(f"weights file {name} is damaged: features, weights, mean and std differ in length")
+            raise FusionWeightsError(
+                f"weights file {name} is damaged: features, weights, mean and std differ in length"
+            )
         if any(s <= 0 for s in w.std):
             raise FusionWeightsError(f"weights file {name} is damaged: a standardisation std is not positive")
         for spec in w.features:

@@ -198,7 +198,8 @@ def banner(models: dict | None, warnings: Iterable[str] = ()) -> str:
     text = untrained_text(models, warnings)
     if text is None:
         return ""
-    return f'<div class="banner" role="alert"><strong>⚠ Untrained weights: not a real attribution</strong>{esc(text)}</div>'
+    return ('<div class="banner" role="alert"><strong>⚠ Untrained weights: not a real attribution</strong>'
+            f'{esc(text)}</div>')
 
 
 def prompt_html(prompt: str | None) -> str:

@@ -33,7 +33,8 @@ def print_build_summary(s) -> None:
             f"in {s.seconds:.1f}s ({s.throughput:.1f} records/s)")
     if s.rejected:
         reasons = ", ".join(f"{n} {escape(r)}" for r, n in sorted(s.reject_reasons.items(), key=lambda kv: -kv[1]))
-        c.print(f"[yellow]skipped {s.rejected} records[/yellow] ({reasons}); see {escape(str(s.index_dir / 'rejects.jsonl'))}")
+        c.print(f"[yellow]skipped {s.rejected} records[/yellow] ({reasons}); "
+                f"see {escape(str(s.index_dir / 'rejects.jsonl'))}")
     else:
         c.print("skipped 0 records")
     if s.ignored_files:
