@@ -32,3 +32,46 @@ def tiny_index(tmp_path_factory, tiny):
     out = root / "index"
     engine.build_index(root / "src", out, encoders=tiny, progress=False, settings=engine.IndexSettings(pca_sample=16))
     return out
+
+
+@pytest.fixture(scope="session")
+def idx(tiny_index, tiny):
+    """The shared tiny index, opened once with the tiny encoders."""
+    import engine
+
+    i = engine.open_index(tiny_index)
+    i.use_encoders(tiny)
+    return i
+
+
+# --------------------------------------------------------------------------------------------- benchmarks
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A private ATTRIB_CACHE for the session (benchmark indexes and query encodings are cached there)."""
+    d = tmp_path_factory.mktemp("attrib-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTRIB_CACHE", str(d))
+    yield d
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory, cache):
+    """A small synthetic benchmark folder (80 training images, 60 queries)."""
+    from eval.synth import generate
+
+    out = tmp_path_factory.mktemp("bench") / "synth"
+    generate(out, train=80, queries=60, seed=3, image_size=96, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bidx(bench, tiny):
+    """(Benchmark, Index) of the small synthetic benchmark, indexed with the tiny models."""
+    from eval.bench import load_benchmark
+    from eval.run import ensure_index
+
+    b = load_benchmark(bench)
+    i = ensure_index(b, None, "tiny", progress=False)
+    i.use_encoders(tiny)
+    return b, i

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.fusion import FusionWeights, feature_matrix, normalize, ordinal_ranks, rrf
+from engine.fusion import FusionWeights, feature_matrix, fit_logistic, normalize, ordinal_ranks, rrf
 
 NAN = float("nan")
 
@@ -104,3 +104,14 @@ def test_one_tie_rule_everywhere_score_then_row():
     pool = engine.Pool(pool_rows, {}, {"a": np.array([0.5, 0.5, 0.5, 0.5])})
     fused = Fusion(None, 60).scores(pool)
     assert ranking_order(pool.rows, fused).tolist() == [0, 1, 2, 3]  # strictly decreasing RRF by row
+
+
+def test_logistic_fit_is_sane_on_separable_and_collinear_data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 1))
+    Z = np.hstack([x, x, -x])  # perfectly collinear copies
+    y = (x[:, 0] > 0).astype(float)  # separable
+    w, b = fit_logistic(Z, y, l2=1.0)
+    assert np.all(np.isfinite(w)) and abs(b) < 1.0 and np.abs(w).max() < 20
+    s = Z @ w + b
+    assert ((s > 0) == (y > 0)).mean() == 1.0

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from engine._stores import DinoProjection, PatchStore, cell_similarities, l2n, patch_scores
+from engine._stores import DinoProjection, PatchStore, VectorStore, build_faiss, cell_similarities, l2n, patch_scores
 
 
 def brute_patch_scores(q: np.ndarray, c: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,3 +91,21 @@ def test_record_metadata_is_served_in_request_order_across_batches(tmp_path, tin
     assert got["caption"][0] == "caption number 19999" and got["image"].null_count() == len(rows)
     assert r.ids[12_345] == "r12345" and len(r.ids) == n
     assert r.records(np.zeros(0, np.int64)).height == 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_faiss_search_matches_brute_force(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    x = l2n(rng.standard_normal((2000, 32)).astype(np.float32))
+    info = build_faiss(x, tmp_path / "v.faiss", kind)
+    if kind == "ivf":
+        info["nprobe"] = info["nlist"]  # probe every list: exhaustive, so it must equal brute force
+    store = VectorStore(tmp_path / "v.faiss", info)
+    q = l2n(rng.standard_normal((5, 32)).astype(np.float32))
+    scores, slots = store.search(q, 10)
+    x16 = x.astype(np.float16).astype(np.float32)  # the stores keep fp16 codes
+    brute = q @ x16.T
+    want = np.argsort(-brute, axis=1)[:, :10]
+    np.testing.assert_array_equal(slots, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, want, 1), atol=1e-4)
+    np.testing.assert_allclose(store.vectors(np.array([3, 1999])), x16[[3, 1999]], atol=1e-6)

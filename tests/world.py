@@ -216,3 +216,34 @@ def copy_corpus(root: Path, seed: int = 0, n_scenes: int = 26, n_large: int = 2)
     (root / "query.png").write_bytes(png_bytes(q))
     return {"table": path, "query": root / "query.png", "source_id": "copy-src", "doomed_id": "doomed",
             "doomed_image": imgs / "doomed.png", "caption_only_id": "text-only", "hostile_ids": hostile_ids}
+
+
+# --------------------------------------------------------------------------------------------- index helpers
+BUILD_SETTINGS = None  # engine.IndexSettings(pca_sample=8, batch_size=8), made on first use
+
+
+def build(src, out, tiny, **kw):
+    """Build an index with the tiny encoders, small settings and no progress bar."""
+    import engine
+
+    global BUILD_SETTINGS
+    if BUILD_SETTINGS is None:
+        BUILD_SETTINGS = engine.IndexSettings(pca_sample=8, batch_size=8)
+    settings = kw.pop("settings", BUILD_SETTINGS)
+    return engine.build_index(src, out, encoders=tiny, progress=False, settings=settings, **kw)
+
+
+def records(out: Path) -> pl.DataFrame:
+    return pl.read_parquet(out / "records.parquet")
+
+
+def rejects(out: Path) -> list[dict]:
+    from engine._layout import path_of
+
+    return [json.loads(x) for x in (out / path_of("rejects")).read_text(encoding="utf-8").splitlines()]
+
+
+def source_image(index_dir: Path, n: int) -> str:
+    """The image path of record ``imgNNNN`` of an index built from :func:`image_folder`."""
+    df = pl.read_parquet(index_dir / "records.parquet")
+    return df.filter(pl.col("id").str.contains(f"img{n:04d}"))["image"][0]

@@ -1,0 +1,151 @@
+"""engine._ingest through builds: every input kind (folders with sidecars, tar shards, tables), stable ids, and bad
+records rejected by name while the rest is indexed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import world
+from world import build, records, rejects
+
+import engine
+from engine._manifest import read_manifest
+from engine.cli import main
+
+
+def test_folder_with_txt_sidecars(tmp_path, tiny):
+    caps = world.image_folder(tmp_path / "src", 6, sidecar="txt")
+    s = build(tmp_path / "src", tmp_path / "idx", tiny)
+    assert (s.records, s.images, s.rejected) == (6, 6, 0)
+    df = records(tmp_path / "idx")
+    assert sorted(df["caption"].to_list()) == sorted(caps)
+    assert set(df["id"]) == {f"part{i % 2}/img{i:04d}.{'jpg' if i % 2 else 'png'}" for i in range(6)}
+    assert all(Path(p).is_file() for p in df["image"])
+
+
+def test_folder_with_json_sidecars_keeps_extra_fields(tmp_path, tiny):
+    caps = world.image_folder(tmp_path / "src", 4, sidecar="json", nested=False)
+    (tmp_path / "src" / "notes.pdf").write_bytes(b"%PDF-1.4")
+    s = build(tmp_path / "src", tmp_path / "idx", tiny)
+    df = records(tmp_path / "idx")
+    assert sorted(df["caption"].to_list()) == sorted(caps)
+    meta = json.loads(df["meta"][0])
+    assert meta["url"].startswith("http://x/") and meta["width"] == 96
+    assert s.ignored_files == ["notes.pdf"]
+
+
+@pytest.mark.parametrize("fmt,caption_col,image_col", [("parquet", "caption", "image"), ("csv", "text", "path"),
+                                                        ("jsonl", "TEXT", "image")])
+def test_tables(tmp_path, tiny, fmt, caption_col, image_col):
+    path = world.table(tmp_path / "src", 5, fmt, caption_col=caption_col, image_col=image_col, caption_only=2)
+    s = build(path, tmp_path / "idx", tiny)
+    assert (s.records, s.images) == (7, 5)
+    df = records(tmp_path / "idx")
+    assert df["id"].to_list()[:5] == [f"rec-{i}" for i in range(5)]
+    assert df.filter(pl.col("image").is_null())["id"].to_list() == ["txt-0", "txt-1"]
+    assert df["score"].dtype == pl.Float64  # extra columns keep their type
+    m = read_manifest(tmp_path / "idx")
+    assert m["counts"]["caption_only"] == 2
+
+
+def test_tar_shards_in_a_folder(tmp_path, tiny):
+    (tmp_path / "src").mkdir()
+    caps = (world.tar_shard(tmp_path / "src" / "00000.tar", 4)
+            + world.tar_shard(tmp_path / "src" / "00001.tar", 3, start=4))
+    s = build(tmp_path / "src", tmp_path / "idx", tiny)
+    assert (s.records, s.images) == (7, 7)
+    df = records(tmp_path / "idx")
+    assert df["caption"].to_list() == caps
+    assert df["id"][0] == "00000.tar::000000000.jpg"
+    # the stored reference reopens the member for reports
+    from engine.images import load_image
+
+    assert load_image(df["image"][0]).size == (96, 96)
+
+
+def test_benchmark_corpus_table_with_relative_paths(tmp_path, tiny):
+    bench = tmp_path / "bench"
+    (bench / "images").mkdir(parents=True)
+    rows = []
+    for i in range(4):
+        im, cap = world.scene(i)
+        im.save(bench / "images" / f"{i}.png")
+        rows.append({"id": f"c{i}", "image": f"images/{i}.png", "caption": cap})
+    rows.append({"id": "c-text", "image": None, "caption": "text only"})
+    pl.DataFrame(rows).write_parquet(bench / "corpus.parquet")
+    s = build(bench / "corpus.parquet", tmp_path / "idx", tiny)
+    assert (s.records, s.images) == (5, 4)
+
+
+def test_ids_are_stable_across_runs(tmp_path, tiny):
+    path = world.table(tmp_path / "src", 4, "csv", with_id=False, caption_only=2)
+    world.image_folder(tmp_path / "folder", 3)
+    for src in (path, tmp_path / "folder"):
+        build(src, tmp_path / "a", tiny, overwrite=True)
+        build(src, tmp_path / "b", tiny, overwrite=True)
+        a, b = records(tmp_path / "a")["id"].to_list(), records(tmp_path / "b")["id"].to_list()
+        assert a == b and len(set(a)) == len(a)
+    assert a[0] == "part0/img0000.png"
+
+
+def test_each_bad_record_is_rejected_and_the_rest_indexed(tmp_path, tiny):
+    src = tmp_path / "src"
+    world.image_folder(src, 5, nested=False)
+    expected = world.hostile_files(src)
+    s = build(src, tmp_path / "idx", tiny)
+    assert s.records == 5 and s.rejected == len(expected)
+    got = {Path(r["record"]).name: r["reason"] for r in rejects(tmp_path / "idx")}
+    assert got == expected
+    assert read_manifest(tmp_path / "idx")["counts"]["rejected"] == len(expected)
+
+
+def test_missing_files_duplicates_and_size_limit_in_a_table(tmp_path, tiny):
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(3):
+        world.scene(i)[0].save(root / f"{i}.png")
+    world.scene(7, size=200)[0].save(root / "big.png")
+    df = pl.DataFrame({
+        "id": ["a", "b", "a", "c", "d"],
+        "image": ["0.png", "1.png", "2.png", "gone.png", "big.png"],
+        "caption": ["x", "y", "z", "w", "v"],
+    })
+    df.write_parquet(root / "t.parquet")
+    s = build(root / "t.parquet", tmp_path / "idx", tiny,
+              settings=engine.IndexSettings(pca_sample=8, max_pixels=150 * 150))
+    assert s.records == 2
+    reasons = {r["record"]: r["reason"] for r in rejects(tmp_path / "idx")}
+    assert reasons == {"row 2 of t.parquet": "duplicate id", "row 3 of t.parquet": "missing file",
+                       "row 4 of t.parquet": "image too large (decompression bomb)"}
+
+
+def test_empty_corpus_fails_and_writes_nothing(tmp_path, tiny):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(engine.EmptyCorpusError, match="no records"):
+        build(tmp_path / "empty", tmp_path / "idx", tiny)
+    assert not (tmp_path / "idx").exists()
+    assert not list(tmp_path.glob(".idx.building-*"))
+
+
+def test_fully_rejected_corpus_fails_with_the_reasons(tmp_path, tiny):
+    world.hostile_files(tmp_path / "bad")
+    with pytest.raises(engine.EmptyCorpusError, match="rejected.*not an image"):
+        build(tmp_path / "bad", tmp_path / "idx", tiny)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_cli_reports_bad_sources_clearly(tmp_path, capsys):
+    assert main(["index", str(tmp_path / "nope"), "--out", str(tmp_path / "i"), "--models", "tiny"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "x.xlsx").write_bytes(b"PK")
+    assert main(["index", str(tmp_path / "x.xlsx"), "--out", str(tmp_path / "i"), "--models", "tiny"]) == 2
+    assert "unknown source type" in capsys.readouterr().err
+    pl.DataFrame({"foo": [1]}).write_csv(tmp_path / "t.csv")
+    assert main(["index", str(tmp_path / "t.csv"), "--out", str(tmp_path / "i"), "--models", "tiny"]) == 2
+    assert "neither an image column" in capsys.readouterr().err
+    assert main(["index", str(tmp_path / "t.csv"), "--out", str(tmp_path / "i"), "--models", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert ("--models: invalid choice: 'nope'" in err and "'default', 'offline', 'tiny'" in err
+            and len(err.splitlines()) == 1)
