@@ -19,7 +19,7 @@ from ._settings import QuerySettings
 from ._threads import single_threaded_blas
 from ._verdict import verdict
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
-from .rankers import RANKERS, QueryInput, Ranking, create_ranker, main_rankers, ranker_names, ranking_order
+from .rankers import RANKERS, QueryInput, Ranking, RowFilter, create_ranker, main_rankers, ranker_names, ranking_order
 from .results import Attribution, Candidate, ModelsInfo, clean_number
 
 
@@ -133,13 +133,14 @@ class Index:
         return self._encoder.add_terms(q)
 
     # ------------------------------------------------------------------------------------------ ranking
-    def rank(self, ranker: str, q: QueryInput, k: int) -> Ranking:
+    def rank(self, ranker: str, q: QueryInput, k: int, exclude=None) -> Ranking:
         """One ranker on its own: its first stage reranked by its own score.
 
         Args:
             ranker: a registered ranker name (``engine.RANKERS``).
             q: an encoded query (:meth:`encode_query`).
             k: how many results to keep.
+            exclude: record rows that must not come back (e.g. held out for calibration).
         Returns:
             A :class:`Ranking` of record rows, best first (empty when the ranker cannot take part).
         Raises:
@@ -149,11 +150,12 @@ class Index:
         """
         RANKERS.get(ranker)  # raises with the valid names
         with single_threaded_blas():
-            return self.rankers[ranker].search(q, k)
+            return self.rankers[ranker].search(q, k, RowFilter.of(self.reader, exclude))
 
-    def pool(self, q: QueryInput, depth: int | None = None) -> Pool:
-        """Union of every available first-stage ranker's top ``depth`` candidates, every feature for each."""
-        return self._pool.build(q, depth or self.settings.depth)
+    def pool(self, q: QueryInput, depth: int | None = None, exclude=None) -> Pool:
+        """Union of every available first-stage ranker's top ``depth`` candidates, every feature for each;
+        rows of ``exclude`` never enter."""
+        return self._pool.build(q, depth or self.settings.depth, RowFilter.of(self.reader, exclude))
 
     def resolve_fusion(self, weights: Any = "auto") -> Fusion:
         """``"auto"``: the shipped weights learned for this index's models, else RRF; ``"rrf"``/None: RRF;
@@ -162,7 +164,7 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ answers
     def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
-               timings: dict | None = None) -> Attribution:
+               timings: dict | None = None, exclude=None) -> Attribution:
         """Rank the index for an encoded query (the search-only path of :meth:`query`).
 
         Args:
@@ -171,6 +173,7 @@ class Index:
             weights: ``"auto"``, ``"rrf"``, a weights file or :class:`FusionWeights` (see :meth:`resolve_fusion`).
             fusion: an already-resolved fusion (overrides ``weights``).
             timings: timings (ms) measured so far, carried into the result.
+            exclude: record rows that must not come back (e.g. held out for calibration).
         Returns:
             An :class:`Attribution` (``to_dict()`` gives the documented JSON).
         Raises:
@@ -180,11 +183,11 @@ class Index:
             >>> index.search(q, k=5, weights="rrf").results[0].id  # doctest: +SKIP
         """
         with single_threaded_blas():
-            return self._search(q, k, fusion or self.resolve_fusion(weights), dict(timings or {}))
+            return self._search(q, k, fusion or self.resolve_fusion(weights), dict(timings or {}), exclude)
 
-    def _search(self, q: QueryInput, k: int, fusion: Fusion, timings: dict) -> Attribution:
+    def _search(self, q: QueryInput, k: int, fusion: Fusion, timings: dict, exclude) -> Attribution:
         t0 = time.perf_counter()
-        pool = self.pool(q, max(self.settings.depth, k))
+        pool = self.pool(q, max(self.settings.depth, k), exclude)
         timings.update(pool.timings)
         t = time.perf_counter()
         fused = fusion.scores(pool)

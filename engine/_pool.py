@@ -10,7 +10,7 @@ import numpy as np
 
 from ._reader import IndexReader
 from ._threads import single_threaded_blas
-from .rankers import Candidates, QueryInput, Ranker, nan_array, ranking_order
+from .rankers import Candidates, QueryInput, Ranker, RowFilter, nan_array, ranking_order
 
 
 @dataclass
@@ -36,10 +36,10 @@ class CandidatePool:
         self.rankers = rankers
         self.worker = worker
 
-    def build(self, q: QueryInput, depth: int) -> Pool:
+    def build(self, q: QueryInput, depth: int, exclude: RowFilter | None = None) -> Pool:
         """Each first-stage ranker contributes its best ``depth`` candidates. A ranker that reranks a deeper
         first stage (``first_stage_depth``, e.g. dino's patch rerank of its ``dino_rerank`` neighbours) keeps
-        its best ``depth`` by its own score, exactly as it does alone."""
+        its best ``depth`` by its own score, exactly as it does alone. Rows of ``exclude`` never enter."""
         pending: list[Future] = []
 
         def later(fn, *args) -> Future:
@@ -52,9 +52,10 @@ class CandidatePool:
             with single_threaded_blas():
                 firsts = [r for r in self.rankers.values() if r.first_stage and r.available(q)]
                 wanted = {r.name: r.first_stage_depth(depth) for r in firsts}
-                side = {r.name: later(r.candidates, q, wanted[r.name]) for r in firsts if r.dense_query(q) is None}
+                side = {r.name: later(r.first_stage_rows, q, wanted[r.name], exclude)
+                        for r in firsts if r.dense_query(q) is None}
                 raw: dict[str, np.ndarray] = self._dense_first_stages(q, [r for r in firsts if r.name not in side],
-                                                                      wanted)
+                                                                      wanted, exclude)
                 raw.update({n: f.result() for n, f in side.items()})
                 union = np.unique(np.concatenate(list(raw.values()))) if raw else np.zeros(0, np.int64)
                 t1 = time.perf_counter()
@@ -76,7 +77,7 @@ class CandidatePool:
         return Pool(union, feats, main, {"candidates": (t1 - t0) * 1e3, "features": (t2 - t1) * 1e3})
 
     def _dense_first_stages(
-        self, q: QueryInput, rankers: list[Ranker], wanted: dict[str, int]
+        self, q: QueryInput, rankers: list[Ranker], wanted: dict[str, int], exclude: RowFilter | None
     ) -> dict[str, np.ndarray]:
         """One batched faiss search per vector store for every ranker searching it (identical query vectors,
         e.g. clip's text fallback and clip_text, are searched once)."""
@@ -98,7 +99,7 @@ class CandidatePool:
                     j = len(uniq) - 1
                 which.append(j)
             n = max(wanted[name] for name, _ in items)
-            _, slots = vs.search(np.stack(uniq), n)
+            _, slots = vs.search(np.stack(uniq), n, None if exclude is None else exclude.slots)
             for (name, _), j in zip(items, which):
                 s = slots[j][: wanted[name]]
                 out[name] = self.reader.slots_to_rows(s[s >= 0])

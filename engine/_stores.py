@@ -98,13 +98,22 @@ class VectorStore:
         self.ntotal = int(self.index.ntotal)
         self.dim = int(self.index.d)
 
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, slots) for each query row; slots are -1 where fewer than k exist."""
+    def search(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, slots) for each query row; slots are -1 where fewer than k exist. ``exclude``: slots that
+        must not come back (deleted or masked records), skipped inside faiss, so k results still come back."""
         q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
         k = max(1, min(k, self.ntotal))
         if self.ntotal == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-        return self.index.search(q, k)
+        if exclude is None or len(exclude) == 0:
+            return self.index.search(q, k)
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        return self.index.search(q, k, params=params)
 
     def vectors(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)

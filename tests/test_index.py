@@ -148,3 +148,21 @@ def test_query_images_are_prepared_exactly_like_indexed_images(tmp_path, tiny):
     # the path query is pixel-identical to what was indexed: cosine 1 up to fp16 storage
     assert (idx.query(image=src / "big.jpg", k=1, weights="rrf").results[0].evidence["dino"]
             == pytest.approx(1.0, abs=1e-3))
+
+
+def test_excluded_rows_never_come_back(idx, tiny_index):
+    """Masking (calibration holds records out): excluded rows leave every ranker, the pool and the results, and
+    the rankers still fill k from the rest."""
+    q = idx.encode_query(source_image(tiny_index, 9), "a red circle on a blue background")
+    full = idx.search(q, k=10, weights="rrf")
+    top = [c.row for c in full.results[:3]]
+    res = idx.search(q, k=10, weights="rrf", exclude=top)
+    assert len(res.results) == 10 and not set(top) & {c.row for c in res.results}
+    assert not set(top) & set(idx.pool(q, exclude=top).rows.tolist())
+    for name in engine.rankers.ranker_names():
+        r = idx.rank(name, q, 5, exclude=top)
+        assert not set(top) & set(r.rows.tolist()), name
+        if len(idx.rank(name, q, 8)) >= 8:
+            assert len(r) == 5, name
+    with pytest.raises(engine.QueryInputError, match="rows to exclude"):
+        idx.search(q, exclude=[10_000])

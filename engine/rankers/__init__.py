@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .._reader import IndexReader
 from .._settings import QuerySettings
-from . import bm25, clip, dino  # noqa: E402,F401 - the built-in rankers register themselves (in this order)
+from . import bm25, clip, dino  # noqa: F401 - the built-in rankers register themselves (display order: Ranker.order)
 from ._base import (
     KINDS,
     RANKING_COLUMNS,
@@ -15,6 +15,7 @@ from ._base import (
     QueryInput,
     Ranker,
     Ranking,
+    RowFilter,
     dense_candidates,
     nan_array,
     ranking_order,
@@ -36,6 +37,7 @@ def create_ranker(name: str, reader: IndexReader, settings: QuerySettings | None
     return RANKERS.get(name)(reader, settings)
 
 
-__all__ = ["RANKERS", "KINDS", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates", "RANKING_COLUMNS",
+__all__ = ["RANKERS", "KINDS", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates", "RowFilter",
+           "RANKING_COLUMNS",
            "create_ranker", "register_ranker", "main_rankers", "pool_rankers", "features", "feature_names",
            "feature_specs", "get_feature", "ranker_names", "ranking_order", "dense_candidates", "nan_array"]

@@ -113,6 +113,47 @@ def nan_array(n: int) -> np.ndarray:
     return np.full(n, np.nan, np.float32)
 
 
+#: How many extra first-stage results a ranker without an in-engine filter (BM25) fetches at most to make up
+#: for excluded rows it has to drop afterwards.
+MAX_EXCLUDED_OVERFETCH = 10_000
+
+
+class RowFilter:
+    """Record rows that must not come back from any ranker or the pool (masked for calibration, or deleted).
+    Vector searches skip them inside faiss; other first stages fetch more and drop them."""
+
+    def __init__(self, reader: IndexReader, rows: np.ndarray) -> None:
+        self.rows = np.unique(np.asarray(rows, np.int64))
+        slots = reader.rows_to_slots(self.rows) if len(self.rows) else np.zeros(0, np.int64)
+        self.slots = np.sort(slots[slots >= 0])
+
+    @classmethod
+    def of(cls, reader: IndexReader, rows) -> "RowFilter | None":
+        """A filter for ``rows`` (None when there is nothing to exclude)."""
+        if rows is None or isinstance(rows, RowFilter):
+            return rows
+        rows = np.asarray(rows, np.int64).ravel()
+        if len(rows) and (rows.min() < 0 or rows.max() >= reader.n_records):
+            from .._errors import QueryInputError
+
+            raise QueryInputError(f"rows to exclude must be in 0..{reader.n_records - 1}")
+        return cls(reader, rows) if len(rows) else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keep(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``rows`` are not excluded."""
+        rows = np.asarray(rows, np.int64)
+        if not len(self.rows) or not len(rows):
+            return np.ones(len(rows), bool)
+        pos = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return self.rows[pos] != rows
+
+    def overfetch(self, n: int) -> int:
+        return n + min(len(self.rows), MAX_EXCLUDED_OVERFETCH)
+
+
 class Candidates:
     """A set of candidate rows and what rankers read about them, gathered once and shared by every ranker
     that featurizes them (the slot of each row, stored vectors, patch cells). Safe to use from the helper
@@ -207,23 +248,32 @@ class Ranker(ABC):
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         """This ranker's own score from the features (NaN = not ranked)."""
 
-    def search(self, q: QueryInput, k: int) -> Ranking:
+    def first_stage_rows(self, q: QueryInput, n: int, exclude: RowFilter | None = None) -> np.ndarray:
+        """Up to ``n`` first-stage rows, best first, none of them excluded."""
+        dq = self.dense_query(q)
+        if dq is not None:
+            return dense_candidates(self.reader, dq[0], dq[1], n, exclude)
+        if exclude is None:
+            return self.candidates(q, n)
+        rows = self.candidates(q, exclude.overfetch(n))
+        return rows[exclude.keep(rows)][:n]
+
+    def search(self, q: QueryInput, k: int, exclude: RowFilter | None = None) -> Ranking:
         """This ranker alone: its first stage, reranked by its own score."""
         if k <= 0 or not self.available(q):
             return Ranking.empty(self.name)
-        n = self.first_stage_depth(k)
-        dq = self.dense_query(q)
-        rows = dense_candidates(self.reader, dq[0], dq[1], n) if dq is not None else self.candidates(q, n)
+        rows = self.first_stage_rows(q, self.first_stage_depth(k), exclude)
         if len(rows) == 0:
             return Ranking.empty(self.name)
         return Ranking.from_scores(self.name, rows, self.score(self.featurize(q, Candidates(self.reader, rows))), k)
 
 
-def dense_candidates(reader: IndexReader, store: str, vec: np.ndarray | None, n: int) -> np.ndarray:
+def dense_candidates(reader: IndexReader, store: str, vec: np.ndarray | None, n: int,
+                     exclude: RowFilter | None = None) -> np.ndarray:
     """Top-n record rows of a vector store for one query vector."""
     vs = getattr(reader, store)
     if vec is None or vs.ntotal == 0 or n <= 0:
         return np.zeros(0, np.int64)
-    _, slots = vs.search(vec[None, :], n)
+    _, slots = vs.search(vec[None, :], n, None if exclude is None else exclude.slots)
     slots = slots[0]
     return reader.slots_to_rows(slots[slots >= 0])

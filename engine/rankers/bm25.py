@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Candidates, Feature, QueryInput, Ranker, Ranking
+from ._base import Candidates, Feature, QueryInput, Ranker, Ranking, RowFilter
 from ._registry import register_ranker
 
 
@@ -28,11 +28,14 @@ class Bm25Ranker(Ranker):
         rows, _ = self.reader.text.search(q.get("terms"), n)
         return rows
 
-    def search(self, q: QueryInput, k: int) -> Ranking:
+    def search(self, q: QueryInput, k: int, exclude: RowFilter | None = None) -> Ranking:
         """Tantivy's own ranking: its scores are the feature values, so no second (rescoring) query is needed."""
         if k <= 0 or not self.available(q):
             return Ranking.empty(self.name)
-        rows, scores = self.reader.text.search(q.get("terms"), k)
+        rows, scores = self.reader.text.search(q.get("terms"), k if exclude is None else exclude.overfetch(k))
+        if exclude is not None:
+            keep = exclude.keep(rows)
+            rows, scores = rows[keep], scores[keep]
         return Ranking.from_scores(self.name, rows, self.score({"bm25": scores}), k)
 
     def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
