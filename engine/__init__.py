@@ -18,6 +18,7 @@ from ._errors import (
     AttribError,
     EmptyCorpusError,
     FusionWeightsError,
+    IndexBusyError,
     IndexFormatError,
     ModelMismatchError,
     QueryInputError,
@@ -28,6 +29,7 @@ from ._errors import (
 from ._explain import Correspondence
 from ._index import Index, open_index
 from ._info import index_info
+from ._maintain import CompactSummary, DeleteSummary, VerifyReport, compact, delete_records, verify
 from ._manifest import FORMAT_VERSION as INDEX_FORMAT_VERSION
 from ._manifest import library_versions, now_iso
 from ._pool import Pool
@@ -55,12 +57,14 @@ from .results import Attribution, Candidate, ModelsInfo, Verdict
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_index", "open_index", "index_info", "Index", "IndexWriter", "BuildSummary", "Attribution", "Candidate",
+    "build_index", "open_index", "index_info", "delete_records", "compact", "verify", "DeleteSummary",
+    "CompactSummary", "VerifyReport", "Index", "IndexWriter", "BuildSummary", "Attribution", "Candidate",
     "Verdict", "ModelsInfo", "Correspondence", "Fusion", "FusionWeights", "Pool", "IndexSettings", "QuerySettings",
     "PROFILES", "ModelProfile", "get_profile", "RANKERS", "register_ranker", "main_rankers", "pool_rankers",
     "features", "feature_names", "feature_specs", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates",
     "ranking_order", "ENCODINGS", "ARRAY_ENCODINGS", "AttribError", "SourceError", "EmptyCorpusError",
-    "IndexFormatError", "ModelMismatchError", "QueryInputError", "FusionWeightsError", "UnknownNameError",
+    "IndexFormatError", "IndexBusyError", "ModelMismatchError", "QueryInputError", "FusionWeightsError",
+    "UnknownNameError",
     "WeightsUnavailableError", "load_encoders", "cache_root", "library_versions", "now_iso", "INDEX_FORMAT_VERSION",
 ]
 

@@ -1,7 +1,9 @@
-"""Building an index folder: ingestion -> parallel decoding -> batched encoding -> stores -> manifest.
+"""Building an index: ingestion -> parallel decoding -> batched encoding -> the writer's segments.
 
-The folder is written under a hidden temporary name next to the target and renamed into place only when
-complete (manifest last), so an interrupted or crashed build never leaves a folder that looks valid.
+A build commits a segment (and a new manifest generation) every ``--chunk`` images, recording how many source
+records it has consumed, so a build killed at any moment (Ctrl-C, SIGTERM, kill -9, power loss) resumes from its
+last commit when the same command runs again; readers only ever see committed generations. ``--overwrite``
+builds beside the old index and swaps when complete (see ``engine._txn``); ``--append`` adds to an index.
 """
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import collections
 import contextlib
 import json
 import os
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,10 +22,13 @@ import numpy as np
 from ._errors import AttribError, EmptyCorpusError
 from ._ingest import Record, Source, open_source
 from ._layout import MANIFEST, path_of
+from ._lock import LOCK_NAME
+from ._manifest import now_iso, read_manifest
 from ._profiles import get_profile
 from ._settings import IndexSettings
+from ._txn import manifest_state, recover, staging_path, swap_in
 from ._writer import IndexWriter
-from .files import staged_folder
+from .files import remove
 from .images import ImageLimits, ImageRejected, encoder_inputs, read_bytes
 from .ui import progress_bar
 
@@ -32,24 +36,31 @@ from .ui import progress_bar
 @dataclass
 class BuildSummary:
     index_dir: Path
-    records: int  # records indexed (with or without image)
-    images: int  # records with an encoded image
-    rejected: int  # records skipped (see rejects.jsonl)
+    records: int  # live records in the index after this command (with or without image)
+    images: int  # live records with an encoded image
+    rejected: int  # records skipped, over the index's whole history (see rejects.jsonl)
     reject_reasons: dict[str, int]  # reason -> count
     ignored_files: list[str]  # files in a folder source that were neither images nor sidecars
-    seconds: float  # wall time of the whole build
-    encode_seconds: float  # time spent inside the encoders
+    seconds: float  # wall time of this command
+    encode_seconds: float  # time spent inside the encoders by this command
     manifest: dict = field(default_factory=dict)
+    encoded_this_run: int = 0  # images this command encoded (a resumed build skips what was committed)
+    added_this_run: int = 0  # records this command added
+    mode: str = "build"  # build, resume, append or overwrite
+    segments: int = 0  # segments the index is made of
 
     @property
     def throughput(self) -> float:
-        return self.records / self.seconds if self.seconds else 0.0
+        return self.added_this_run / self.seconds if self.seconds else 0.0
+
+    @property
+    def deleted(self) -> int:
+        return int(self.manifest.get("counts", {}).get("deleted", 0))
 
 
 # --------------------------------------------------------------------------------------------- pipeline
-def _prefetch(
-    items: Iterable[Record], fn: Callable[[Record], object], workers: int, window: int
-) -> Iterator[tuple[Record, object]]:
+def _prefetch(items: Iterable[Record], fn: Callable[[Record], object], workers: int,
+              window: int) -> Iterator[tuple[Record, object]]:
     """Ordered parallel map with a bounded number of items in flight."""
     if workers <= 0:
         for it in items:
@@ -71,33 +82,62 @@ def _prefetch(
                 f.cancel()
 
 
-def _stale_builds(out: Path) -> None:
-    """Remove temporary folders left by builds of ``out`` whose process is gone (a kill -9, a power cut)."""
-    for p in out.parent.glob(f".{out.name}.building-*"):
-        try:
-            pid = int(p.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except (ValueError, IndexError):
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            continue
+#: Files and folders an index folder may hold (anything else means the folder is not ours).
+_OURS = {MANIFEST, LOCK_NAME, "text", "segments", "codebooks", "deletes", "rejects.jsonl", "calibration.json"}
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
+def _is_ours(folder: Path) -> bool:
+    """A folder that holds only what an attrib build writes (e.g. a build killed before its first commit)."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return False
+    return names <= _OURS and bool(names & {"text", "segments", LOCK_NAME})
+
+
+def _plan(out: Path, overwrite: bool, append: bool, src_info: dict) -> tuple[str, Path]:
+    """(mode, folder to write): "build" (new), "resume" (an unfinished build of the same source), "append",
+    or "overwrite" (a new index built beside the old one, swapped in when complete)."""
+    recover(out)
+    if out.exists() and not out.is_dir():
         raise AttribError(f"{out} exists and is a file; choose another --out")
-    if not any(out.iterdir()):
-        return
-    is_index = (out / MANIFEST).exists()
+    state = manifest_state(out) if out.exists() else "none"
+    if state == "none":
+        if append:
+            raise AttribError(f"--append needs an existing index, and {out} is not one; build it first with "
+                              f"`attrib index SOURCE --out {out}`")
+        if out.exists() and any(out.iterdir()) and not _is_ours(out):
+            raise AttribError(f"{out} is a non-empty folder that is not an attrib index; refusing to write into it"
+                              f"{' or replace it' if overwrite else ''}. Choose another --out")
+        return "build", out
+    if state == "damaged":
+        raise AttribError(f"{out} has a manifest that cannot be read (a damaged index, or not an attrib index); "
+                          f"refusing to replace it. Remove it yourself if it is an index you no longer need")
+    m = read_manifest(out)
+    if state == "unfinished" and not overwrite:
+        prev = (m["build"].get("source") or {})
+        if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]:
+            return "resume", out
+        if prev.get("path") == src_info["path"]:
+            raise AttribError(f"the source {src_info['path']} changed since its build into {out} was interrupted; "
+                              f"pass --overwrite to start again")
+        raise AttribError(f"{out} holds an unfinished build of {prev.get('path')}; run `attrib index "
+                          f"{prev.get('path')} --out {out}` to finish it, or pass --overwrite to replace it")
+    if append:
+        if state != "complete":
+            raise AttribError(f"{out} has an unfinished build; finish it first, then append")
+        return "append", out
     if not overwrite:
-        what = "an index" if is_index else "a non-empty folder"
-        raise AttribError(f"{out} already exists ({what}); pass --overwrite to replace it, or choose another --out")
-    if not is_index:
-        raise AttribError(f"{out} is a non-empty folder that is not an attrib index; refusing to replace it")
+        raise AttribError(f"{out} already exists (an index of {(m['build'].get('source') or {}).get('path')}); "
+                          f"pass --overwrite to replace it, --append to add records to it, or choose another --out")
+    staged = staging_path(out)
+    if staged.exists() and manifest_state(staged) == "unfinished":
+        prev = read_manifest(staged)["build"].get("source") or {}
+        if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]:
+            return "overwrite", staged  # resume the interrupted replacement build
+    if staged.exists():
+        remove(staged)
+    return "overwrite", staged
 
 
 def build_index(
@@ -108,21 +148,29 @@ def build_index(
     device: str | None = None,
     settings: IndexSettings | None = None,
     overwrite: bool = False,
+    append: bool = False,
     progress: bool = True,
     clip_weights: str | None = None,
     dino_weights: str | None = None,
     encoders=None,
 ) -> BuildSummary:
-    """Index a training set into the folder ``out``.
+    """Index a training set into the folder ``out`` (or add one to it).
+
+    A build commits a segment every ``settings.chunk`` images: killed at any moment, the same command run again
+    continues from its last commit. ``overwrite`` builds the new index beside the old one and swaps it in when
+    complete (the old one is never lost, even by a crash in the middle); ``append`` adds the records of
+    ``source`` to an existing index built with the same models.
 
     Args:
         source: a folder of images with .txt/.json sidecars (img2dataset folder output, .tar shards inside
             are read too), a .tar shard, or a parquet/CSV/JSONL table with LAION-style columns.
-        out: the index folder to create.
+        out: the index folder.
         models: the model profile (``default``: pretrained; ``offline``/``tiny``: untrained, for trying things).
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
-        settings: index settings (batch size, patch grid, ANN structure, limits...).
+        settings: index settings (batch size, chunk, codec, patch grid, limits...); ignored when appending or
+            resuming (the index keeps its own).
         overwrite: replace an existing index at ``out``.
+        append: add the records of ``source`` to the existing index at ``out`` (ids it already has are rejected).
         progress: show a progress bar on stderr.
         clip_weights, dino_weights: local weights files or folders for the pretrained profile.
         encoders: already-loaded encoders (``engine.load_encoders``) instead of ``models``.
@@ -132,6 +180,7 @@ def build_index(
         SourceError: the source is missing or cannot be read.
         EmptyCorpusError: nothing could be indexed (every record was rejected, or there are none).
         AttribError: ``out`` exists and may not be replaced, or an option is invalid.
+        IndexBusyError: another process is writing ``out``.
         WeightsUnavailableError: pretrained weights cannot be found.
     Example:
         >>> s = build_index("photos/", "my-index", models="offline")  # doctest: +SKIP
@@ -141,37 +190,86 @@ def build_index(
     settings = settings or IndexSettings()
     if encoders is None:
         get_profile(models)  # an unknown profile fails before any slow work
+    if overwrite and append:
+        raise AttribError("--overwrite and --append exclude each other")
     out = Path(out).expanduser().absolute()
-    src = open_source(source, settings.max_bytes)
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _stale_builds(out)
+    known = _known_counts(out)
+    src = open_source(source, settings.max_bytes, known_counts=known)
+    src_info = {"path": str(Path(source).expanduser().absolute()), "kind": src.kind, "fingerprint": src.fingerprint,
+                "records": src.count, "started": now_iso()}
+    mode, folder = _plan(out, overwrite, append, src_info)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     if encoders is None:
         from ._encoders import Encoders
 
         encoders = Encoders(models, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
-    with staged_folder(out, "building") as tmp:  # renamed into place only when complete
-        writer = IndexWriter(tmp, encoders.identity, settings, src.extra_columns)
-        try:
-            encode_s = _run_pipeline(src, writer, encoders, settings, progress)
-            if writer.n_rows == 0:
-                writer.rejects.flush()
-                raise EmptyCorpusError(_empty_message(src, tmp))
-            manifest = writer.finalize({"path": str(Path(source).expanduser().absolute()), "kind": src.kind,
-                                        "ignored_files": len(src.ignored)})
-        except BaseException:
-            writer.abort()
-            raise
+    _check_patch_grid(settings, encoders)
+    writer = IndexWriter(folder, encoders.identity, settings, src.extra_columns, expected_images=src.count or 0,
+                         source=src_info)
+    skip = 0
+    if mode in ("resume", "overwrite") and writer.manifest is not None:
+        skip = int(writer.manifest["build"].get("consumed", 0))
+        writer.source = writer.manifest["build"].get("source") or src_info
+        mode = "resume" if mode == "resume" else mode
+    elif mode == "append":
+        writer.source = src_info
+    writer.auto_commit = False
+    first_row = writer.next_row
+    try:
+        encoded, encode_s = _run_pipeline(src, writer, encoders, writer.settings, progress, skip, src.shard_counts)
+        if writer.n_rows == 0 and (writer.manifest is None or mode == "append"):
+            writer.rejects.flush()
+            kept = " (the index was left as it was)" if mode == "append" else ""
+            raise EmptyCorpusError(_empty_message(src, folder) + kept)
+        manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source})
+    except BaseException:
+        writer.abort()
+        if writer.manifest is None:  # nothing was ever committed: leave no folder that looks like an index
+            _drop_empty(folder)
+        raise
+    if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
+        from ._maintain import compact  # a fresh index is served from one segment: the fastest searches
+
+        compact(folder, progress=False)
+        manifest = read_manifest(folder)
+    if mode == "overwrite":
+        swap_in(folder, out)
+        manifest = read_manifest(out)
+    added = int(manifest["next_row"]) - first_row
     return BuildSummary(
-        out, writer.n_rows, writer.n_images, int(sum(writer.reject_reasons.values())), dict(writer.reject_reasons),
-        list(src.ignored), time.perf_counter() - t0, encode_s, manifest,
+        out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
+        int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
+        time.perf_counter() - t0, encode_s, manifest, encoded, added, mode, len(manifest["segments"]),
     )
 
 
-def _empty_message(src: Source, tmp: Path) -> str:
+def _known_counts(out: Path) -> dict[str, int]:
+    """Tar shard record counts an unfinished build of ``out`` recorded (its done shards are not read again)."""
+    for folder in (out, staging_path(out)):
+        if manifest_state(folder) == "unfinished":
+            try:
+                return dict(read_manifest(folder)["build"].get("shard_counts") or {})
+            except AttribError:
+                return {}
+    return {}
+
+
+def _check_patch_grid(settings: IndexSettings, encoders) -> None:
+    gh, gw = encoders.dino_patch_grid
+    if settings.patch_grid > min(gh, gw):
+        raise AttribError(f"--patch-grid {settings.patch_grid} is larger than the model's {gh}x{gw} patch grid; "
+                          f"use at most {min(gh, gw)}")
+
+
+def _drop_empty(folder: Path) -> None:
+    if folder.exists() and _is_ours(folder) and not (folder / MANIFEST).exists():
+        remove(folder)
+
+
+def _empty_message(src: Source, folder: Path) -> str:
     lines = []
     try:
-        with open(tmp / path_of("rejects"), encoding="utf-8") as f:
+        with open(folder / path_of("rejects"), encoding="utf-8") as f:
             lines = [json.loads(x) for x in f.read().splitlines()[:10]]
     except (OSError, json.JSONDecodeError):
         pass
@@ -181,7 +279,11 @@ def _empty_message(src: Source, tmp: Path) -> str:
     return f"every record of {src.path} was rejected, so no index was written. First rejects: {detail}"
 
 
-def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSettings, progress: bool) -> float:
+def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSettings, progress: bool,
+                  skip: int = 0, shard_counts: dict | None = None) -> tuple[int, float]:
+    """Decode, encode and write every record of ``src`` after the first ``skip`` (already committed), committing
+    a segment every ``settings.chunk`` images with the number of source records consumed so far, so that a
+    rerun resumes exactly after the last commit. Returns (images encoded, seconds inside the encoders)."""
     limits = ImageLimits(settings.max_pixels, settings.max_bytes)
     cin, din = encoders.clip_input, encoders.dino_input
 
@@ -196,14 +298,16 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
         except MemoryError:
             return ImageRejected("image too large (decompression bomb)", "out of memory while decoding")
 
-    seen: set[str] = set()
     # Items keep source order: caption-only records wait with the images so row numbers follow the source.
     batch: list[tuple[Record, tuple[np.ndarray, np.ndarray] | None]] = []
     n_img = 0
+    encoded = 0
     encode_s = 0.0
+    consumed = skip
+    progress_state = {"shard_counts": dict(shard_counts or {})}
 
     def flush() -> None:
-        nonlocal encode_s, n_img
+        nonlocal encode_s, n_img, encoded
         if not batch:
             return
         imgs = [(r, o) for r, o in batch if o is not None]
@@ -213,6 +317,7 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
             feats = encoders.encode_images(np.stack([o[0] for _, o in imgs]), np.stack([o[1] for _, o in imgs]),
                                            settings.patch_grid)
             encode_s += time.perf_counter() - t
+            encoded += len(imgs)
         j = 0
         i = 0
         while i < len(batch):
@@ -233,25 +338,31 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
         batch.clear()
         n_img = 0
 
+    def commit_if_full() -> None:
+        if writer.chunk_full(pending_images=n_img, pending_records=len(batch)):
+            flush()
+            writer.commit(dict(progress_state, consumed=consumed))
+
     window = max(2 * settings.batch_size, 4 * max(1, settings.workers))
-    with progress_bar("indexing", src.count, enabled=progress) as advance, \
-            contextlib.closing(_prefetch(src.records(), prepare, settings.workers, window)) as prepared:
+    total = None if src.count is None else max(0, src.count - skip)
+    with progress_bar("indexing", total, enabled=progress, unit="img") as advance, \
+            contextlib.closing(_prefetch(src.records(skip), prepare, settings.workers, window)) as prepared:
         for rec, out in prepared:
             rec.data = None  # free tar bytes early
             advance(1)
+            consumed += 1
             key = rec.key
-            if key in seen:
-                writer.reject(rec.where, key, "duplicate id", "an earlier record already has this id")
-                continue
-            if isinstance(out, ImageRejected):
+            if writer.has_id(key):
+                writer.reject(rec.where, key, "duplicate id", "an earlier record (or the index) already has this id")
+            elif isinstance(out, ImageRejected):
                 writer.reject(rec.where, key, out.reason, out.detail)
-                continue
-            seen.add(key)
-            batch.append((rec, out))
-            if out is not None:
-                n_img += 1
-            if n_img >= settings.batch_size or len(batch) >= 64 * settings.batch_size:
-                flush()
+            else:
+                writer.known_ids.add(str(key))
+                batch.append((rec, out))
+                if out is not None:
+                    n_img += 1
+                if n_img >= settings.batch_size or len(batch) >= 64 * settings.batch_size:
+                    flush()
+            commit_if_full()
         flush()
-    return encode_s
-
+    return encoded, encode_s

@@ -39,3 +39,7 @@ class UnknownNameError(AttribError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class IndexBusyError(AttribError):
+    """Another process is writing the index folder (the writer lock is held)."""

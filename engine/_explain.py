@@ -40,21 +40,22 @@ def correspondences(reader: IndexReader, q: QueryInput, rows: Sequence[int], bas
     grid = reader.grid
     with single_threaded_blas():
         base_rows = np.asarray(list(baseline_rows), np.int64)
-        base_slots = reader.rows_to_slots(base_rows) if len(base_rows) else np.zeros(0, np.int64)
-        keep = base_slots >= 0
-        base_rows, base_slots = base_rows[keep], base_slots[keep]
+        has, base_cells = reader.patch_cells(base_rows)
+        base_rows = base_rows[has]
         qc = np.asarray(cells, np.float32)
-        if len(base_slots):
-            base_best = cell_similarities(qc, reader.patches.get(base_slots)).max(axis=1)
+        if len(base_rows):
+            base_best = cell_similarities(qc, base_cells).max(axis=1)
         else:
             base_best = np.zeros((0, qc.shape[0]), np.float32)
+        rows = np.asarray(list(rows), np.int64)
+        has_r, their_cells = reader.patch_cells(rows)
+        pos = np.cumsum(has_r) - 1
         out: list[Correspondence | None] = []
-        for row in rows:
-            slot = int(reader.rows_to_slots(np.asarray([row]))[0])
-            if slot < 0:
+        for i, row in enumerate(rows):
+            if not has_r[i]:
                 out.append(None)
                 continue
-            sims = qc @ reader.patches.get(np.asarray([slot]))[0].T  # (Cq, Cs)
+            sims = qc @ their_cells[pos[i]].T  # (Cq, Cs)
             others = base_best[base_rows != row]
             baseline = np.median(others, axis=0) if len(others) else np.zeros(qc.shape[0], np.float32)
             excess = sims - baseline[:, None]

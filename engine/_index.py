@@ -60,10 +60,25 @@ class Index:
         self._pool = CandidatePool(self.reader, self.rankers, self._worker)
         self._encoder = QueryEncoder(self.reader, self._loaded_encoders)
 
+    def reopen_if_changed(self) -> "Index":
+        """This index when its folder still holds the generation it opened; otherwise a freshly opened
+        :class:`Index` of the newest committed generation (an append, a deletion, a compaction or a rebuild
+        happened), sharing the already-loaded models. A long-running service calls this between requests."""
+        from ._manifest import read_manifest
+
+        current = read_manifest(self.path)
+        if current.get("manifest_sha256") == self.manifest.get("manifest_sha256"):
+            return self
+        fresh = Index(self.path, device=self._device, clip_weights=self._clip_w, dino_weights=self._dino_w,
+                      settings=self.settings)
+        if self._encoders is not None and fresh.fingerprint == self.fingerprint:
+            fresh.use_encoders(self._encoders)
+        return fresh
+
     def close(self) -> None:
         """Stop the helper thread and close open files (also done at exit)."""
         self._worker.shutdown(wait=True, cancel_futures=True)
-        self.reader.patches.close()
+        self.reader.close()
 
     def __enter__(self) -> "Index":
         return self

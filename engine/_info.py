@@ -3,23 +3,57 @@ from __future__ import annotations
 
 import os
 
+from ._layout import component
 from ._manifest import UNTRAINED_BANNER
 from ._reader import IndexReader
 
 
 def index_info(path: str | os.PathLike) -> dict:
-    """The manifest, plus the size on disk of each component and per indexed image."""
-    r = IndexReader(path)
+    """The manifest, the live and deleted counts, and the size on disk of each component in total, per record
+    and per image (see the layout table for what each size grows with)."""
+    r = IndexReader(path, hash_files=False)
     sizes = r.component_sizes()
     total = sum(sizes.values())
-    n_img = max(1, r.n_images)
+    m = r.manifest
+    n_rec, n_img = max(1, r.n_records), max(1, r.n_images)
     info = {
         "path": str(r.path),
-        "manifest": r.manifest,
+        "manifest": m,
+        "records": r.n_records,
+        "images": r.n_images,
+        "live": r.n_records,
+        "deleted": int(m["counts"].get("deleted", 0)),
+        "segments": len(m["segments"]),
+        "generation": int(m["generation"]),
+        "complete": bool(m["build"].get("complete")),
+        "codebooks": r.codebooks.describe(),
         "sizes": sizes,
         "total_bytes": total,
+        "disk_bytes_per_record": {k: round(v / n_rec, 1) for k, v in sizes.items()}
+        | {"total": round(total / n_rec, 1)},
         "bytes_per_image": {k: round(v / n_img, 1) for k, v in sizes.items()} | {"total": round(total / n_img, 1)},
+        "ram_bytes_per_record": ram_bytes_per_record(r),
+        "grows_with": {k: component(k).grows_with if k != "codebooks" else "index" for k in sizes},
     }
     if r.untrained:
-        info["warning"] = UNTRAINED_BANNER.format(profile=r.manifest["models"]["profile"])
+        info["warning"] = UNTRAINED_BANNER.format(profile=m["models"]["profile"])
+    r.close()
     return info
+
+
+def ram_bytes_per_record(r: IndexReader) -> dict:
+    """What a query process keeps resident per record (the rest is memory-mapped and read on demand): the
+    faiss lists of compressed stores are memory-mapped too, so only the coarse quantizers, the deleted-row
+    list and the segment row tables count, plus the first-stage codes a full scan touches."""
+    n = max(1, r.n_records)
+    out = {}
+    for name in ("clip", "dino"):
+        spec = r.codebooks.stores[name]
+        code = spec.m if spec.codec == "pq" else 2 * spec.dim
+        centroids = spec.nlist * spec.dim * 4
+        scanned = (code + 8) * r.n_images * min(1.0, spec.nprobe / max(spec.nlist, 1))
+        out[name] = round((centroids + scanned) / n, 1)
+    out["row_tables"] = 8.0 * len(r.segments) / n + 8.0 * r.n_images / n  # first rows; image rows touched
+    out["deleted"] = round(8.0 * int(r.manifest["counts"].get("deleted", 0)) / n, 1)
+    out["total"] = round(sum(out.values()), 1)
+    return out

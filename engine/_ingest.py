@@ -2,6 +2,7 @@
 tar shards (img2dataset / webdataset output), or a parquet / CSV / JSONL table with LAION-style columns."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
@@ -18,7 +19,7 @@ IMAGE_COLUMNS = ("image", "path")
 CAPTION_COLUMNS = ("caption", "text", "TEXT")
 ID_COLUMNS = ("id",)
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-RESERVED_COLUMNS = ("id", "image", "caption", "slot")
+RESERVED_COLUMNS = ("id", "image", "caption", "row")
 
 
 @dataclass
@@ -43,22 +44,35 @@ class Source:
     count: int | None  # number of records when known in advance (for the progress bar)
     extra_columns: dict[str, pl.DataType]  # extra metadata columns and their types
     ignored: list[str]  # files passed over (not images, not sidecars), for the summary
-    _iter: object = None
+    _iter: object = None  # callable(skip) -> iterator of records
+    fingerprint: str = ""  # changes when the source's content list changes (a resumed build must match it)
+    shard_counts: dict[str, int] = field(default_factory=dict)  # records per tar shard (relative name)
 
-    def records(self) -> Iterator[Record]:
-        return self._iter()  # type: ignore[operator]
+    def records(self, skip: int = 0) -> Iterator[Record]:
+        """The records in source order, the first ``skip`` left out (a resumed build): skipped tar shards are
+        not opened at all, and skipped images are not read."""
+        return self._iter(skip)  # type: ignore[operator]
 
 
-def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Source:
+def _fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(str(p).encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES,
+                known_counts: dict[str, int] | None = None) -> Source:
     """Recognise a source by its path; errors name the path and list what is accepted. Tar members larger
-    than ``max_bytes`` are not read into memory (the build then rejects them as too large)."""
+    than ``max_bytes`` are not read into memory (the build then rejects them as too large). ``known_counts``:
+    record counts of tar shards from an earlier pass (a resumed build does not read done shards again)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise SourceError(
             f"source {p} does not exist; give a folder of images, a .tar shard or a .parquet/.csv/.jsonl table"
         )
     if p.is_dir():
-        return _folder_source(p, max_bytes)
+        return _folder_source(p, max_bytes, known_counts or {})
     suffix = p.suffix.lower()
     if suffix == ".tar":
         return _tar_source(p, max_bytes)
@@ -96,7 +110,7 @@ def _meta_json(extra: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- folders
-def _folder_source(root: Path, max_bytes: int) -> Source:
+def _folder_source(root: Path, max_bytes: int, known_counts: dict[str, int]) -> Source:
     images: list[Path] = []
     shards: list[Path] = []
     ignored: list[str] = []
@@ -116,11 +130,14 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
                 if ext.lower() in (".txt", ".json") and stem in image_stems:
                     continue  # a sidecar
                 ignored.append(str(full.relative_to(root)))
-    shard_counts = [_tar_count(s) for s in shards]
-    count = len(images) + sum(shard_counts)
+    rels = [s.relative_to(root).as_posix() for s in shards]
+    shard_counts = {r: known_counts[r] if r in known_counts else _tar_count(s) for r, s in zip(rels, shards)}
+    count = len(images) + sum(shard_counts.values())
+    fingerprint = _fingerprint(len(images), *[i.relative_to(root).as_posix() for i in images],
+                               *[f"{r}:{s.stat().st_size}" for r, s in zip(rels, shards)])
 
-    def it() -> Iterator[Record]:
-        for img in images:
+    def it(skip: int) -> Iterator[Record]:
+        for img in images[skip:]:
             rel = img.relative_to(root).as_posix()
             caption, rid, extra = "", None, {}
             txt, js = img.with_suffix(".txt"), img.with_suffix(".json")
@@ -136,19 +153,46 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
                 except OSError:
                     pass
             yield Record(rid, str(img.resolve()), caption, rel, rel, _meta_json(extra))
-        for shard in shards:
-            yield from _tar_records(shard, shard.relative_to(root).as_posix(), max_bytes)
+        left = max(0, skip - len(images))
+        for shard, rel in zip(shards, rels):
+            n = shard_counts[rel]
+            if left >= n:  # done: not opened again
+                left -= n
+                continue
+            yield from _tar_records(shard, rel, max_bytes, skip=left)
+            left = 0
 
-    return Source("folder", root, count, {"meta": pl.String}, ignored, it)
+    return Source("folder", root, count, {"meta": pl.String}, ignored, it, fingerprint, shard_counts)
 
 
 
 
 # --------------------------------------------------------------------------------------------- tar shards
+def _member_key(name: str) -> str:
+    base = os.path.basename(name)
+    return os.path.join(os.path.dirname(name), base.split(".", 1)[0])
+
+
 def _tar_count(shard: Path) -> int:
+    """Records of a shard (groups of members with an image), from its headers only."""
     try:
         with tarfile.open(shard) as tf:
-            return sum(1 for m in tf.getmembers() if m.isfile() and is_image_name(m.name))
+            keys: dict[str, bool] = {}
+            last = None
+            n = 0
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k = _member_key(m.name)
+                if k != last:
+                    if last is not None and keys.get(last):
+                        n += 1
+                    last = k
+                    keys = {k: False}
+                keys[k] = keys[k] or is_image_name(m.name)
+            if last is not None and keys.get(last):
+                n += 1
+            return n
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"tar shard {shard} cannot be read ({e}); remove it or re-create it") from None
 
@@ -156,10 +200,11 @@ def _tar_count(shard: Path) -> int:
 _SIDECAR_MAX_BYTES = 1024 * 1024
 
 
-def _tar_records(shard: Path, rel: str, max_bytes: int) -> Iterator[Record]:
+def _tar_records(shard: Path, rel: str, max_bytes: int, skip: int = 0) -> Iterator[Record]:
     """Group consecutive members by key (name up to the first dot of the basename), webdataset style.
     Only images (up to ``max_bytes``; larger ones are left unread and rejected later by size) and .txt/.json
-    sidecars (up to 1 MiB) are read; other members are skipped without reading them."""
+    sidecars (up to 1 MiB) are read; other members are skipped without reading them, and so are the members
+    of the first ``skip`` records."""
     absolute = str(shard.resolve())
 
     def flush(key: str, group: dict[str, bytes | None]) -> Iterator[Record]:
@@ -183,30 +228,38 @@ def _tar_records(shard: Path, rel: str, max_bytes: int) -> Iterator[Record]:
         yield Record(rid, f"{absolute}{TAR_SEP}{img_name}", caption, where, where, _meta_json(extra), group[img_name])
 
     with tarfile.open(shard) as tf:
-        key, group = None, {}
+        key, group, has_image, done = None, {}, False, 0
         for m in tf:
             if not m.isfile():
                 continue
-            base = os.path.basename(m.name)
-            k = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+            k = _member_key(m.name)
             if k != key and key is not None:
-                yield from flush(key, group)
-                group = {}
+                if done >= skip:
+                    yield from flush(key, group)
+                done += has_image
+                group, has_image = {}, False
             key = k
             low = m.name.lower()
+            has_image = has_image or is_image_name(m.name)
+            if done < skip:
+                group[m.name] = None  # a record of a resumed build's done part: not read
+                continue
             if is_image_name(m.name):
                 f = tf.extractfile(m) if m.size <= max_bytes else None
                 group[m.name] = f.read() if f is not None else None
             elif low.endswith((".txt", ".json")) and m.size <= _SIDECAR_MAX_BYTES:
                 f = tf.extractfile(m)
                 group[m.name] = f.read() if f is not None else None
-        if key is not None:
+        if key is not None and done >= skip:
             yield from flush(key, group)
 
 
 def _tar_source(shard: Path, max_bytes: int) -> Source:
     count = _tar_count(shard)
-    return Source("tar", shard, count, {"meta": pl.String}, [], lambda: _tar_records(shard, shard.name, max_bytes))
+    st = shard.stat()
+    return Source("tar", shard, count, {"meta": pl.String}, [],
+                  lambda skip: _tar_records(shard, shard.name, max_bytes, skip=skip),
+                  _fingerprint(st.st_size, st.st_mtime_ns), {shard.name: count})
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -257,8 +310,10 @@ def _table_source(p: Path, fmt: str) -> Source:
     base = p.resolve().parent
     name = p.name
 
-    def it() -> Iterator[Record]:
+    def it(skip: int) -> Iterator[Record]:
         for i, row in enumerate(df.iter_rows(named=True)):
+            if i < skip:
+                continue
             raw_img = row.get(image_col) if image_col else None
             image = None
             if isinstance(raw_img, str) and raw_img.strip():
@@ -272,4 +327,5 @@ def _table_source(p: Path, fmt: str) -> Source:
             extra = {rename[c]: row[c] for c in rename}
             yield Record(rid, image, caption, f"row {i} of {name}", derived, extra)
 
-    return Source("table", p, df.height, extras, [], it)
+    st = p.stat()
+    return Source("table", p, df.height, extras, [], it, _fingerprint(st.st_size, st.st_mtime_ns, df.height))

@@ -1,45 +1,85 @@
-"""The layout of an index folder: every component, its file name, whether an index needs it, what its size
-grows with, and the exact size it must have where that follows from the manifest. The writer names files
-from this table, the reader checks it, and ``attrib info`` reports sizes with it."""
+"""The layout of an index folder: every component, where it lives, whether it must be there, what its size grows
+with and, where it follows from the counts, its exact size. The writer names files from this table, the reader
+and ``attrib verify`` check them with it, and ``attrib info`` reports sizes with it.
+
+An index is a set of immutable **segments** listed by a manifest that is replaced atomically (one write =
+one new generation). Vectors in every segment are encoded against the same frozen **codebooks** (the DINO
+projection, faiss IVF centroids and PQ/SQ codebooks), so segments can be searched together and merged::
+
+    INDEX/manifest.json                the current generation (the only file ever replaced)
+    INDEX/.attrib-lock                 writer lock (see engine._lock)
+    INDEX/codebooks/cb-NNNN/...        frozen codebooks of one codebook generation
+    INDEX/segments/seg-NNNNNN/...      one immutable segment
+    INDEX/deletes/del-NNNNNN.npy       the deleted rows (cumulative) as of a generation
+    INDEX/text/                        one tantivy caption index for every segment (global BM25 statistics)
+    INDEX/rejects.jsonl                every skipped record and why (append-only)
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 MANIFEST = "manifest.json"
+CODEBOOKS_DIR = "codebooks"
+SEGMENTS_DIR = "segments"
+DELETES_DIR = "deletes"
 
 
 @dataclass(frozen=True)
 class Component:
-    name: str  # key in the manifest's "components"
-    path: str  # file or folder name inside the index folder
-    required: bool  # an index without it cannot be opened
-    grows_with: str  # "record", "image" or "index" (a fixed cost): what `attrib info` divides it by
+    name: str  # key in the manifest
+    path: str  # file or folder name, relative to its level's folder
+    level: str  # "index", "codebook" or "segment": which folder it lives in
+    required: bool  # whether every index (resp. codebook / segment) has it
+    grows_with: str  # "record", "image" or "index" (a fixed cost): what `attrib info` divides its size by
     description: str  # one line for `attrib info` and README.md
-    expected_bytes: Callable[[dict], int] | None = None  # exact size from the manifest, where it is fixed
+    expected_bytes: Callable[[dict], int] | None = None  # exact size from the level's entry, where it is fixed
 
 
-def _patch_bytes(m: dict) -> int:
-    return int(m["counts"]["images"]) * int(m["dims"]["patch_cells"]) * int(m["dims"]["patch_dims"]) * 2
-
-
-def _npy_bytes(n_key: str, itemsize: int) -> Callable[[dict], int]:
-    # np.save of a 1-d array: a 128-byte header (numpy format 1.0 pads the header to 64-byte multiples)
-    return lambda m: 128 + int(m["counts"][n_key]) * itemsize
+def _npy(n_key: str, itemsize: int, width_key: str | None = None) -> Callable[[dict], int]:
+    """np.save of an (n,) or (n, width) array: a 128-byte header (format 1.0, padded to 64 bytes) + data."""
+    return lambda e: 128 + int(e[n_key]) * itemsize * (int(e[width_key]) if width_key else 1)
 
 
 COMPONENTS: tuple[Component, ...] = (
-    Component("records", "records.parquet", True, "record", "id, image reference, caption, slot, source columns"),
-    Component("serving", "records.arrow", True, "record", "id, image, caption as memory-mapped Arrow IPC (queries)"),
-    Component("clip", "clip.faiss", True, "image", "CLIP image embeddings (faiss, fp16 codes)"),
-    Component("dino", "dino.faiss", True, "image", "DINOv2 global descriptors (faiss, fp16 codes)"),
-    Component("patches", "patches.f16", True, "image", "pooled DINOv2 patch cells, float16", _patch_bytes),
-    Component("projection", "projection.npz", True, "index", "corpus means, scales and the patch PCA basis"),
-    Component("text", "text", True, "record", "tantivy caption index (BM25)"),
-    Component("slots", "slots.npy", True, "image", "image slot -> record row (int64)", _npy_bytes("images", 8)),
-    Component("row_slot", "row_slot.npy", True, "record", "record row -> image slot or -1 (int32)",
-              _npy_bytes("records", 4)),
-    Component("rejects", "rejects.jsonl", False, "index", "every skipped record and why"),
+    # index level
+    Component("manifest", MANIFEST, "index", True, "index", "the current generation: models, dims, segments, counts"),
+    Component("text", "text", "index", True, "record", "tantivy caption index, one document per record (BM25)"),
+    Component("deletes", DELETES_DIR, "index", False, "index", "deleted record rows, one file per generation"),
+    Component("rejects", "rejects.jsonl", "index", False, "index", "every skipped record and why"),
+    Component("calibration", "calibration.json", "index", False, "index",
+              "fusion weights and threshold learned on this index (attrib calibrate)"),
+    # codebook level
+    Component("projection", "projection.npz", "codebook", True, "index",
+              "DINOv2 corpus means, scales and the patch PCA basis"),
+    Component("clip_ivf", "clip.ivf", "codebook", True, "index", "trained empty faiss index of CLIP vectors"),
+    Component("dino_ivf", "dino.ivf", "codebook", True, "index", "trained empty faiss index of DINO descriptors"),
+    Component("clip_sq", "clip.sq", "codebook", False, "index", "8-bit scalar quantizer of CLIP refine codes"),
+    Component("dino_sq", "dino.sq", "codebook", False, "index", "8-bit scalar quantizer of DINO refine codes"),
+    Component("patch_pq", "patches.pq", "codebook", False, "index", "product quantizer of patch cells"),
+    # segment level
+    Component("records", "records.parquet", "segment", True, "record",
+              "row, id, image reference, caption and source columns"),
+    Component("serving", "records.arrow", "segment", True, "record",
+              "id, image, caption as memory-mapped Arrow IPC (queries)"),
+    Component("rows", "rows.npy", "segment", True, "record", "global row of each record (int64, ascending)",
+              _npy("records", 8)),
+    Component("image_rows", "image_rows.npy", "segment", True, "image",
+              "global row of each image, in vector order (int64, ascending)", _npy("images", 8)),
+    Component("record_crc", "record_crc.npy", "segment", True, "record",
+              "CRC-32 of each record's id, image and caption (checked whenever a record is read)",
+              _npy("records", 4)),
+    Component("image_sums", "image_sums.npy", "segment", True, "image",
+              "checksums of each image's CLIP and DINO refine codes and patch cells (checked whenever read)",
+              lambda e: 128 + int(e["images"]) * 3 * 8),
+    Component("clip", "clip.ivf", "segment", True, "image", "CLIP image embeddings: faiss IVF lists, ids = rows"),
+    Component("dino", "dino.ivf", "segment", True, "image", "DINOv2 global descriptors: faiss IVF lists, ids = rows"),
+    Component("clip_refine", "clip.refine", "segment", False, "image",
+              "CLIP embeddings as 8-bit codes (re-scores compressed first-stage candidates)"),
+    Component("dino_refine", "dino.refine", "segment", False, "image",
+              "DINO descriptors as 8-bit codes (re-scores compressed first-stage candidates)"),
+    Component("patches", "patches.bin", "segment", True, "image",
+              "pooled DINOv2 patch cells: float16, or product-quantized codes"),
 )
 
 _BY_NAME = {c.name: c for c in COMPONENTS}
@@ -50,9 +90,21 @@ def component(name: str) -> Component:
 
 
 def path_of(name: str) -> str:
-    """The file name of component ``name`` inside an index folder."""
+    """The file name of component ``name`` inside its level's folder."""
     return _BY_NAME[name].path
 
 
-def required() -> tuple[str, ...]:
-    return tuple(c.name for c in COMPONENTS if c.required)
+def at_level(level: str) -> tuple[Component, ...]:
+    return tuple(c for c in COMPONENTS if c.level == level)
+
+
+def segment_dir(seg_id: int) -> str:
+    return f"{SEGMENTS_DIR}/seg-{seg_id:06d}"
+
+
+def codebook_dir(gen: int) -> str:
+    return f"{CODEBOOKS_DIR}/cb-{gen:04d}"
+
+
+def deletes_file(generation: int) -> str:
+    return f"{DELETES_DIR}/del-{generation:06d}.npy"

@@ -87,9 +87,6 @@ class CandidatePool:
             by_store.setdefault(store, []).append((r.name, np.asarray(vec, np.float32)))
         out: dict[str, np.ndarray] = {}
         for store, items in by_store.items():
-            vs = getattr(self.reader, store)
-            if not vs.ntotal:
-                continue
             uniq: list[np.ndarray] = []
             which = []
             for _, v in items:
@@ -99,10 +96,9 @@ class CandidatePool:
                     j = len(uniq) - 1
                 which.append(j)
             n = max(wanted[name] for name, _ in items)
-            _, slots = vs.search(np.stack(uniq), n, None if exclude is None else exclude.slots)
+            found = self.reader.search(store, np.stack(uniq), n, None if exclude is None else exclude.rows)
             for (name, _), j in zip(items, which):
-                s = slots[j][: wanted[name]]
-                out[name] = self.reader.slots_to_rows(s[s >= 0])
+                out[name] = found[j][0][: wanted[name]]
         return out
 
     def features(self, q: QueryInput, rows: np.ndarray, later=None) -> dict[str, np.ndarray]:

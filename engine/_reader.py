@@ -1,118 +1,343 @@
-"""Read side of an index folder: opens and validates every store (no models needed)."""
+"""Read side of an index folder: one committed generation, opened and checked as a whole.
+
+The reader reads the manifest once and opens every file of that generation at once (memory maps, the faiss
+lists, the tantivy searcher), so a rebuild, an append, a deletion or a compaction that commits a newer
+generation meanwhile never mixes into its answers: it keeps answering from the snapshot it opened (see
+``Index.reopen_if_changed`` to move to the newest one). Records deleted as of its generation never come back."""
 from __future__ import annotations
 
-from functools import cached_property
+import resource
 from pathlib import Path
 
+import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401 - pa.ipc
 
+from ._codebooks import PQ, Codebooks, sha256_file
 from ._errors import IndexFormatError
-from ._layout import path_of, required
-from ._manifest import check_components, dir_size, read_manifest
-from ._stores import DinoProjection, PatchStore, TextStore, VectorStore
+from ._layout import MANIFEST, at_level, codebook_dir
+from ._manifest import dir_size, is_pretrained, read_manifest
+from ._segment import STORES, Segment
+from ._stores import TextStore
+
+#: Indexes up to this size on disk have every file checked against its sha256 when opened (larger ones: sizes,
+#: headers and ranges at open, checksums of what each query reads, and everything with `attrib verify`).
+HASH_AT_OPEN_MAX_BYTES = 64 * 1024 * 1024
+
+
+class LiveRows:
+    """Which rows exist in a snapshot: below its ``next_row`` and not deleted."""
+
+    def __init__(self, deleted: np.ndarray, next_row: int) -> None:
+        self.deleted = np.asarray(deleted, np.int64)
+        self.next_row = int(next_row)
+
+    def keep(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        ok = (rows >= 0) & (rows < self.next_row)
+        if len(self.deleted) and len(rows):
+            pos = np.minimum(np.searchsorted(self.deleted, rows), len(self.deleted) - 1)
+            ok &= self.deleted[pos] != rows
+        return ok
+
+    def overfetch(self, n: int) -> int:
+        return n + min(len(self.deleted), 10_000) + 64
+
+
+def _raise_fd_limit() -> None:
+    """Every mapped segment file holds a descriptor: lift the soft limit to the hard one (many segments)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ValueError, OSError):  # pragma: no cover - not permitted: keep the limit
+        pass
 
 
 class IndexReader:
-    """The stores of one index folder. Vectors are searched by faiss; patches are read by record; record
-    metadata is read lazily. Rows are record positions; slots are positions among records with an image."""
+    """The stores of one index generation (see the module docstring). Rows are global record ids (int64,
+    stable across appends and compactions)."""
 
-    def __init__(self, path: str | Path, nprobe: int | None = None) -> None:
+    def __init__(self, path: str | Path, nprobe: int | None = None, refine: int = 4,
+                 hash_files: bool | None = None) -> None:
+        from ._txn import recover
+
         self.path = Path(path).expanduser().absolute()
-        self.manifest = read_manifest(self.path)
-        missing = [c for c in required() if c not in self.manifest["components"]]
-        if missing:
-            raise IndexFormatError(
-                f"index {self.path} lacks the components {', '.join(missing)} (written by an older attrib?); rebuild "
-                f"it with `attrib index SOURCE --out {self.path} --overwrite`"
-            )
-        check_components(self.path, self.manifest)
-        m = self.manifest
+        recover(self.path, writable_only=True)
+        self.manifest = m = read_manifest(self.path)
+        if m.get("codebooks") is None or not m["segments"]:
+            self._empty_or_unfinished(m)
+        total = sum(f["bytes"] for s in m["segments"] for f in s["files"].values())
+        if hash_files is None:
+            hash_files = total <= HASH_AT_OPEN_MAX_BYTES
+        self.hashed_at_open = hash_files
+        self.generation = int(m["generation"])
+        self.grid = int(m["dims"]["patch_grid"])
+        self.refine_factor = max(1, int(refine))
+        cb_entry = m["codebooks"]
+        cb_dir = self.path / codebook_dir(int(cb_entry["generation"]))
+        self._check_codebook_files(cb_dir, cb_entry)
+        self.codebooks = Codebooks.load(cb_dir, cb_entry)
+        self.projection = self.codebooks.projection
+        _raise_fd_limit()
+        self.segments = [Segment(self.path, e, self.codebooks, hash_files) for e in m["segments"]]
+        self._firsts = np.asarray([s.rows[0] if s.n_records else -1 for s in self.segments], np.int64)
+        if len(self._firsts) > 1 and np.any(np.diff(self._firsts) <= 0):
+            raise IndexFormatError(f"index {self.path} is damaged: its segments overlap; rebuild it")
+        self.next_row = int(m["next_row"])
+        deleted = self._load_deletes(m.get("deletes"))
+        self.live = LiveRows(deleted, self.next_row)
+        self._deleted_sel = faiss.IDSelectorBatch(deleted) if len(deleted) else None
         self.n_records = int(m["counts"]["records"])
         self.n_images = int(m["counts"]["images"])
-        dims = m["dims"]
-        self.grid = int(dims["patch_grid"])
+        if sum(s.n_records for s in self.segments) - len(deleted) != self.n_records:
+            raise IndexFormatError(f"index {self.path} is damaged: its segments hold another number of live "
+                                   f"records than the manifest says ({self.n_records}); rebuild it")
+        self.nprobe = {name: int(nprobe or self.codebooks.stores[name].nprobe) for name in STORES}
+        self._shells = {name: self._search_shell(name) for name in STORES}
         try:
-            ann = {k: dict(v, **({"nprobe": nprobe} if nprobe else {})) for k, v in m.get("ann", {}).items()}
-            self.clip = VectorStore(self.path / path_of("clip"), ann.get("clip", {}))
-            self.dino = VectorStore(self.path / path_of("dino"), ann.get("dino", {}))
-            self.patches = PatchStore(self.path / path_of("patches"), self.n_images, int(dims["patch_cells"]),
-                                      int(dims["patch_dims"]))
-            self.projection = DinoProjection.load(self.path / path_of("projection"))
-            self.slot_rows = np.load(self.path / path_of("slots"), mmap_mode="r")
-            self.row_slot = np.load(self.path / path_of("row_slot"), mmap_mode="r")
-            self.text = TextStore(self.path / path_of("text"))
-        except IndexFormatError:
-            raise
-        except Exception as e:  # noqa: BLE001 - faiss/tantivy/numpy raise many types on damaged files
-            raise IndexFormatError(
-                f"index {self.path} is damaged ({e.__class__.__name__}: {e}); rebuild it with "
-                f"`attrib index SOURCE --out {self.path} --overwrite`"
-            ) from None
-        checks = [
-            (self.clip.ntotal, self.n_images, "clip vectors"), (self.dino.ntotal, self.n_images, "dino vectors"),
-            (len(self.slot_rows), self.n_images, "slot table"), (len(self.row_slot), self.n_records, "row table"),
-            (self.text.num_docs, self.n_records, "caption index"),
-        ]
-        for got, want, what in checks:
-            if got != want:
-                raise IndexFormatError(
-                    f"index {self.path} is damaged: its {what} holds {got} entries, "
-                    f"the manifest says {want}; rebuild it"
-                )
+            self.text = TextStore(self.path / "text", live=self.live)
+        except Exception as e:  # noqa: BLE001 - tantivy raises ValueError/OSError on damaged folders
+            raise IndexFormatError(f"index {self.path} is damaged: its caption index cannot be opened "
+                                   f"({e.__class__.__name__}: {e}); rebuild it") from None
+        if self.text.num_docs < self.n_records:
+            raise IndexFormatError(f"index {self.path} is damaged: its caption index holds {self.text.num_docs} "
+                                   f"documents for {self.n_records} records; rebuild it")
 
+    # ----------------------------------------------------------------------------------------- opening
+    def _empty_or_unfinished(self, m: dict) -> None:
+        b = m.get("build", {})
+        if not b.get("complete", False):
+            src = (b.get("source") or {}).get("path")
+            raise IndexFormatError(f"index {self.path} is an unfinished build with nothing committed yet; run "
+                                   f"`attrib index {src or 'SOURCE'} --out {self.path}` again to resume it")
+        raise IndexFormatError(f"index {self.path} holds no records")
+
+    def _check_codebook_files(self, folder: Path, entry: dict) -> None:
+        for name, want in entry.get("files", {}).items():
+            p = folder / name
+            if not p.is_file() or p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
+                raise IndexFormatError(f"index {self.path} is damaged: codebook file {p.relative_to(self.path)} is "
+                                       f"missing or changed; rebuild it")
+
+    def _load_deletes(self, entry: dict | None) -> np.ndarray:
+        if not entry:
+            return np.zeros(0, np.int64)
+        p = self.path / entry["path"]
+        try:
+            if sha256_file(p) != entry["sha256"]:
+                raise ValueError("checksum mismatch")
+            d = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"index {self.path} is damaged: its list of deleted records {entry['path']} "
+                                   f"cannot be used ({e}); rebuild it") from None
+        if d.dtype != np.int64 or d.ndim != 1 or len(d) != int(entry["count"]) or np.any(np.diff(d) <= 0):
+            raise IndexFormatError(f"index {self.path} is damaged: {entry['path']} is not a sorted list of rows")
+        return d
+
+    def _search_shell(self, name: str) -> faiss.Index:
+        """One faiss index over the lists of every segment (HStackInvertedLists; a single segment directly)."""
+        parts = [s.stores[name] for s in self.segments]
+        if len(parts) == 1:
+            shell = parts[0]
+        else:
+            shell = self.codebooks.new_store(name)
+            self._ilv = getattr(self, "_ilv", {})
+            vec = faiss.InvertedListsPtrVector()
+            for p in parts:
+                vec.push_back(p.invlists)
+            stacked = faiss.HStackInvertedLists(vec.size(), vec.data())
+            shell.replace_invlists(stacked, False)
+            shell.ntotal = sum(p.ntotal for p in parts)
+            self._ilv[name] = (vec, stacked, parts)  # keep the parts alive as long as the shell
+        faiss.extract_index_ivf(shell).nprobe = self.nprobe[name]
+        return shell
+
+    # ----------------------------------------------------------------------------------------- identity
     @property
     def fingerprint(self) -> str:
         return self.manifest["models"]["fingerprint"]
 
     @property
     def untrained(self) -> bool:
-        return not self.manifest["models"].get("pretrained", False)
+        return not is_pretrained(self.manifest["models"])
 
-    @cached_property
-    def _serving(self) -> tuple[list, np.ndarray]:
-        """The Arrow IPC batches of id/image/caption, memory-mapped (zero-copy), and each batch's first row."""
-        try:
-            reader = pa.ipc.open_file(pa.memory_map(str(self.path / path_of("serving")), "r"))
-            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        except Exception as e:  # noqa: BLE001
-            raise IndexFormatError(
-                f"index {self.path} is damaged: {path_of('serving')} cannot be read ({e}); rebuild it"
-            ) from None
-        starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].astype(np.int64)
-        return batches, starts
+    # ----------------------------------------------------------------------------------------- rows
+    def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment index, local record position) of each row; segment -1 for rows not in this snapshot."""
+        rows = np.asarray(rows, np.int64)
+        seg = np.searchsorted(self._firsts, rows, side="right") - 1
+        local = np.full(len(rows), -1, np.int64)
+        for s in np.unique(seg[seg >= 0]):
+            sel = np.flatnonzero(seg == s)
+            segment = self.segments[s]
+            pos = np.minimum(segment.local_records(rows[sel]), max(segment.n_records - 1, 0))
+            ok = segment.n_records > 0
+            hit = ok & (np.asarray(segment.rows[pos]) == rows[sel]) if ok else np.zeros(len(sel), bool)
+            local[sel[hit]] = pos[hit]
+        seg = np.where(local >= 0, seg, -1)
+        live = self.live.keep(rows)
+        return np.where(live, seg, -1), np.where(live, local, -1)
+
+    def has_image(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        seg, _ = self._locate(rows)
+        out = np.zeros(len(rows), bool)
+        for s in np.unique(seg[seg >= 0]):
+            sel = np.flatnonzero(seg == s)
+            out[sel] = self.segments[s].local_images(rows[sel]) >= 0
+        return out
+
+    def _per_image(self, rows: np.ndarray, fetch) -> tuple[np.ndarray, np.ndarray | None]:
+        """(has_image mask, stacked results of fetch(segment, local images) in row order for rows with one)."""
+        rows = np.asarray(rows, np.int64)
+        seg, _ = self._locate(rows)
+        has = np.zeros(len(rows), bool)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for s in np.unique(seg[seg >= 0]):
+            sel = np.flatnonzero(seg == s)
+            li = self.segments[s].local_images(rows[sel])
+            ok = li >= 0
+            if ok.any():
+                has[sel[ok]] = True
+                parts.append((sel[ok], fetch(self.segments[s], li[ok])))
+        if not parts:
+            return has, None
+        order = np.concatenate([p[0] for p in parts])
+        stacked = np.concatenate([p[1] for p in parts])
+        return has, stacked[np.argsort(order)]
+
+    def vectors(self, store: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(has_image mask, float32 vectors of the rows that have an image, in row order), checked."""
+        has, v = self._per_image(rows, lambda s, li: s.vectors(store, li))
+        return has, v if v is not None else np.zeros((0, self.codebooks.stores[store].dim), np.float32)
+
+    def patch_cells(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(has_image mask, float32 patch cells (n, C, Dp) of the rows that have an image), checked."""
+        has, c = self._per_image(rows, lambda s, li: s.patch_cells(li))
+        if c is None:
+            c = np.zeros((0, self.codebooks.patch_cells, self.codebooks.patch_dims), np.float32)
+        return has, c
 
     def records(self, rows: np.ndarray) -> pl.DataFrame:
-        """id, image, caption of the given rows, in that order (only their pages of the file are read)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        batches, starts = self._serving
-        if len(rows) == 0 or not batches:
-            return pl.DataFrame(schema={"id": pl.String, "image": pl.String, "caption": pl.String})
-        which = np.searchsorted(starts, rows, side="right") - 1
+        """id, image, caption of the given rows, in that order (only their pages of the files are read)."""
+        rows = np.asarray(rows, np.int64)
+        schema = {"id": pl.String, "image": pl.String, "caption": pl.String}
+        if len(rows) == 0:
+            return pl.DataFrame(schema=schema)
+        seg, local = self._locate(rows)
+        if np.any(seg < 0):
+            raise IndexFormatError(f"rows {rows[seg < 0][:5].tolist()} are not live records of index {self.path}")
         parts, order = [], []
-        for b in np.unique(which):
-            sel = np.flatnonzero(which == b)
-            parts.append(batches[b].take(pa.array(rows[sel] - starts[b])))
+        for s in np.unique(seg):
+            sel = np.flatnonzero(seg == s)
+            parts.append(self.segments[s].serving(local[sel]))
             order.append(sel)
-        table = pa.Table.from_batches(parts)
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         inverse = np.empty(len(rows), np.int64)
         inverse[np.concatenate(order)] = np.arange(len(rows))
         return pl.from_arrow(table.take(pa.array(inverse)))  # type: ignore[return-value]
 
-    @cached_property
-    def ids(self) -> np.ndarray:
-        """All record ids as an object array (benchmarks map ids to rows with it)."""
-        batches, _ = self._serving
-        return np.asarray([x for b in batches for x in b.column(0).to_pylist()], dtype=object)
+    def live_rows(self) -> np.ndarray:
+        """Every live row, ascending."""
+        if not self.segments:
+            return np.zeros(0, np.int64)
+        rows = np.concatenate([np.asarray(s.rows) for s in self.segments])
+        return rows[self.live.keep(rows)]
 
-    def rows_to_slots(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self.row_slot[np.asarray(rows, np.int64)], np.int64) if len(rows) else np.zeros(0, np.int64)
+    def all_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, ids) of every live record, rows ascending."""
+        rows = np.concatenate([np.asarray(s.rows) for s in self.segments]) if self.segments else np.zeros(0, np.int64)
+        ids = np.asarray([x for s in self.segments for x in s.all_ids()], dtype=object)
+        keep = self.live.keep(rows)
+        return rows[keep], ids[keep]
 
-    def slots_to_rows(self, slots: np.ndarray) -> np.ndarray:
-        return (np.asarray(self.slot_rows[np.asarray(slots, np.int64)], np.int64) if len(slots)
-                else np.zeros(0, np.int64))
+    def _id_table(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        if not hasattr(self, "_ids_cache"):
+            rows, ids = self.all_ids()
+            self._ids_cache = (rows, ids, {str(i): int(r) for r, i in zip(rows.tolist(), ids.tolist())})
+        return self._ids_cache
 
+    def rows_of(self, ids) -> np.ndarray:
+        """The row of each id (-1 for ids that are not live records)."""
+        lookup = self._id_table()[2]
+        return np.asarray([lookup.get(str(i), -1) for i in ids], np.int64)
+
+    def ids_of(self, rows: np.ndarray) -> np.ndarray:
+        """The id of each live row (an object array; benchmarks map rankings to ids with it)."""
+        all_rows, all_ids, _ = self._id_table()
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return np.zeros(0, object)
+        pos = np.minimum(np.searchsorted(all_rows, rows), len(all_rows) - 1)
+        if np.any(all_rows[pos] != rows):
+            raise IndexFormatError(f"rows {rows[all_rows[pos] != rows][:5].tolist()} are not live records of "
+                                   f"index {self.path}")
+        return all_ids[pos]
+
+    # ----------------------------------------------------------------------------------------- search
+    def _params(self, name: str, exclude: np.ndarray | None) -> tuple[object, list]:
+        """faiss search parameters skipping deleted and excluded rows, and the selector objects they point to
+        (the caller keeps them alive while searching)."""
+        sel, refs = self._deleted_sel, []
+        if exclude is not None and len(exclude):
+            ex = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
+            refs.append(ex)
+            sel = ex if sel is None else faiss.IDSelectorOr(sel, ex)
+        if sel is None:
+            return None, refs
+        refs.append(sel)
+        not_sel = faiss.IDSelectorNot(sel)
+        refs.append(not_sel)
+        return faiss.SearchParametersIVF(sel=not_sel, nprobe=self.nprobe[name]), refs
+
+    def search(self, store: str, q: np.ndarray, k: int,
+               exclude: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each query vector: (rows, scores) of the k nearest live records, best first. Compressed stores
+        search ``refine`` x k candidates in the product-quantized lists and re-score them with finer codes."""
+        q = np.ascontiguousarray(np.atleast_2d(q), np.float32)
+        shell = self._shells[store]
+        if shell.ntotal == 0 or k <= 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
+        compressed = self.codebooks.stores[store].codec == PQ
+        kk = min(shell.ntotal, k * self.refine_factor if compressed else k)
+        params, refs = self._params(store, exclude)
+        scores, rows = shell.search(q, kk, params=params) if params is not None else shell.search(q, kk)
+        del refs
+        out = []
+        for i in range(len(q)):
+            r = rows[i][rows[i] >= 0]
+            s = scores[i][rows[i] >= 0]
+            if compressed and len(r):
+                has, v = self.vectors(store, r)
+                r = r[has]
+                s = v @ q[i]
+                top = np.lexsort((r, -s))[:k]
+                r, s = r[top], s[top]
+            out.append((r.astype(np.int64), s.astype(np.float32)))
+        return out
+
+    # ----------------------------------------------------------------------------------------- sizes
     def component_sizes(self) -> dict[str, int]:
-        return {name: dir_size(self.path / e["path"]) for name, e in self.manifest["components"].items()}
+        """Bytes on disk of each component (segment components summed over segments)."""
+        sizes: dict[str, int] = {}
+        for c in at_level("segment"):
+            sizes[c.name] = sum(int(s.entry["files"][c.path]["bytes"]) for s in self.segments
+                                if c.path in s.entry["files"])
+        cb = self.manifest["codebooks"]
+        sizes["codebooks"] = sum(int(f["bytes"]) for f in cb.get("files", {}).values())
+        for c in at_level("index"):
+            p = self.path / c.path
+            if p.exists():
+                sizes[c.name] = dir_size(p)
+        return {k: v for k, v in sizes.items() if v}
+
+    def close(self) -> None:
+        for s in self.segments:
+            s.close()
+        self._shells = {}
+
+
+def manifest_path(index_dir: Path) -> Path:
+    return index_dir / MANIFEST

@@ -18,17 +18,24 @@ class IndexSettings:
     pca_sample: int = 512  # images whose features fit the patch PCA and the descriptor centring
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejected as decompression bombs
     max_bytes: int = DEFAULT_MAX_BYTES  # larger image files are rejected
-    ann: str = "auto"  # faiss structure: flat (exhaustive fp16), ivf (memory-mapped lists), auto (by size)
-    ann_flat_max: int = 50_000  # with ann=auto, IVF is used above this many images (a flat scan costs ~0.1 ms/1k)
+    ann: str = "auto"  # first stage: flat (every code scanned), ivf (memory-mapped lists), auto (by size)
+    codec: str = "auto"  # stored vectors: fp16 (exact reference), pq (IVF-PQ + 8-bit refine + PQ patches), auto
+    ann_flat_max: int = 50_000  # with auto, corpora up to this many images are flat + fp16, larger ones ivf + pq
+    chunk: int = 2000  # images per committed segment: a killed build re-encodes at most this many on resume
+    patch_pq_m: int = 8  # sub-quantizers per patch cell with the pq codec (bytes per cell)
 
     def __post_init__(self) -> None:
-        for f in ("batch_size", "patch_grid", "patch_dims", "pca_sample", "max_pixels", "max_bytes", "ann_flat_max"):
-            if getattr(self, f) < 1:
-                raise AttribError(f"index setting {f}={getattr(self, f)!r} must be at least 1")
-        if self.workers < 0:
+        for f in ("batch_size", "patch_grid", "patch_dims", "pca_sample", "max_pixels", "max_bytes", "ann_flat_max",
+                  "chunk", "patch_pq_m"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise AttribError(f"index setting {f}={v!r} must be an integer of at least 1")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise AttribError(f"index setting workers={self.workers!r} must be 0 or more")
         if self.ann not in ("auto", "flat", "ivf"):
             raise AttribError(f"unknown ann kind {self.ann!r}; valid choices: auto, flat, ivf")
+        if self.codec not in ("auto", "fp16", "pq"):
+            raise AttribError(f"unknown codec {self.codec!r}; valid choices: auto, fp16, pq")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,11 +52,12 @@ class QuerySettings:
     dino_rerank: int = 200  # global-descriptor candidates the dino ranker re-ranks with patch features
     rrf_k: int = 60  # the k of reciprocal rank fusion
     nprobe: int | None = None  # IVF lists probed per search (None: the value the index was built with)
+    refine: int = 4  # compressed stores: candidates re-scored with finer codes per result wanted
 
     def __post_init__(self) -> None:
         if self.nprobe is not None and self.nprobe < 1:
             raise AttribError(f"query setting nprobe={self.nprobe!r} must be at least 1")
-        for f in ("depth", "dino_rerank", "rrf_k"):
+        for f in ("depth", "dino_rerank", "rrf_k", "refine"):
             if getattr(self, f) < 1:
                 raise AttribError(f"query setting {f}={getattr(self, f)!r} must be at least 1")
 

@@ -1,125 +1,19 @@
-"""The index's stores: faiss vectors, the DINO patch store, the tantivy caption index and the PCA/centering
-state that turns raw DINOv2 tokens into stored features. numpy / faiss / tantivy only (no torch)."""
+"""Primitives of the index's stores: the PCA/centring state that turns raw DINOv2 tokens into stored features,
+patch-level scoring, and the tantivy caption index. numpy / faiss / tantivy only (no torch). Vectors and patch
+cells are encoded by ``engine._codebooks`` and stored in segments (``engine._segment``)."""
 from __future__ import annotations
 
 import functools
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import tantivy
-
-# --------------------------------------------------------------------------------------------- vectors
-FLAT, IVF = "flat", "ivf"
 
 
 def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = np.linalg.norm(x, axis=axis, keepdims=True)
     return x / np.maximum(n, 1e-12)
-
-
-class RawVectorSink:
-    """Append-only float32 rows on disk; the faiss structure is built from it once encoding ends."""
-
-    def __init__(self, path: Path, dim: int) -> None:
-        self.path, self.dim, self.n = path, dim, 0
-        self._f = open(path, "wb")
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        assert x.ndim == 2 and x.shape[1] == self.dim  # internal invariant, not input validation
-        self._f.write(x.tobytes())
-        self.n += x.shape[0]
-
-    def abort(self) -> None:
-        self._f.close()
-
-    def close(self) -> np.memmap:
-        self._f.close()
-        return (np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.n, self.dim)) if self.n
-                else np.zeros((0, self.dim), np.float32))
-
-
-IVF_MIN_VECTORS = 1000  # below this an IVF index cannot be trained sensibly: a flat scan is used
-
-
-def choose_ann(kind: str, n: int, flat_max: int) -> str:
-    if kind not in ("auto", FLAT, IVF):
-        raise ValueError(f"unknown ann kind {kind!r}; valid choices: auto, flat, ivf")
-    if n < IVF_MIN_VECTORS:
-        return FLAT
-    if kind == "auto":
-        return FLAT if n <= flat_max else IVF
-    return kind
-
-
-def build_faiss(vectors: np.ndarray, path: Path, kind: str, nlist: int | None = None, chunk: int = 65536) -> dict:
-    """Write a faiss inner-product index of (already L2-normalised) vectors. Returns its settings.
-
-    ``flat`` is an exhaustive scan over fp16 codes (exact up to fp16 rounding, half the bytes of fp32, and
-    faster because the scan is memory-bound). ``ivf`` partitions the space (nlist ~ 2 sqrt(n), nprobe ~
-    nlist/32, i.e. about 3% of the vectors scanned per query) and is memory-mapped at query time, for corpora
-    too large to scan or to hold in RAM.
-    """
-    n, d = vectors.shape
-    sq = faiss.ScalarQuantizer.QT_fp16
-    if kind == FLAT:
-        index = faiss.IndexScalarQuantizer(d, sq, faiss.METRIC_INNER_PRODUCT)
-        info = {"kind": FLAT}
-    else:
-        nlist = nlist or max(1, min(65536, int(2 * math.sqrt(max(n, 1)))))
-        nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, sq, faiss.METRIC_INNER_PRODUCT)
-        index.by_residual = False  # codes are the fp16 vectors themselves: same scores as the flat store
-        rng = np.random.default_rng(0)
-        sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))] if n else vectors
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        info = {"kind": IVF, "nlist": nlist, "nprobe": min(nlist, max(8, nlist // 32))}
-    for s in range(0, n, chunk):
-        index.add(np.ascontiguousarray(vectors[s:s + chunk], dtype=np.float32))
-    if kind == IVF:
-        index.make_direct_map()  # lets candidates be re-scored exactly by slot
-    faiss.write_index(index, str(path))
-    return info
-
-
-class VectorStore:
-    """A faiss index opened for search plus exact re-scoring of arbitrary slots."""
-
-    def __init__(self, path: Path, info: dict) -> None:
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if info.get("kind") == IVF else 0
-        self.index = faiss.read_index(str(path), flags)
-        if info.get("kind") == IVF:
-            faiss.extract_index_ivf(self.index).nprobe = int(info.get("nprobe", 16))
-        self.ntotal = int(self.index.ntotal)
-        self.dim = int(self.index.d)
-
-    def search(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, slots) for each query row; slots are -1 where fewer than k exist. ``exclude``: slots that
-        must not come back (deleted or masked records), skipped inside faiss, so k results still come back."""
-        q = np.ascontiguousarray(np.atleast_2d(q), dtype=np.float32)
-        k = max(1, min(k, self.ntotal))
-        if self.ntotal == 0:
-            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-        if exclude is None or len(exclude) == 0:
-            return self.index.search(q, k)
-        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
-        else:
-            params = faiss.SearchParameters(sel=sel)
-        return self.index.search(q, k, params=params)
-
-    def vectors(self, slots: np.ndarray) -> np.ndarray:
-        slots = np.asarray(slots, dtype=np.int64)
-        if slots.size == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return self.index.reconstruct_batch(slots)
 
 
 # --------------------------------------------------------------------------------------------- DINO features
@@ -191,57 +85,6 @@ class DinoProjection:
                        z["components"])
 
 
-class PatchStore:
-    """(n_images, cells, dims) float16 patch features in one flat file, read by slot.
-
-    Reads use one positioned read (``os.preadv``) per record: with scattered slots in a large file this costs
-    about 1 ms for 400 records, where touching fresh pages of a memory map costs 6 ms in page faults. Where
-    ``preadv`` does not exist (Windows) the file is memory-mapped instead."""
-
-    def __init__(self, path: Path, n: int, cells: int, dims: int) -> None:
-        self.shape = (n, cells, dims)
-        self.path = path
-        self._rec = cells * dims * 2
-        self._fd: int | None = None
-        self._map = None
-        if n and not hasattr(os, "preadv"):
-            self._map = np.memmap(path, dtype=np.float16, mode="r", shape=self.shape)
-        # faiss's fp16 decoder is SIMD (F16C): ~3x faster than numpy's float16 -> float32 cast
-        self._fp16 = faiss.ScalarQuantizer(dims, faiss.ScalarQuantizer.QT_fp16)
-
-    def _read(self, slots: np.ndarray) -> np.ndarray:
-        if self._map is not None:
-            return np.ascontiguousarray(self._map[slots])
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        buf = bytearray(len(slots) * self._rec)
-        view = memoryview(buf)
-        rec = self._rec
-        for i, s in enumerate(slots.tolist()):
-            if os.preadv(self._fd, [view[i * rec:(i + 1) * rec]], s * rec) != rec:
-                raise OSError(f"{self.path} is shorter than its manifest says (slot {s}); rebuild the index")
-        return np.frombuffer(buf, np.float16).reshape((len(slots),) + self.shape[1:])
-
-    def get(self, slots: np.ndarray) -> np.ndarray:
-        """float32 (len(slots), cells, dims) copies of the given images' cells."""
-        slots = np.asarray(slots, dtype=np.int64)
-        if slots.size == 0:
-            return np.zeros((0,) + self.shape[1:], np.float32)
-        half = self._read(slots)
-        return self._fp16.decode(half.view(np.uint8).reshape(-1, 2 * self.shape[2])).reshape(half.shape)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
 def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
     """(n, Cc, Cq) cosines between n candidates' cells (n, Cc, d) and one query's cells (Cq, d): one BLAS call.
     Note the order: candidate cell first, query cell last."""
@@ -304,48 +147,105 @@ def make_analyzer() -> "tantivy.TextAnalyzer":
     )
 
 
+SEG_FIELD = "seg"
+
+
 def _schema() -> "tantivy.Schema":
     sb = tantivy.SchemaBuilder()
     sb.add_integer_field(ROW_FIELD, stored=False, indexed=True, fast=True)
+    sb.add_integer_field(SEG_FIELD, stored=False, indexed=True, fast=False)
     sb.add_text_field(TEXT_FIELD, stored=False, tokenizer_name=ANALYZER_NAME, index_option="freq")
     return sb.build()
 
 
 class TextSink:
+    """Adds and deletes caption documents of one index (one document per record: its row, its segment and
+    its caption). An index has one caption index for all its segments, so BM25 statistics are global."""
+
     def __init__(self, path: Path, heap_bytes: int = 64_000_000) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.index = tantivy.Index(_schema(), path=str(path))
+        self.index = tantivy.Index(_schema(), path=str(path), reuse=True)
         self.index.register_tokenizer(ANALYZER_NAME, make_analyzer())
         self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
         self.n = 0
 
-    def add(self, row: int, caption: str) -> None:
+    def add(self, row: int, caption: str, seg: int = 0) -> None:
         doc = tantivy.Document()
         doc.add_integer(ROW_FIELD, int(row))
+        doc.add_integer(SEG_FIELD, int(seg))
         doc.add_text(TEXT_FIELD, caption or "")
         self.writer.add_document(doc)
         self.n += 1
+
+    def delete_rows_from(self, first_row: int) -> None:
+        """Delete every document of rows >= ``first_row`` (records a crashed writer added but never committed)."""
+        q = tantivy.Query.range_query(self.index.schema, ROW_FIELD, tantivy.FieldType.Integer, int(first_row), None)
+        self.writer.delete_documents_by_query(q)
+
+    def delete_rows(self, rows) -> None:
+        for r in rows:
+            self.writer.delete_documents_by_term(ROW_FIELD, int(r))
+
+    def commit(self) -> None:
+        self.writer.commit()
 
     def close(self) -> None:
         self.writer.commit()
         self.writer.wait_merging_threads()
 
     def abort(self) -> None:
-        """Drop what was added and stop the writer's threads (a failed build)."""
+        """Drop what was added since the last commit and stop the writer's threads."""
         self.writer.rollback()
         self.writer.wait_merging_threads()
 
 
+def check_text_files(path: Path) -> None:
+    """Every file tantivy lists as part of the caption index exists (cheap damage detection at open)."""
+    import json
+
+    try:
+        managed = json.loads((path / ".managed.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"its file list .managed.json cannot be read ({e})") from None
+    missing = [f for f in managed if isinstance(f, str) and not f.endswith(".lock") and not (path / f).exists()]
+    if missing:
+        raise ValueError(f"{len(missing)} of its files are missing, e.g. {', '.join(sorted(missing)[:3])}")
+
+
+def _open_text_index(path: Path) -> tuple["tantivy.Index", Path | None]:
+    """Open a tantivy index for reading. Tantivy takes a lock file even to read; on a read-only folder (a
+    read-only mount, `chmod -R a-w`, a read-only lock file) the index is copied to a private temporary folder
+    and read from there (returned as the second value, removed at exit)."""
+    try:
+        return tantivy.Index.open(str(path)), None
+    except ValueError as e:
+        if "Lockfile" not in str(e) and "Permission denied" not in str(e) and "Read-only" not in str(e):
+            raise
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="attrib-text-ro-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    for f in path.iterdir():
+        if f.is_file() and not f.name.endswith(".lock"):
+            shutil.copyfile(f, tmp / f.name)
+    return tantivy.Index.open(str(tmp)), tmp
+
+
 class TextStore:
     """BM25 over captions. The prompt is analysed into terms and the query built from them, never parsed:
-    quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning."""
+    quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning.
+    ``live`` (a RowFilter-like object with ``keep(rows)``) hides documents outside the reader's snapshot."""
 
-    def __init__(self, path: Path) -> None:
-        self.index = tantivy.Index.open(str(path))
+    def __init__(self, path: Path, live=None) -> None:
+        check_text_files(path)
+        self.index, self.copied_to = _open_text_index(path)
         self.analyzer = make_analyzer()
         self.index.register_tokenizer(ANALYZER_NAME, self.analyzer)
         self.schema = self.index.schema
         self.searcher = self.index.searcher()
+        self.live = live
 
     def terms(self, prompt: str | None) -> list[str]:
         if not prompt or not prompt.strip():
@@ -362,6 +262,15 @@ class TextStore:
             [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, TEXT_FIELD, t)) for t in terms]
         )
 
+    def _run(self, query, limit: int):
+        try:
+            return self.searcher.search(query, limit=limit, count=False)
+        except ValueError as e:  # tantivy reports damaged files when it reads them
+            from ._errors import IndexFormatError
+
+            raise IndexFormatError(f"the caption index is damaged ({e}); run `attrib verify` on the index, then "
+                                   f"rebuild it") from None
+
     def _collect(self, result) -> tuple[np.ndarray, np.ndarray]:
         hits = result.hits
         if not hits:
@@ -370,10 +279,16 @@ class TextStore:
         return np.asarray(rows, np.int64), np.asarray([s for s, _ in hits], np.float32)
 
     def search(self, terms: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, bm25 scores), best first; empty when there are no terms."""
+        """(rows, bm25 scores), best first; empty when there are no terms. Documents outside the snapshot
+        (deleted records, records a writer is adding) never come back."""
         if not terms or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return self._collect(self.searcher.search(self._terms_query(terms), limit=k, count=False))
+        limit = k if self.live is None else self.live.overfetch(k)
+        rows, scores = self._collect(self._run(self._terms_query(terms), limit))
+        if self.live is not None:
+            keep = self.live.keep(rows)
+            rows, scores = rows[keep][:k], scores[keep][:k]
+        return rows, scores
 
     def score_rows(self, terms: list[str], rows: np.ndarray) -> np.ndarray:
         """BM25 of the prompt for given rows (0 where no term matches), computed by tantivy itself so it
@@ -388,7 +303,7 @@ class TextStore:
             [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, ROW_FIELD, int(r))) for r in rows]), 0.0)
         q = tantivy.Query.boolean_query(
             [(tantivy.Occur.Must, restrict), (tantivy.Occur.Should, self._terms_query(terms))])
-        got_rows, got = self._collect(self.searcher.search(q, limit=len(rows), count=False))
+        got_rows, got = self._collect(self._run(q, len(rows)))
         pos = {int(r): i for i, r in enumerate(rows)}
         for r, s in zip(got_rows.tolist(), got.tolist()):
             out[pos[r]] = s

@@ -101,16 +101,27 @@ def cmd_index(a: argparse.Namespace) -> int:
     from ._build import build_index
     from .report.text import print_build_summary
 
-    given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann")}
+    given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann",
+                                         "codec", "chunk")}
     settings = IndexSettings(**{k: v for k, v in given.items() if v is not None})  # invalid values are named
+    a.interrupted = (f"interrupted: every committed segment of {a.out} is kept and nothing half-written is "
+                     f"visible; rerun the same command to resume the build"
+                     + (" (the previous index stays in place until the new one is complete)" if a.overwrite else ""))
     s = build_index(a.source, a.out, models=a.models or "default", device=a.device, settings=settings,
-                    overwrite=a.overwrite, progress=not a.no_progress, clip_weights=a.clip_weights,
+                    overwrite=a.overwrite, append=a.append, progress=not a.no_progress, clip_weights=a.clip_weights,
                     dino_weights=a.dino_weights)
     if a.json:
-        print_json({"index": str(s.index_dir), "records": s.records, "images": s.images, "rejected": s.rejected,
-                    "reject_reasons": s.reject_reasons, "ignored_files": len(s.ignored_files),
+        from ._info import index_info
+
+        info = index_info(s.index_dir)
+        print_json({"index": str(s.index_dir), "mode": s.mode, "records": s.records, "images": s.images,
+                    "live": info["live"], "deleted": info["deleted"], "segments": s.segments,
+                    "encoded_this_run": s.encoded_this_run, "added_this_run": s.added_this_run,
+                    "rejected": s.rejected, "reject_reasons": s.reject_reasons, "ignored_files": len(s.ignored_files),
                     "seconds": round(s.seconds, 3), "records_per_second": round(s.throughput, 3),
-                    "untrained": s.manifest.get("untrained")})
+                    "disk_bytes_per_record": info["disk_bytes_per_record"],
+                    "ram_bytes_per_record": info["ram_bytes_per_record"],
+                    "untrained": "warning" in info, "warning": info.get("warning")})
     else:
         print_build_summary(s)
     return 0
@@ -126,6 +137,67 @@ def cmd_info(a: argparse.Namespace) -> int:
     else:
         print_info(info)
     return 0
+
+
+def cmd_delete(a: argparse.Namespace) -> int:
+    from ._maintain import delete_records, read_id_list
+
+    ids, urls = list(a.id or []), []
+    for f in a.ids or []:
+        more_ids, more_urls = read_id_list(f)
+        ids += more_ids
+        urls += more_urls
+    if not ids and not urls:
+        raise AttribError("give the records to delete with --id ID (repeatable) or --ids FILE")
+    s = delete_records(a.index, ids, urls)
+    out = {"index": a.index, "deleted": s.deleted, "not_found": len(s.not_found),
+           "not_found_examples": s.not_found[:20], "live": s.live, "deleted_total": s.total_deleted,
+           "generation": s.generation}
+    if a.json:
+        print_json(out)
+    else:
+        c = stderr_console()
+        c.print(f"[bold]deleted {s.deleted} records[/bold] from {escape(a.index)}: {s.live} live, "
+                f"{s.total_deleted} deleted and not yet compacted (`attrib compact` removes them physically)")
+        if s.not_found:
+            c.print(f"[yellow]{len(s.not_found)} ids/URLs are not live records of this index[/yellow] "
+                    f"(unknown, or deleted before), e.g. {escape(', '.join(s.not_found[:5]))}")
+    return 0
+
+
+def cmd_compact(a: argparse.Namespace) -> int:
+    from ._maintain import compact
+
+    s = compact(a.index, retrain=a.retrain, progress=not a.no_progress)
+    out = {"index": a.index, "segments_before": s.segments_before, "segments_after": s.segments_after,
+           "records": s.records, "purged": s.purged, "retrained": s.retrained, "seconds": round(s.seconds, 3),
+           "codebooks": s.codebooks}
+    if a.json:
+        print_json(out)
+    else:
+        stderr_console().print(
+            f"[bold green]compacted[/bold green] {escape(a.index)}: {s.segments_before} segments -> "
+            f"{s.segments_after}, {s.records} records kept, {s.purged} deleted records removed"
+            + (", codebooks retrained" if s.retrained else "") + f" in {s.seconds:.1f}s")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from ._maintain import verify
+
+    r = verify(a.index, progress=not a.no_progress)
+    if a.json:
+        print_json(r.to_dict())
+    else:
+        c = stderr_console()
+        if r.ok:
+            c.print(f"[bold green]ok[/bold green]: {escape(a.index)} - {r.checked['files']} files "
+                    f"({r.checked['bytes']} bytes), {r.checked['records']} records and {r.checked['images']} images "
+                    f"checked")
+        for p in r.problems:
+            c.print(f"[bold red]damaged[/bold red] {escape(p['component'])} ({escape(p['where'])}): "
+                    f"{escape(p['problem'])}", soft_wrap=True)
+    return 0 if r.ok else 1
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -184,7 +256,16 @@ def add_commands(sub) -> None:
     s.add_argument("source", help="folder of images (+ .txt/.json sidecars), .tar shard, or .parquet/.csv/.jsonl table")
     s.add_argument("--out", required=True, help="index folder to create")
     add_model_args(s)
-    s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index at --out (built beside it and swapped in when complete)")
+    s.add_argument("--append", action="store_true",
+                   help="add the records of SOURCE to the existing index at --out (same models; existing ids are "
+                        "rejected)")
+    s.add_argument("--chunk", type=int_in(1, 10_000_000), default=None,
+                   help="images per committed segment: a killed build re-encodes at most this many (default 2000)")
+    s.add_argument("--codec", choices=("auto", "fp16", "pq"), default=None,
+                   help="stored vectors: fp16 (exact), pq (compressed: IVF-PQ + 8-bit refine + PQ patches); "
+                        "default auto (pq above 50,000 images)")
     s.add_argument("--batch-size", type=int_in(1, 4096), default=None, help="images per forward pass (default 32)")
     s.add_argument("--workers", type=int_in(0, 256), default=None, help="image decoding threads (default 2)")
     s.add_argument("--patch-grid", type=int_in(1, 64), default=None,
@@ -202,6 +283,29 @@ def add_commands(sub) -> None:
     s.add_argument("index")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("delete", help="delete records from an index (by id, or by a removal list)")
+    s.add_argument("index")
+    s.add_argument("--id", action="append", metavar="ID", help="a record id (repeatable)")
+    s.add_argument("--ids", action="append", metavar="FILE",
+                   help="a file with one id per line, or a parquet/CSV/JSONL table with an id or url column "
+                        "(e.g. a LAION removal list); repeatable")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("compact", help="merge an index's segments into one and drop deleted records physically")
+    s.add_argument("index")
+    s.add_argument("--retrain", action="store_true",
+                   help="refit the codebooks (IVF, PQ, refine) on the live records first (after large appends)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_compact)
+
+    s = sub.add_parser("verify", help="check every byte of an index and name damaged components (exit 1 if any)")
+    s.add_argument("index")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("models", help="list the model profiles")
     s.add_argument("--json", action="store_true")
@@ -280,12 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help, or a one-line argument error already printed
             return int(e.code or 0)
         func: Callable[[argparse.Namespace], int] = a.func
+        a.interrupted = "interrupted: nothing half-written was left behind"
         return func(a)
     except AttribError as e:
         print_error(str(e))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        stderr_console().print("[yellow]interrupted: nothing half-written was left behind[/yellow]")
+        message = getattr(locals().get("a"), "interrupted", "interrupted: nothing half-written was left behind")
+        stderr_console().print(f"[yellow]{escape(message)}[/yellow]")
         return EXIT_INTERRUPTED
     finally:
         if old is not None:

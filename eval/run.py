@@ -101,7 +101,7 @@ def ensure_index(bench: Benchmark, index: str | os.PathLike | None, models: str 
             build_index(bench.path / "corpus.parquet", folder, models=models, device=device, settings=settings,
                         overwrite=folder.exists(), progress=progress)
             idx = open_index(folder, device=device)
-    ids = set(idx.reader.ids.tolist())
+    ids = set(idx.reader.all_ids()[1].tolist())
     missing = sorted({r for rel in bench.queries["relevant"].to_list() for r in rel} - ids)
     if missing:
         raise AttribError(
@@ -174,7 +174,7 @@ def _load_encoded(path: Path, qids, images, prompts, idx: Index) -> list[QueryIn
 def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool = True) -> list[QueryRun]:
     """Single-ranker lists and fused candidate pools for every query of ``qdf`` (no fusion applied yet)."""
     encoded = encode_queries(bench, idx, qdf, progress)
-    ids = idx.reader.ids
+    ids_of = idx.reader.ids_of
     runs: list[QueryRun] = []
     rows = qdf.select("query_id", "kind", "split", "relevant", "image", "prompt").to_dicts()
     with progress_bar("ranking queries", len(rows), enabled=progress) as advance:
@@ -183,12 +183,12 @@ def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool 
             took_part = {name: idx.rankers[name].available(q) for name in main_rankers()}
             for name in main_rankers():
                 rk = idx.rank(name, q, DEPTH)
-                rankings[name] = [str(ids[x]) for x in rk.rows]
+                rankings[name] = [str(x) for x in ids_of(rk.rows)]
                 tops[name] = float(rk.scores[0]) if len(rk) else math.nan
             pool = idx.pool(q, DEPTH)
             runs.append(QueryRun(
                 r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops, pool,
-                ids[pool.rows] if len(pool) else np.zeros(0, object),
+                ids_of(pool.rows),
                 {"image": bench.image_path(r["image"]), "prompt": r["prompt"]}, took_part,
             ))
             advance(1)
@@ -438,8 +438,7 @@ def hard_cases(ev: Evaluation, idx: Index, per_kind: int = 4) -> list[dict]:
     # fill in images and captions for every record shown
     ids = sorted(shown)
     if ids:
-        id_to_row = {str(x): i for i, x in enumerate(idx.reader.ids)}
-        meta = idx.reader.records(np.array([id_to_row[i] for i in ids], np.int64))
+        meta = idx.reader.records(idx.reader.rows_of(ids))
         info = {i: {"image": im, "caption": cap} for i, im, cap in zip(meta["id"], meta["image"], meta["caption"])}
         for c in cases:
             for item in c["expected"] + c["returned"]:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import world
 from world import source_image
 
 import engine
@@ -51,7 +52,7 @@ def test_bm25_without_prompt_is_empty_and_image_rankers_without_image_take_no_pa
 
 
 def test_prompt_only_query_finds_the_caption(idx, tiny_index):
-    cap = pl.read_parquet(tiny_index / "records.parquet")["caption"][12]
+    cap = world.records(tiny_index)["caption"][12]
     res = idx.query(prompt=cap, k=40)
     # RRF also listens to the (untrained, noisy) CLIP text ranker, so the caption match need not be first
     hit = [r for r in res.results if r.caption == cap]

@@ -90,7 +90,7 @@ def test_a_toy_ranker_reaches_every_part_of_the_engine(toy, long_caption_index, 
 
     idx = engine.open_index(long_caption_index)
     idx.use_encoders(tiny)
-    long_row = int(np.flatnonzero(idx.reader.ids == "img0004.png")[0])
+    long_row = int(idx.reader.rows_of(["img0004.png"])[0])
     # the pool: the toy's first stage brings the long-caption record in, and every candidate has its feature
     q = idx.encode_query(None, "zebra")  # no caption mentions zebra: BM25 finds nothing
     pool = idx.pool(q, depth=2)

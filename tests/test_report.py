@@ -321,7 +321,7 @@ def test_evidence_bars_and_ranks(copy_world, full_result, tmp_path):
 def test_known_copy_lights_up_where_it_sits(copy_world, full_result, tmp_path):
     """The mosaic sits in columns c >= G/2 of the query and c < G/2 of the source: the heat must be there."""
     idx, res = copy_world["index"], full_result
-    src_row = int(np.flatnonzero(idx.reader.ids == copy_world["source_id"])[0])
+    src_row = int(idx.reader.rows_of([copy_world["source_id"]])[0])
     assert any(r.row == src_row for r in res.results[:5]), "the copy source should rank in the top 5"
     corr = idx.correspondences(res.query_input, [src_row])[0]
     g = corr.grid

@@ -1,10 +1,10 @@
-"""The numeric pieces of the stores against brute force: patch scores, the fp16 patch store, the projection."""
+"""The numeric pieces of the stores against brute force: patch scores, the codecs, the projection, dense search."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine._stores import DinoProjection, PatchStore, VectorStore, build_faiss, cell_similarities, l2n, patch_scores
+from engine._stores import DinoProjection, cell_similarities, l2n, patch_scores
 
 
 def brute_patch_scores(q: np.ndarray, c: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,15 +44,33 @@ def test_patch_scores_match_brute_force():
     assert patch_scores(base.reshape(-1, 8), np.zeros((0, 16, 8), np.float32), grid)[0].shape == (0,)
 
 
-def test_patch_store_returns_exact_float32_copies(tmp_path):
+def test_codebook_codecs_round_trip_and_checksums_catch_any_byte():
+    from engine._codebooks import Codebooks
+    from engine._segment import row_sums
+
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((10, 16, 8)).astype(np.float16)
-    (tmp_path / "p.f16").write_bytes(x.tobytes())
-    store = PatchStore(tmp_path / "p.f16", 10, 16, 8)
-    got = store.get(np.array([9, 0, 3, 3]))
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, x[[9, 0, 3, 3]].astype(np.float32))
-    assert store.get(np.zeros(0, np.int64)).shape == (0, 16, 8)
+    clip = l2n(rng.standard_normal((600, 32)).astype(np.float32))
+    dino = l2n(rng.standard_normal((600, 48)).astype(np.float32))
+    cells = l2n(rng.standard_normal((600, 16, 8)).astype(np.float32))
+    proj = DinoProjection.identity(24, 8)
+    fp = Codebooks.train(1, proj, clip, dino, cells, "flat", "fp16", 600, 50_000, 4)
+    np.testing.assert_array_equal(fp.decode_refine("clip", fp.refine_codes("clip", clip)),
+                                  clip.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(fp.decode_patches(fp.encode_patches(cells)),
+                                  cells.astype(np.float16).astype(np.float32))
+    pq = Codebooks.train(1, proj, clip, dino, cells, "ivf", "pq", 600, 100, 4)
+    assert pq.stores["clip"].codec == "pq" and pq.stores["clip"].nlist > 1 and pq.patch_code_shape[1] == 4
+    back = pq.decode_refine("dino", pq.refine_codes("dino", dino))
+    assert np.abs(np.sum(back * dino, axis=1) - 1).max() < 0.01  # 8-bit refine codes: cosine within 1%
+    cos = np.sum(pq.decode_patches(pq.encode_patches(cells)) * cells, axis=2)
+    assert cos.mean() > 0.6  # random 8-d cells through 4 sub-quantizers of 256 centroids
+    codes = pq.encode_patches(cells[:5])
+    sums = row_sums(codes)
+    for pos in (0, 7, 13, 31):
+        flipped = codes.copy().reshape(5, -1)
+        flipped[2, pos] ^= 0xFF
+        got = row_sums(flipped.reshape(codes.shape))
+        assert got[2] != sums[2] and np.array_equal(np.delete(got, 2), np.delete(sums, 2))
 
 
 def test_projection_is_deterministic_and_normalised(tmp_path):
@@ -89,23 +107,40 @@ def test_record_metadata_is_served_in_request_order_across_batches(tmp_path, tin
     got = r.records(rows)
     assert got["id"].to_list() == [f"r{i}" for i in rows]
     assert got["caption"][0] == "caption number 19999" and got["image"].null_count() == len(rows)
-    assert r.ids[12_345] == "r12345" and len(r.ids) == n
+    assert r.ids_of(np.array([12_345]))[0] == "r12345" and len(r.all_ids()[1]) == n
+    assert r.rows_of(["r7", "nope"]).tolist() == [7, -1]
     assert r.records(np.zeros(0, np.int64)).height == 0
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
-def test_faiss_search_matches_brute_force(tmp_path, kind):
+@pytest.mark.parametrize("ann,codec", [("flat", "fp16"), ("ivf", "fp16"), ("ivf", "pq")])
+def test_dense_search_matches_brute_force(tmp_path, tiny, ann, codec):
+    """Exact stores equal brute force over their fp16 vectors; the compressed one keeps recall@10 >= 0.9."""
+    import engine
+    from engine._reader import IndexReader
+
+    n = 3000
     rng = np.random.default_rng(0)
-    x = l2n(rng.standard_normal((2000, 32)).astype(np.float32))
-    info = build_faiss(x, tmp_path / "v.faiss", kind)
-    if kind == "ivf":
-        info["nprobe"] = info["nlist"]  # probe every list: exhaustive, so it must equal brute force
-    store = VectorStore(tmp_path / "v.faiss", info)
-    q = l2n(rng.standard_normal((5, 32)).astype(np.float32))
-    scores, slots = store.search(q, 10)
-    x16 = x.astype(np.float16).astype(np.float32)  # the stores keep fp16 codes
+    centres = l2n(rng.standard_normal((40, 64)).astype(np.float32))
+    x = l2n(centres[rng.integers(0, 40, n)] + 0.35 * rng.standard_normal((n, 64)).astype(np.float32))
+    w = engine.IndexWriter(tmp_path / "idx", tiny.identity, engine.IndexSettings(ann=ann, codec=codec, chunk=n,
+                                                                                  pca_sample=64))
+    d = tiny.dino_dim
+    w.add_images([f"v{i}" for i in range(n)], [None] * n, [""] * n, [{}] * n, x,
+                 rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, d)).astype(np.float32),
+                 rng.standard_normal((n, 64, d)).astype(np.float32))
+    w.finalize({"path": "synthetic", "kind": "test"})
+    r = IndexReader(tmp_path / "idx", nprobe=None if ann == "flat" else 10_000)  # probe every list: exhaustive
+    assert r.codebooks.stores["clip"].codec == codec and r.codebooks.stores["clip"].ann == ann
+    q = l2n(x[:20] + 0.1 * rng.standard_normal((20, 64)).astype(np.float32))
+    x16 = x.astype(np.float16).astype(np.float32)
     brute = q @ x16.T
-    want = np.argsort(-brute, axis=1)[:, :10]
-    np.testing.assert_array_equal(slots, want)
-    np.testing.assert_allclose(scores, np.take_along_axis(brute, want, 1), atol=1e-4)
-    np.testing.assert_allclose(store.vectors(np.array([3, 1999])), x16[[3, 1999]], atol=1e-6)
+    for i, (rows, scores) in enumerate(r.search("clip", q, 10)):
+        want = np.argsort(-brute[i], kind="stable")[:10]
+        if codec == "fp16":
+            np.testing.assert_array_equal(rows, want)
+            np.testing.assert_allclose(scores, brute[i][want], atol=1e-4)
+        else:
+            assert len(set(rows.tolist()) & set(want.tolist())) >= 9
+    has, v = r.vectors("clip", np.array([3, 2999, 3]))
+    assert has.all() and v.shape == (3, 64)
+    np.testing.assert_allclose(v, x16[[3, 2999, 3]], atol=1e-6 if codec == "fp16" else 0.02)

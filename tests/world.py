@@ -234,7 +234,12 @@ def build(src, out, tiny, **kw):
 
 
 def records(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(out / "records.parquet")
+    """The full record tables of every committed segment of an index, in row order."""
+    from engine._manifest import read_manifest
+
+    m = read_manifest(out)
+    return pl.concat([pl.read_parquet(out / s["path"] / "records.parquet") for s in m["segments"]],
+                     how="diagonal_relaxed").sort("row")
 
 
 def rejects(out: Path) -> list[dict]:
@@ -245,5 +250,5 @@ def rejects(out: Path) -> list[dict]:
 
 def source_image(index_dir: Path, n: int) -> str:
     """The image path of record ``imgNNNN`` of an index built from :func:`image_folder`."""
-    df = pl.read_parquet(index_dir / "records.parquet")
+    df = records(index_dir)
     return df.filter(pl.col("id").str.contains(f"img{n:04d}"))["image"][0]

@@ -122,10 +122,8 @@ class RowFilter:
     """Record rows that must not come back from any ranker or the pool (masked for calibration, or deleted).
     Vector searches skip them inside faiss; other first stages fetch more and drop them."""
 
-    def __init__(self, reader: IndexReader, rows: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray) -> None:
         self.rows = np.unique(np.asarray(rows, np.int64))
-        slots = reader.rows_to_slots(self.rows) if len(self.rows) else np.zeros(0, np.int64)
-        self.slots = np.sort(slots[slots >= 0])
 
     @classmethod
     def of(cls, reader: IndexReader, rows) -> "RowFilter | None":
@@ -133,11 +131,11 @@ class RowFilter:
         if rows is None or isinstance(rows, RowFilter):
             return rows
         rows = np.asarray(rows, np.int64).ravel()
-        if len(rows) and (rows.min() < 0 or rows.max() >= reader.n_records):
+        if len(rows) and (rows.min() < 0 or rows.max() >= reader.next_row):
             from .._errors import QueryInputError
 
-            raise QueryInputError(f"rows to exclude must be in 0..{reader.n_records - 1}")
-        return cls(reader, rows) if len(rows) else None
+            raise QueryInputError(f"rows to exclude must be record rows of this index (0..{reader.next_row - 1})")
+        return cls(rows) if len(rows) else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -156,7 +154,7 @@ class RowFilter:
 
 class Candidates:
     """A set of candidate rows and what rankers read about them, gathered once and shared by every ranker
-    that featurizes them (the slot of each row, stored vectors, patch cells). Safe to use from the helper
+    that featurizes them (which rows have an image, stored vectors, patch cells). Safe to use from the helper
     thread that runs background rankers."""
 
     def __init__(self, reader: IndexReader, rows: np.ndarray) -> None:
@@ -175,17 +173,13 @@ class Candidates:
             return self._cache[key]
 
     @property
-    def slots(self) -> np.ndarray:
-        """Image slot of each row (-1 for caption-only records)."""
-        return self._get("slots", lambda: self.reader.rows_to_slots(self.rows))
-
-    @property
     def has_image(self) -> np.ndarray:
-        return self.slots >= 0
+        """Whether each row has an image (caption-only records do not)."""
+        return self._get("has_image", lambda: self.reader.has_image(self.rows))
 
     def vectors(self, store: str) -> np.ndarray:
         """Stored vectors of the rows that have an image (in row order), from vector store ``store``."""
-        return self._get(("vectors", store), lambda: getattr(self.reader, store).vectors(self.slots[self.has_image]))
+        return self._get(("vectors", store), lambda: self.reader.vectors(store, self.rows)[1])
 
     def cosines(self, store: str, vec: np.ndarray | None) -> np.ndarray:
         """Cosine between ``vec`` and each row's stored vector (NaN without an image or without ``vec``)."""
@@ -197,7 +191,7 @@ class Candidates:
 
     def patches(self) -> np.ndarray:
         """Patch cells (n_with_image, cells, dims) float32 of the rows that have an image."""
-        return self._get("patches", lambda: self.reader.patches.get(self.slots[self.has_image]))
+        return self._get("patches", lambda: self.reader.patch_cells(self.rows)[1])
 
 
 class Ranker(ABC):
@@ -271,9 +265,6 @@ class Ranker(ABC):
 def dense_candidates(reader: IndexReader, store: str, vec: np.ndarray | None, n: int,
                      exclude: RowFilter | None = None) -> np.ndarray:
     """Top-n record rows of a vector store for one query vector."""
-    vs = getattr(reader, store)
-    if vec is None or vs.ntotal == 0 or n <= 0:
+    if vec is None or n <= 0:
         return np.zeros(0, np.int64)
-    _, slots = vs.search(vec[None, :], n, None if exclude is None else exclude.slots)
-    slots = slots[0]
-    return reader.slots_to_rows(slots[slots >= 0])
+    return reader.search(store, vec, n, None if exclude is None else exclude.rows)[0][0]

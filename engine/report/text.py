@@ -25,12 +25,17 @@ def untrained_panel(text: str) -> Panel:
 def print_build_summary(s) -> None:
     c = stderr_console()
     m = s.manifest
-    if m.get("untrained"):
+    from .._manifest import is_pretrained
+
+    if not is_pretrained(m["models"]):
         c.print(untrained_panel("This index was built with UNTRAINED (randomly initialised) encoders, profile "
                                 f"{m['models']['profile']!r}. Its rankings are not meaningful attributions."))
-    c.print(f"[bold green]indexed[/bold green] {s.records} records ({s.images} with images, "
-            f"{s.records - s.images} caption-only) into [bold]{escape(str(s.index_dir))}[/bold] "
-            f"in {s.seconds:.1f}s ({s.throughput:.1f} records/s)")
+    verb = {"build": "indexed", "resume": "resumed and finished", "append": "appended",
+            "overwrite": "rebuilt (the previous index was replaced)"}.get(s.mode, "indexed")
+    c.print(f"[bold green]{verb}[/bold green]: {s.added_this_run} records added ({s.encoded_this_run} images encoded "
+            f"by this run) into [bold]{escape(str(s.index_dir))}[/bold] in {s.seconds:.1f}s "
+            f"({s.throughput:.1f} records/s). The index holds {s.records} live records ({s.images} with images), "
+            f"{s.deleted} deleted, in {s.segments} segment{'s' if s.segments != 1 else ''}.")
     if s.rejected:
         reasons = ", ".join(f"{n} {escape(r)}" for r, n in sorted(s.reject_reasons.items(), key=lambda kv: -kv[1]))
         c.print(f"[yellow]skipped {s.rejected} records[/yellow] ({reasons}); "
@@ -51,9 +56,10 @@ def print_info(info: dict) -> None:
     t.add_column("key", style="bold")
     t.add_column("value")
     mod = m["models"]
-    t.add_row("format", f"{m['format']} v{m['format_version']}")
-    t.add_row("created", m["created"])
-    t.add_row("profile", f"{mod['profile']} ({'pretrained' if mod.get('pretrained') else 'UNTRAINED'})")
+    t.add_row("format", f"{m['format']} v{m['format_version']}, generation {info['generation']}"
+                        + ("" if info["complete"] else " [yellow](build unfinished: rerun it to resume)[/yellow]"))
+    t.add_row("created / updated", f"{m['created']} / {m.get('updated', '-')}")
+    t.add_row("profile", f"{mod['profile']} ({'UNTRAINED' if info.get('warning') else 'pretrained'})")
     t.add_row("clip", f"{mod['clip']['arch']} / {mod['clip'].get('weights_tag') or 'random init'} "
                       f"(sha256 {mod['clip']['weights_sha256'][:12]}..., {mod['clip']['dim']} dims)")
     t.add_row("dino", f"{mod['dino']['arch']} / {mod['dino'].get('weights_tag') or 'random init'} "
@@ -61,23 +67,34 @@ def print_info(info: dict) -> None:
                       f"{mod['dino']['input']['size']}px)")
     t.add_row("fingerprint", mod["fingerprint"])
     cnt = m["counts"]
-    t.add_row("records", f"{cnt['records']} ({cnt['images']} images, {cnt['caption_only']} caption-only)")
+    t.add_row("records", f"{info['live']} live ({info['images']} with images, {cnt['caption_only']} caption-only "
+                         f"ever added), {info['deleted']} deleted")
     rr = ", ".join(f"{n} {r}" for r, n in cnt.get("reject_reasons", {}).items())
     t.add_row("rejected", f"{cnt['rejected']}" + (f" ({escape(rr)})" if rr else ""))
     d = m["dims"]
+    cb = info["codebooks"]
     t.add_row("dims", f"clip {d['clip']}, dino global {d['dino_global']}, patches {d['patch_grid']}x{d['patch_grid']} "
-                      f"cells x {d['patch_dims']} dims fp16")
-    t.add_row("ann", ", ".join(f"{k}: {v.get('kind')}" for k, v in m.get("ann", {}).items()))
-    t.add_row("source", escape(f"{m['source'].get('kind')}: {m['source'].get('path')}"))
+                      f"cells x {d['patch_dims']} dims ({cb['patch_codec']})")
+    t.add_row("stores", ", ".join(f"{k}: {v['ann']} {v['codec']}" + (f" nlist {v['nlist']} nprobe {v['nprobe']}"
+                                                                         if v["nlist"] > 1 else "")
+                                  for k, v in cb["stores"].items()))
+    t.add_row("segments", str(info["segments"]) + ("  [yellow](many: `attrib compact` merges them)[/yellow]"
+                                                   if info["segments"] > 16 else ""))
+    src = m["build"].get("source") or {}
+    t.add_row("source", escape(f"{src.get('kind')}: {src.get('path')}") + (
+        f" (+{len(m.get('sources', [])) - 1} appended)" if len(m.get("sources", [])) > 1 else ""))
     t.add_row("versions", escape(", ".join(f"{k} {v}" for k, v in m["versions"].items())))
     c.print(t)
     s = Table(title="size on disk")
-    for col in ("component", "bytes", "per image"):
-        s.add_column(col, justify="right" if col != "component" else "left")
+    for col in ("component", "bytes", "per record", "grows with"):
+        s.add_column(col, justify="right" if col not in ("component", "grows with") else "left")
     for name, b in sorted(info["sizes"].items(), key=lambda kv: -kv[1]):
-        s.add_row(name, _human(b), _human(info["bytes_per_image"][name]))
-    s.add_row("[bold]total[/bold]", _human(info["total_bytes"]), _human(info["bytes_per_image"]["total"]))
+        s.add_row(name, _human(b), _human(info["disk_bytes_per_record"][name]), info["grows_with"].get(name, ""))
+    s.add_row("[bold]total[/bold]", _human(info["total_bytes"]), _human(info["disk_bytes_per_record"]["total"]), "")
     c.print(s)
+    ram = info["ram_bytes_per_record"]
+    c.print(f"[dim]resident in RAM per record while querying (estimate): {ram['total']:.0f} B; the rest is "
+            f"memory-mapped and read on demand[/dim]")
 
 
 def _short(text: str | None, n: int = 60) -> str:

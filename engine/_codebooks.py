@@ -1,0 +1,253 @@
+"""Codebooks: everything that turns encoder outputs into stored codes, trained once per index on a sample
+(the first chunk of a build) and frozen, so that every segment is encoded the same way and segments can be
+searched together and merged. ``attrib compact --retrain`` makes a new codebook generation from the index.
+
+Two codecs:
+
+* ``fp16`` (small corpora, and the exact reference): vectors and patch cells are stored as float16;
+  the first stage scans them (``flat``: one list) or an IVF over them.
+* ``pq`` (large corpora): the first stage is IVF + product quantization (64 B per CLIP vector, 96 B per DINO
+  descriptor) searched over memory-mapped lists; its top candidates are re-scored with 8-bit scalar codes
+  (``refine``: one byte per dimension); patch cells are product-quantized (8 B per cell by default).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ._errors import AttribError, IndexFormatError
+from ._layout import path_of
+from ._stores import DinoProjection, l2n
+
+FP16, PQ = "fp16", "pq"
+FLAT, IVF = "flat", "ivf"
+PQ_MIN_TRAIN = 256  # images the first chunk needs for product quantizers with 256 centroids
+IVF_MIN_PER_LIST = 39  # faiss wants this many training points per list
+SUBVECTOR_DIMS = 8  # dims per PQ sub-quantizer of the first stage
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def file_entry(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, as the manifest records it."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@dataclass
+class StoreSpec:
+    """How one vector store (clip or dino) is encoded."""
+
+    dim: int  # vector dimensions
+    ann: str  # "flat" (one list, every code scanned) or "ivf"
+    codec: str  # "fp16" or "pq"
+    nlist: int = 1  # IVF lists
+    nprobe: int = 1  # lists scanned per search (default; --nprobe overrides)
+    m: int = 0  # PQ sub-quantizers (pq codec)
+
+    @property
+    def refine_dtype(self) -> np.dtype:
+        return np.dtype(np.float16) if self.codec == FP16 else np.dtype(np.uint8)
+
+    def to_dict(self) -> dict:
+        return {"dim": self.dim, "ann": self.ann, "codec": self.codec, "nlist": self.nlist, "nprobe": self.nprobe,
+                "m": self.m}
+
+
+@dataclass
+class Codebooks:
+    """One frozen codebook generation (see the module docstring)."""
+
+    generation: int
+    projection: DinoProjection
+    stores: dict[str, StoreSpec]  # "clip" / "dino" -> spec
+    templates: dict[str, faiss.Index]  # trained, empty faiss indexes (ids are record rows)
+    sq: dict[str, faiss.ScalarQuantizer] = field(default_factory=dict)  # 8-bit refine quantizers (pq codec)
+    patch_codec: str = FP16
+    patch_pq: faiss.ProductQuantizer | None = None
+    patch_cells: int = 64
+    patch_dims: int = 64
+
+    # ----------------------------------------------------------------------------------------- training
+    @classmethod
+    def train(cls, generation: int, projection: DinoProjection, clip: np.ndarray, dino: np.ndarray,
+              cells: np.ndarray, ann: str, codec: str, expected_images: int, flat_max: int,
+              patch_m: int) -> "Codebooks":
+        """Train on a sample: ``clip`` (n, Dc), ``dino`` (n, Dg) global descriptors and projected ``cells``
+        (n, C, Dp). ``ann``/``codec`` may be "auto": decided from ``expected_images`` and ``flat_max``."""
+        n = clip.shape[0]
+        big = expected_images > flat_max
+        if codec == "auto":
+            codec = PQ if big and n >= PQ_MIN_TRAIN else FP16
+        if codec == PQ and n < PQ_MIN_TRAIN:
+            raise AttribError(f"--codec pq needs at least {PQ_MIN_TRAIN} images in the first chunk to train its "
+                              f"quantizers (this one has {n}); use a larger --chunk or --codec fp16")
+        if ann == "auto":
+            ann = IVF if big else FLAT
+        stores, templates, sq = {}, {}, {}
+        for name, x in (("clip", clip), ("dino", dino)):
+            spec = _store_spec(x.shape[1], ann, codec, n, expected_images)
+            stores[name] = spec
+            templates[name] = _train_template(spec, x)
+            if codec == PQ:
+                q = faiss.ScalarQuantizer(spec.dim, faiss.ScalarQuantizer.QT_8bit)
+                q.train(np.ascontiguousarray(x, np.float32))
+                sq[name] = q
+        C, Dp = cells.shape[1], cells.shape[2]
+        pq = None
+        if codec == PQ:
+            m = max(1, min(patch_m, Dp))
+            while Dp % m:
+                m -= 1
+            pq = faiss.ProductQuantizer(Dp, m, 8)
+            pq.cp.min_points_per_centroid = 1
+            flat = np.ascontiguousarray(cells.reshape(-1, Dp), np.float32)
+            rng = np.random.default_rng(0)
+            sample = flat[np.sort(rng.choice(len(flat), size=min(len(flat), 65536), replace=False))]
+            pq.train(sample)
+        return cls(generation, projection, stores, templates, sq, codec if pq is not None else FP16, pq, C, Dp)
+
+    # ----------------------------------------------------------------------------------------- files
+    def save(self, folder: Path) -> dict:
+        """Write every codebook file into ``folder``; returns the manifest entry."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.projection.save(folder / path_of("projection"))
+        for name in ("clip", "dino"):
+            faiss.write_index(self.templates[name], str(folder / path_of(f"{name}_ivf")))
+            if name in self.sq:
+                with open(folder / path_of(f"{name}_sq"), "wb") as f:
+                    np.save(f, faiss.vector_to_array(self.sq[name].trained), allow_pickle=False)
+        if self.patch_pq is not None:
+            faiss.write_ProductQuantizer(self.patch_pq, str(folder / path_of("patch_pq")))
+        files = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        return {"generation": self.generation, "stores": {k: v.to_dict() for k, v in self.stores.items()},
+                "patch_codec": self.patch_codec, "patch_m": self.patch_pq.M if self.patch_pq is not None else 0,
+                "patch_cells": self.patch_cells, "patch_dims": self.patch_dims, "files": files}
+
+    @classmethod
+    def load(cls, folder: Path, entry: dict) -> "Codebooks":
+        try:
+            projection = DinoProjection.load(folder / path_of("projection"))
+            stores = {k: StoreSpec(**v) for k, v in entry["stores"].items()}
+            templates = {k: faiss.read_index(str(folder / path_of(f"{k}_ivf"))) for k in stores}
+            sq = {}
+            for k, spec in stores.items():
+                if spec.codec == PQ:
+                    q = faiss.ScalarQuantizer(spec.dim, faiss.ScalarQuantizer.QT_8bit)
+                    faiss.copy_array_to_vector(np.load(folder / path_of(f"{k}_sq"), allow_pickle=False)
+                                               .astype(np.float32), q.trained)
+                    sq[k] = q
+            pq = None
+            if entry.get("patch_codec") == PQ:
+                pq = faiss.read_ProductQuantizer(str(folder / path_of("patch_pq")))
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise IndexFormatError(f"the codebooks in {folder} are damaged ({e.__class__.__name__}: {e}); "
+                                   f"rebuild the index") from None
+        return cls(int(entry["generation"]), projection, stores, templates, sq, entry.get("patch_codec", FP16), pq,
+                   int(entry.get("patch_cells", projection.components.shape[1])),
+                   int(entry.get("patch_dims", projection.cell_dim)))
+
+    # ----------------------------------------------------------------------------------------- coding
+    def new_store(self, name: str) -> faiss.Index:
+        """An empty faiss index for one segment's vectors of store ``name``."""
+        return faiss.clone_index(self.templates[name])
+
+    def refine_codes(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Row-aligned codes that re-score candidates: float16, or 8-bit scalar codes."""
+        x = np.ascontiguousarray(x, np.float32)
+        if self.stores[name].codec == FP16:
+            return x.astype(np.float16)
+        return self.sq[name].compute_codes(x).reshape(len(x), -1)
+
+    def decode_refine(self, name: str, codes: np.ndarray) -> np.ndarray:
+        """float32 vectors from refine codes."""
+        if self.stores[name].codec == FP16:
+            return _fp16_to_f32(codes)
+        return self.sq[name].decode(np.ascontiguousarray(codes, np.uint8)).reshape(len(codes), -1)
+
+    @property
+    def patch_code_shape(self) -> tuple[int, int, np.dtype]:
+        """(cells, values per cell, dtype) of one image's stored patch codes."""
+        if self.patch_pq is not None:
+            return self.patch_cells, self.patch_pq.code_size, np.dtype(np.uint8)
+        return self.patch_cells, self.patch_dims, np.dtype(np.float16)
+
+    def encode_patches(self, cells: np.ndarray) -> np.ndarray:
+        """Stored codes of projected cells (n, C, Dp)."""
+        if self.patch_pq is None:
+            return cells.astype(np.float16)
+        n, c, d = cells.shape
+        return self.patch_pq.compute_codes(np.ascontiguousarray(cells.reshape(-1, d), np.float32)).reshape(n, c, -1)
+
+    def decode_patches(self, codes: np.ndarray) -> np.ndarray:
+        """float32 cells (n, C, Dp), L2-normalised, from stored codes."""
+        if self.patch_pq is None:
+            n, c, d = codes.shape
+            return _fp16_to_f32(codes.reshape(n * c, d)).reshape(n, c, d)
+        n, c, b = codes.shape
+        out = self.patch_pq.decode(np.ascontiguousarray(codes.reshape(-1, b), np.uint8)).reshape(n, c, -1)
+        return l2n(out).astype(np.float32)
+
+    def describe(self) -> dict:
+        return {"generation": self.generation, "stores": {k: v.to_dict() for k, v in self.stores.items()},
+                "patch_codec": self.patch_codec}
+
+
+_FP16_DECODERS: dict[int, faiss.ScalarQuantizer] = {}
+
+
+def _fp16_to_f32(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32 with faiss's SIMD decoder (about 3x numpy's cast)."""
+    x = np.ascontiguousarray(x, np.float16)
+    if x.size == 0:
+        return x.astype(np.float32)
+    d = x.shape[-1]
+    dec = _FP16_DECODERS.get(d)
+    if dec is None:
+        dec = _FP16_DECODERS[d] = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16)
+    return dec.decode(x.view(np.uint8).reshape(-1, 2 * d)).reshape(x.shape)
+
+
+def _store_spec(dim: int, ann: str, codec: str, n_train: int, expected: int) -> StoreSpec:
+    if ann == FLAT:
+        nlist = 1
+    else:
+        nlist = max(1, min(65536, int(2 * math.sqrt(max(expected, 1))), n_train // IVF_MIN_PER_LIST))
+    nprobe = 1 if nlist == 1 else min(nlist, max(16, nlist // 32))
+    m = 0
+    if codec == PQ:
+        m = min(dim, max(16, dim // SUBVECTOR_DIMS))  # small vectors keep at least 16 sub-quantizers
+        while dim % m:
+            m -= 1
+    return StoreSpec(dim, FLAT if nlist == 1 else IVF, codec, nlist, nprobe, m)
+
+
+def _train_template(spec: StoreSpec, x: np.ndarray) -> faiss.Index:
+    x = np.ascontiguousarray(x, np.float32)
+    quantizer = faiss.IndexFlatIP(spec.dim)
+    if spec.codec == PQ:
+        index = faiss.IndexIVFPQ(quantizer, spec.dim, spec.nlist, spec.m, 8, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, spec.dim, spec.nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.by_residual = False  # codes are the fp16 vectors themselves: same scores as a flat fp16 scan
+    index.cp.min_points_per_centroid = 1  # small first chunks: no warning per training (quality is measured)
+    if spec.codec == PQ:
+        index.pq.cp.min_points_per_centroid = 1
+    rng = np.random.default_rng(0)
+    sample = x[np.sort(rng.choice(len(x), size=min(len(x), 256 * max(spec.nlist, 256)), replace=False))]
+    index.train(sample)
+    index.nprobe = spec.nprobe
+    return index

@@ -1,0 +1,405 @@
+"""Changing a committed index: deleting records, compacting segments, and verifying every byte.
+
+Each change writes its new files, then commits a new manifest generation (the one atomic step), then removes
+what the new generation no longer lists. Readers that opened an older generation keep answering from it."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._codebooks import Codebooks, sha256_file
+from ._errors import AttribError, IndexFormatError
+from ._layout import codebook_dir, deletes_file, path_of, segment_dir
+from ._lock import WriterLock
+from ._manifest import read_manifest, write_manifest
+from ._reader import IndexReader
+from ._segment import STORES, Chunk, EncodedChunk, row_sums, write_segment
+from ._stores import ROW_FIELD, TextSink
+from ._threads import blas_single
+from ._txn import recover
+from .files import fsync_dir, remove
+
+URL_COLUMNS = ("url", "URL", "Url")
+ID_COLUMNS = ("id", "ID", "key")
+
+
+# --------------------------------------------------------------------------------------------- delete
+@dataclass
+class DeleteSummary:
+    deleted: int  # records deleted by this command
+    not_found: list[str]  # given ids/urls that are not live records (unknown, or deleted before)
+    live: int  # live records after the command
+    total_deleted: int  # records deleted and not yet compacted away
+    generation: int
+
+
+def read_id_list(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(ids, urls) from a removal list: a text file with one id per line, or a parquet/CSV/JSONL table with an
+    id column (``id``) and/or a URL column (``url``), e.g. a LAION opt-out list."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise AttribError(f"id list {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".parquet", ".csv", ".jsonl", ".ndjson"):
+        try:
+            df = (pl.read_parquet(p) if suffix == ".parquet" else pl.read_csv(p, infer_schema_length=0)
+                  if suffix == ".csv" else pl.read_ndjson(p))
+        except Exception as e:  # noqa: BLE001 - polars raises many types on bad files
+            raise AttribError(f"cannot read id list {p}: {e.__class__.__name__}: {e}") from None
+        idc = next((c for c in ID_COLUMNS if c in df.columns), None)
+        urlc = next((c for c in URL_COLUMNS if c in df.columns), None)
+        if idc is None and urlc is None:
+            raise AttribError(f"id list {p} has neither an id column ({', '.join(ID_COLUMNS)}) nor a URL column "
+                              f"({', '.join(URL_COLUMNS)}); its columns are {', '.join(df.columns)}")
+        ids = [str(x) for x in df[idc].drop_nulls().to_list()] if idc else []
+        urls = [str(x) for x in df[urlc].drop_nulls().to_list()] if urlc else []
+        return ids, urls
+    try:
+        text = p.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise AttribError(f"cannot read id list {p}: {e}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")], []
+
+
+def _rows_of_urls(reader: IndexReader, urls: list[str]) -> dict[str, list[int]]:
+    """Rows whose source URL (a url column of a table source, or the url of a sidecar's metadata) is in
+    ``urls``."""
+    wanted = set(urls)
+    found: dict[str, list[int]] = {}
+    for seg in reader.segments:
+        table = pq.read_table(seg.path / path_of("records"))
+        cols = set(table.column_names)
+        rows = table.column("row").to_numpy()
+        candidates = []
+        for c in URL_COLUMNS:
+            if c in cols:
+                candidates.append(table.column(c).cast(pa.string()).to_pylist())
+        if "meta" in cols:
+            metas = table.column("meta").to_pylist()
+            candidates.append([_meta_url(x) for x in metas])
+        for values in candidates:
+            for r, u in zip(rows.tolist(), values):
+                if u is not None and u in wanted:
+                    found.setdefault(u, []).append(int(r))
+    return found
+
+
+def _meta_url(meta: str | None) -> str | None:
+    if not meta:
+        return None
+    try:
+        d = json.loads(meta)
+    except ValueError:
+        return None
+    return next((str(d[c]) for c in URL_COLUMNS if isinstance(d, dict) and c in d), None)
+
+
+def delete_records(index: str | os.PathLike, ids: list[str] = (), urls: list[str] = ()) -> DeleteSummary:
+    """Delete records by id and/or source URL. From the moment this returns, a newly opened index never
+    returns them from any ranker, the pool, reports or benchmarks (`attrib compact` removes them physically).
+
+    Args:
+        index: the index folder.
+        ids: record ids.
+        urls: source URLs (matched against a table's url column or a sidecar's url).
+    Returns:
+        A :class:`DeleteSummary` (ids or URLs not found are listed, not an error).
+    Raises:
+        IndexBusyError: another process is writing the index.
+        IndexFormatError: the index is missing, damaged or read-only.
+    """
+    folder = Path(index).expanduser().absolute()
+    recover(folder)
+    with WriterLock(folder, "delete"):
+        reader = IndexReader(folder, hash_files=False)
+        m = reader.manifest
+        rows = reader.rows_of(list(ids))
+        not_found = [str(i) for i, r in zip(ids, rows) if r < 0]
+        targets = set(int(r) for r in rows if r >= 0)
+        if urls:
+            by_url = _rows_of_urls(reader, list(urls))
+            not_found += [u for u in urls if u not in by_url]
+            for rs in by_url.values():
+                targets.update(r for r in rs if reader.live.keep(np.asarray([r]))[0])
+        new = np.asarray(sorted(targets), np.int64)
+        if len(new) == 0:
+            reader.close()
+            return DeleteSummary(0, not_found, int(m["counts"]["records"]), int(m["counts"]["deleted"]),
+                                 int(m["generation"]))
+        n_img = int(reader.has_image(new).sum())
+        all_deleted = np.union1d(reader.live.deleted, new).astype(np.int64)
+        reader.close()
+        gen = int(m["generation"]) + 1
+        rel = deletes_file(gen)
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / rel, "wb") as f:
+            np.save(f, all_deleted, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir((folder / rel).parent)
+        m2 = json.loads(json.dumps(m))
+        m2["generation"] = gen
+        old = m2.get("deletes")
+        m2["deletes"] = {"path": rel, "count": int(len(all_deleted)), "sha256": sha256_file(folder / rel)}
+        m2["counts"]["records"] -= len(new)
+        m2["counts"]["images"] -= n_img
+        m2["counts"]["deleted"] = int(len(all_deleted))
+        m2 = write_manifest(folder, m2)
+        _delete_text(folder, new)  # after the commit: the tombstones already hide them from readers
+        if old and old["path"] != rel:
+            remove(folder / old["path"])
+        return DeleteSummary(len(new), not_found, int(m2["counts"]["records"]), int(len(all_deleted)), gen)
+
+
+def _delete_text(folder: Path, rows: np.ndarray) -> None:
+    sink = TextSink(folder / path_of("text"))
+    try:
+        sink.delete_rows(rows.tolist())
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+# --------------------------------------------------------------------------------------------- compact
+@dataclass
+class CompactSummary:
+    segments_before: int
+    segments_after: int
+    records: int  # live records kept
+    purged: int  # deleted records removed physically
+    retrained: bool
+    seconds: float
+    codebooks: dict = field(default_factory=dict)
+
+
+@blas_single
+def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = True,
+            keep_old_for_tests=None) -> CompactSummary:
+    """Merge every segment into one, dropping deleted records physically; ``retrain`` refits the codebooks
+    (IVF, PQ and refine quantizers) on the live records first, for an index that has grown or drifted since
+    its first chunk. Queries keep answering from the previous generation while this runs."""
+    t0 = time.perf_counter()
+    folder = Path(index).expanduser().absolute()
+    recover(folder)
+    with WriterLock(folder, "compact"):
+        reader = IndexReader(folder, hash_files=False)
+        m = reader.manifest
+        cb = reader.codebooks
+        before = len(reader.segments)
+        purged = int(len(reader.live.deleted))
+        tables, image_rows, refine, patches, crcs, sums = [], [], {n: [] for n in STORES}, [], [], []
+        from .ui import progress_bar
+
+        with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
+            for seg in reader.segments:
+                rows = np.asarray(seg.rows)
+                keep = reader.live.keep(rows)
+                t = pq.read_table(seg.path / path_of("records"))
+                tables.append(t.filter(pa.array(keep)))
+                crcs.append(np.asarray(seg.record_crc)[keep])
+                irows = np.asarray(seg.image_rows)
+                ikeep = reader.live.keep(irows)
+                image_rows.append(irows[ikeep])
+                li = np.flatnonzero(ikeep)
+                for n in STORES:
+                    refine[n].append(np.asarray(seg.refine[n][li]))
+                patches.append(np.asarray(seg.patches[li]))
+                sums.append(np.asarray(seg.image_sums)[li])
+                advance(1)
+        table = _concat_tables(tables)
+        image_rows_a = np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64)
+        refine_a = {n: np.concatenate(v) for n, v in refine.items()}
+        patches_a = np.concatenate(patches)
+        sums_a = np.concatenate(sums).astype(np.uint64)
+        for j, (name, codes) in enumerate((("clip", refine_a["clip"]), ("dino", refine_a["dino"]), ("p", patches_a))):
+            if len(codes) and not np.array_equal(row_sums(codes), sums_a[:, j]):
+                raise IndexFormatError(f"index {folder} is damaged ({name} codes do not match their checksums); "
+                                       f"run `attrib verify` and rebuild it")
+        new_cb = cb
+        if retrain:
+            vecs = {n: cb.decode_refine(n, refine_a[n]) for n in STORES}
+            cells = cb.decode_patches(patches_a) if len(patches_a) else np.zeros((0, cb.patch_cells, cb.patch_dims))
+            settings = m["settings"]
+            new_cb = Codebooks.train(cb.generation + 1, cb.projection, vecs["clip"], vecs["dino"], cells,
+                                     settings.get("ann", "auto"), settings.get("codec", "auto"), len(vecs["clip"]),
+                                     int(settings.get("ann_flat_max", 50_000)), int(settings.get("patch_pq_m", 8)))
+            chunk = Chunk(table, image_rows_a, vecs["clip"], vecs["dino"], cells)
+            enc = None
+        else:
+            stores = {}
+            for n in STORES:
+                merged = cb.new_store(n)
+                for seg in reader.segments:
+                    part = faiss.read_index(str(seg.path / path_of(n)))
+                    merged.merge_from(part, 0)
+                if purged:
+                    merged.remove_ids(faiss.IDSelectorBatch(reader.live.deleted))
+                stores[n] = merged
+            enc = EncodedChunk(table, image_rows_a, stores, refine_a, patches_a, np.concatenate(crcs), sums_a)
+            chunk = None
+        seg_id = int(m["next_segment"])
+        m2 = json.loads(json.dumps(m))
+        if retrain:
+            m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
+            m2["codebooks"]["path"] = codebook_dir(new_cb.generation)
+        entry = write_segment(folder, segment_dir(seg_id), seg_id, enc if enc is not None else chunk, new_cb)
+        old_segments = [s["path"] for s in m["segments"]]
+        old_deletes = (m.get("deletes") or {}).get("path")
+        reader.close()
+        m2["generation"] = int(m["generation"]) + 1
+        m2["segments"] = [entry]
+        m2["next_segment"] = seg_id + 1
+        m2["deletes"] = None
+        m2["counts"]["deleted"] = 0
+        m2["counts"]["purged"] = int(m["counts"].get("purged", 0)) + purged
+        m2["compactions"] = int(m.get("compactions", 0)) + 1
+        write_manifest(folder, m2)
+        if keep_old_for_tests is not None:
+            keep_old_for_tests()
+        for rel in old_segments:
+            remove(folder / rel)
+        if old_deletes:
+            remove(folder / old_deletes)
+        if retrain:
+            remove(folder / codebook_dir(cb.generation))
+        fsync_dir(folder)
+    return CompactSummary(before, 1, int(m2["counts"]["records"]), purged, retrain, time.perf_counter() - t0,
+                          new_cb.describe())
+
+
+def _concat_tables(tables: list[pa.Table]) -> pa.Table:
+    """Segments of different sources may carry different source columns: missing ones become nulls."""
+    if len({tuple(t.schema.names) for t in tables}) <= 1:
+        return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+# --------------------------------------------------------------------------------------------- verify
+@dataclass
+class VerifyReport:
+    ok: bool
+    problems: list[dict]  # {"component", "where", "problem"}
+    checked: dict  # what was checked (counts)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "checked": self.checked}
+
+
+def verify(index: str | os.PathLike, progress: bool = True) -> VerifyReport:
+    """Check every byte of an index: the manifest's own checksum, every file against its sha256, every code
+    against its checksum, every record against its CRC, finite vectors, row tables, deletions and the caption
+    index. Each problem names the damaged component."""
+    folder = Path(index).expanduser().absolute()
+    problems: list[dict] = []
+    checked = {"files": 0, "bytes": 0, "records": 0, "images": 0}
+
+    def bad(component: str, where: str, problem: str) -> None:
+        problems.append({"component": component, "where": where, "problem": problem})
+
+    try:
+        m = read_manifest(folder)
+    except IndexFormatError as e:
+        return VerifyReport(False, [{"component": "manifest", "where": str(folder), "problem": str(e)}], checked)
+    files = []
+    cb = m.get("codebooks") or {}
+    for name, want in cb.get("files", {}).items():
+        files.append(("codebooks", f"{codebook_dir(int(cb['generation']))}/{name}", want))
+    for seg in m["segments"]:
+        for name, want in seg["files"].items():
+            files.append((_component_of(name), f"{seg['path']}/{name}", want))
+    if m.get("deletes"):
+        files.append(("deletes", m["deletes"]["path"], {"sha256": m["deletes"]["sha256"]}))
+    from .ui import progress_bar
+
+    with progress_bar("verifying files", len(files), enabled=progress, unit="file") as advance:
+        for comp, rel, want in files:
+            p = folder / rel
+            if not p.is_file():
+                bad(comp, rel, "missing")
+            elif "bytes" in want and p.stat().st_size != want["bytes"]:
+                bad(comp, rel, f"{p.stat().st_size} bytes, the manifest records {want['bytes']}")
+            elif sha256_file(p) != want["sha256"]:
+                bad(comp, rel, "content does not match its sha256 (changed or damaged)")
+            else:
+                checked["files"] += 1
+                checked["bytes"] += p.stat().st_size
+            advance(1)
+    if problems:
+        return VerifyReport(False, problems, checked)
+    try:
+        reader = IndexReader(folder, hash_files=False)
+    except IndexFormatError as e:
+        bad("index", str(folder), str(e))
+        return VerifyReport(False, problems, checked)
+    seen_ids: set[str] = set()
+    for seg in reader.segments:
+        where = seg.path.name
+        rows = np.asarray(seg.rows)
+        if not np.isin(np.asarray(seg.image_rows), rows).all():
+            bad("image_rows", where, "image rows that are not record rows")
+        for j, name in enumerate(("clip_refine", "dino_refine", "patches")):
+            codes = (seg.refine["clip"], seg.refine["dino"], seg.patches)[j]
+            if len(codes):
+                got = row_sums(np.asarray(codes))
+                wrong = np.flatnonzero(got != np.asarray(seg.image_sums)[:, j])
+                if len(wrong):
+                    bad(name, where, f"{len(wrong)} images do not match their checksums (rows "
+                                     f"{np.asarray(seg.image_rows)[wrong[:5]].tolist()})")
+                if np.asarray(codes).dtype == np.float16 and not np.isfinite(np.asarray(codes)).all():
+                    bad(name, where, "holds non-finite values")
+        try:
+            seg.serving(np.arange(seg.n_records))
+        except IndexFormatError as e:
+            bad("serving", where, str(e))
+        live = reader.live.keep(rows)
+        ids = [str(x) for x, ok in zip(seg.all_ids(), live) if ok]
+        dup = seen_ids.intersection(ids)
+        if dup or len(set(ids)) != len(ids):
+            bad("records", where, f"duplicate ids, e.g. {sorted(dup)[:3]}")
+        seen_ids.update(ids)
+        checked["records"] += seg.n_records
+        checked["images"] += seg.n_images
+    if len(reader.live.deleted):
+        if len(np.setdiff1d(reader.live.deleted, np.concatenate([np.asarray(s.rows) for s in reader.segments]))):
+            bad("deletes", m["deletes"]["path"], "lists rows that are in no segment")
+    text_rows = _text_rows(reader)
+    live_rows = reader.live_rows()
+    missing = np.setdiff1d(live_rows, text_rows)
+    if len(missing):
+        bad("text", "text", f"{len(missing)} live records have no caption document (e.g. rows {missing[:5].tolist()})")
+    stray = np.setdiff1d(np.unique(text_rows), live_rows)
+    if len(stray):
+        bad("text", "text", f"{len(stray)} caption documents belong to no live record (rows {stray[:5].tolist()}); "
+                            f"an interrupted writer leaves these, the next write removes them")
+    reader.close()
+    return VerifyReport(not problems, problems, checked)
+
+
+def _text_rows(reader: IndexReader) -> np.ndarray:
+    import tantivy
+
+    s = reader.text.searcher
+    n = s.num_docs
+    if n == 0:
+        return np.zeros(0, np.int64)
+    hits = s.search(tantivy.Query.all_query(), limit=n, count=False).hits
+    return np.asarray(s.fast_field_values(ROW_FIELD, [a for _, a in hits]), np.int64)
+
+
+def _component_of(file_name: str) -> str:
+    from ._layout import at_level
+
+    for c in at_level("segment"):
+        if c.path == file_name:
+            return c.name
+    return file_name

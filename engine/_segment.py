@@ -1,0 +1,311 @@
+"""One immutable segment: a contiguous run of records with their metadata, vectors and patch cells, encoded
+against the index's codebooks. Written once (into a temporary folder, fsynced, then renamed), listed by the
+manifest when committed, read through memory maps, and deleted only when a newer generation no longer lists it.
+
+Every per-image code read by a query is checked against a checksum stored beside it, and every record read
+against a CRC of its id, image and caption, so damage that keeps file sizes (a flipped byte, 0xFF over a
+record) is reported by name instead of changing answers silently."""
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
+import pyarrow.parquet as pq
+
+from ._codebooks import Codebooks, file_entry
+from ._errors import IndexFormatError
+from ._layout import at_level, path_of
+from .files import fsync_dir, remove
+
+SERVING_COLUMNS = ("id", "image", "caption")
+STORES = ("clip", "dino")
+_WEIGHTS = np.random.default_rng(20261128).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def row_sums(codes: np.ndarray) -> np.ndarray:
+    """A checksum per row of a 2-d (or more) array of codes: the bytes as little-endian 64-bit words, each times a
+    fixed odd weight, summed modulo 2^64. Vectorised; any change of a single byte changes the sum."""
+    n = codes.shape[0]
+    b = np.ascontiguousarray(codes).view(np.uint8).reshape(n, -1)
+    pad = (-b.shape[1]) % 8
+    if pad:
+        b = np.concatenate([b, np.zeros((n, pad), np.uint8)], axis=1)
+    words = b.view("<u8")
+    if words.shape[1] > len(_WEIGHTS):
+        raise ValueError("codes are too wide for the checksum weights")
+    with np.errstate(over="ignore"):
+        return (words * _WEIGHTS[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+
+
+def record_crc(rid: str, image: str | None, caption: str | None) -> int:
+    text = f"{rid}\0{image or ''}\0{caption or ''}"
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_bin(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(np.ascontiguousarray(arr).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class Chunk:
+    """The records of one segment, as the writer collected them (rows ascending)."""
+
+    table: pa.Table  # row, id, image, caption, source columns
+    image_rows: np.ndarray  # int64 rows that have an image, ascending
+    clip: np.ndarray  # (n_images, Dc) float32, L2-normalised
+    dino: np.ndarray  # (n_images, Dg) float32 global descriptors, L2-normalised
+    cells: np.ndarray  # (n_images, C, Dp) float32 projected patch cells
+
+
+@dataclass
+class EncodedChunk:
+    """A segment's content as stored: the record table and every code, ready to be written."""
+
+    table: pa.Table  # row, id, image, caption, source columns (rows ascending)
+    image_rows: np.ndarray  # int64 rows with an image, ascending
+    stores: dict  # "clip"/"dino" -> faiss index holding this segment's codes (ids = rows)
+    refine: dict  # "clip"/"dino" -> row-aligned refine codes (n_images, D)
+    patches: np.ndarray  # (n_images, C, width) stored patch codes
+    record_crc: np.ndarray | None = None  # uint32 per record (computed when None)
+    image_sums: np.ndarray | None = None  # (n_images, 3) uint64 (computed when None)
+
+
+def encode_chunk(chunk: Chunk, cb: Codebooks) -> EncodedChunk:
+    """Encode a chunk of vectors with the codebooks."""
+    stores, refine = {}, {}
+    for name, x in (("clip", chunk.clip), ("dino", chunk.dino)):
+        index = cb.new_store(name)
+        if len(x):
+            index.add_with_ids(np.ascontiguousarray(x, np.float32), np.asarray(chunk.image_rows, np.int64))
+        stores[name] = index
+        refine[name] = cb.refine_codes(name, x)
+    return EncodedChunk(chunk.table, np.asarray(chunk.image_rows, np.int64), stores, refine,
+                        cb.encode_patches(chunk.cells))
+
+
+def write_segment(index_dir: Path, rel: str, seg_id: int, chunk: Chunk | EncodedChunk, cb: Codebooks) -> dict:
+    """Write a segment folder (temporary name, fsynced, then renamed to ``rel``); returns its manifest entry."""
+    enc = chunk if isinstance(chunk, EncodedChunk) else encode_chunk(chunk, cb)
+    final = index_dir / rel
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        t = enc.table
+        rows = np.asarray(t.column("row").to_numpy(), np.int64)
+        with pq.ParquetWriter(tmp / path_of("records"), t.schema, compression="zstd") as w:
+            w.write_table(t)
+        serving = t.select(list(SERVING_COLUMNS))
+        with pa.OSFile(str(tmp / path_of("serving")), "wb") as sink:
+            with pa.ipc.new_file(sink, serving.schema) as w:
+                w.write_table(serving, max_chunksize=8192)
+        _save_npy(tmp / path_of("rows"), rows)
+        _save_npy(tmp / path_of("image_rows"), enc.image_rows)
+        crc = enc.record_crc
+        if crc is None:
+            ids, imgs, caps = (t.column(c).to_pylist() for c in SERVING_COLUMNS)
+            crc = np.asarray([record_crc(a, b, c) for a, b, c in zip(ids, imgs, caps)], np.uint32)
+        _save_npy(tmp / path_of("record_crc"), np.asarray(crc, np.uint32))
+        sums = enc.image_sums
+        if sums is None:
+            sums = np.zeros((len(enc.image_rows), 3), np.uint64)
+            if len(enc.image_rows):
+                sums[:, 0] = row_sums(enc.refine["clip"])
+                sums[:, 1] = row_sums(enc.refine["dino"])
+                sums[:, 2] = row_sums(enc.patches)
+        for name in STORES:
+            faiss.write_index(enc.stores[name], str(tmp / path_of(name)))
+            _save_bin(tmp / path_of(f"{name}_refine"), enc.refine[name])
+        _save_bin(tmp / path_of("patches"), enc.patches)
+        _save_npy(tmp / path_of("image_sums"), np.asarray(sums, np.uint64))
+        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        fsync_dir(tmp)
+        if final.exists():  # a leftover of a crashed writer that never reached the manifest
+            remove(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        remove(tmp)
+        raise
+    return {"id": seg_id, "path": rel, "records": int(len(rows)), "images": int(len(enc.image_rows)),
+            "first_row": int(rows[0]) if len(rows) else None, "last_row": int(rows[-1]) if len(rows) else None,
+            "files": files}
+
+
+class Segment:
+    """A committed segment opened for reading: every file is memory-mapped when it is opened, so later
+    changes to the folder (a compaction deleting it, an overwrite replacing the index) cannot mix into the
+    answers of a reader that already opened it."""
+
+    def __init__(self, index_dir: Path, entry: dict, cb: Codebooks, hash_files: bool = False) -> None:
+        self.entry = entry
+        self.id = int(entry["id"])
+        self.path = index_dir / entry["path"]
+        self.cb = cb
+        self.n_records = int(entry["records"])
+        self.n_images = int(entry["images"])
+        self._check_files(hash_files)
+        try:
+            self.rows = np.load(self.path / path_of("rows"), mmap_mode="r")
+            self.image_rows = np.load(self.path / path_of("image_rows"), mmap_mode="r")
+            self.record_crc = np.load(self.path / path_of("record_crc"), mmap_mode="r")
+            self.image_sums = np.load(self.path / path_of("image_sums"), mmap_mode="r")
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            self.stores = {name: faiss.read_index(str(self.path / path_of(name)), flags) for name in STORES}
+            self.refine = {name: self._map(f"{name}_refine", cb.stores[name].refine_dtype, (cb.stores[name].dim,))
+                           for name in STORES}
+            cells, width, dtype = cb.patch_code_shape
+            self.patches = self._map("patches", dtype, (cells, width))
+            reader = pa.ipc.open_file(pa.memory_map(str(self.path / path_of("serving")), "r"))
+            self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        except IndexFormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - numpy/faiss/arrow raise many types on damaged files
+            raise IndexFormatError(f"segment {self.path} is damaged ({e.__class__.__name__}: {e}); run "
+                                   f"`attrib verify` on the index, then rebuild it") from None
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])[:-1].astype(np.int64)
+        self._check_shapes()
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _damaged(self, what: str) -> IndexFormatError:
+        return IndexFormatError(f"segment {self.path.name} of index {self.path.parent.parent} is damaged: {what}; "
+                                f"run `attrib verify` on the index, then rebuild it")
+
+    def _check_files(self, hash_files: bool) -> None:
+        from ._codebooks import sha256_file
+
+        for c in at_level("segment"):
+            want = self.entry["files"].get(c.path)
+            p = self.path / c.path
+            if want is None:
+                if c.required:
+                    raise self._damaged(f"the manifest lists no {c.path}")
+                continue
+            if not p.is_file():
+                raise self._damaged(f"{c.path} is missing")
+            size = p.stat().st_size
+            if size != want["bytes"]:
+                raise self._damaged(f"{c.path} has {size} bytes, the manifest records {want['bytes']}")
+            if c.expected_bytes is not None and size != c.expected_bytes(self.entry):
+                raise self._damaged(f"{c.path} has {size} bytes, its counts imply {c.expected_bytes(self.entry)}")
+            if hash_files and sha256_file(p) != want["sha256"]:
+                raise self._damaged(f"{c.path} does not match its checksum")
+
+    def _map(self, name: str, dtype: np.dtype, tail: tuple[int, ...]) -> np.ndarray:
+        p = self.path / path_of(name)
+        per = int(np.prod(tail)) * dtype.itemsize
+        if p.stat().st_size != self.n_images * per:
+            raise self._damaged(f"{p.name} holds {p.stat().st_size} bytes, expected {self.n_images} x {per}")
+        if self.n_images == 0:
+            return np.zeros((0, *tail), dtype)
+        return np.memmap(p, dtype=dtype, mode="r", shape=(self.n_images, *tail))
+
+    def _check_shapes(self) -> None:
+        if self.rows.shape != (self.n_records,) or self.image_rows.shape != (self.n_images,):
+            raise self._damaged("its row tables do not match its counts")
+        if self.record_crc.shape != (self.n_records,) or self.image_sums.shape != (self.n_images, 3):
+            raise self._damaged("its checksum tables do not match its counts")
+        if sum(b.num_rows for b in self.batches) != self.n_records:
+            raise self._damaged(f"{path_of('serving')} holds another number of records")
+        for name, index in self.stores.items():
+            if index.ntotal != self.n_images or index.d != self.cb.stores[name].dim:
+                raise self._damaged(f"{path_of(name)} holds {index.ntotal} vectors of {index.d} dims")
+        if self.n_records:
+            if self.rows.dtype != np.int64 or np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0:
+                raise self._damaged("its record rows are not ascending")
+            if self.n_images and (np.any(np.diff(self.image_rows) <= 0)
+                                  or np.any(self.rows[np.minimum(np.searchsorted(self.rows, self.image_rows),
+                                                                 self.n_records - 1)] != self.image_rows)):
+                raise self._damaged("its image rows are not ascending record rows")
+
+    # ----------------------------------------------------------------------------------------- reading
+    def local_records(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of ``rows`` (which must belong to this segment) among its records."""
+        pos = np.searchsorted(self.rows, rows)
+        return pos
+
+    def local_images(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of ``rows`` among this segment's images; -1 for rows without an image."""
+        if not self.n_images:
+            return np.full(len(rows), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.image_rows, rows), self.n_images - 1)
+        return np.where(self.image_rows[pos] == rows, pos, -1).astype(np.int64)
+
+    def _checked(self, codes: np.ndarray, local: np.ndarray, col: int, what: str) -> np.ndarray:
+        if len(local) and not np.array_equal(row_sums(codes), self.image_sums[local, col]):
+            bad = local[row_sums(codes) != self.image_sums[local, col]]
+            rows = np.asarray(self.image_rows[bad[:5]]).tolist()
+            raise self._damaged(f"the {what} of rows {rows} do not match their checksums")
+        return codes
+
+    def vectors(self, name: str, local: np.ndarray) -> np.ndarray:
+        """float32 vectors of store ``name`` for local image positions (checked)."""
+        codes = np.asarray(self.refine[name][local])
+        return self.cb.decode_refine(name, self._checked(codes, local, STORES.index(name), f"{name} vectors"))
+
+    def patch_cells(self, local: np.ndarray) -> np.ndarray:
+        """float32 patch cells (n, C, Dp) for local image positions (checked)."""
+        codes = np.asarray(self.patches[local])
+        return self.cb.decode_patches(self._checked(codes, local, 2, "patch cells"))
+
+    def serving(self, local: np.ndarray) -> pa.Table:
+        """id, image, caption of local record positions, in that order, checked against their CRCs."""
+        which = np.searchsorted(self.starts, local, side="right") - 1
+        parts, order = [], []
+        for b in np.unique(which):
+            sel = np.flatnonzero(which == b)
+            parts.append(self.batches[b].take(pa.array(local[sel] - self.starts[b])))
+            order.append(sel)
+        table = pa.Table.from_batches(parts) if parts else pa.Table.from_batches([], self.batches[0].schema)
+        inverse = np.empty(len(local), np.int64)
+        if order:
+            inverse[np.concatenate(order)] = np.arange(len(local))
+        table = table.take(pa.array(inverse))
+        ids, imgs, caps = (table.column(c).to_pylist() for c in SERVING_COLUMNS)
+        for i, (a, b, c) in enumerate(zip(ids, imgs, caps)):
+            if record_crc(a, b, c) != int(self.record_crc[local[i]]):
+                raise self._damaged(f"record row {int(self.rows[local[i]])} does not match its CRC "
+                                    f"({path_of('serving')} was changed)")
+        return table
+
+    def all_ids(self) -> list:
+        return [x for b in self.batches for x in b.column(0).to_pylist()]
+
+    def metadata(self) -> pl.DataFrame:
+        """The full record table of this segment (records.parquet)."""
+        return pl.read_parquet(self.path / path_of("records"))
+
+    def close(self) -> None:
+        self.stores.clear()
+        self.refine.clear()
+        self.batches = []
+
+
+def segment_ids(index_dir: Path, entry: dict) -> tuple[np.ndarray, list]:
+    """(rows, ids) of a committed segment, read from its serving table alone."""
+    path = index_dir / entry["path"]
+    reader = pa.ipc.open_file(pa.memory_map(str(path / path_of("serving")), "r"))
+    ids = [x for i in range(reader.num_record_batches) for x in reader.get_batch(i).column(0).to_pylist()]
+    return np.load(path / path_of("rows"), allow_pickle=False), ids
+
+
+def remove_segment(index_dir: Path, rel: str) -> None:
+    shutil.rmtree(index_dir / rel, ignore_errors=True)

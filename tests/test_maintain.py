@@ -1,0 +1,174 @@
+"""engine._maintain: deleted records never come back from anywhere; compaction keeps answers the same and drops
+them physically; `attrib verify` names damaged components."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import world
+from world import build
+
+import engine
+from engine._manifest import read_manifest
+from engine.cli import main
+
+
+@pytest.fixture
+def idx_dir(tmp_path, tiny):
+    src = tmp_path / "src"
+    world.image_folder(src, 24, sidecar="json", nested=False)
+    build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
+    (tmp_path / "more").mkdir()
+    for i in range(30, 36):
+        im, cap = world.scene(i)
+        im.save(tmp_path / "more" / f"extra{i}.png")
+        (tmp_path / "more" / f"extra{i}.txt").write_text(cap)
+    build(tmp_path / "more", tmp_path / "idx", tiny, append=True)  # a second segment
+    return tmp_path / "idx"
+
+
+def _open(path, tiny):
+    i = engine.open_index(path)
+    i.use_encoders(tiny)
+    return i
+
+
+def _everything(idx, q, k=30) -> set[str]:
+    """Every id any path of a query can return: each ranker alone, the pool and the fused results."""
+    ids = set()
+    for name in engine.rankers.ranker_names():
+        ids.update(idx.reader.ids_of(idx.rank(name, q, k).rows).tolist())
+    ids.update(idx.reader.ids_of(idx.pool(q, k).rows).tolist())
+    ids.update(c.id for c in idx.search(q, k, weights="rrf").results)
+    return ids
+
+
+def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
+    idx = _open(idx_dir, tiny)
+    victim = "img0004.png"
+    q = idx.encode_query(world.source_image(idx_dir, 4), world.scene(4)[1])
+    assert victim in _everything(idx, q)
+    top_before = [c.id for c in idx.search(q, 10, weights="rrf").results if c.id != victim]
+    assert main(["delete", str(idx_dir), "--id", victim, "--id", "no-such-id", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deleted"] == 1 and out["not_found"] == 1 and out["live"] == 29
+    # the handle opened before keeps its snapshot; a new one never sees the record again
+    assert victim in _everything(idx, q)
+    fresh = _open(idx_dir, tiny)
+    assert victim not in _everything(fresh, q)
+    assert [c.id for c in fresh.search(q, 9, weights="rrf").results] == top_before[:9]
+    with pytest.raises(engine.IndexFormatError, match="not live records"):
+        fresh.reader.records(np.array([int(idx.reader.rows_of([victim])[0])]))
+    assert fresh.reader.rows_of([victim]).tolist() == [-1]
+    assert main(["info", str(idx_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["live"], info["deleted"]) == (29, 1)
+    # by a LAION-style removal list: a parquet with a url column (the sidecars' url field)
+    pl.DataFrame({"url": ["http://x/7", "http://x/404"]}).write_parquet(tmp_path / "optout.parquet")
+    (tmp_path / "ids.txt").write_text("# one id per line\nimg0009.jpg\n\nextra31.png\n")
+    assert main(["delete", str(idx_dir), "--ids", str(tmp_path / "optout.parquet"),
+                 "--ids", str(tmp_path / "ids.txt"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deleted"] == 3 and out["not_found"] == 1 and out["live"] == 26
+    gone = {"img0004.png", "img0007.jpg", "img0009.jpg", "extra31.png"}
+    fresh = _open(idx_dir, tiny)
+    for n in (4, 7, 9):
+        q = fresh.encode_query(world.source_image(idx_dir, n) if n != 4 else
+                               str(idx_dir.parent / "src" / "img0004.png"), world.scene(n)[1])
+        assert not gone & _everything(fresh, q)
+    assert not gone & set(fresh.reader.all_ids()[1].tolist())
+    assert main(["delete", str(idx_dir)]) == 2
+    assert "--id ID" in capsys.readouterr().err
+
+
+def test_deleted_records_leave_benchmarks_too(tmp_path, tiny, cache):
+    from eval.bench import load_benchmark
+    from eval.run import ensure_index, run_queries
+    from eval.synth import generate
+
+    generate(tmp_path / "b", train=30, queries=12, seed=5, image_size=64, progress=False)
+    b = load_benchmark(tmp_path / "b")
+    idx = ensure_index(b, None, "tiny", progress=False)
+    corpus_ids = pl.read_parquet(tmp_path / "b" / "corpus.parquet")["id"].to_list()
+    unreferenced = sorted(set(corpus_ids) - {r for rel in b.queries["relevant"].to_list() for r in rel})[:3]
+    engine.delete_records(idx.path, ids=unreferenced)
+    idx = ensure_index(b, idx.path, None, progress=False)
+    idx.use_encoders(tiny)
+    for run in run_queries(b, idx, b.split("all"), progress=False):
+        assert not set(unreferenced) & set(run.pool_ids.tolist())
+        assert all(not set(unreferenced) & set(v) for v in run.rankings.values())
+
+
+def test_compaction_keeps_answers_and_drops_deleted_records(idx_dir, tiny, capsys):
+    engine.delete_records(idx_dir, ids=["img0002.png", "extra33.png"])
+    idx = _open(idx_dir, tiny)
+    queries = [idx.encode_query(world.source_image(idx_dir, n), world.scene(n)[1]) for n in (1, 5, 12)]
+    before = [[(c.id, c.score) for c in idx.search(q, 10, weights="rrf").results] for q in queries]
+    evidence = [idx.search(q, 5, weights="rrf").results[0].evidence for q in queries]
+    m = read_manifest(idx_dir)
+    assert len(m["segments"]) == 2 and m["counts"]["deleted"] == 2
+    assert main(["compact", str(idx_dir), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["segments_before"] == 2 and out["segments_after"] == 1 and out["purged"] == 2 and out["records"] == 28
+    m = read_manifest(idx_dir)
+    assert len(m["segments"]) == 1 and m["counts"]["deleted"] == 0 and m["counts"]["purged"] == 2
+    assert sorted(p.name for p in (idx_dir / "segments").iterdir()) == [m["segments"][0]["path"].split("/")[-1]]
+    assert not (idx_dir / "deletes").exists() or not any((idx_dir / "deletes").iterdir())
+    # the handle opened before still answers from its (now deleted) files: a consistent snapshot
+    assert [[(c.id, c.score) for c in idx.search(q, 10, weights="rrf").results] for q in queries] == before
+    fresh = _open(idx_dir, tiny)
+    after = [[(c.id, c.score) for c in fresh.search(q, 10, weights="rrf").results] for q in queries]
+    assert after == before
+    assert [fresh.search(q, 5, weights="rrf").results[0].evidence for q in queries] == evidence
+    assert "img0002.png" not in fresh.reader.all_ids()[1].tolist()
+    assert engine.verify(idx_dir, progress=False).ok
+
+
+def test_compaction_with_retrained_codebooks(tmp_path, tiny):
+    n = 1200
+    rng = np.random.default_rng(1)
+    w = engine.IndexWriter(tmp_path / "idx", tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=400,
+                                                                                  pca_sample=64))
+    d = tiny.dino_dim
+    clip = rng.standard_normal((n, 64)).astype(np.float32)
+    clip /= np.linalg.norm(clip, axis=1, keepdims=True)
+    for s in range(0, n, 400):  # the writer commits a segment every 400 images
+        b = slice(s, s + 400)
+        w.add_images([f"v{i}" for i in range(s, s + 400)], [None] * 400, [f"caption {i}" for i in range(s, s + 400)],
+                     [{}] * 400, clip[b], rng.standard_normal((400, d)).astype(np.float32),
+                     rng.standard_normal((400, d)).astype(np.float32),
+                     rng.standard_normal((400, 64, d)).astype(np.float32))
+    w.finalize({"path": "synthetic", "kind": "test"})
+    assert len(read_manifest(tmp_path / "idx")["segments"]) == 3
+    r0 = engine._reader.IndexReader(tmp_path / "idx")
+    top0 = r0.search("clip", clip[:5], 5)
+    s = engine.compact(tmp_path / "idx", retrain=True, progress=False)
+    assert s.retrained and s.codebooks["generation"] == 2 and s.segments_after == 1
+    r1 = engine._reader.IndexReader(tmp_path / "idx")
+    top1 = r1.search("clip", clip[:5], 5)
+    assert [a[0][0] for a in top0] == [b[0][0] for b in top1] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "idx" / "codebooks").iterdir()) == ["cb-0002"]
+
+
+def test_verify_names_damaged_components(idx_dir, tmp_path, capsys):
+    assert main(["verify", str(idx_dir), "--no-progress"]) == 0
+    assert "ok" in capsys.readouterr().err
+    m = read_manifest(idx_dir)
+    seg = idx_dir / m["segments"][0]["path"]
+    cases = {"patches.bin": "patches", "clip.refine": "clip_refine", "records.arrow": "serving",
+             "image_rows.npy": "image_rows"}
+    for name, component in cases.items():
+        d = shutil.copytree(idx_dir, tmp_path / f"bad-{component}")
+        p = d / m["segments"][0]["path"] / name
+        data = bytearray(p.read_bytes())
+        data[-9] ^= 0xFF  # one byte, same size
+        p.write_bytes(bytes(data))
+        r = engine.verify(d, progress=False)
+        assert not r.ok and r.problems[0]["component"] == component, r.problems
+        assert m["segments"][0]["path"] in r.problems[0]["where"]
+        assert main(["verify", str(d), "--no-progress", "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["ok"] is False
+    assert seg.exists()
