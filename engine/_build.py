@@ -40,6 +40,7 @@ class BuildSummary:
     seconds: float  # wall time of the whole build
     encode_seconds: float  # time spent inside the encoders
     manifest: dict = field(default_factory=dict)
+    renamed_columns: dict[str, str] = field(default_factory=dict)  # table column -> its index name (a clash)
 
     @property
     def throughput(self) -> float:
@@ -140,7 +141,9 @@ def build_index(
     t0 = time.perf_counter()
     settings = settings or IndexSettings()
     if encoders is None:
-        get_profile(models)  # an unknown profile fails before any slow work
+        grid = get_profile(models).dino_patch_grid  # an unknown profile fails before any slow work
+        if grid is not None:  # so does a patch grid larger than the model's (checked again once it is loaded)
+            _check_patch_grid(settings, {"profile": models, "dino": {"patch_grid": [grid, grid]}})
     out = Path(out).expanduser().absolute()
     src = open_source(source, settings.max_bytes)
     _check_target(out, overwrite)
@@ -150,6 +153,7 @@ def build_index(
         from ._encoders import Encoders
 
         encoders = Encoders(models, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
+    _check_patch_grid(settings, encoders)  # before any image is decoded (a larger grid would upsample: GBs)
     with staged_folder(out, "building") as tmp:  # renamed into place only when complete
         writer = IndexWriter(tmp, encoders.identity, settings, src.extra_columns)
         try:
@@ -164,8 +168,17 @@ def build_index(
             raise
     return BuildSummary(
         out, writer.n_rows, writer.n_images, int(sum(writer.reject_reasons.values())), dict(writer.reject_reasons),
-        list(src.ignored), time.perf_counter() - t0, encode_s, manifest,
+        list(src.ignored), time.perf_counter() - t0, encode_s, manifest, dict(src.renamed_columns),
     )
+
+
+def _check_patch_grid(settings: IndexSettings, encoders_or_identity) -> None:
+    ident = getattr(encoders_or_identity, "identity", encoders_or_identity)
+    grid = ident.get("dino", {}).get("patch_grid")
+    if grid and settings.patch_grid > min(grid):
+        raise AttribError(f"patch grid {settings.patch_grid} (--patch-grid) is larger than the {grid[0]}x{grid[1]} "
+                          f"patch grid of the DINOv2 model of profile {ident.get('profile')!r}; "
+                          f"give at most {min(grid)}")
 
 
 def _empty_message(src: Source, tmp: Path) -> str:
@@ -186,6 +199,8 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
     cin, din = encoders.clip_input, encoders.dino_input
 
     def prepare(rec: Record):
+        if rec.reject is not None:  # found unusable while reading the source: goes to the rejects as it is
+            return ImageRejected(*rec.reject)
         if rec.image is None:
             return None
         try:
