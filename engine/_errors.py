@@ -39,3 +39,7 @@ class UnknownNameError(AttribError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class OutputError(AttribError):
+    """An output file or folder (report, weights file, benchmark) cannot or must not be written there."""
