@@ -299,8 +299,22 @@ def _plugin_groups() -> list[tuple[str, Callable | Exception]]:
         try:
             out.append((ep.name, ep.load()))
         except Exception as e:  # noqa: BLE001 - reported below, never hidden
+            if _caused_by_interrupt(e):
+                raise KeyboardInterrupt from None
             out.append((ep.name, e))
     return out
+
+
+def _caused_by_interrupt(e: BaseException) -> bool:
+    """Whether Ctrl-C is behind ``e``: Python 3.11 wraps exceptions raised while a class is being created
+    (``__set_name__``) in a RuntimeError, so a KeyboardInterrupt during an import can arrive disguised."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return _interrupted()
+    except Exception as e:
+        if _caused_by_interrupt(e):  # Ctrl-C while a module was being imported, wrapped by Python
+            return _interrupted()
+        raise
     finally:
         for signum, old in ((signal.SIGTERM, old_term), (signal.SIGINT, old_int)):
             if old is not None:
