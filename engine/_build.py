@@ -18,13 +18,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ._errors import AttribError, EmptyCorpusError
+from ._errors import AttribError, EmptyCorpusError, SourceError
 from ._ingest import Record, Source, open_source
 from ._layout import MANIFEST, path_of
 from ._profiles import get_profile
 from ._settings import IndexSettings
 from ._writer import IndexWriter
-from .files import staged_folder
+from .files import require_utf8_path, staged_folder
 from .images import ImageLimits, ImageRejected, encoder_inputs, read_bytes
 from .ui import progress_bar
 
@@ -145,6 +145,8 @@ def build_index(
         if grid is not None:  # so does a patch grid larger than the model's (checked again once it is loaded)
             _check_patch_grid(settings, {"profile": models, "dino": {"patch_grid": [grid, grid]}})
     out = Path(out).expanduser().absolute()
+    require_utf8_path(out, "the index folder", AttribError)
+    require_utf8_path(Path(source).expanduser().absolute(), "the source", SourceError)
     src = open_source(source, settings.max_bytes)
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

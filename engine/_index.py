@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._encode import QueryEncoder
-from ._errors import ModelMismatchError, QueryInputError
+from ._errors import IndexFormatError, ModelMismatchError, QueryInputError
 from ._explain import Correspondence, correspondences
 from ._limits import MAX_DEPTH, MAX_K, int_between
 from ._manifest import UNTRAINED_BANNER
@@ -19,6 +19,7 @@ from ._reader import IndexReader
 from ._settings import QuerySettings
 from ._threads import single_threaded_blas
 from ._verdict import verdict
+from .files import require_utf8_path
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
 from .rankers import RANKERS, QueryInput, Ranking, RowFilter, create_ranker, main_rankers, ranker_names, ranking_order
 from .results import Attribution, Candidate, ModelsInfo, clean_number
@@ -45,6 +46,7 @@ class Index:
                  clip_weights: str | None = None, dino_weights: str | None = None,
                  settings: QuerySettings | None = None) -> None:
         self.settings = settings or QuerySettings()
+        require_utf8_path(Path(path).expanduser().absolute(), "the index folder", IndexFormatError)
         self.reader = IndexReader(path, nprobe=self.settings.nprobe)
         self.path = self.reader.path
         self.manifest = self.reader.manifest

@@ -45,6 +45,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def require_utf8_path(path: str | os.PathLike, what: str, error: type[Exception] = OutputError) -> None:
+    """Refuse a path whose name is not valid UTF-8 (bytes Python keeps as lone surrogates): the stores (tantivy,
+    Arrow, parquet) take UTF-8 text only. The message shows the bad bytes as ``\\xNN``."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise error(f"{what} {shown} is not valid UTF-8; rename it (or use a link with a UTF-8 name)") from None
+
+
 def _kind(mode: int) -> str:
     """What a non-regular file is, in words."""
     for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISCHR, "character device"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from engine import AttribError
+from engine.files import require_utf8_path
 
 SPLITS = ("tune", "test")
 CORPUS, QUERIES = "corpus.parquet", "queries.parquet"
@@ -77,6 +78,7 @@ def _duplicates(s: pl.Series) -> list[str]:
 def load_benchmark(path: str | os.PathLike, check_images: bool = True) -> Benchmark:
     """Load and validate a benchmark folder. Every problem is reported with the offending values."""
     p = Path(path).expanduser().absolute()
+    require_utf8_path(p, "the benchmark folder", BenchmarkError)
     if not p.is_dir():
         raise BenchmarkError(f"benchmark folder {p} does not exist (it must hold {CORPUS} and {QUERIES})")
     for f in (CORPUS, QUERIES):

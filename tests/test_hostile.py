@@ -412,6 +412,19 @@ def test_non_utf8_names_are_rejected_by_name_and_never_reach_json(tmp_path, tiny
     assert records(tmp_path / "idx").height == 3
 
 
+def test_non_utf8_folder_names_on_the_command_line_are_one_line(tiny_index, tmp_path, capsys, fast_models):
+    world.image_folder(tmp_path / "src", 2)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/odd\xff")
+    os.mkdir(odd)
+    for argv, needle in [(["index", str(tmp_path / "src"), "--out", odd + "/idx", "--models", "tiny"], "index folder"),
+                         (["index", odd, "--out", str(tmp_path / "i2"), "--models", "tiny"], "the source"),
+                         (["query", odd, "--prompt", "x"], "the index folder"),
+                         (["bench", "run", odd, "--models", "tiny"], "the benchmark folder")]:
+        assert main(argv) == 2, argv
+        one_line_error(capsys.readouterr().err, needle, "odd\\xff", "not valid UTF-8")
+    assert os.listdir(odd) == [] and not (tmp_path / "i2").exists()
+
+
 def test_non_utf8_prompt_and_image_name_on_the_command_line(tiny_index, tmp_path, capsys, fast_models):
     bad_prompt = os.fsdecode(b"a red \xff circle")  # how Python hands over argv bytes that are not UTF-8
     assert main(["query", str(tiny_index), "--prompt", bad_prompt]) == 2
