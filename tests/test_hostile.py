@@ -547,7 +547,9 @@ def test_ctrl_c_in_the_first_half_second_is_one_line(tmp_path):
     world.image_folder(tmp_path / "src", 2)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     script = _console_script(tmp_path)
-    # before the interpreter has run any of our code (its own start-up), nothing of ours can answer: start after it
+    # The interpreter's own start-up (site, the path finders) runs before any code of ours and answers Ctrl-C
+    # with its own traceback: the moments are counted from a measured start-up, and one that still lands
+    # before our first line (no frame of ours, on a loaded machine) is tried again a little later.
     startup = 0.0
     for _ in range(3):
         t = time.perf_counter()
@@ -555,14 +557,23 @@ def test_ctrl_c_in_the_first_half_second_is_one_line(tmp_path):
         startup = max(startup, time.perf_counter() - t)
     argv = [sys.executable, str(script), "index", str(tmp_path / "src"), "--out", str(tmp_path / "idx"),
             "--models", "tiny", "--no-progress"]
-    for delay in (0.0, 0.03, 0.06, 0.1, 0.2, 0.3, 0.5):
+    ours = (f'File "{ROOT / "engine"}', f'File "{ROOT / "eval"}')
+
+    def interrupt_after(seconds: float) -> tuple[int, str]:
         p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(startup + delay)
+        time.sleep(seconds)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=300)
-        text = err.decode("utf-8", "replace")
+        _, err = p.communicate(timeout=300)
+        return p.returncode, err.decode("utf-8", "replace")
+
+    for delay in (0.0, 0.03, 0.06, 0.1, 0.2, 0.3, 0.5):
+        for retry in range(5):
+            rc, text = interrupt_after(startup + delay + 0.05 * retry)
+            before_our_code = rc != 130 and not any(o in text for o in ours)
+            if not before_our_code:
+                break
         assert "Traceback" not in text, (delay, text)
-        assert p.returncode == 130, (delay, p.returncode, text)
+        assert rc == 130, (delay, rc, text)
         assert [x for x in text.splitlines() if x.strip()] == ["interrupted: nothing half-written was left behind"]
         assert not (tmp_path / "idx").exists() and not list(tmp_path.glob(".idx*"))
 
