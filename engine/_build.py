@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ._errors import AttribError, EmptyCorpusError
+from ._errors import AttribError, EmptyCorpusError, SourceError
 from ._ingest import Record, Source, open_source
 from ._layout import MANIFEST, path_of
 from ._lock import LOCK_NAME
@@ -28,7 +28,7 @@ from ._profiles import get_profile
 from ._settings import IndexSettings
 from ._txn import manifest_state, recover, staging_path, swap_in
 from ._writer import IndexWriter
-from .files import remove
+from .files import remove, require_utf8_path
 from .images import ImageLimits, ImageRejected, encoder_inputs, read_bytes
 from .ui import progress_bar
 
@@ -48,6 +48,7 @@ class BuildSummary:
     added_this_run: int = 0  # records this command added
     mode: str = "build"  # build, resume, append or overwrite
     segments: int = 0  # segments the index is made of
+    renamed_columns: dict[str, str] = field(default_factory=dict)  # table column -> its index name (a clash)
 
     @property
     def throughput(self) -> float:
@@ -189,12 +190,15 @@ def build_index(
     t0 = time.perf_counter()
     settings = settings or IndexSettings()
     if encoders is None:
-        get_profile(models)  # an unknown profile fails before any slow work
+        grid = get_profile(models).dino_patch_grid  # an unknown profile fails before any slow work
+        if grid is not None:  # so does a patch grid larger than the model's (checked again once it is loaded)
+            _check_patch_grid(settings, {"profile": models, "dino": {"patch_grid": [grid, grid]}})
     if overwrite and append:
         raise AttribError("--overwrite and --append exclude each other")
     out = Path(out).expanduser().absolute()
-    known = _known_counts(out)
-    src = open_source(source, settings.max_bytes, known_counts=known)
+    require_utf8_path(out, "the index folder", AttribError)
+    require_utf8_path(Path(source).expanduser().absolute(), "the source", SourceError)
+    src = open_source(source, settings.max_bytes)
     src_info = {"path": str(Path(source).expanduser().absolute()), "kind": src.kind, "fingerprint": src.fingerprint,
                 "records": src.count, "started": now_iso()}
     mode, folder = _plan(out, overwrite, append, src_info)
@@ -203,7 +207,7 @@ def build_index(
         from ._encoders import Encoders
 
         encoders = Encoders(models, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
-    _check_patch_grid(settings, encoders)
+    _check_patch_grid(settings, encoders)  # before any image is decoded (a larger grid would upsample: GBs)
     writer = IndexWriter(folder, encoders.identity, settings, src.extra_columns, expected_images=src.count or 0,
                          source=src_info)
     skip = 0
@@ -216,7 +220,9 @@ def build_index(
     writer.auto_commit = False
     first_row = writer.next_row
     try:
-        encoded, encode_s = _run_pipeline(src, writer, encoders, writer.settings, progress, skip, src.shard_counts)
+        b = writer.manifest["build"] if skip else {}
+        encoded, encode_s = _run_pipeline(src, writer, encoders, writer.settings, progress, skip,
+                                          b.get("parts_done"), b.get("current_part"))
         if writer.n_rows == 0 and (writer.manifest is None or mode == "append"):
             writer.rejects.flush()
             kept = " (the index was left as it was)" if mode == "append" else ""
@@ -239,26 +245,18 @@ def build_index(
     return BuildSummary(
         out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
         int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
-        time.perf_counter() - t0, encode_s, manifest, encoded, added, mode, len(manifest["segments"]),
+        time.perf_counter() - t0, encode_s, manifest, encoded_this_run=encoded, added_this_run=added, mode=mode,
+        segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns),
     )
 
 
-def _known_counts(out: Path) -> dict[str, int]:
-    """Tar shard record counts an unfinished build of ``out`` recorded (its done shards are not read again)."""
-    for folder in (out, staging_path(out)):
-        if manifest_state(folder) == "unfinished":
-            try:
-                return dict(read_manifest(folder)["build"].get("shard_counts") or {})
-            except AttribError:
-                return {}
-    return {}
-
-
-def _check_patch_grid(settings: IndexSettings, encoders) -> None:
-    gh, gw = encoders.dino_patch_grid
-    if settings.patch_grid > min(gh, gw):
-        raise AttribError(f"--patch-grid {settings.patch_grid} is larger than the model's {gh}x{gw} patch grid; "
-                          f"use at most {min(gh, gw)}")
+def _check_patch_grid(settings: IndexSettings, encoders_or_identity) -> None:
+    ident = getattr(encoders_or_identity, "identity", encoders_or_identity)
+    grid = ident.get("dino", {}).get("patch_grid")
+    if grid and settings.patch_grid > min(grid):
+        raise AttribError(f"patch grid {settings.patch_grid} (--patch-grid) is larger than the {grid[0]}x{grid[1]} "
+                          f"patch grid of the DINOv2 model of profile {ident.get('profile')!r}; "
+                          f"give at most {min(grid)}")
 
 
 def _drop_empty(folder: Path) -> None:
@@ -280,14 +278,18 @@ def _empty_message(src: Source, folder: Path) -> str:
 
 
 def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSettings, progress: bool,
-                  skip: int = 0, shard_counts: dict | None = None) -> tuple[int, float]:
+                  skip: int = 0, parts_done: dict[str, int] | None = None,
+                  current_part: list | None = None) -> tuple[int, float]:
     """Decode, encode and write every record of ``src`` after the first ``skip`` (already committed), committing
-    a segment every ``settings.chunk`` images with the number of source records consumed so far, so that a
-    rerun resumes exactly after the last commit. Returns (images encoded, seconds inside the encoders)."""
+    a segment every ``settings.chunk`` images with the number of source records consumed so far (and how many
+    items each finished tar shard gave), so that a rerun resumes exactly after the last commit without opening
+    finished shards again. Returns (images encoded, seconds inside the encoders)."""
     limits = ImageLimits(settings.max_pixels, settings.max_bytes)
     cin, din = encoders.clip_input, encoders.dino_input
 
     def prepare(rec: Record):
+        if rec.reject is not None:  # found unusable while reading the source: goes to the rejects as it is
+            return ImageRejected(*rec.reject)
         if rec.image is None:
             return None
         try:
@@ -304,7 +306,8 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
     encoded = 0
     encode_s = 0.0
     consumed = skip
-    progress_state = {"shard_counts": dict(shard_counts or {})}
+    parts_done = dict(parts_done or {})
+    part, part_items = (current_part or [None, 0])  # the tar shard being read, and its items so far (all runs)
 
     def flush() -> None:
         nonlocal encode_s, n_img, encoded
@@ -341,16 +344,21 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
     def commit_if_full() -> None:
         if writer.chunk_full(pending_images=n_img, pending_records=len(batch)):
             flush()
-            writer.commit(dict(progress_state, consumed=consumed))
+            writer.commit({"consumed": consumed, "parts_done": dict(parts_done), "current_part": [part, part_items]})
 
     window = max(2 * settings.batch_size, 4 * max(1, settings.workers))
     total = None if src.count is None else max(0, src.count - skip)
     with progress_bar("indexing", total, enabled=progress, unit="img") as advance, \
-            contextlib.closing(_prefetch(src.records(skip), prepare, settings.workers, window)) as prepared:
+            contextlib.closing(_prefetch(src.records(skip, parts_done), prepare, settings.workers, window)) as prepared:
         for rec, out in prepared:
             rec.data = None  # free tar bytes early
             advance(1)
             consumed += 1
+            if rec.part != part:  # the previous shard is finished: a resumed build skips it unopened
+                if part is not None and part not in parts_done:
+                    parts_done[part] = part_items
+                part, part_items = rec.part, 0
+            part_items += rec.part is not None
             key = rec.key
             if writer.has_id(key):
                 writer.reject(rec.where, key, "duplicate id", "an earlier record (or the index) already has this id")

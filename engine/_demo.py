@@ -19,6 +19,7 @@ from rich.panel import Panel
 from ._errors import AttribError, IndexFormatError, ModelMismatchError, WeightsUnavailableError
 from ._profiles import get_profile
 from ._settings import cache_root
+from .files import check_output_file
 from .scenes import seeded_rng
 from .ui import stderr_console
 
@@ -93,6 +94,8 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
     from .report.text import print_attribution
 
     con = stderr_console()
+    if html:
+        check_output_file(html)  # before the slow part; checked again when written
     root = Path(cache).expanduser() if cache else cache_root() / "demo"
     if fresh and root.exists():
         import shutil
@@ -136,10 +139,14 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
     con.print(f"query: {escape(str(query_img))} (a crop + colour shift + JPEG of scene{DEMO_SOURCE:04d}.png)\n"
               f"prompt: {escape(prompt)!r}")
     res = idx.query(image=query_img, prompt=prompt, k=5)
-    report = idx.write_report(res, html or (root / "report.html"))
+    failed = None
+    try:
+        report = idx.write_report(res, html or (root / "report.html"))
+    except AttribError as e:  # the result is still printed below
+        failed, report = e, None
     if json_out:
         d = res.to_dict()
-        d["report"] = str(report)
+        d["report"] = None if report is None else str(report)
         sys.stdout.write(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
     else:
         print_attribution(res)
@@ -149,6 +156,8 @@ def run_demo(cache: str | None = None, models: str | None = None, fresh: bool = 
         con.print(f"[green]the true source {expected} is ranked first[/green]")
     else:
         con.print(f"[yellow]the true source {expected} is not ranked first (top: {escape(str(top))})[/yellow]")
+    if failed is not None:
+        raise AttribError(f"{failed} (the result above was computed and printed, but not saved)")
     con.print(f"HTML report: [bold]{escape(str(report))}[/bold]")
     if top is None:
         raise AttribError("the demo query returned no results")

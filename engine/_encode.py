@@ -25,6 +25,24 @@ ENCODINGS: dict[str, str] = {
 ARRAY_ENCODINGS = ("clip_image", "clip_text", "dino_global", "dino_cells")
 
 
+def check_prompt(prompt: Any) -> str:
+    """The prompt as text ("" for None). Refused with a QueryInputError: a non-string, and text that is not valid
+    Unicode (on a command line, bytes that are not UTF-8 arrive as lone surrogates), which no tokenizer or text
+    index can take."""
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise QueryInputError(f"a prompt must be text, not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start]
+        what = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise QueryInputError(f"the prompt is not valid UTF-8 text ({what} at character {e.start}); "
+                              f"pass the prompt encoded as UTF-8") from None
+    return prompt
+
+
 def _add(timings: dict, key: str, since: float) -> float:
     now = time.perf_counter()
     timings[key] = timings.get(key, 0.0) + (now - since) * 1e3
@@ -64,7 +82,7 @@ class QueryEncoder:
         """Encode several queries in batches (images and prompts may be None)."""
         n = len(images)
         qids = list(query_ids) if query_ids is not None else [f"q{i}" for i in range(n)]
-        out = [QueryInput(query_id=qids[i], prompt=(prompts[i] or "")) for i in range(n)]
+        out = [QueryInput(query_id=qids[i], prompt=check_prompt(prompts[i])) for i in range(n)]
         timings = timings if timings is not None else {}
         img_idx = [i for i in range(n) if images[i] is not None]
         txt_idx = [i for i in range(n) if out[i].prompt.strip()]

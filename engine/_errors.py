@@ -43,3 +43,7 @@ class UnknownNameError(AttribError, KeyError):
 
 class IndexBusyError(AttribError):
     """Another process is writing the index folder (the writer lock is held)."""
+
+
+class OutputError(AttribError):
+    """An output file or folder (report, weights file, benchmark) cannot or must not be written there."""

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._encode import QueryEncoder
-from ._errors import ModelMismatchError, QueryInputError
+from ._errors import IndexFormatError, ModelMismatchError, QueryInputError
 from ._explain import Correspondence, correspondences
+from ._limits import MAX_DEPTH, MAX_K, int_between
 from ._manifest import UNTRAINED_BANNER
 from ._pool import CandidatePool, Pool
 from ._reader import IndexReader
 from ._settings import QuerySettings
 from ._threads import single_threaded_blas
 from ._verdict import verdict
+from .files import require_utf8_path
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
 from .rankers import RANKERS, QueryInput, Ranking, RowFilter, create_ranker, main_rankers, ranker_names, ranking_order
 from .results import Attribution, Candidate, ModelsInfo, clean_number
@@ -44,6 +46,7 @@ class Index:
                  clip_weights: str | None = None, dino_weights: str | None = None,
                  settings: QuerySettings | None = None) -> None:
         self.settings = settings or QuerySettings()
+        require_utf8_path(Path(path).expanduser().absolute(), "the index folder", IndexFormatError)
         self.reader = IndexReader(path, nprobe=self.settings.nprobe)
         self.path = self.reader.path
         self.manifest = self.reader.manifest
@@ -164,13 +167,15 @@ class Index:
             >>> index.rank("dino", index.encode_query("gen.png"), 10).rows  # doctest: +SKIP
         """
         RANKERS.get(ranker)  # raises with the valid names
+        k = _bounded("k", k, MAX_K, low=0)  # k=0: an empty ranking (the ranker contract)
         with single_threaded_blas():
             return self.rankers[ranker].search(q, k, RowFilter.of(self.reader, exclude))
 
     def pool(self, q: QueryInput, depth: int | None = None, exclude=None) -> Pool:
         """Union of every available first-stage ranker's top ``depth`` candidates, every feature for each;
         rows of ``exclude`` never enter."""
-        return self._pool.build(q, depth or self.settings.depth, RowFilter.of(self.reader, exclude))
+        depth = self.settings.depth if depth is None else _bounded("depth", depth, MAX_DEPTH)
+        return self._pool.build(q, depth, RowFilter.of(self.reader, exclude))
 
     def resolve_fusion(self, weights: Any = "auto") -> Fusion:
         """``"auto"``: the shipped weights learned for this index's models, else RRF; ``"rrf"``/None: RRF;
@@ -197,6 +202,7 @@ class Index:
             >>> q = index.encode_query("gen.png", "a red fox")  # doctest: +SKIP
             >>> index.search(q, k=5, weights="rrf").results[0].id  # doctest: +SKIP
         """
+        k = _bounded("k", k, MAX_K)
         with single_threaded_blas():
             return self._search(q, k, fusion or self.resolve_fusion(weights), dict(timings or {}), exclude)
 
@@ -248,7 +254,7 @@ class Index:
             An :class:`Attribution`: ranked :class:`Candidate` results with their evidence, the
             :class:`Verdict`, the fusion used, timings and warnings (e.g. untrained weights).
         Raises:
-            QueryInputError: neither image nor prompt, ``k < 1``, or an unusable image.
+            QueryInputError: neither image nor prompt, ``k`` outside 1..10,000, or an unusable image or prompt.
             FusionWeightsError, ModelMismatchError: the weights or models do not fit this index.
             WeightsUnavailableError: pretrained model weights cannot be found.
         Example:
@@ -257,8 +263,7 @@ class Index:
         """
         if image is None and not (prompt or "").strip():
             raise QueryInputError("a query needs an image, a prompt, or both")
-        if k < 1:
-            raise QueryInputError(f"k must be at least 1 (got {k})")
+        k = _bounded("k", k, MAX_K)
         fusion = self.resolve_fusion(weights)  # refuse a bad weights file before the slow part
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -284,6 +289,14 @@ class Index:
         from .report.html import write_query_report
 
         return write_query_report(self, result, out_path, query_image=query_image)
+
+
+def _bounded(what: str, value: Any, high: int, low: int = 1) -> int:
+    """A count argument (``k``, ``depth``) as an int in low..high, checked before anything is sized by it."""
+    try:
+        return int_between(what, value, low, high)
+    except ValueError as e:
+        raise QueryInputError(str(e)) from None
 
 
 def _identity_diff(a: dict, b: dict) -> str:

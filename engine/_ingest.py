@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ IMAGE_COLUMNS = ("image", "path")
 CAPTION_COLUMNS = ("caption", "text", "TEXT")
 ID_COLUMNS = ("id",)
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-RESERVED_COLUMNS = ("id", "image", "caption", "row")
+RESERVED_COLUMNS = ("id", "image", "caption", "row", "slot")  # the engine's own columns (slot: format 1)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Record:
     derived_id: str  # stable id used when ``id`` is None (relative path, or table:row)
     extra: dict = field(default_factory=dict)  # other columns / sidecar fields
     data: bytes | None = None  # already-read image bytes (tar members)
+    reject: tuple[str, str] | None = None  # (reason, detail): not indexable, goes to rejects.jsonl as it is
+    part: str | None = None  # the tar shard (relative name) the record came from; None for other records
 
     @property
     def key(self) -> str:
@@ -44,14 +47,15 @@ class Source:
     count: int | None  # number of records when known in advance (for the progress bar)
     extra_columns: dict[str, pl.DataType]  # extra metadata columns and their types
     ignored: list[str]  # files passed over (not images, not sidecars), for the summary
-    _iter: object = None  # callable(skip) -> iterator of records
+    _iter: object = None  # callable(skip, parts_done) -> iterator of records
+    renamed_columns: dict[str, str] = field(default_factory=dict)  # table column -> its name in the index
     fingerprint: str = ""  # changes when the source's content list changes (a resumed build must match it)
-    shard_counts: dict[str, int] = field(default_factory=dict)  # records per tar shard (relative name)
 
-    def records(self, skip: int = 0) -> Iterator[Record]:
-        """The records in source order, the first ``skip`` left out (a resumed build): skipped tar shards are
-        not opened at all, and skipped images are not read."""
-        return self._iter(skip)  # type: ignore[operator]
+    def records(self, skip: int = 0, parts_done: dict[str, int] | None = None) -> Iterator[Record]:
+        """The records in source order, the first ``skip`` left out (a resumed build). ``parts_done``: items
+        each fully consumed tar shard yielded before: those shards are not opened again, and skipped images are
+        not read."""
+        return self._iter(skip, parts_done or {})  # type: ignore[operator]
 
 
 def _fingerprint(*parts) -> str:
@@ -61,18 +65,16 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES,
-                known_counts: dict[str, int] | None = None) -> Source:
+def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Source:
     """Recognise a source by its path; errors name the path and list what is accepted. Tar members larger
-    than ``max_bytes`` are not read into memory (the build then rejects them as too large). ``known_counts``:
-    record counts of tar shards from an earlier pass (a resumed build does not read done shards again)."""
+    than ``max_bytes`` are not read into memory (the build then rejects them as too large)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise SourceError(
             f"source {p} does not exist; give a folder of images, a .tar shard or a .parquet/.csv/.jsonl table"
         )
     if p.is_dir():
-        return _folder_source(p, max_bytes, known_counts or {})
+        return _folder_source(p, max_bytes)
     suffix = p.suffix.lower()
     if suffix == ".tar":
         return _tar_source(p, max_bytes)
@@ -109,12 +111,62 @@ def _meta_json(extra: dict) -> dict:
     return {"meta": json.dumps(extra, ensure_ascii=False, sort_keys=True)} if extra else {"meta": None}
 
 
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes of a file name that are not UTF-8 (which Python keeps as lone
+    surrogates) become a visible ``\\xNN``, so rejects, messages and JSON never carry invalid UTF-8."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that does not stand for a byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_NOT_UTF8 = ("file name is not valid UTF-8", "rename it with a UTF-8 name to index it")
+
+
+def _rejected(where: str, reason: str, detail: str) -> Record:
+    """A record that cannot be indexed; the build writes it to rejects.jsonl (never silently dropped)."""
+    w = printable(where)
+    return Record(None, None, "", w, w, reject=(reason, printable(detail)))
+
+
+class _SidecarRejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _read_sidecar(path: Path) -> bytes | None:
+    """The bytes of a folder sidecar, None when there is none. Too large (over 1 MiB) or unreadable (a folder,
+    no permission, a link loop, an I/O error) raises _SidecarRejected: the record goes to the rejects."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a folder, FIFO or device: never opened (a FIFO would block)
+            raise _SidecarRejected("unreadable sidecar", f"{path.name} is not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(_SIDECAR_MAX_BYTES + 1)
+    except OSError as e:
+        raise _SidecarRejected("unreadable sidecar", f"{path.name}: {e.strerror or e}") from None
+    if len(raw) > _SIDECAR_MAX_BYTES:
+        raise _SidecarRejected("sidecar too large", f"{path.name} is over {_SIDECAR_MAX_BYTES} bytes (1 MiB)")
+    return raw
+
+
 # --------------------------------------------------------------------------------------------- folders
-def _folder_source(root: Path, max_bytes: int, known_counts: dict[str, int]) -> Source:
+def _folder_source(root: Path, max_bytes: int) -> Source:
     images: list[Path] = []
     shards: list[Path] = []
     ignored: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    unreadable: list[OSError] = []  # folders os.walk could not list (reported as rejects, never skipped silently)
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         image_stems = {os.path.splitext(n)[0] for n in filenames if is_image_name(n)}
         for name in sorted(filenames):
@@ -129,87 +181,131 @@ def _folder_source(root: Path, max_bytes: int, known_counts: dict[str, int]) -> 
                 stem, ext = os.path.splitext(name)
                 if ext.lower() in (".txt", ".json") and stem in image_stems:
                     continue  # a sidecar
-                ignored.append(str(full.relative_to(root)))
+                ignored.append(printable(str(full.relative_to(root))))
+    shard_counts = [_tar_count(s, strict=False) for s in shards]
+    count = len(images) + sum(shard_counts) + len(unreadable)
     rels = [s.relative_to(root).as_posix() for s in shards]
-    shard_counts = {r: known_counts[r] if r in known_counts else _tar_count(s) for r, s in zip(rels, shards)}
-    count = len(images) + sum(shard_counts.values())
-    fingerprint = _fingerprint(len(images), *[i.relative_to(root).as_posix() for i in images],
-                               *[f"{r}:{s.stat().st_size}" for r, s in zip(rels, shards)])
+    fingerprint = _fingerprint(len(images), *[printable(i.relative_to(root).as_posix()) for i in images],
+                               *[f"{printable(r)}:{s.stat().st_size}" for r, s in zip(rels, shards)])
 
-    def it(skip: int) -> Iterator[Record]:
-        for img in images[skip:]:
-            rel = img.relative_to(root).as_posix()
-            caption, rid, extra = "", None, {}
-            txt, js = img.with_suffix(".txt"), img.with_suffix(".json")
-            if js.exists():
-                try:
-                    c, rid, extra = _sidecar_fields(json.loads(js.read_text(encoding="utf-8", errors="replace")))
-                    caption = c if c is not None else caption
-                except (OSError, json.JSONDecodeError):
-                    extra = {"sidecar_error": f"unreadable {js.name}"}
-            if txt.exists():
-                try:
-                    caption = _decode_text(txt.read_bytes())
-                except OSError:
-                    pass
-            yield Record(rid, str(img.resolve()), caption, rel, rel, _meta_json(extra))
-        left = max(0, skip - len(images))
-        for shard, rel in zip(shards, rels):
-            n = shard_counts[rel]
-            if left >= n:  # done: not opened again
-                left -= n
+    def rel_of(path: Path | str) -> str:
+        try:
+            return Path(path).relative_to(root).as_posix() or "."
+        except ValueError:
+            return str(path)
+
+    def it(skip: int, parts_done: dict[str, int]) -> Iterator[Record]:
+        left = skip
+        for e in unreadable:
+            if left:
+                left -= 1
                 continue
-            yield from _tar_records(shard, rel, max_bytes, skip=left)
-            left = 0
+            yield _rejected(rel_of(e.filename or root) + "/", "unreadable folder",
+                            f"{e.strerror or e}; its files were not indexed")
+        first = min(left, len(images))
+        left -= first
+        for img in images[first:]:
+            rel = img.relative_to(root).as_posix()
+            if not _is_utf8(str(img)):
+                yield _rejected(rel, *_NOT_UTF8)
+                continue
+            try:
+                ref = str(img.resolve())
+            except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop (Python < 3.13)
+                yield _rejected(rel, "unreadable file", f"cannot resolve the path: {e}")
+                continue
+            caption, rid, extra = "", None, {}
+            try:
+                js, txt = _read_sidecar(img.with_suffix(".json")), _read_sidecar(img.with_suffix(".txt"))
+            except _SidecarRejected as e:
+                yield _rejected(rel, e.reason, e.detail)
+                continue
+            if js is not None:
+                try:
+                    c, rid, extra = _sidecar_fields(json.loads(js.decode("utf-8", errors="replace")))
+                    caption = c if c is not None else caption
+                except (json.JSONDecodeError, RecursionError):
+                    extra = {"sidecar_error": f"unreadable {img.with_suffix('.json').name}"}
+            if txt is not None:
+                caption = _decode_text(txt)
+            yield Record(rid, ref, caption, rel, rel, _meta_json(extra))
+        for shard, rel in zip(shards, rels):
+            if rel in parts_done and left >= parts_done[rel]:  # done by an earlier run: not opened again
+                left -= parts_done[rel]
+                continue
+            if not _is_utf8(str(shard)):
+                if left:
+                    left -= 1
+                    continue
+                r = _rejected(rel, *_NOT_UTF8)
+                r.part = rel
+                yield r
+                continue
+            left = yield from _tar_records(shard, rel, max_bytes, skip=left)
 
-    return Source("folder", root, count, {"meta": pl.String}, ignored, it, fingerprint, shard_counts)
-
-
+    return Source("folder", root, count, {"meta": pl.String}, ignored, it, fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------------------------- tar shards
-def _member_key(name: str) -> str:
-    base = os.path.basename(name)
-    return os.path.join(os.path.dirname(name), base.split(".", 1)[0])
-
-
-def _tar_count(shard: Path) -> int:
-    """Records of a shard (groups of members with an image), from its headers only."""
+def _tar_count(shard: Path, strict: bool = True) -> int:
+    """Image members of a shard (for the progress bar). A shard that cannot be read raises SourceError when
+    ``strict`` (a shard named as the source), else counts 0: reading it then yields one reject."""
     try:
         with tarfile.open(shard) as tf:
-            keys: dict[str, bool] = {}
-            last = None
-            n = 0
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k = _member_key(m.name)
-                if k != last:
-                    if last is not None and keys.get(last):
-                        n += 1
-                    last = k
-                    keys = {k: False}
-                keys[k] = keys[k] or is_image_name(m.name)
-            if last is not None and keys.get(last):
-                n += 1
-            return n
-    except (tarfile.TarError, OSError) as e:
-        raise SourceError(f"tar shard {shard} cannot be read ({e}); remove it or re-create it") from None
+            return sum(1 for m in tf.getmembers() if m.isfile() and is_image_name(m.name))
+    except Exception as e:  # noqa: BLE001 - tarfile raises many types on damaged or hostile shards
+        if strict:
+            raise SourceError(f"tar shard {printable(str(shard))} cannot be read ({e}); remove it or re-create "
+                              f"it") from None
+        return 0
 
 
 _SIDECAR_MAX_BYTES = 1024 * 1024
+_TOO_LARGE = b""  # marks a sidecar member over the size limit (identity-compared)
 
 
-def _tar_records(shard: Path, rel: str, max_bytes: int, skip: int = 0) -> Iterator[Record]:
+def _member_kind(m: tarfile.TarInfo) -> str:
+    if m.issym():
+        return f"symbolic link to {m.linkname}"
+    if m.islnk():
+        return f"hard link to {m.linkname}"
+    if m.ischr() or m.isblk():
+        return "device"
+    if m.isfifo():
+        return "named pipe (FIFO)"
+    return "special member"
+
+
+def _tar_records(shard: Path, rel: str, max_bytes: int, skip: int = 0):
     """Group consecutive members by key (name up to the first dot of the basename), webdataset style.
     Only images (up to ``max_bytes``; larger ones are left unread and rejected later by size) and .txt/.json
-    sidecars (up to 1 MiB) are read; other members are skipped without reading them, and so are the members
-    of the first ``skip`` records."""
+    sidecars are read; other regular members are skipped without reading them. Every member that cannot be
+    used is a reject, never a silent skip: links and devices, a sidecar over 1 MiB (its record), a name that is
+    not UTF-8; and a shard that is corrupt or truncated ends with one reject naming it and the reason (the
+    records read before the damage are kept). The first ``skip`` items (records and rejects) are left out
+    without reading their data (a resumed build); returns how many of ``skip`` this shard did not cover."""
     absolute = str(shard.resolve())
+    done = 0  # items produced so far, skipped ones included
+
+    def emit(item: Record):
+        nonlocal done
+        done += 1
+        item.part = rel
+        if done > skip:
+            yield item
 
     def flush(key: str, group: dict[str, bytes | None]) -> Iterator[Record]:
         img_name = next((n for n in group if is_image_name(n)), None)
         if img_name is None:
+            return
+        where = f"{rel}{TAR_SEP}{img_name}"
+        if not _is_utf8(where):
+            yield from emit(_rejected(where, *_NOT_UTF8))
+            return
+        big = [n for n, raw in group.items() if raw is _TOO_LARGE]
+        if big:
+            yield from emit(_rejected(where, "sidecar too large",
+                                      f"{big[0]} is over {_SIDECAR_MAX_BYTES} bytes (1 MiB)"))
             return
         caption, rid, extra = "", None, {}
         for n, raw in group.items():
@@ -220,46 +316,69 @@ def _tar_records(shard: Path, rel: str, max_bytes: int, skip: int = 0) -> Iterat
                 try:
                     c, rid, extra = _sidecar_fields(json.loads(raw.decode("utf-8", errors="replace")))
                     caption = c if c is not None and not caption else caption
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     extra = {"sidecar_error": f"unreadable {n}"}
             elif low.endswith(".txt"):
                 caption = _decode_text(raw)
-        where = f"{rel}{TAR_SEP}{img_name}"
-        yield Record(rid, f"{absolute}{TAR_SEP}{img_name}", caption, where, where, _meta_json(extra), group[img_name])
+        yield from emit(Record(rid, f"{absolute}{TAR_SEP}{img_name}", caption, where, where, _meta_json(extra),
+                               group[img_name]))
 
-    with tarfile.open(shard) as tf:
-        key, group, has_image, done = None, {}, False, 0
-        for m in tf:
-            if not m.isfile():
-                continue
-            k = _member_key(m.name)
-            if k != key and key is not None:
-                if done >= skip:
+    try:
+        tf = tarfile.open(shard)
+    except Exception as e:  # noqa: BLE001 - tarfile raises many types on damaged or hostile shards
+        yield from emit(_rejected(rel, "unreadable tar shard",
+                                  f"{e.__class__.__name__}: {e}; none of its members were read"))
+        return max(0, skip - done)
+    with tf:
+        key, group = None, {}
+        members = iter(tf)
+        while True:
+            try:
+                m = next(members, None)
+                if m is None:
+                    break
+                if m.isdir():
+                    continue
+                if not m.isfile():
+                    yield from emit(_rejected(f"{rel}{TAR_SEP}{m.name}", "unsupported tar member",
+                                              f"{_member_kind(m)}; only regular files are read from a shard"))
+                    continue
+                base = os.path.basename(m.name)
+                k = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+                if k != key and key is not None:
                     yield from flush(key, group)
-                done += has_image
-                group, has_image = {}, False
-            key = k
-            low = m.name.lower()
-            has_image = has_image or is_image_name(m.name)
-            if done < skip:
-                group[m.name] = None  # a record of a resumed build's done part: not read
-                continue
-            if is_image_name(m.name):
-                f = tf.extractfile(m) if m.size <= max_bytes else None
-                group[m.name] = f.read() if f is not None else None
-            elif low.endswith((".txt", ".json")) and m.size <= _SIDECAR_MAX_BYTES:
-                f = tf.extractfile(m)
-                group[m.name] = f.read() if f is not None else None
-        if key is not None and done >= skip:
+                    group = {}
+                key = k
+                low = m.name.lower()
+                read = done >= skip  # a record a resumed build already committed: its data is not read
+                if is_image_name(m.name):
+                    f = tf.extractfile(m) if m.size <= max_bytes and read else None
+                    group[m.name] = f.read() if f is not None else None
+                elif low.endswith((".txt", ".json")):
+                    if m.size > _SIDECAR_MAX_BYTES:
+                        group[m.name] = _TOO_LARGE
+                    else:
+                        f = tf.extractfile(m) if read else None
+                        group[m.name] = f.read() if f is not None else None
+            except Exception as e:  # noqa: BLE001 - truncated or corrupt data: tarfile, zlib, EOF, OS errors
+                where = f" (from the sample {key})" if key is not None else ""
+                yield from emit(_rejected(rel, "unreadable tar shard", f"{e.__class__.__name__}: {e}; the records "
+                                          f"before the damage were indexed, the rest of the shard{where} was not"))
+                return max(0, skip - done)
+        if key is not None:
             yield from flush(key, group)
+    return max(0, skip - done)
 
 
 def _tar_source(shard: Path, max_bytes: int) -> Source:
     count = _tar_count(shard)
     st = shard.stat()
-    return Source("tar", shard, count, {"meta": pl.String}, [],
-                  lambda skip: _tar_records(shard, shard.name, max_bytes, skip=skip),
-                  _fingerprint(st.st_size, st.st_mtime_ns), {shard.name: count})
+
+    def it(skip: int, parts_done: dict[str, int]) -> Iterator[Record]:
+        yield from _tar_records(shard, shard.name, max_bytes, skip=skip)
+
+    return Source("tar", shard, count, {"meta": pl.String}, [], it,
+                  fingerprint=_fingerprint(st.st_size, st.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -300,17 +419,12 @@ def _table_source(p: Path, fmt: str) -> Source:
             f"and put their paths in that column"
         )
     used = {c for c in (image_col, caption_col, id_col) if c}
-    extras = {}
-    for c in cols:
-        if c in used:
-            continue
-        name = f"extra_{c}" if c in RESERVED_COLUMNS else c
-        extras[name] = df.schema[c]
-    rename = {c: (f"extra_{c}" if c in RESERVED_COLUMNS else c) for c in cols if c not in used}
+    rename = _extra_names([c for c in cols if c not in used])
+    extras = {rename[c]: df.schema[c] for c in rename}
     base = p.resolve().parent
     name = p.name
 
-    def it(skip: int) -> Iterator[Record]:
+    def it(skip: int, parts_done: dict[str, int]) -> Iterator[Record]:
         for i, row in enumerate(df.iter_rows(named=True)):
             if i < skip:
                 continue
@@ -327,5 +441,25 @@ def _table_source(p: Path, fmt: str) -> Source:
             extra = {rename[c]: row[c] for c in rename}
             yield Record(rid, image, caption, f"row {i} of {name}", derived, extra)
 
+    renamed = {c: n for c, n in rename.items() if c != n}
     st = p.stat()
-    return Source("table", p, df.height, extras, [], it, _fingerprint(st.st_size, st.st_mtime_ns, df.height))
+    return Source("table", p, df.height, extras, [], it, renamed,
+                  fingerprint=_fingerprint(st.st_size, st.st_mtime_ns, df.height))
+
+
+def _extra_names(columns: list[str]) -> dict[str, str]:
+    """Index column name of each extra table column: a column named like one of the engine's own
+    (``RESERVED_COLUMNS``: id, image, caption, slot) is kept as ``extra_NAME`` (``extra_NAME_2``, ... when that
+    is taken too), never dropped or overwritten; the renames are reported in the build summary."""
+    taken = set(RESERVED_COLUMNS) | set(columns)
+    out = {}
+    for c in columns:
+        if c not in RESERVED_COLUMNS:
+            out[c] = c
+            continue
+        new, i = f"extra_{c}", 2
+        while new in taken:
+            new, i = f"extra_{c}_{i}", i + 1
+        taken.add(new)
+        out[c] = new
+    return out

@@ -1,6 +1,7 @@
 """Model profiles: named, frozen configs of the CLIP and DINOv2 encoders (no torch import here)."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from ._registry import Registry
@@ -31,6 +32,16 @@ class ModelProfile:
     pretrained: bool  # True when the weights are trained; False = results are meaningless for real use
     seed: int = 0  # torch seed used for random initialisation
     description: str = ""  # one line for `attrib models` / error messages
+
+    @property
+    def dino_patch_grid(self) -> int | None:
+        """Side of the DINOv2 patch grid (input size / patch size) read from the config without loading the
+        model; None when the architecture name does not give the patch size."""
+        patch = dict(self.dino.kwargs).get("patch_size")
+        if patch is None:
+            m = re.search(r"patch(\d+)", self.dino.arch)
+            patch = int(m.group(1)) if m else None
+        return self.dino.img_size // int(patch) if patch else None
 
     def to_dict(self) -> dict:
         d = asdict(self)

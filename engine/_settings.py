@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from . import _limits as L
 from ._errors import AttribError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -25,13 +26,11 @@ class IndexSettings:
     patch_pq_m: int = 8  # sub-quantizers per patch cell with the pq codec (bytes per cell)
 
     def __post_init__(self) -> None:
-        for f in ("batch_size", "patch_grid", "patch_dims", "pca_sample", "max_pixels", "max_bytes", "ann_flat_max",
-                  "chunk", "patch_pq_m"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise AttribError(f"index setting {f}={v!r} must be an integer of at least 1")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise AttribError(f"index setting workers={self.workers!r} must be 0 or more")
+        _check_ints(self, "index setting", {
+            "batch_size": (1, L.MAX_BATCH_SIZE), "workers": (0, L.MAX_WORKERS), "patch_grid": (1, L.MAX_PATCH_GRID),
+            "patch_dims": (1, L.MAX_PATCH_DIMS), "pca_sample": (1, L.MAX_PCA_SAMPLE), "max_pixels": (1, L.MAX_PIXELS),
+            "max_bytes": (1, L.MAX_IMAGE_BYTES), "ann_flat_max": (1, L.MAX_ANN_FLAT_MAX), "chunk": (1, L.MAX_CHUNK),
+            "patch_pq_m": (1, 64)})
         if self.ann not in ("auto", "flat", "ivf"):
             raise AttribError(f"unknown ann kind {self.ann!r}; valid choices: auto, flat, ivf")
         if self.codec not in ("auto", "fp16", "pq"):
@@ -55,11 +54,21 @@ class QuerySettings:
     refine: int = 4  # compressed stores: candidates re-scored with finer codes per result wanted
 
     def __post_init__(self) -> None:
-        if self.nprobe is not None and self.nprobe < 1:
-            raise AttribError(f"query setting nprobe={self.nprobe!r} must be at least 1")
-        for f in ("depth", "dino_rerank", "rrf_k", "refine"):
-            if getattr(self, f) < 1:
-                raise AttribError(f"query setting {f}={getattr(self, f)!r} must be at least 1")
+        bounds = {"depth": (1, L.MAX_DEPTH), "dino_rerank": (1, L.MAX_DINO_RERANK), "rrf_k": (1, L.MAX_RRF_K),
+                  "refine": (1, 64)}
+        if self.nprobe is not None:
+            bounds["nprobe"] = (1, L.MAX_NPROBE)
+        _check_ints(self, "query setting", bounds)
+
+
+def _check_ints(obj, what: str, bounds: dict[str, tuple[int, int]]) -> None:
+    """Every named field an integer within its bounds (stored as a plain int); AttribError naming it otherwise."""
+    for name, (low, high) in bounds.items():
+        try:
+            value = L.int_between(f"{what} {name}", getattr(obj, name), low, high)
+        except ValueError as e:
+            raise AttribError(str(e)) from None
+        object.__setattr__(obj, name, value)  # frozen: numpy integers become plain ints
 
 
 def cache_root() -> Path:

@@ -180,6 +180,25 @@ class IndexWriter:
             self._project(dino_cls, dino_mean, dino_cells)
         self._maybe_commit()
 
+    def add_projected(self, ids: list[str], images: list[str | None], captions: list[str], extras: list[dict],
+                      clip: np.ndarray, dino_global: np.ndarray, cells: np.ndarray) -> None:
+        """Add image records whose descriptors are already in the stored space: L2-normalised CLIP vectors,
+        DINO global descriptors (n, 2D) and projected patch cells (n, C, Dp) - e.g. embeddings computed
+        elsewhere, or synthetic vectors in benchmarks. An index fed this way has no fitted projection (its
+        DINO projection is the identity), so its queries must come in the same space."""
+        if self.projection is None:
+            if self._pending:
+                raise AttribError("add_projected cannot follow add_images before the projection is fitted")
+            self.projection = DinoProjection.identity(self.dino_dim, self.patch_dims)
+        for rid, img, cap, ex in zip(ids, images, captions, extras):
+            self._image_rows.append(self._add_row(rid, img, cap, ex))
+        self.n_images += len(ids)
+        self._chunk_images += len(ids)
+        self._clip.append(np.asarray(clip, np.float32))
+        self._dino.append(np.asarray(dino_global, np.float32))
+        self._cells.append(np.asarray(cells, np.float16))
+        self._maybe_commit()
+
     def reject(self, where: str, rid: str | None, reason: str, detail: str = "") -> None:
         self.rejects.write(json.dumps({"record": where, "id": rid, "reason": reason, "detail": detail},
                                       ensure_ascii=False) + "\n")

@@ -9,36 +9,75 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import sys
-from importlib import metadata
 from typing import Callable, NoReturn, Sequence
 
-from rich.markup import escape
-
+# Only the standard library and light engine modules at import time: the console script reaches main()'s
+# KeyboardInterrupt handler within milliseconds; numpy, polars, faiss, rich and torch load inside main().
 from ._errors import AttribError
+from ._limits import (
+    MAX_BATCH_SIZE,
+    MAX_CHUNK,
+    MAX_DEPTH,
+    MAX_K,
+    MAX_NPROBE,
+    MAX_PATCH_DIMS,
+    MAX_PATCH_GRID,
+    MAX_PIXELS,
+    MAX_WORKERS,
+)
 from ._profiles import PROFILES
-from ._settings import IndexSettings, QuerySettings
-from .ui import stderr_console
+from ._startup import EXIT_INTERRUPTED, INTERRUPTED, interrupted_at_start_up
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+
 COMMAND_GROUPS = "attrib.commands"  # entry-point group: callables add_commands(subparsers)
 
-# Bounds of numeric options, checked before any work (and before any allocation they would size).
-MAX_K = 10_000
-MAX_DEPTH = 10_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match) -> str:
+    c = ord(m.group(0))
+    # a byte that was not UTF-8 (surrogateescape, as in file names and argv) reads as \xNN; JSON needs "\\"
+    return f"\\\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\\\u{c:04x}"
+
+
+def json_text(obj) -> str:
+    """``obj`` as indented JSON that is always valid UTF-8: text that is not (the lone surrogates Python uses for
+    undecodable bytes of a file name or an argument) is written as a visible ``\\xNN`` escape."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    return _SURROGATE.sub(_escape_surrogate, text)
 
 
 def print_json(obj) -> None:
     """Machine-readable output: JSON on stdout (rich output goes to stderr)."""
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(json_text(obj) + "\n")
     sys.stdout.flush()
+
+
+def stderr_console():
+    from .ui import stderr_console as console
+
+    return console()
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes (lone surrogates) shown as ``\\xNN``: safe on any stream."""
+    return _SURROGATE.sub(lambda m: _escape_surrogate(m).replace("\\\\", "\\"), text)
 
 
 def print_error(message: str) -> None:
     """A user error: one line on stderr."""
-    stderr_console().print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    stderr_console().print(f"[bold red]error:[/bold red] {escape(printable(message))}", highlight=False,
+                           soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------- argument types
@@ -99,6 +138,7 @@ def add_model_args(p: argparse.ArgumentParser, with_profile: bool = True) -> Non
 # --------------------------------------------------------------------------------------------- index / info
 def cmd_index(a: argparse.Namespace) -> int:
     from ._build import build_index
+    from ._settings import IndexSettings
     from .report.text import print_build_summary
 
     given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann",
@@ -121,7 +161,8 @@ def cmd_index(a: argparse.Namespace) -> int:
                     "seconds": round(s.seconds, 3), "records_per_second": round(s.throughput, 3),
                     "disk_bytes_per_record": info["disk_bytes_per_record"],
                     "ram_bytes_per_record": info["ram_bytes_per_record"],
-                    "untrained": "warning" in info, "warning": info.get("warning")})
+                    "untrained": "warning" in info, "warning": info.get("warning"),
+                    "renamed_columns": s.renamed_columns})
     else:
         print_build_summary(s)
     return 0
@@ -223,24 +264,40 @@ def weights_arg(value: str | None):
     return "auto" if value in (None, "auto") else value
 
 
+def report_failed(error: AttribError) -> int:
+    """The result was printed but an output file could not be written: one line, exit code 2."""
+    print_error(f"{error} (the result above was computed and printed, but not saved)")
+    return EXIT_USER_ERROR
+
+
 def cmd_query(a: argparse.Namespace) -> int:
+    from ._encode import check_prompt
     from ._index import Index
+    from ._settings import QuerySettings
+    from .files import check_output_file
     from .report.text import print_attribution
 
     if a.image is None and not (a.prompt or "").strip():
         raise AttribError("give --image, --prompt, or both")
+    check_prompt(a.prompt)
+    if a.html:
+        check_output_file(a.html)  # before the slow part; checked again when written
     settings = QuerySettings(**({"depth": a.depth} if a.depth is not None else {}), nprobe=a.nprobe)
     idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,
                 dino_weights=a.dino_weights, settings=settings)
     res = idx.query(image=a.image, prompt=a.prompt, k=a.k, weights=weights_arg(a.weights))
+    failed = None
     if a.html:
-        path = idx.write_report(res, a.html)
-        stderr_console().print(f"report written to [bold]{escape(str(path))}[/bold]")
+        try:
+            path = idx.write_report(res, a.html)
+            stderr_console().print(f"report written to [bold]{escape(str(path))}[/bold]")
+        except AttribError as e:  # the result is still printed below
+            failed = e
     if a.json:
         print_json(res.to_dict())
     else:
         print_attribution(res)
-    return 0
+    return report_failed(failed) if failed is not None else 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -261,19 +318,20 @@ def add_commands(sub) -> None:
     s.add_argument("--append", action="store_true",
                    help="add the records of SOURCE to the existing index at --out (same models; existing ids are "
                         "rejected)")
-    s.add_argument("--chunk", type=int_in(1, 10_000_000), default=None,
+    s.add_argument("--chunk", type=int_in(1, MAX_CHUNK), default=None,
                    help="images per committed segment: a killed build re-encodes at most this many (default 2000)")
     s.add_argument("--codec", choices=("auto", "fp16", "pq"), default=None,
                    help="stored vectors: fp16 (exact), pq (compressed: IVF-PQ + 8-bit refine + PQ patches); "
                         "default auto (pq above 50,000 images)")
-    s.add_argument("--batch-size", type=int_in(1, 4096), default=None, help="images per forward pass (default 32)")
-    s.add_argument("--workers", type=int_in(0, 256), default=None, help="image decoding threads (default 2)")
-    s.add_argument("--patch-grid", type=int_in(1, 64), default=None,
+    s.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=None,
+                   help="images per forward pass (default 32)")
+    s.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=None, help="image decoding threads (default 2)")
+    s.add_argument("--patch-grid", type=int_in(1, MAX_PATCH_GRID), default=None,
                    help="pooled DINOv2 patch grid side, at most the model's patch grid (default 8)")
-    s.add_argument("--patch-dims", type=int_in(1, 4096), default=None,
+    s.add_argument("--patch-dims", type=int_in(1, MAX_PATCH_DIMS), default=None,
                    help="PCA dims per stored patch cell (default 64)")
-    s.add_argument("--max-pixels", type=int_in(1, 2_000_000_000), default=None,
-                   help="reject larger images (default 40,000,000)")
+    s.add_argument("--max-pixels", type=int_in(1, MAX_PIXELS), default=None,
+                   help=f"reject larger images (default 40,000,000; at most {MAX_PIXELS:,})")
     s.add_argument("--ann", choices=("auto", "flat", "ivf"), default=None, help="faiss structure (default auto)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -321,7 +379,7 @@ def add_commands(sub) -> None:
                         "for the index's models when they exist, else RRF")
     s.add_argument("--depth", type=int_in(1, MAX_DEPTH), default=None,
                    help=f"candidates per ranker in the fused pool (default 100, at most {MAX_DEPTH})")
-    s.add_argument("--nprobe", type=int_in(1, 1_000_000), default=None,
+    s.add_argument("--nprobe", type=int_in(1, MAX_NPROBE), default=None,
                    help="IVF lists probed (large indexes; default: as built)")
     s.add_argument("--html", default=None, metavar="OUT.html", help="also write a self-contained visual report")
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -340,13 +398,29 @@ def add_commands(sub) -> None:
 
 def _plugin_groups() -> list[tuple[str, Callable | Exception]]:
     """(name, add_commands or the error loading it) for every installed command group, sorted by name."""
+    from importlib import metadata
+
     out: list[tuple[str, Callable | Exception]] = []
     for ep in sorted(metadata.entry_points(group=COMMAND_GROUPS), key=lambda e: e.name):
         try:
             out.append((ep.name, ep.load()))
         except Exception as e:  # noqa: BLE001 - reported below, never hidden
+            if _caused_by_interrupt(e):
+                raise KeyboardInterrupt from None
             out.append((ep.name, e))
     return out
+
+
+def _caused_by_interrupt(e: BaseException) -> bool:
+    """Whether Ctrl-C is behind ``e``: Python 3.11 wraps exceptions raised while a class is being created
+    (``__set_name__``) in a RuntimeError, so a KeyboardInterrupt during an import can arrive disguised."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,35 +444,60 @@ def _sigterm(signum, frame):  # pragma: no cover - exercised by the kill test in
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; ``main([...])`` runs the CLI in-process (tests) and returns the exit code."""
-    old = None
+def _interrupted(args=None) -> int:
+    """Ctrl-C (or SIGTERM): one line (the command's own, when it set ``args.interrupted``), exit code 130. A
+    second Ctrl-C while saying so is ignored."""
+    message = getattr(args, "interrupted", None) or INTERRUPTED
     try:
-        old = signal.signal(signal.SIGTERM, _sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread
         pass
     try:
+        stderr_console().print(f"[yellow]{escape(message)}[/yellow]")
+    except Exception:  # noqa: BLE001 - interrupted while rich itself was loading: say it plainly
+        sys.stderr.write(message + "\n")
+    return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; ``main([...])`` runs the CLI in-process (tests) and returns the exit code.
+
+    Everything heavy (numpy, polars, faiss, rich, torch, the command groups of other packages) is imported in
+    here, inside the handlers: Ctrl-C at any moment, the first half second included, ends with one line and exit
+    code 130, and user errors with one line and exit code 2."""
+    old_term = old_int = None
+    try:
+        try:
+            old_int = signal.getsignal(signal.SIGINT)
+            if old_int is interrupted_at_start_up:  # the console script's start-up handler: from here on,
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt
+                old_int = None
+            old_term = signal.signal(signal.SIGTERM, _sigterm)
+        except ValueError:  # not the main thread
+            pass
         parser = build_parser()
         try:
             a = parser.parse_args(argv)
         except SystemExit as e:  # --help, or a one-line argument error already printed
             return int(e.code or 0)
         func: Callable[[argparse.Namespace], int] = a.func
-        a.interrupted = "interrupted: nothing half-written was left behind"
         return func(a)
     except AttribError as e:
         print_error(str(e))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        message = getattr(locals().get("a"), "interrupted", "interrupted: nothing half-written was left behind")
-        stderr_console().print(f"[yellow]{escape(message)}[/yellow]")
-        return EXIT_INTERRUPTED
+        return _interrupted(locals().get("a"))
+    except Exception as e:
+        if _caused_by_interrupt(e):  # Ctrl-C while a module was being imported, wrapped by Python
+            return _interrupted(locals().get("a"))
+        raise
     finally:
-        if old is not None:
-            try:
-                signal.signal(signal.SIGTERM, old)
-            except ValueError:
-                pass
+        for signum, old in ((signal.SIGTERM, old_term), (signal.SIGINT, old_int)):
+            if old is not None:
+                try:
+                    signal.signal(signum, old)
+                except ValueError:
+                    pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,18 @@
 """Folder helpers: build a folder under a hidden sibling name and rename it into place only when complete,
-so an interrupted or crashed writer never leaves a folder that looks finished."""
+so an interrupted or crashed writer never leaves a folder that looks finished. Single files are written
+atomically too, and never over anything but a regular file (see :func:`write_bytes_atomic`)."""
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ._errors import OutputError
 
 
 def is_nonempty(path: Path) -> bool:
@@ -41,26 +45,139 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(out_path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
-    """Write ``text`` through a fresh temporary file in the same folder and a rename (parents created), so a
-    reader never sees half a file. The file gets the usual permissions (not mkstemp's 0600)."""
+def require_utf8_path(path: str | os.PathLike, what: str, error: type[Exception] = OutputError) -> None:
+    """Refuse a path whose name is not valid UTF-8 (bytes Python keeps as lone surrogates): the stores (tantivy,
+    Arrow, parquet) take UTF-8 text only. The message shows the bad bytes as ``\\xNN``."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise error(f"{what} {shown} is not valid UTF-8; rename it (or use a link with a UTF-8 name)") from None
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _refuse_target(out: Path) -> None:
+    """Raise OutputError unless ``out`` is absent or a regular file (never a link, folder, device, FIFO...)."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise OutputError(f"cannot write {out}: a part of its folder path is a file, not a folder") from None
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(out)
+        except OSError:
+            target = "?"
+        raise OutputError(f"refusing to write {out}: it is a symbolic link (to {target}); name the file it points "
+                          f"to, or remove the link")
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"cannot write {out}: it is a folder; give a file path")
+    raise OutputError(f"refusing to write {out}: it is a {_kind(st.st_mode)}, not a regular file; choose another path")
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_file(out_path: str | os.PathLike) -> Path:
+    """Check, before any work, that a single output file (a report, a weights file) may be written at
+    ``out_path``: it is absent or a regular file (never a symbolic link, a folder, a device, a FIFO or a socket),
+    and its folder exists or can be created, and is writable. Returns the path; raises :class:`OutputError`
+    with a one-line message naming the path otherwise.
+
+    Symbolic links are refused rather than written through: replacing a link's target in place is the classic
+    way a planted link makes a program overwrite another file, and replacing the link itself would silently
+    leave the target stale. Name the target itself to write it."""
     out = Path(out_path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_target(out)
+    _check_parent(out.parent, out)
+    return out
+
+
+def check_output_folder(out_path: str | os.PathLike) -> Path:
+    """Check, before any work, that a folder of outputs (``bench run --report DIR``) can be made or written at
+    ``out_path``: it is absent or a folder (a link to a folder is fine), inside a writable folder."""
+    out = Path(out_path).expanduser()
+    if os.path.lexists(out):
+        if not out.is_dir():
+            if os.path.islink(out):
+                raise OutputError(f"cannot write into {out}: it is a symbolic link to something that is not a folder")
+            try:
+                mode = os.lstat(out).st_mode
+            except OSError as e:
+                raise OutputError(f"cannot write into {out}: {e.strerror or e}") from None
+            what = "a file" if stat.S_ISREG(mode) else f"a {_kind(mode)}"
+            raise OutputError(f"cannot write into {out}: it is {what}, not a folder; give a folder path")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write into {out}: no permission to write in that folder")
+        return out
+    _check_parent(out.parent, out)
+    return out
+
+
+def _check_parent(parent: Path, out: Path) -> None:
+    anc = _nearest_existing(parent)
+    if not anc.is_dir():
+        raise OutputError(f"cannot write {out}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: no permission to write in {anc}")
+
+
+def write_bytes_atomic(out_path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
+    """Write ``data`` through a fresh temporary file in the same folder and a rename (parents created), so a
+    reader never sees half a file. The file gets the usual permissions (not mkstemp's 0600).
+
+    Only a regular file (or nothing) is ever replaced: a symbolic link, folder, device, FIFO or socket at
+    ``out_path`` is refused with :class:`OutputError` (checked before writing and again just before the rename),
+    as is a path under a file or in a folder that cannot be written. Any OSError becomes an OutputError naming
+    the path; nothing is left behind."""
+    out = check_output_file(out_path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: cannot create its folder ({e.strerror or e})") from None
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        _refuse_target(out)  # it may have changed while we wrote
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     return out.absolute()
+
+
+def write_text_atomic(out_path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
+    """:func:`write_bytes_atomic` of UTF-8 text (characters that are not valid Unicode, such as the surrogates
+    that stand for undecodable bytes of a file name, are written as backslash escapes)."""
+    return write_bytes_atomic(out_path, text.encode("utf-8", errors="backslashreplace"), fsync)
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:

@@ -58,7 +58,7 @@ def read_bytes(ref: str, limits: ImageLimits = ImageLimits()) -> bytes:
             raise ImageRejected("missing file", shard) from None
         except KeyError:
             raise ImageRejected("missing file", f"{member} is not in {shard}") from None
-        except tarfile.TarError as e:
+        except (tarfile.TarError, OSError, EOFError) as e:
             raise ImageRejected("unreadable tar shard", str(e)) from None
     try:
         size = os.path.getsize(ref)
@@ -72,8 +72,14 @@ def read_bytes(ref: str, limits: ImageLimits = ImageLimits()) -> bytes:
         raise ImageRejected("file too large", f"{size} bytes > {limits.max_bytes}")
     if size == 0:
         raise ImageRejected("corrupt or truncated image", "empty file")
-    with open(ref, "rb") as f:
-        return f.read()
+    try:
+        with open(ref, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except OSError as e:  # no permission, an I/O error, a file that vanished...
+        raise ImageRejected("unreadable file", e.strerror or str(e)) from None
+    if len(data) > limits.max_bytes:  # it grew after the size check
+        raise ImageRejected("file too large", f"over {limits.max_bytes} bytes")
+    return data
 
 
 def _check_size(im: Image.Image, limits: ImageLimits) -> None:

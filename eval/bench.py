@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from engine import AttribError
+from engine.files import require_utf8_path
 
 SPLITS = ("tune", "test")
 CORPUS, QUERIES = "corpus.parquet", "queries.parquet"
@@ -77,6 +78,7 @@ def _duplicates(s: pl.Series) -> list[str]:
 def load_benchmark(path: str | os.PathLike, check_images: bool = True) -> Benchmark:
     """Load and validate a benchmark folder. Every problem is reported with the offending values."""
     p = Path(path).expanduser().absolute()
+    require_utf8_path(p, "the benchmark folder", BenchmarkError)
     if not p.is_dir():
         raise BenchmarkError(f"benchmark folder {p} does not exist (it must hold {CORPUS} and {QUERIES})")
     for f in (CORPUS, QUERIES):
@@ -102,10 +104,13 @@ def load_benchmark(path: str | os.PathLike, check_images: bool = True) -> Benchm
         raise BenchmarkError(f"{CORPUS} has duplicate ids: {', '.join(d)}")
     if (d := _duplicates(queries["query_id"])):
         raise BenchmarkError(f"{QUERIES} has duplicate query ids: {', '.join(d)}")
-    bad_split = queries.filter(~pl.col("split").is_in(list(SPLITS)))
+    # null is not in SPLITS either: a null split is reported, never silently left out of both splits
+    bad_split = queries.filter(pl.col("split").is_null() | ~pl.col("split").is_in(list(SPLITS)))
     if bad_split.height:
         vals = sorted(set(bad_split["split"].cast(pl.String).fill_null("null").to_list()))[:5]
-        raise BenchmarkError(f"{QUERIES} has split values {vals} in {bad_split.height} rows; valid values: tune, test")
+        ex = ", ".join(bad_split["query_id"].cast(pl.String).fill_null("null").head(5).to_list())
+        raise BenchmarkError(f"{QUERIES} has split values {vals} in {bad_split.height} rows (e.g. {ex}); "
+                             f"valid values: tune, test")
     known = set(corpus["id"].to_list())
     unknown = []
     for qid, rel in zip(queries["query_id"].to_list(), queries["relevant"].to_list()):

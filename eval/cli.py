@@ -7,8 +7,9 @@ import json
 from rich.markup import escape
 from rich.table import Table
 
-from engine import PROFILES, main_rankers
-from engine.cli import Parser, float_in, int_in, print_json
+from engine import PROFILES, AttribError, main_rankers
+from engine.cli import MAX_K, Parser, float_in, int_in, print_json, report_failed
+from engine.files import check_output_file, check_output_folder
 from engine.report import fmt_number
 from engine.report.text import untrained_panel
 from engine.ui import stderr_console
@@ -94,8 +95,9 @@ def print_tune(weights, evals: dict, metric: str) -> None:
             cells.append(" | ".join(vals))
         k.add_row(escape(kind), *cells)
     c.print(k)
+    where = f"written to [bold]{escape(weights.name)}[/bold]" if weights.name else "[red]not written[/red]"
     c.print(f"weights: {len(weights.features)} features, threshold {_fmt(weights.threshold)} "
-            f"({escape(weights.threshold_rule)}); written to [bold]{escape(weights.name)}[/bold]")
+            f"({escape(weights.threshold_rule)}); {where}")
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -130,30 +132,43 @@ def _open(a: argparse.Namespace):
 def cmd_run(a: argparse.Namespace) -> int:
     from .run import evaluate, write_report
 
+    if a.report:
+        check_output_folder(a.report)  # before the slow part; each file is checked again when written
     bench, idx = _open(a)
     ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress)
+    failed = None
     if a.report:
-        paths = write_report(ev, idx, a.report)
-        stderr_console().print("report: " + ", ".join(escape(str(p)) for p in paths.values()))
+        try:
+            paths = write_report(ev, idx, a.report)
+            stderr_console().print("report: " + ", ".join(escape(str(p)) for p in paths.values()))
+        except AttribError as e:  # the result is still printed below
+            failed = e
     if a.json:
         print_json(ev.result)
     else:
         print_evaluation(ev.result)
-    return 0
+    return report_failed(failed) if failed is not None else 0
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
     from .tune import metric_by_ranker, tune
 
+    check_output_file(a.out)  # before the slow part; checked again when written
     bench, idx = _open(a)
-    w, evals = tune(bench, idx, a.out, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)
+    w, evals = tune(bench, idx, None, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)
+    failed = None
+    try:
+        w.save(a.out)
+        w.name = str(a.out)
+    except AttribError as e:  # the learned weights and scores are still printed below
+        failed = e
     if a.json:
-        print_json({"weights": w.to_dict(), "metric": a.metric,
+        print_json({"weights": w.to_dict(), "metric": a.metric, "written": failed is None,
                      "scores": {s: metric_by_ranker(evals[s], a.metric) for s in evals},
                      "tune": evals["tune"].result, "test": evals["test"].result})
     else:
         print_tune(w, evals, a.metric)
-    return 0
+    return report_failed(failed) if failed is not None else 0
 
 
 def cmd_import(a: argparse.Namespace) -> int:
@@ -176,6 +191,9 @@ def _metric(text: str) -> str:
         parse_metric(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    k = text.strip().lower().partition("@")[2]
+    if k and int(k) > MAX_K:
+        raise argparse.ArgumentTypeError(f"{text!r}: K = {int(k)} is out of range; valid: 1..{MAX_K}")
     return text.strip().lower()
 
 

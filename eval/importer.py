@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from engine import AttribError, EmptyCorpusError, SourceError
-from engine.files import is_nonempty, staged_folder
+from engine import AttribError, EmptyCorpusError, OutputError, SourceError
+from engine.files import check_output_folder, is_nonempty, staged_folder
 from engine.images import DEFAULT_MAX_PIXELS
 from engine.scenes import seeded_rng
 
@@ -42,6 +42,7 @@ from ._util import counts
 from .bench import CORPUS, QUERIES, SPLITS, BenchmarkError, load_benchmark
 
 VERSION = 1
+IMPORT_FORMAT = "attrib-import-memorized"  # import.json names it: only such folders are replaced on --overwrite
 KINDS = ("VM", "TM")  # the memorization labels of the lists: verbatim / template memorization
 NOVEL = "novel"
 MAX_LISTED = 20  # skipped / duplicate rows listed by number in the summary
@@ -414,6 +415,12 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
         raise BenchmarkError(
             f"output folder {str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace it"
         )
+    if is_nonempty(out) and not _is_import(out):
+        raise BenchmarkError(
+            f"{str(out)!r} is a non-empty folder that was not written by `attrib bench import-memorized` (no valid "
+            f"import.json); refusing to replace it. Choose another output folder"
+        )
+    check_output_folder(out)  # a path under a file, or a folder we may not write: one line, before any work
 
     skipped: list[dict] = []
     duplicates: list[dict] = []
@@ -462,7 +469,7 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
 
     kinds = [k for k in KINDS + (NOVEL,) if k in set(queries["kind"].to_list())]
     summary: dict = {
-        "format": "attrib-import-memorized", "version": VERSION, "seed": seed,
+        "format": IMPORT_FORMAT, "version": VERSION, "seed": seed,
         "sources": {"memorized": _source_info(mem_path),
                     "unmemorized": _source_info(unmem_path) if unmem_path is not None else None},
         "corpus": {"records": corpus.height, "memorized": len(mem), "distractors": len(distractors),
@@ -478,6 +485,24 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
         "fetch": {"enabled": bool(fetch), "fetched": 0, "failed": 0},
     }
 
+    try:
+        _write(out, corpus, queries, summary, fetch, timeout)
+    except OSError as e:  # disk full, the folder removed or made read-only meanwhile...
+        raise OutputError(f"cannot write the benchmark {out}: {e.strerror or e}; nothing was left behind") from None
+    load_benchmark(out)
+    return summary
+
+
+def _is_import(folder: Path) -> bool:
+    """Whether ``folder`` holds a benchmark this importer wrote (its import.json names the format)."""
+    try:
+        meta = json.loads((folder / "import.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == IMPORT_FORMAT
+
+
+def _write(out: Path, corpus: pl.DataFrame, queries: pl.DataFrame, summary: dict, fetch: bool, timeout: float) -> None:
     with staged_folder(out, "import-tmp") as tmp:
         if fetch:
             items = [(rid, url or "") for rid, url in zip(corpus["id"].to_list(), corpus["url"].to_list())]
@@ -497,5 +522,3 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
         queries.write_parquet(tmp / QUERIES)
         (tmp / "import.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         load_benchmark(tmp)  # validate before anything replaces ``out``
-    load_benchmark(out)
-    return summary

@@ -3,6 +3,7 @@ ranker alone and fused, and compute metrics with bootstrap intervals, per kind, 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from engine import (
     Fusion,
     Index,
     IndexSettings,
+    OutputError,
     Pool,
     QuerySettings,
     build_index,
@@ -29,6 +31,7 @@ from engine import (
     open_index,
     ranking_order,
 )
+from engine.files import check_output_folder, write_bytes_atomic, write_text_atomic
 from engine.rankers import QueryInput
 from engine.results import clean_number as _num
 from engine.ui import progress_bar, stderr_console
@@ -394,10 +397,10 @@ def plot_recall(ev: Evaluation, path: Path) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return path
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def hard_cases(ev: Evaluation, idx: Index, per_kind: int = 4) -> list[dict]:
@@ -447,10 +450,15 @@ def hard_cases(ev: Evaluation, idx: Index, per_kind: int = 4) -> list[dict]:
 
 
 def write_report(ev: Evaluation, idx: Index, folder: str | os.PathLike) -> dict[str, Path]:
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write bench.json, recall_at_k.png and hard_cases.html into ``folder`` (each atomically; an output path
+    that cannot be written raises OutputError, see ``engine.files``)."""
+    out = check_output_folder(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the report folder {out}: {e.strerror or e}") from None
     paths = {"json": out / "bench.json", "plot": out / "recall_at_k.png", "html": out / "hard_cases.html"}
-    paths["json"].write_text(json.dumps(ev.result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(paths["json"], json.dumps(ev.result, indent=2) + "\n")
     plot_recall(ev, paths["plot"])
     from engine.report.html import write_hard_cases_report
 

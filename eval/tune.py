@@ -30,6 +30,7 @@ import numpy as np
 
 import engine
 from engine import Fusion, FusionWeights, Index, QuerySettings, feature_specs, now_iso
+from engine.files import check_output_file
 from engine.fusion import feature_matrix, fit_logistic, standardization, standardize
 
 from . import metrics as M
@@ -116,17 +117,21 @@ def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", targ
     return TuneResult(weights, cv, best, tune_runs)
 
 
-def tune(bench: Benchmark, idx: Index, out: str | os.PathLike, metric: str = "map@100",
+def tune(bench: Benchmark, idx: Index, out: str | os.PathLike | None, metric: str = "map@100",
          target_far: float = DEFAULT_TARGET_FAR, progress: bool = True):
-    """Learn on ``tune``, then score tune and held-out ``test``; write the weights file. Returns
-    (weights, {split: Evaluation})."""
+    """Learn on ``tune``, then score tune and held-out ``test``; write the weights file ``out`` (None: do not
+    write; the caller saves ``weights``). Returns (weights, {split: Evaluation}). An ``out`` that cannot be
+    written is refused before any work (OutputError)."""
     from .run import evaluate
+
+    if out is not None:
+        check_output_file(out)
 
     models = {k: idx.manifest["models"][k] for k in ("profile", "pretrained", "fingerprint")}
     tune_runs = run_queries(bench, idx, bench.split("tune"), progress)  # the only queries learning sees
     res = learn(tune_runs, models, metric, target_far)
     w = res.weights
-    w.models, w.name = dict(models), str(out)
+    w.models, w.name = dict(models), "" if out is None else str(out)
     w.provenance = {
         "benchmark": str(bench.path),
         "benchmark_sha256": bench.content_hash,
@@ -145,7 +150,8 @@ def tune(bench: Benchmark, idx: Index, out: str | os.PathLike, metric: str = "ma
     evals = {split: evaluate(bench, idx, split, weights=w, target_far=target_far, progress=progress,
                              runs_by_split=runs_by_split) for split in ("tune", "test")}
     w.provenance["scores"] = {s: metric_by_ranker(evals[s], metric) for s in evals}
-    w.save(out)
+    if out is not None:
+        w.save(out)
     return w, evals
 
 

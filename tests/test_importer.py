@@ -234,8 +234,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(BenchmarkError, match="not empty; pass overwrite=True"):
         import_memorized(good, out)
     assert (out / "keep.txt").read_text() == "precious"
+    with pytest.raises(BenchmarkError, match="not written by `attrib bench import-memorized`"):
+        import_memorized(good, out, overwrite=True)  # --overwrite replaces only what the importer wrote
+    assert (out / "keep.txt").read_text() == "precious"
+    out = tmp_path / "imported"
+    import_memorized(good, out)
+    (out / "stale.txt").write_text("left by an older import")
     s = import_memorized(good, out, overwrite=True)
-    assert not (out / "keep.txt").exists()
+    assert not (out / "stale.txt").exists()
     assert load_benchmark(out).corpus.height == s["corpus"]["records"] == 6
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 

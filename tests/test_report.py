@@ -465,8 +465,8 @@ def test_pages_are_written_atomically(tmp_path):
     assert "No hard cases" in page and "old contents" not in page
     assert out.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777  # not mkstemp's 0600
     blocked = tmp_path / "blocked.html"
-    blocked.mkdir()  # os.replace cannot put a file over a folder: the write fails and leaves nothing behind
-    with pytest.raises(OSError):
+    blocked.mkdir()  # a file is never put over a folder: the write is refused and leaves nothing behind
+    with pytest.raises(engine.OutputError, match="is a folder"):
         write_hard_cases_report([], blocked, "x", models)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.html", "new", "plain.txt"]
     assert list(blocked.iterdir()) == [] and [p.name for p in out.parent.iterdir()] == ["hard.html"]

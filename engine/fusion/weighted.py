@@ -9,6 +9,7 @@ source; ``threshold`` is the calibrated "no likely source" cut on the top score.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,13 +89,22 @@ class FusionWeights:
         return {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, **d}
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the weights file atomically (refused: non-finite or out-of-range numbers, an output path that
+        is a link, folder or special file; see ``engine.files``)."""
         from ..files import write_text_atomic
 
+        self.check_numbers()
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", fsync=True)
 
     @classmethod
     def from_dict(cls, d: dict, name: str = "") -> "FusionWeights":
-        """Validate and build weights from a parsed file; every refusal names the file and the problem."""
+        """Validate and build weights from a parsed file; every refusal names the file, the field and the problem.
+
+        Checked: the format and version; the type of every field; finite numbers only (no NaN or infinity) in
+        weights, bias, mean, std and threshold; sane ranges (``|weight|``, ``|bias|`` at most 1e6; std in
+        [1e-9, 1e12]; ``rrf_k`` an integer in 1..100,000); features, weights, mean and std of one length; known
+        feature names; ``models.fingerprint`` present; nesting at most 32 levels deep."""
+        label = f"weights file {name}" if name else "weights"
         if not isinstance(d, dict) or d.get("format") != WEIGHTS_FORMAT:
             raise FusionWeightsError(
                 f"{name or 'weights'} is not an attrib fusion weights file "
@@ -104,26 +114,68 @@ class FusionWeights:
             raise FusionWeightsError(
                 f"{name} has weights format version {d.get('version')!r}; this engine reads {WEIGHTS_VERSION}"
             )
-        try:
-            w = cls(
-                features=list(d["features"]), weights=[float(x) for x in d["weights"]], bias=float(d["bias"]),
-                mean=[float(x) for x in d["mean"]], std=[float(x) for x in d["std"]], models=dict(d["models"]),
-                threshold=None if d.get("threshold") is None else float(d["threshold"]),
-                threshold_rule=str(d.get("threshold_rule", "")), method=str(d.get("method", "logistic")),
-                rrf_k=int(d.get("rrf_k", 60)), provenance=dict(d.get("provenance", {})), name=name,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise FusionWeightsError(f"weights file {name} is damaged: {e.__class__.__name__}: {e}") from None
+        _check_depth(d, label)
+        for key in ("features", "weights", "bias", "mean", "std", "models"):
+            if key not in d:
+                raise FusionWeightsError(f"{label} is damaged: field {key!r} is missing")
+        features = _typed(d, "features", list, label)
+        for i, spec in enumerate(features):
+            if not isinstance(spec, str):
+                raise FusionWeightsError(f"{label} is damaged: features[{i}] is {spec!r}, not a feature name")
+        models = _typed(d, "models", dict, label)
+        threshold = d.get("threshold")
+        w = cls(
+            features=list(features),
+            weights=_numbers(_typed(d, "weights", list, label), "weights", label, MAX_ABS_WEIGHT),
+            bias=_number(d["bias"], "bias", label, MAX_ABS_WEIGHT),
+            mean=_numbers(_typed(d, "mean", list, label), "mean", label, MAX_ABS_VALUE),
+            std=_numbers(_typed(d, "std", list, label), "std", label, MAX_ABS_VALUE, low=MIN_STD),
+            models=dict(models),
+            threshold=None if threshold is None else _number(threshold, "threshold", label, MAX_ABS_VALUE),
+            threshold_rule=_typed(d, "threshold_rule", str, label, ""),
+            method=_typed(d, "method", str, label, "logistic"),
+            rrf_k=_integer(d.get("rrf_k", 60), "rrf_k", label, 1, MAX_RRF_K),
+            provenance=dict(_typed(d, "provenance", dict, label, {})),
+            name=name,
+        )
         n = len(w.features)
-        if not (len(w.weights) == len(w.mean) == len(w.std) == n) or n == 0:
-            raise FusionWeightsError(
-                f"weights file {name} is damaged: features, weights, mean and std differ in length"
-            )
-        if any(s <= 0 for s in w.std):
-            raise FusionWeightsError(f"weights file {name} is damaged: a standardisation std is not positive")
+        if n == 0:
+            raise FusionWeightsError(f"{label} is damaged: 'features' is empty")
+        for key in ("weights", "mean", "std"):
+            if len(getattr(w, key)) != n:
+                raise FusionWeightsError(f"{label} is damaged: {key!r} has {len(getattr(w, key))} values but "
+                                         f"'features' has {n} (features, weights, mean and std differ in length)")
+        seen: set[str] = set()
         for spec in w.features:
+            if spec in seen:
+                raise FusionWeightsError(f"{label} is damaged: feature {spec!r} is listed twice")
+            seen.add(spec)
             parse_feature(spec)
+        for key in ("fingerprint", "profile"):
+            if not isinstance(models.get(key), str) or not models.get(key):
+                what = "is missing" if key not in models else f"is {_short(models.get(key))}, not a non-empty string"
+                raise FusionWeightsError(f"{label} is damaged: field 'models.{key}' {what}")
+        gen = w.provenance.get("benchmark_generator")
+        if gen is not None:  # shown as "learned on" with every query that uses the weights
+            if not isinstance(gen, dict):
+                raise FusionWeightsError(f"{label} is damaged: field 'provenance.benchmark_generator' is "
+                                         f"{type(gen).__name__}, not an object")
+            for key in GENERATOR_KEYS:
+                if key not in gen:
+                    raise FusionWeightsError(f"{label} is damaged: field 'provenance.benchmark_generator.{key}' "
+                                             f"is missing")
         return w
+
+    def check_numbers(self) -> None:
+        """Refuse weights that would score NaN or infinity (the same rules :meth:`from_dict` applies)."""
+        label = f"weights {self.name}" if self.name else "weights"
+        _numbers(self.weights, "weights", label, MAX_ABS_WEIGHT)
+        _number(self.bias, "bias", label, MAX_ABS_WEIGHT)
+        _numbers(self.mean, "mean", label, MAX_ABS_VALUE)
+        _numbers(self.std, "std", label, MAX_ABS_VALUE, low=MIN_STD)
+        if self.threshold is not None:
+            _number(self.threshold, "threshold", label, MAX_ABS_VALUE)
+        _integer(self.rrf_k, "rrf_k", label, 1, MAX_RRF_K)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionWeights":
@@ -134,17 +186,95 @@ class FusionWeights:
         Returns:
             The weights, named after the file.
         Raises:
-            FusionWeightsError: the file is missing, unreadable, of another format or version, damaged, or
-                names features no registered ranker computes.
+            FusionWeightsError: the file is missing, unreadable, larger than 16 MiB (checked before reading it
+                all), not UTF-8 JSON, nested too deeply, of another format or version, damaged (see
+                :meth:`from_dict`), or names features no registered ranker computes.
         Example:
             >>> w = FusionWeights.load("weights.json")  # doctest: +SKIP
             >>> index.query(image="gen.png", prompt="...", weights=w)  # doctest: +SKIP
         """
         p = Path(path)
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
+            with open(p, "rb") as f:
+                raw = f.read(MAX_WEIGHTS_BYTES + 1)  # never more, whatever the file is (/dev/zero, a huge file)
         except FileNotFoundError:
             raise FusionWeightsError(f"weights file {p} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FusionWeightsError(f"weights file {p} cannot be read: {e}") from None
+        except OSError as e:
+            raise FusionWeightsError(f"weights file {p} cannot be read: {e.strerror or e}") from None
+        if len(raw) > MAX_WEIGHTS_BYTES:
+            raise FusionWeightsError(f"weights file {p} is larger than {MAX_WEIGHTS_BYTES // 2**20} MiB; a weights "
+                                     f"file from `attrib tune` is a few KB: check the path")
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise FusionWeightsError(f"weights file {p} is not UTF-8 text (byte {e.start}): "
+                                     f"not a weights file") from None
+        except json.JSONDecodeError as e:
+            raise FusionWeightsError(f"weights file {p} cannot be read: invalid JSON ({e})") from None
+        except RecursionError:
+            raise FusionWeightsError(f"weights file {p} is nested too deeply (more than {MAX_DEPTH} levels): "
+                                     f"not a weights file") from None
         return cls.from_dict(d, str(p))
+
+
+MAX_WEIGHTS_BYTES = 16 * 1024 * 1024  # a weights file is a few KB; anything larger is refused before reading it all
+MAX_DEPTH = 32  # nesting levels of the JSON (the format itself uses 4)
+MAX_ABS_WEIGHT = 1e6  # |weight| and |bias| (weights act on standardised features; learned ones are O(1..10))
+MAX_ABS_VALUE = 1e12  # |mean|, std and |threshold|
+MIN_STD = 1e-9  # smallest standardisation std (dividing by less would blow a feature up)
+MAX_RRF_K = 100_000  # the :rr transform's k (60 is the usual value)
+GENERATOR_KEYS = ("generator", "version", "train", "queries", "seed")  # provenance.benchmark_generator
+
+
+def _typed(d: dict, key: str, kind: type, label: str, default=None):
+    value = d.get(key, default)
+    if not isinstance(value, kind):
+        names = {list: "a list", dict: "an object", str: "a string"}
+        raise FusionWeightsError(f"{label} is damaged: field {key!r} is {type(value).__name__} {_short(value)}, "
+                                 f"not {names.get(kind, kind.__name__)}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value, field_name: str, label: str, limit: float, low: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FusionWeightsError(f"{label} is damaged: {field_name} is {_short(value)}, not a number")
+    x = float(value)
+    if not math.isfinite(x):
+        raise FusionWeightsError(f"{label} is damaged: {field_name} is {x}; it must be a finite number")
+    if low is not None and x <= 0:
+        raise FusionWeightsError(f"{label} is damaged: {field_name} is {x}: {field_name.split('[')[0]} is not positive "
+                                 f"(it must be in [{low:g}, {limit:g}])")
+    if low is not None and not low <= x <= limit:
+        raise FusionWeightsError(f"{label} is damaged: {field_name} is {x}; it must be in [{low:g}, {limit:g}]")
+    if abs(x) > limit:
+        raise FusionWeightsError(f"{label} is damaged: {field_name} is {x:g}; its magnitude must be at most {limit:g}")
+    return x
+
+
+def _numbers(values: list, field_name: str, label: str, limit: float, low: float | None = None) -> list[float]:
+    return [_number(v, f"{field_name}[{i}]", label, limit, low) for i, v in enumerate(values)]
+
+
+def _integer(value, field_name: str, label: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FusionWeightsError(f"{label} is damaged: {field_name} is {_short(value)}; it must be an integer in "
+                                 f"{low}..{high}")
+    return int(value)
+
+
+def _check_depth(obj, label: str) -> None:
+    """Refuse JSON nested more than MAX_DEPTH levels (iteratively: no recursion on hostile input)."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FusionWeightsError(f"{label} is nested too deeply (more than {MAX_DEPTH} levels): not a weights file")
+        if isinstance(x, dict):
+            stack.extend((v, depth + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, depth + 1) for v in x)

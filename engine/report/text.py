@@ -42,6 +42,11 @@ def print_build_summary(s) -> None:
                 f"see {escape(str(s.index_dir / 'rejects.jsonl'))}")
     else:
         c.print("skipped 0 records")
+    renamed = getattr(s, "renamed_columns", None)
+    if renamed:
+        names = ", ".join(f"{escape(a)} -> {escape(b)}" for a, b in renamed.items())
+        c.print(f"[yellow]renamed {len(renamed)} table columns that clash with the index's own columns[/yellow] "
+                f"({names})")
     if s.ignored_files:
         ex = ", ".join(escape(x) for x in s.ignored_files[:3])
         c.print(f"[dim]ignored {len(s.ignored_files)} files that are neither images nor sidecars (e.g. {ex})[/dim]")

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from engine import AttribError
-from engine.files import is_nonempty, staged_folder
+from engine import AttribError, OutputError
+from engine.files import check_output_folder, is_nonempty, staged_folder
 from engine.scenes import SceneSpec, caption_of, paraphrase_of, partial_of, random_scene, render, seeded_rng, signature
 from engine.ui import progress_bar
 
@@ -186,10 +186,19 @@ def generate(out: str | os.PathLike, train: int = 2000, queries: int = 1000, see
     ``train`` counts corpus records (near duplicates included), ``queries`` counts queries. The folder is built in
     a temporary sibling and renamed into place at the end."""
     train, queries, seed, image_size = check_options(train, queries, seed, image_size)
-    out = Path(out).absolute()
+    out = Path(out).expanduser().absolute()
     _check_out(out, overwrite)
+    check_output_folder(out)  # a path under a file, or a folder we may not write: one line, before any work
 
     plan = _make_plan(train, queries, seed, image_size)
+    try:
+        return _write(out, plan, progress)
+    except OSError as e:  # disk full, the folder removed or made read-only meanwhile...
+        raise OutputError(f"cannot write the benchmark {out}: {e.strerror or e}; nothing was left behind") from None
+
+
+def _write(out: Path, plan: _Plan, progress: bool) -> dict:
+    train, queries, seed, image_size = plan.train, plan.n_queries, plan.seed, plan.image_size
     with staged_folder(out, "synth-tmp") as tmp:
         (tmp / "train").mkdir(parents=True)
         (tmp / "queries").mkdir()

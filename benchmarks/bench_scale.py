@@ -1,0 +1,301 @@
+"""Training-set scale: build, search latency, recall, bytes and memory at 100k, 1M and 10M records.
+
+Usage: python benchmarks/bench_scale.py [--sizes 100000,1000000,10000000] [--queries 100] [--work DIR]
+
+Vectors are written through the library's writer (``IndexWriter.add_projected``: no image decoding) on clustered
+synthetic embeddings: a mixture of 2,000 anisotropic Gaussian clusters (each cluster stretched along its own
+random directions), 512-d CLIP-like and 768-d DINO-like vectors, plus 8x8 patch cells of 64 dims that share their
+record's cluster, and generated LAION-like captions for BM25. Ground truth is exact brute force over float32.
+
+Per size it reports ``records``, ``build_seconds``, ``search_ms_p50/p95`` (one query at a time, everything a query
+does except the encoders: ``Index.search`` on an encoded query - pool, every feature, fusion, metadata),
+``recall_at_100`` of each dense first stage against exact, ``patch_top100_overlap`` (the top 100 of a candidate
+set ranked by the patch score from stored codes, against the same ranking from float16 cells), bytes per record on
+disk and resident in RAM (measured: the growth of the process's resident set while opening the index and
+answering the queries, per record), and the peak RSS. The 10M size measures the dense first stage alone (no
+patches, no captions). Results go to benchmarks/results/bench_scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import pct, save, table
+
+CLUSTERS = 2000
+DC, DG, CELLS, DP = 512, 768, 64, 64
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Clusters:
+    """Anisotropic Gaussian clusters: centre + noise stretched along a few cluster-specific directions."""
+
+    def __init__(self, dim: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.dim = dim
+        self.centres = rng.standard_normal((CLUSTERS, dim)).astype(np.float32)
+        self.centres /= np.linalg.norm(self.centres, axis=1, keepdims=True)
+        self.axes = rng.standard_normal((CLUSTERS, 4, dim)).astype(np.float32) / np.sqrt(dim)
+        self.spread = rng.uniform(0.2, 0.5, CLUSTERS).astype(np.float32)
+
+    def sample(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n = len(labels)
+        iso = rng.standard_normal((n, self.dim), dtype=np.float32) * (0.15 / np.sqrt(self.dim))
+        coef = rng.standard_normal((n, 4), dtype=np.float32) * 1.5
+        stretch = np.einsum("nk,nkd->nd", coef, self.axes[labels])
+        x = self.centres[labels] + self.spread[labels, None] * (stretch + iso * np.sqrt(self.dim))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def generate(n: int, with_patches: bool, with_captions: bool, seed: int = 0):
+    """Chunks of (ids, captions, clip, dino, cells, labels), deterministic for a seed."""
+    from engine.scenes import caption_of, random_scene
+
+    clip_c, dino_c, cell_c = Clusters(DC, seed + 1), Clusters(DG, seed + 2), Clusters(DP, seed + 3)
+    chunk = 50_000
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        rng = np.random.default_rng([seed, s])
+        labels = rng.integers(0, CLUSTERS, m)
+        clip = clip_c.sample(labels, rng)
+        dino = dino_c.sample(labels, rng)
+        if with_patches:
+            cl = (labels[:, None] * 7 + rng.integers(0, 12, (m, CELLS))) % CLUSTERS
+            cells = cell_c.sample(cl.reshape(-1), rng).reshape(m, CELLS, DP)
+        else:
+            cells = np.zeros((m, 1, 8), np.float32)
+        caps = ([caption_of(random_scene(np.random.default_rng([3, s + i])), np.random.default_rng([4, s + i]))
+                 for i in range(m)] if with_captions else [""] * m)
+        yield [f"r{s + i}" for i in range(m)], caps, clip, dino, cells, labels
+
+
+def build(out: Path, n: int, identity: dict, full: bool):
+    import engine
+
+    settings = engine.IndexSettings(chunk=min(n, 500_000), codec="auto", ann="auto",
+                                    patch_grid=8 if full else 1, patch_dims=DP if full else 8)
+    w = engine.IndexWriter(out, identity, settings, expected_images=n)
+    sample = {"clip": [], "dino": [], "cells": []}
+    for ids, caps, clip, dino, cells, _ in generate(n, full, full):
+        w.add_projected(ids, [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells)
+        if sum(len(x) for x in sample["clip"]) < 2000:
+            sample["clip"].append(clip[:200])
+            sample["dino"].append(dino[:200])
+            sample["cells"].append(cells[:200])
+    w.finalize({"path": "synthetic", "kind": "bench_scale"})
+    if len(engine.index_info(out)["manifest"]["segments"]) > 1:
+        engine.compact(out, progress=False)  # served from one segment, as a finished build is
+    return {k: np.concatenate(v) for k, v in sample.items()}
+
+
+def exact_top(n: int, queries: dict[str, np.ndarray], k: int, full: bool) -> dict[str, np.ndarray]:
+    """Brute-force top-k rows of each store for the queries, streaming the generated vectors."""
+    best = {name: (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+            for name, q in queries.items()}
+    start = 0
+    for _, _, clip, dino, _, _ in generate(n, False, False):
+        for name, x in (("clip", clip), ("dino", dino)):
+            s = queries[name] @ x.T
+            scores, rows = best[name]
+            allv = np.concatenate([scores, s], axis=1)
+            allr = np.concatenate([rows, np.broadcast_to(np.arange(start, start + len(x)), s.shape)], axis=1)
+            top = np.argpartition(-allv, k - 1, axis=1)[:, :k]
+            best[name] = (np.take_along_axis(allv, top, 1), np.take_along_axis(allr, top, 1))
+        start += len(clip)
+    return {name: rows for name, (_, rows) in best.items()}
+
+
+def patch_overlap(reader, q_cells: np.ndarray, rows: np.ndarray, cells_f16: np.ndarray, grid: int) -> float:
+    """Top-100 of ``rows`` by the chamfer patch score from stored codes vs from float16 cells."""
+    from engine import patch_scores
+
+    _, stored = reader.patch_cells(rows)
+    a, _ = patch_scores(q_cells, stored, grid)
+    b, _ = patch_scores(q_cells, cells_f16.astype(np.float32), grid)
+    ta, tb = set(rows[np.argsort(-a)[:100]].tolist()), set(rows[np.argsort(-b)[:100]].tolist())
+    return len(ta & tb) / 100
+
+
+def run_size(work: Path, n: int, n_queries: int, identity: dict, full: bool) -> dict:
+    """Build in this process; measure the queries in a fresh one (its memory is the query's alone)."""
+    import subprocess
+    import sys
+
+    import engine
+
+    out = work / f"idx-{n}"
+    t0 = time.perf_counter()
+    sample = build(out, n, identity, full)
+    build_s = time.perf_counter() - t0
+    build_peak = peak_rss_bytes()
+    rng = np.random.default_rng(123)
+    pick = rng.choice(len(sample["clip"]), n_queries, replace=False)
+
+    def noisy(x: np.ndarray) -> np.ndarray:
+        y = x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+        return y / np.linalg.norm(y, axis=-1, keepdims=True)
+
+    qs = {"clip": noisy(sample["clip"][pick]), "dino": noisy(sample["dino"][pick])}
+    q_cells = noisy(sample["cells"][pick])
+    truth = exact_top(n, qs, 100, full)
+    np.savez(work / "queries.npz", clip=qs["clip"], dino=qs["dino"], cells=q_cells, pick=pick,
+             truth_clip=truth["clip"], truth_dino=truth["dino"])
+    del sample, truth
+    gc.collect()
+    proc = subprocess.run([sys.executable, __file__, "--query-phase", str(out), "--work", str(work),
+                           "--records", str(n)] + (["--full"] if full else []),
+                          capture_output=True, text=True, timeout=7200)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    import json
+
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(records=n, build_seconds=round(build_s, 1), build_peak_rss_bytes=build_peak, full_pipeline=full)
+    if full:
+        t = time.perf_counter()
+        engine.delete_records(out, ids=[f"r{i}" for i in range(0, min(n, 1000))])
+        engine.compact(out, progress=False)
+        result["compact_seconds"] = round(time.perf_counter() - t, 1)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def query_phase(out: Path, work: Path, n: int, full: bool) -> dict:
+    """Open the index in this fresh process, run the queries, measure latency, recall and memory."""
+    import engine
+    from engine.rankers import QueryInput
+    from engine.scenes import caption_of, random_scene
+
+    z = np.load(work / "queries.npz")
+    qs = {"clip": z["clip"], "dino": z["dino"]}
+    q_cells, pick = z["cells"], z["pick"]
+    truth = {"clip": z["truth_clip"], "dino": z["truth_dino"]}
+    n_queries = len(pick)
+    rss0 = rss_bytes()
+    result: dict = {}
+    if full:
+        idx = engine.open_index(out)
+        reader = idx.reader
+        encoded = []
+        for i in range(n_queries):
+            prompt = caption_of(random_scene(np.random.default_rng([3, int(pick[i])])),
+                                np.random.default_rng([4, int(pick[i])]))
+            q = QueryInput(f"q{i}", None, prompt, {"clip_image": qs["clip"][i], "clip_text": qs["clip"][i],
+                                                   "dino_global": qs["dino"][i], "dino_cells": q_cells[i]})
+            encoded.append(idx.with_terms(q))
+        fus = idx.resolve_fusion("rrf")
+        times, parts = [], {k: [] for k in ("candidates", "features", "fusion", "metadata")}
+        for q in [encoded[0]] + encoded:
+            t = time.perf_counter()
+            res = idx.search(q, k=10, fusion=fus)
+            times.append((time.perf_counter() - t) * 1e3)
+            for k in parts:
+                parts[k].append(res.timings_ms.get(k, 0.0))
+        times = times[1:]
+        result.update(search_ms_p50=round(pct(times, 50), 2), search_ms_p95=round(pct(times, 95), 2),
+                      stage_ms_p50={k: round(pct(v[1:], 50), 2) for k, v in parts.items()},
+                      pool_depth=idx.settings.depth)
+    else:
+        reader = engine.open_index(out).reader  # models are not loaded: the dense stage alone
+        times = []
+        for i in range(n_queries):
+            t = time.perf_counter()
+            reader.search("clip", qs["clip"][i], 100)
+            reader.search("dino", qs["dino"][i], 100)
+            times.append((time.perf_counter() - t) * 1e3)
+        result.update(ann_ms_p50=round(pct(times, 50), 2), ann_ms_p95=round(pct(times, 95), 2))
+    recalls = {}
+    for name in ("clip", "dino"):
+        found = reader.search(name, qs[name], 100)
+        recalls[name] = round(float(np.mean([len(set(f[0].tolist()) & set(t.tolist())) / 100
+                                             for f, t in zip(found, truth[name])])), 4)
+    result["recall_at_100"] = recalls
+    result["ram_bytes_per_record"] = round((rss_bytes() - rss0) / n, 1)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    if full:  # stored patch codes against float16 cells, on rows of the first generated chunk
+        _, _, _, _, cells, _ = next(generate(min(n, 50_000), True, False))
+        overlaps = []
+        for i in range(min(20, n_queries)):
+            rows = np.unique(np.concatenate([truth["clip"][i], truth["dino"][i],
+                                             np.random.default_rng(i).integers(0, len(cells), 300)]))
+            rows = rows[rows < len(cells)]
+            overlaps.append(patch_overlap(reader, q_cells[i], rows, cells[rows].astype(np.float16), 8))
+        result["patch_top100_overlap"] = round(float(np.mean(overlaps)), 4)
+    info = engine.index_info(out)
+    result["disk_bytes_per_record"] = info["disk_bytes_per_record"]
+    result["codebooks"] = info["codebooks"]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--ann-only-from", type=int, default=5_000_000, help="sizes from here on: dense stage alone")
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--query-phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--records", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.query_phase:
+        import json
+
+        print(json.dumps(query_phase(Path(args.query_phase), Path(args.work), args.records, args.full)))
+        return
+    identity = {"profile": "offline", "pretrained": False,
+                "clip": {"arch": "ViT-B-32", "weights_tag": None, "weights_sha256": "synthetic", "dim": DC,
+                         "input": {}},
+                "dino": {"arch": "vit_small_patch14_dinov2", "weights_tag": None, "weights_sha256": "synthetic",
+                         "dim": DG // 2, "patch_grid": [16, 16], "input": {}, "kwargs": {}}}
+    from engine import model_fingerprint
+
+    identity["fingerprint"] = model_fingerprint(identity)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    try:
+        for n in [int(x) for x in args.sizes.split(",")]:
+            r = run_size(work, n, args.queries, identity, full=n < args.ann_only_from)
+            sizes.append(r)
+            print(r, flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for r in sizes:
+        n = f"{r['records']:,}"
+        if r["full_pipeline"]:
+            rows.append((f"search-only p50 / p95 at {n}", f"{r['search_ms_p50']} / {r['search_ms_p95']} ms",
+                         "<= 5 ms (100k), <= 10 ms (1M)"))
+            rows.append((f"patch top-100 overlap at {n}", f"{r['patch_top100_overlap']}", ">= 0.95"))
+        else:
+            rows.append((f"dense first stage p50 at {n}", f"{r['ann_ms_p50']} ms", ""))
+        rows.append((f"recall@100 clip / dino at {n}", f"{r['recall_at_100']['clip']} / {r['recall_at_100']['dino']}",
+                     ">= 0.95"))
+        rows.append((f"disk / RAM bytes per record at {n}",
+                     f"{r['disk_bytes_per_record']['total']:.0f} / {r['ram_bytes_per_record']:.0f}",
+                     "<= 2500 / <= 1024"))
+        rows.append((f"build s / query peak RSS at {n}",
+                     f"{r['build_seconds']} s / {r['peak_rss_bytes'] / 2**30:.2f} GiB", "peak <= 4 GiB"))
+    table("bench_scale (synthetic clustered vectors, offline-sized dims)", rows)
+    path = save("bench_scale", {"sizes": sizes})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

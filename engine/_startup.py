@@ -1,0 +1,28 @@
+"""Ctrl-C while the ``attrib`` console script is still starting (importing): one line, exit code 130, no
+traceback. Installed by ``engine/__init__`` (the first of our code the script runs) only when the program is
+the console script; ``engine.cli.main`` replaces it with the normal KeyboardInterrupt handling as it starts."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted: nothing half-written was left behind"
+
+
+def interrupted_at_start_up(signum, frame):  # pragma: no cover - exercised by the SIGINT test in a subprocess
+    """Nothing has been done yet: say so and leave at once."""
+    os.write(2, (INTERRUPTED + "\n").encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
+def is_console_script() -> bool:
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "attrib"
+
+
+def install() -> None:
+    try:
+        signal.signal(signal.SIGINT, interrupted_at_start_up)
+    except ValueError:  # not the main thread
+        pass
