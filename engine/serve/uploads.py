@@ -84,6 +84,16 @@ async def limited_body(request: Request, limit: int, read_timeout_s: float) -> A
         yield chunk
 
 
+class _MultiPart(MultiPartParser):
+    """Starlette's multipart parser, noting whether the closing boundary arrived: python-multipart ends a body
+    cut short without an error, silently dropping the unfinished part (a truncated image)."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 @dataclass
 class AttributeForm:
     """The fields of one attribute request, checked."""
@@ -102,8 +112,8 @@ async def read_attribute_form(request: Request, *, max_upload: int, read_timeout
     main = ctype.split(";", 1)[0].strip().lower()
     body = limited_body(request, max_upload + FIELD_BYTES, read_timeout_s)
     if main == "multipart/form-data":
-        parser: Any = MultiPartParser(request.headers, body, max_files=1, max_fields=len(FORM_FIELDS),
-                                      max_part_size=FIELD_BYTES)
+        parser: Any = _MultiPart(request.headers, body, max_files=1, max_fields=len(FORM_FIELDS),
+                                 max_part_size=FIELD_BYTES)
     elif main == "application/x-www-form-urlencoded":
         parser = FormParser(request.headers, body, max_fields=len(FORM_FIELDS), max_part_size=FIELD_BYTES)
     else:
@@ -117,6 +127,9 @@ async def read_attribute_form(request: Request, *, max_upload: int, read_timeout
     except ClientDisconnect:
         raise
     try:
+        if isinstance(parser, _MultiPart) and not parser.complete:
+            raise ApiError(400, "truncated_body", "the multipart body ends before its closing boundary (a truncated "
+                                                  "upload?); send the whole request again")
         return await _checked(form, max_upload, max_k, max_prompt_chars, weights_names)
     finally:
         for _, v in form.multi_items():
@@ -181,7 +194,8 @@ def decode_upload(data: bytes, limits: ImageLimits, draft: int | None) -> Image.
         im = decode(data, limits, draft=draft)
     except ImageRejected as e:
         if "decompression bomb" in e.reason or "too large" in e.reason:
-            raise ApiError(413, "image_too_large", f"{e.reason}: {e.detail}; send a smaller image") from None
+            raise ApiError(413, "image_too_large", f"{e.reason}: {e.detail[:200]}; this server takes at most "
+                                                   f"{limits.max_pixels} pixels: send a smaller image") from None
         raise ApiError(422, "unreadable_image", f"the {mime} upload cannot be used: {e.reason}"
                                                 f"{' (' + e.detail[:200] + ')' if e.detail else ''}") from None
     w, h = im.size
