@@ -196,7 +196,7 @@ def test_form_mistakes_get_one_line_json_errors(sw):
             (c.get("/v1/nothing-here"), 404, "not_found"),
         ]
         for r, status, code in cases:
-            body = assert_error(r, status, code)
+            assert_error(r, status, code)
             assert_serves(c, sw)
         assert "valid: auto, rrf" in assert_error(
             c.post("/v1/attribute", data={"prompt": "a", "weights": "x"}), 400, "unknown_weights")["detail"]
@@ -685,3 +685,135 @@ def test_a_real_uvicorn_process_survives_hostile_clients_and_stops_cleanly_on_si
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# --------------------------------------------------------------------------------------------- a real browser
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SHOTS_DIR = Path("/tmp/attrib-serve-shots")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Skips (or fails, with ATTRIB_REQUIRE_BROWSER=1) before any server starts when the browser is missing."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        msg = f"headless browser test needs {' and '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("ATTRIB_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + "; ATTRIB_REQUIRE_BROWSER=1 is set")
+        pytest.skip(msg)
+    return CHROMIUM, CHROMEDRIVER
+
+
+@pytest.fixture()
+def live_server(sw):
+    """The app under uvicorn on a free loopback port, in a thread of this process (tiny models already loaded)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(sw["index"], ServeSettings()), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    wait_until(lambda: server.started, 30)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(30)
+    assert not t.is_alive()
+
+
+@pytest.mark.browser
+def test_upload_through_the_page_in_headless_chromium(chromium, live_server, sw, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    i = 14
+    target = image_path(sw, i).name
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.set_window_size(1280, 900)
+        driver.get_log("performance")  # drop what the browser did on its own before the page
+        driver.get(live_server + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.execute_script(  # /v1/info has filled the form in
+            "return [...document.querySelectorAll('#weights option')].map(o => o.value).join()") == "auto,rrf")
+        assert driver.find_element(By.ID, "banner").is_displayed()  # untrained weights, from /v1/info
+        assert "Untrained weights" in driver.find_element(By.ID, "banner").text
+
+        driver.find_element(By.ID, "image").send_keys(str(image_path(sw, i)))
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        driver.find_element(By.ID, "prompt").send_keys(sw["captions"][i])
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li .id"))
+        assert driver.find_elements(By.CSS_SELECTOR, "#results li .id")[0].text == target
+        assert "Done in" in driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.ID, "verdict").text == "No calibrated threshold: ranked candidates only"
+
+        # the report in its frame: the cards, evidence bars, highlighted caption terms and patch heatmaps
+        wait.until(lambda d: d.execute_script(  # the frame's document is same-origin (sandboxed, no scripts)
+            "const f = document.getElementById('report'); return f.contentDocument.readyState === 'complete'"
+            " && f.contentDocument.querySelectorAll('article.card').length"))
+        frame = driver.find_element(By.ID, "report")
+        wait.until(lambda d: frame.size["height"] > 2000)  # sized to its content by the page: no inner scrolling
+        driver.switch_to.frame(frame)
+        cards = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "article.card"))
+        assert len(cards) == 10
+        assert cards[0].find_element(By.CSS_SELECTOR, "h3.id").text == target
+        assert cards[0].find_elements(By.CSS_SELECTOR, ".ev .bar span") and driver.find_elements(By.TAG_NAME, "mark")
+        assert driver.find_elements(By.CSS_SELECTOR, "image.heat") and driver.find_element(
+            By.CSS_SELECTOR, ".banner").is_displayed()
+        assert driver.execute_script("return document.scripts.length") == 0
+        assert driver.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        driver.switch_to.default_content()
+
+        SHOTS_DIR.mkdir(parents=True, exist_ok=True)
+        for name, (w, h) in {"laptop-1280": (1280, 900), "phone-390": (390, 844)}.items():
+            driver.set_window_size(w, h)
+            time.sleep(0.3)
+            inner = driver.execute_script("return window.innerWidth")
+            scroll = driver.execute_script("return document.documentElement.scrollWidth")
+            assert scroll <= inner, f"horizontal scrolling at {w}px: scrollWidth {scroll} > innerWidth {inner}"
+            widest = driver.execute_script(
+                "return Math.max(...[...document.querySelectorAll('main *')]"
+                ".map(e => e.getBoundingClientRect().right))")
+            assert widest <= inner + 0.5, f"an element sticks out at {w}px ({widest} > {inner})"
+            driver.switch_to.frame(driver.find_element(By.ID, "report"))
+            f_inner = driver.execute_script("return window.innerWidth")
+            assert driver.execute_script("return document.documentElement.scrollWidth") <= f_inner
+            driver.switch_to.default_content()
+            assert driver.save_screenshot(str(SHOTS_DIR / f"page-{name}.png"))
+            full_h = min(int(driver.execute_script("return document.documentElement.scrollHeight")), 8000)
+            driver.set_window_size(w, full_h)
+            time.sleep(0.3)
+            assert driver.save_screenshot(str(SHOTS_DIR / f"page-{name}-full.png"))
+
+        # a refused upload shows the server's one-line reason
+        bad = tmp_path / "not-an-image.png"
+        bad.write_text("plain text", encoding="utf-8")
+        driver.set_window_size(1280, 900)
+        driver.find_element(By.ID, "image").send_keys(str(bad))
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
+
+        severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
+                  and "/v1/attribute" not in e.get("message", "")]  # the 415 above is logged as a failed fetch
+        assert severe == [], f"console errors (a CSP violation would show here): {severe}"
+        urls = []
+        for entry in driver.get_log("performance"):
+            msg = json.loads(entry["message"])["message"]
+            if msg.get("method") == "Network.requestWillBeSent":
+                urls.append(msg["params"]["request"]["url"])
+        assert any(u.endswith("/v1/attribute") for u in urls) and any("/report" in u for u in urls)
+        others = [u for u in urls if not u.startswith((live_server + "/", "data:", "blob:"))]
+        assert others == [], f"the page reached outside its server: {others[:5]}"
+    finally:
+        driver.quit()

@@ -133,15 +133,29 @@
     frame.src = reportUrl;
   }
 
+  // The frame is as tall as the report (no scrolling inside it): its document is same-origin and script-less,
+  // so the page measures its body, again whenever the body's size changes (a narrower window, late layout).
+  let observer = null;
+
   function fitFrame() {
     const frame = $("report");
     try {
       const doc = frame.contentDocument;
-      if (doc && doc.documentElement) {
-        frame.style.height = Math.max(200, doc.documentElement.scrollHeight + 4) + "px";
+      if (doc && doc.body) {
+        frame.style.height = Math.max(200, Math.ceil(doc.body.getBoundingClientRect().height) + 4) + "px";
       }
     } catch (e) {
       frame.style.height = "70vh"; // not readable: keep a scrolling frame
+    }
+  }
+
+  function frameLoaded() {
+    fitFrame();
+    if (observer) observer.disconnect();
+    const doc = $("report").contentDocument;
+    if (doc && doc.body && window.ResizeObserver) {
+      observer = new ResizeObserver(fitFrame);
+      observer.observe(doc.body);
     }
   }
 
@@ -211,7 +225,7 @@
     });
     $("query").addEventListener("submit", submit);
     $("token").addEventListener("change", loadInfo);
-    $("report").addEventListener("load", fitFrame);
+    $("report").addEventListener("load", frameLoaded);
     window.addEventListener("resize", fitFrame);
     loadInfo();
   }
