@@ -7,13 +7,15 @@ Usage: python benchmarks/bench_serve.py [--images 300] [--models offline] [--sec
 It builds an index of generated scenes itself through the library (cached under $ATTRIB_CACHE/bench-serve),
 makes 32 "generated" queries (a crop of a training scene, re-encoded as JPEG, with its caption as the prompt),
 then in one run:
-(a) the baseline: sequential `Index.query(image, prompt, k=10)` in this process, for --seconds, before the
-    server phases and again after them (load on a shared machine drifts; the ratio uses their mean). It runs on
-    a helper thread, as the server's queries do on its worker thread: on a loaded 2-core machine torch's
-    2-thread OpenMP team is much slower when called from the main thread (measured: ~30x for the tiny models),
-    which would flatter the server; the main-thread figure is saved too, for information;
-(b) starts `attrib serve` on a free loopback port and drives N closed-loop clients (one keep-alive connection
-    each) for --seconds per N: requests/s, p50/p95/p99 latency, errors;
+(a) warms up the in-process index and starts `attrib serve` on a free loopback port, then warms it up too
+    (--warmup seconds each, not counted: a process's first ~20 queries are several times slower);
+(b) for each N of --clients, --rounds rounds of two slices of --seconds each: the baseline, sequential
+    `Index.query(image, prompt, k=10)` in this process, then N closed-loop clients against the server (one
+    keep-alive connection each). Interleaving puts both under the same load: other jobs on a shared machine make
+    the speed drift by several times within minutes. Reported per N: requests/s against the baseline's
+    queries/s of the same rounds, p50/p95/p99 latency, errors. The baseline runs on a helper thread, as the
+    server's queries run on its worker thread: on a loaded 2-core machine torch's 2-thread OpenMP team is much
+    slower when called from the main thread, which would flatter the server;
 (c) the server's RSS at start, after 100 and after 1,000 requests (more requests are sent if the phases made fewer);
 (d) a burst of 3 x --queue simultaneous requests: some must get 503 with Retry-After, none may fail otherwise,
     and a normal request right after must be answered;
@@ -107,6 +109,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def summary(clients: int, wall: float, lat: list[float], errors: list[str]) -> dict:
+    out = {"clients": clients, "seconds": round(wall, 2), "requests": len(lat), "errors": len(errors),
+           "error_kinds": sorted(set(errors))[:5], "rps": round(len(lat) / wall, 3) if wall else 0.0,
+           "latencies_ms": [round(x, 1) for x in lat]}
+    if lat:
+        out.update(p50_ms=round(pct(lat, 50), 1), p95_ms=round(pct(lat, 95), 1), p99_ms=round(pct(lat, 99), 1))
+        out["p99_over_p50"] = round(out["p99_ms"] / out["p50_ms"], 2)
+    return out
+
+
 class Load:
     """Closed-loop clients against the server; counts every answered request for the RSS checkpoints."""
 
@@ -142,7 +154,8 @@ class Load:
         def run(k: int) -> None:
             with httpx.Client(timeout=120) as c:
                 j = k
-                while time.perf_counter() < stop and (until is None or self.sent < until):
+                while (time.perf_counter() < stop and (until is None or self.sent + len(errors) < until)
+                       and len(errors) < 50):
                     try:
                         status, ms = self.one(c, j)
                     except Exception as e:  # noqa: BLE001 - counted as an error
@@ -155,18 +168,13 @@ class Load:
                     j += clients
 
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+        threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        out = {"clients": clients, "seconds": round(wall, 2), "requests": len(lat), "errors": len(errors),
-               "error_kinds": sorted(set(errors))[:5], "rps": round(len(lat) / wall, 3)}
-        if lat:
-            out.update(p50_ms=round(pct(lat, 50), 1), p95_ms=round(pct(lat, 95), 1), p99_ms=round(pct(lat, 99), 1))
-            out["p99_over_p50"] = round(out["p99_ms"] / out["p50_ms"], 2)
-        return out
+        return summary(clients, wall, lat, errors)
 
     def burst(self, n: int) -> dict:
         """n simultaneous requests (a barrier releases them together), then one normal request."""
@@ -208,7 +216,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--models", default="offline", help="model profile (default offline: the real architectures)")
-    ap.add_argument("--seconds", type=float, default=20.0, help="length of each load phase and baseline")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each baseline and server slice")
+    ap.add_argument("--rounds", type=int, default=3, help="baseline/server rounds per concurrency")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of warm-up, in-process and server, not counted")
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--queue", type=int, default=16, help="the server's --queue (the burst sends 3x this)")
     ap.add_argument("--rss-requests", type=int, default=1000)
@@ -228,11 +238,8 @@ def main() -> None:
         files.append((qdir / f"q{j:02d}.jpg", prompt, want))
 
     index = engine.open_index(index_dir)
-    print("baseline: sequential in-process Index.query ...", flush=True)
-    base_before = baseline(index, files, a.seconds)
-    print(f"  {base_before}", flush=True)
-    base_main = baseline(index, files, a.seconds / 2, thread=False)
-    print(f"  on the main thread: {base_main}", flush=True)
+    print("warming up the in-process index ...", flush=True)
+    print(f"  {baseline(index, files, a.warmup)}", flush=True)  # the first ~20 queries of a process are slow
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
@@ -242,6 +249,7 @@ def main() -> None:
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    phases, baselines = [], []
     try:
         import httpx
 
@@ -256,21 +264,35 @@ def main() -> None:
         startup_s = time.perf_counter() - t_start
         load = Load(base, queries, proc.pid)
         load.rss["start"] = rss_mb(proc.pid)
-        print(f"server up in {startup_s:.1f} s, RSS {load.rss['start']} MB", flush=True)
-        phases = []
+        print(f"server up in {startup_s:.1f} s, RSS {load.rss['start']} MB; warming it up ...", flush=True)
+        warm = load.phase(max(clients), a.warmup)  # every batch size once, and the same warm-up as in-process
+        print(f"  {warm['requests']} requests, {warm['errors']} errors", flush=True)
         for n in clients:
-            ph = load.phase(n, a.seconds)
+            slices, bases = [], []
+            for r in range(a.rounds):
+                bases.append(baseline(index, files, a.seconds))
+                slices.append(load.phase(n, a.seconds))
+                print(f"  {n} client(s), round {r + 1}: baseline {bases[-1]['qps']:.3f} q/s, server "
+                      f"{slices[-1]['rps']:.3f} req/s, errors {slices[-1]['errors']}", flush=True)
+            ph = summary(n, sum(x["seconds"] for x in slices), [v for x in slices for v in x["latencies_ms"]],
+                         ["error"] * sum(x["errors"] for x in slices))
+            ph["error_kinds"] = sorted({e for x in slices for e in x["error_kinds"]})
+            b_q = sum(x["queries"] for x in bases)
+            b_s = sum(x["seconds"] for x in bases)
+            ph["baseline_qps"] = round(b_q / b_s, 3)
+            ph["vs_baseline"] = round(ph["rps"] / ph["baseline_qps"], 3) if b_q else float("nan")
+            ph["rounds"] = [{"baseline_qps": b["qps"], "rps": x["rps"]} for b, x in zip(bases, slices)]
+            del ph["latencies_ms"]
             phases.append(ph)
+            baselines.extend(bases)
             print(f"  {n} client(s): {ph}", flush=True)
         extra = None
         if load.sent < a.rss_requests:
             print(f"  {a.rss_requests - load.sent} more requests for the memory check ...", flush=True)
             extra = load.phase(max(clients), until=a.rss_requests)
+            del extra["latencies_ms"]
         load.rss["end"] = rss_mb(proc.pid)
         info = httpx.get(base + "/v1/info", timeout=10).json()["service"]["stats"]
-        print("baseline again ...", flush=True)
-        base_after = baseline(index, files, a.seconds)
-        print(f"  {base_after}", flush=True)
         burst = load.burst(3 * a.queue)
         print(f"  burst: {burst}", flush=True)
         proc.send_signal(signal.SIGTERM)
@@ -281,9 +303,6 @@ def main() -> None:
             proc.wait(10)
         index.close()
 
-    base_qps = (base_before["qps"] + base_after["qps"]) / 2
-    for ph in phases:
-        ph["vs_baseline"] = round(ph["rps"] / base_qps, 3)
     at8 = next((ph for ph in phases if ph["clients"] == max(clients)), phases[-1])
     growth = load.rss["after_1000"] / load.rss["after_100"] if "after_1000" in load.rss else float("nan")
     checks = {
@@ -298,20 +317,20 @@ def main() -> None:
     }
     payload = {
         "config": {"images": a.images, "models": a.models, "untrained": True, "seconds": a.seconds,
+                   "rounds": a.rounds,
                    "clients": clients, "queue": a.queue, "server": " ".join(cmd[2:]), "k": 10,
                    "queries": "32 crops of training scenes, JPEG q85, with their captions as prompts"},
-        "baseline": {"before": base_before, "after": base_after, "qps_mean": round(base_qps, 3),
-                     "main_thread_for_information": base_main},
+        "baseline_slices": baselines,
         "phases": phases, "extra_for_rss": extra,
         "rss_mb": {**load.rss, "growth_100_to_1000": round(growth, 4)},
         "burst": burst, "server_stats": info, "startup_s": round(startup_s, 1), "sigterm_exit_code": exit_code,
         "checks": checks,
     }
     path = save("bench_serve", payload)
-    rows = [("baseline queries/s (in-process, sequential; before / after)",
-             f"{base_before['qps']:.2f} / {base_after['qps']:.2f}", ""),
-            ("  same, called from the main thread (information)", f"{base_main['qps']:.2f}", "")]
+    rows = []
     for ph in phases:
+        rows.append((f"{ph['clients']} client(s): baseline queries/s (in-process, sequential, same rounds)",
+                     f"{ph['baseline_qps']:.3f}", ""))
         rows.append((f"{ph['clients']} client(s): requests/s (x baseline)",
                      f"{ph['rps']:.2f} ({ph['vs_baseline']:.2f}x)", ">= 0.9x at 8" if ph is at8 else ""))
         rows.append((f"{ph['clients']} client(s): p50 / p95 / p99 ms",
