@@ -61,16 +61,26 @@ class Index:
         self.rankers = {name: create_ranker(name, self.reader, self.settings) for name in ranker_names()}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attrib-query")
         self._pool = CandidatePool(self.reader, self.rankers, self._worker)
+        self._manifest_stamp: tuple | None = None  # set by the first reopen_if_changed that finds no change
         self._encoder = QueryEncoder(self.reader, self._loaded_encoders)
 
     def reopen_if_changed(self) -> "Index":
         """This index when its folder still holds the generation it opened; otherwise a freshly opened
         :class:`Index` of the newest committed generation (an append, a deletion, a compaction or a rebuild
         happened), sharing the already-loaded models. A long-running service calls this between requests."""
+        from ._layout import MANIFEST
         from ._manifest import read_manifest
 
+        try:
+            st = (self.path / MANIFEST).stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._manifest_stamp:  # a commit replaces the file: a new inode
+            return self
         current = read_manifest(self.path)
         if current.get("manifest_sha256") == self.manifest.get("manifest_sha256"):
+            self._manifest_stamp = stamp
             return self
         fresh = Index(self.path, device=self._device, clip_weights=self._clip_w, dino_weights=self._dino_w,
                       settings=self.settings)

@@ -1,6 +1,6 @@
 """`attrib`: a thin command line over the library API. Tables and progress go to stderr; --json to stdout.
 
-The parser is built from command groups: the engine's own (index, info, models, query, demo) and every group
+The parser is built from command groups: the engine's own (index, info, models, query, serve, demo) and every group
 another installed package declares under the entry-point group ``attrib.commands`` (the ``eval`` package adds
 ``bench`` and ``tune`` that way), so the engine never imports those packages itself.
 """
@@ -300,6 +300,28 @@ def cmd_query(a: argparse.Namespace) -> int:
     return report_failed(failed) if failed is not None else 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    from ._settings import QuerySettings
+    from .serve import ServeSettings, serve
+
+    weights = []
+    for item in a.weights or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise AttribError(f"--weights {item!r} is not NAME=FILE (e.g. --weights tuned=weights.json)")
+        weights.append((name, path))
+    settings = ServeSettings(
+        max_upload_mb=a.max_upload_mb, max_pixels=a.max_pixels, max_k=a.max_k, queue=a.queue, max_batch=a.max_batch,
+        batch_window_ms=a.batch_window_ms, timeout_s=a.timeout, token=a.token or os.environ.get("ATTRIB_TOKEN") or None,
+        cors_origins=tuple(a.cors_origin or ()), weights=tuple(weights))
+    qs = QuerySettings(**({"depth": a.depth} if a.depth is not None else {}), nprobe=a.nprobe)
+    return serve(a.index, host=a.host, port=a.port, workers=a.workers, settings=settings, models=a.models,
+                 device=a.device, clip_weights=a.clip_weights, dino_weights=a.dino_weights, query_settings=qs,
+                 log_level=a.log_level, access_log=not a.no_access_log)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -385,6 +407,43 @@ def add_commands(sub) -> None:
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(s)
     s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser(
+        "serve", help="serve an index over HTTP: a JSON API (POST /v1/attribute) and a web page",
+        description="Serve an index over HTTP (FastAPI on uvicorn): POST /v1/attribute answers the JSON of "
+                    "`attrib query --json`; / is a web page; /docs the API docs. Models and index load once at "
+                    "start-up; one worker thread per process uses them, batching queries that arrive together.")
+    s.add_argument("index")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (default 8000)")
+    s.add_argument("--workers", type=int_in(1, 64), default=1,
+                   help="worker processes; each loads its own models and index (memory x N) and has its own queue "
+                        "(default 1)")
+    s.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every endpoint but /healthz and the page's static "
+                        "files (default: env ATTRIB_TOKEN; prefer it: a command line is visible to other users)")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="allow this origin (e.g. https://example.org) by CORS; repeatable (default: no CORS)")
+    s.add_argument("--max-upload-mb", type=float_in(0.01, 1024), default=20.0, help="largest image upload (default 20)")
+    s.add_argument("--max-pixels", type=int_in(1, 2_000_000_000), default=None,
+                   help="refuse uploads with more pixels, from their header (default: the index's --max-pixels)")
+    s.add_argument("--max-k", type=int_in(1, MAX_K), default=100, help="largest k a request may ask (default 100)")
+    s.add_argument("--queue", type=int_in(1, 10_000), default=32,
+                   help="attribute requests admitted at once per process; more get 503 + Retry-After (default 32)")
+    s.add_argument("--max-batch", type=int_in(1, 256), default=16, help="queries encoded in one batch (default 16)")
+    s.add_argument("--batch-window-ms", type=float_in(0, 1000), default=5.0,
+                   help="how long a batch waits for more queries (default 5)")
+    s.add_argument("--timeout", type=float_in(0.1, 3600), default=60.0, help="per-request timeout, s (default 60)")
+    s.add_argument("--weights", action="append", metavar="NAME=FILE",
+                   help="a fusion weights file requests may name (form field weights=NAME); repeatable. "
+                        "'auto' and 'rrf' are always known")
+    s.add_argument("--depth", type=int_in(1, MAX_DEPTH), default=None,
+                   help="candidates per ranker in the fused pool (default 100)")
+    s.add_argument("--nprobe", type=int_in(1, 1_000_000), default=None, help="IVF lists probed (default: as built)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    add_model_args(s)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="build a small generated training set, index it and attribute a query")
     s.add_argument("--cache", default=None, help="cache folder (default ~/.cache/attrib/demo or $ATTRIB_CACHE/demo)")

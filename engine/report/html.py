@@ -391,26 +391,48 @@ def _verdict_html(result: Any) -> str:
     return "".join(out)
 
 
+def report_correspondences(index: Any, result: Any) -> list[Any]:
+    """The patch correspondences a query report draws, one per result (None where there is none). This is the
+    only part of a report that reads the index; a server computes it where the index is used and renders the
+    page elsewhere (:func:`query_report_html`)."""
+    qin = getattr(result, "query_input", None)
+    rows = [int(r.row) for r in result.results]
+    if qin is None or qin.get("dino_cells") is None or not rows:
+        return [None] * len(rows)
+    # the pool the results came from is the baseline: no second search
+    return list(index.correspondences(qin, rows, baseline_rows=getattr(result, "pool_rows", None)))
+
+
 def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, query_image: Any = None) -> Path:
     """Write one query's attribution (an :class:`engine.Attribution`) as a self-contained HTML page; returns its path.
 
     ``query_image`` (a path or PIL image) overrides ``result.query["image"]``, e.g. for in-memory queries."""
+    return write_text_atomic(out_path, query_report_html(index, result, query_image=query_image))
+
+
+def query_report_html(index: Any, result: Any, *, query_image: Any = None,
+                      correspondences: Sequence[Any] | None = None, index_label: str | None = None,
+                      query_label: str | None = None) -> str:
+    """One query's attribution as a self-contained HTML page (the text :func:`write_query_report` writes).
+
+    ``correspondences`` (from :func:`report_correspondences`) are computed from ``index`` when not given;
+    ``index_label`` replaces the index's path in the page, ``query_label`` the query image's name (e.g. for an
+    upload given in memory)."""
     images = ImageEmbedder()
     prompt = (result.query or {}).get("prompt") or ""
     q_ref = query_image if query_image is not None else (result.query or {}).get("image")
     q_view = images.embed(q_ref, VIEW_SIDE) if q_ref is not None else Embedded(None, reason="no query image")
     qin = getattr(result, "query_input", None)
     query_has_image = qin is not None and qin.get("dino_cells") is not None
-    rows = [int(r.row) for r in result.results]
-    corrs: list[Any] = [None] * len(rows)
-    if query_has_image and rows:
-        # the pool the results came from is the baseline: no second search
-        corrs = list(index.correspondences(qin, rows, baseline_rows=getattr(result, "pool_rows", None)))
+    corrs = list(correspondences) if correspondences is not None else report_correspondences(index, result)
+    if len(corrs) != len(result.results):
+        raise ValueError(f"{len(corrs)} correspondences for {len(result.results)} results")
     heats = [float(np.max(h)) for c in corrs if c is not None for h in (c.query_heat, c.source_heat)]
     scale = max(heats, default=0.0)
     scales = evidence_scales(result.results)
     models = result.models.to_dict()
-    q_name = q_ref if isinstance(q_ref, str) else "none" if q_ref is None else "(in memory)"
+    q_name = (query_label if query_label is not None else q_ref if isinstance(q_ref, str)
+              else "none" if q_ref is None else "(in memory)")
     warnings = list(result.warnings or [])
     other_warnings = [w for w in warnings if "UNTRAINED" not in w]
     fusion = result.fusion or {}
@@ -419,7 +441,8 @@ def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, 
         f'{img_tag(q_view, "query image", "view")}<div>'
         f'{prompt_html(prompt)}<dl class="kv"><dt>image</dt><dd>{esc(q_name, MAX_ID)}</dd>'
         f'{models_dl(models)}<dt>fusion</dt><dd>{esc(fusion.get("note") or fusion.get("method"))}</dd>'
-        f'<dt>index</dt><dd>{esc(getattr(index, "path", ""), MAX_ID)}</dd></dl>'
+        f'<dt>index</dt><dd>{esc(index_label if index_label is not None else getattr(index, "path", ""), MAX_ID)}'
+        f'</dd></dl>'
         + ("".join(f'<p class="muted"><small>{esc(w)}</small></p>' for w in other_warnings))
         + "</div></div></section>"
     )
@@ -433,7 +456,7 @@ def write_query_report(index: Any, result: Any, out_path: str | os.PathLike, *, 
         f'{shared_defs}{banner(models, warnings)}<h1>Attribution report</h1>{query_panel}{verdict}'
         f'<h2>Candidates ({len(result.results)})</h2><div class="cards">{cards}</div>'
     )
-    return write_text_atomic(out_path, page("attrib report: " + (prompt[:80] or str(q_ref or "query")), body))
+    return page("attrib report: " + (prompt[:80] or str(q_ref or "query")), body)
 
 
 # --------------------------------------------------------------------------------------------- hard cases
