@@ -22,7 +22,7 @@ import numpy as np
 
 from ._errors import AttribError, IndexFormatError
 from ._layout import path_of
-from ._stores import DinoProjection, l2n
+from ._stores import DinoProjection
 
 FP16, PQ = "fp16", "pq"
 FLAT, IVF = "flat", "ivf"
@@ -197,8 +197,10 @@ class Codebooks:
             n, c, d = codes.shape
             return _fp16_to_f32(codes.reshape(n * c, d)).reshape(n, c, d)
         n, c, b = codes.shape
-        out = self.patch_pq.decode(np.ascontiguousarray(codes.reshape(-1, b), np.uint8)).reshape(n, c, -1)
-        return l2n(out).astype(np.float32)
+        out = self.patch_pq.decode(np.ascontiguousarray(codes.reshape(-1, b), np.uint8))
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        out /= np.maximum(norms, 1e-12)[:, None]
+        return out.reshape(n, c, -1)
 
     def describe(self) -> dict:
         return {"generation": self.generation, "stores": {k: v.to_dict() for k, v in self.stores.items()},

@@ -204,9 +204,11 @@ class IndexReader:
                 parts.append((sel[ok], fetch(self.segments[s], li[ok])))
         if not parts:
             return has, None
+        if len(parts) == 1:  # one segment (the usual case): already in row order, no copy
+            return has, parts[0][1]
         order = np.concatenate([p[0] for p in parts])
         stacked = np.concatenate([p[1] for p in parts])
-        return has, stacked[np.argsort(order)]
+        return has, stacked[np.argsort(order, kind="stable")]
 
     def vectors(self, store: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, float32 vectors of the rows that have an image, in row order), checked."""
