@@ -183,11 +183,15 @@ class CompactSummary:
 
 
 @blas_single
-def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = True,
-            keep_old_for_tests=None) -> CompactSummary:
+def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = True, codec: str | None = None,
+            ann: str | None = None, keep_old_for_tests=None) -> CompactSummary:
     """Merge every segment into one, dropping deleted records physically; ``retrain`` refits the codebooks
     (IVF, PQ and refine quantizers) on the live records first, for an index that has grown or drifted since
-    its first chunk. Queries keep answering from the previous generation while this runs."""
+    its first chunk, and may change the ``codec`` (fp16 / pq) and ``ann`` (flat / ivf) of the stores (the
+    vectors are decoded from the finest stored codes; fp16 ones are exact). Queries keep answering from the
+    previous generation while this runs."""
+    if (codec or ann) and not retrain:
+        raise AttribError("--codec and --ann change the codebooks: give --retrain too")
     t0 = time.perf_counter()
     folder = Path(index).expanduser().absolute()
     recover(folder)
@@ -231,8 +235,9 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
             cells = cb.decode_patches(patches_a) if len(patches_a) else np.zeros((0, cb.patch_cells, cb.patch_dims))
             settings = m["settings"]
             new_cb = Codebooks.train(cb.generation + 1, cb.projection, vecs["clip"], vecs["dino"], cells,
-                                     settings.get("ann", "auto"), settings.get("codec", "auto"), len(vecs["clip"]),
-                                     int(settings.get("ann_flat_max", 50_000)), int(settings.get("patch_pq_m", 8)))
+                                     ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
+                                     len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
+                                     int(settings.get("patch_pq_m", 8)))
             chunk = Chunk(table, image_rows_a, vecs["clip"], vecs["dino"], cells)
             enc = None
         else:

@@ -209,7 +209,7 @@ def cmd_delete(a: argparse.Namespace) -> int:
 def cmd_compact(a: argparse.Namespace) -> int:
     from ._maintain import compact
 
-    s = compact(a.index, retrain=a.retrain, progress=not a.no_progress)
+    s = compact(a.index, retrain=a.retrain, progress=not a.no_progress, codec=a.codec, ann=a.ann)
     out = {"index": a.index, "segments_before": s.segments_before, "segments_after": s.segments_after,
            "records": s.records, "purged": s.purged, "retrained": s.retrained, "seconds": round(s.seconds, 3),
            "codebooks": s.codebooks}
@@ -377,6 +377,10 @@ def add_commands(sub) -> None:
     s.add_argument("index")
     s.add_argument("--retrain", action="store_true",
                    help="refit the codebooks (IVF, PQ, refine) on the live records first (after large appends)")
+    s.add_argument("--codec", choices=("fp16", "pq"), default=None,
+                   help="with --retrain: store the vectors with this codec from now on")
+    s.add_argument("--ann", choices=("flat", "ivf"), default=None,
+                   help="with --retrain: first-stage structure from now on")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_compact)
