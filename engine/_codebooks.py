@@ -249,7 +249,8 @@ def _train_template(spec: StoreSpec, x: np.ndarray) -> faiss.Index:
     if spec.codec == PQ:
         index.pq.cp.min_points_per_centroid = 1
     rng = np.random.default_rng(0)
-    sample = x[np.sort(rng.choice(len(x), size=min(len(x), 256 * max(spec.nlist, 256)), replace=False))]
+    # 64 points per list are plenty for k-means centroids, and 64k for the PQ sub-quantizers' 256 centroids
+    sample = x[np.sort(rng.choice(len(x), size=min(len(x), max(64 * spec.nlist, 65_536)), replace=False))]
     index.train(sample)
     index.nprobe = spec.nprobe
     return index
