@@ -151,7 +151,7 @@ def build_index(
 
         encoders = Encoders(models, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
     with staged_folder(out, "building") as tmp:  # renamed into place only when complete
-        writer = IndexWriter(tmp, encoders.identity, settings, src.extra_columns)
+        writer = IndexWriter(tmp, encoders.identity, settings, src.extra_columns, caption_encoder=encoders.encode_texts)
         try:
             encode_s = _run_pipeline(src, writer, encoders, settings, progress)
             if writer.n_rows == 0:

@@ -28,6 +28,10 @@ def _npy_bytes(n_key: str, itemsize: int) -> Callable[[dict], int]:
     return lambda m: 128 + int(m["counts"][n_key]) * itemsize
 
 
+def _caption_clip_bytes(m: dict) -> int:
+    return int(m["counts"]["records"]) * int(m["dims"]["clip"]) * 2
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component("records", "records.parquet", True, "record", "id, image reference, caption, slot, source columns"),
     Component("serving", "records.arrow", True, "record", "id, image, caption as memory-mapped Arrow IPC (queries)"),
@@ -40,6 +44,10 @@ COMPONENTS: tuple[Component, ...] = (
     Component("row_slot", "row_slot.npy", True, "record", "record row -> image slot or -1 (int32)",
               _npy_bytes("records", 4)),
     Component("rejects", "rejects.jsonl", False, "index", "every skipped record and why"),
+    Component("caption_clip", "caption_clip.f16", False, "record", "CLIP text embedding of each caption, float16",
+              _caption_clip_bytes),
+    Component("caption_dups", "caption_dups.npy", False, "record",
+              "records sharing each caption's words, itself included (uint32)", _npy_bytes("records", 4)),
 )
 
 _BY_NAME = {c.name: c for c in COMPONENTS}

@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc  # noqa: F401 - pa.ipc
 
+from ._captions import CaptionSignals
 from ._errors import IndexFormatError
 from ._layout import path_of, required
 from ._manifest import check_components, dir_size, read_manifest
@@ -43,7 +44,8 @@ class IndexReader:
             self.projection = DinoProjection.load(self.path / path_of("projection"))
             self.slot_rows = np.load(self.path / path_of("slots"), mmap_mode="r")
             self.row_slot = np.load(self.path / path_of("row_slot"), mmap_mode="r")
-            self.text = TextStore(self.path / path_of("text"))
+            self.text = TextStore(self.path / path_of("text"), m.get("text", {}).get("analyzer", "attrib_en"))
+            self.captions = CaptionSignals(self.path, m)  # caption embeddings and duplicate counts (optional)
         except IndexFormatError:
             raise
         except Exception as e:  # noqa: BLE001 - faiss/tantivy/numpy raise many types on damaged files

@@ -12,6 +12,8 @@ import faiss
 import numpy as np
 import tantivy
 
+from .text import DEFAULT_CHAIN, Analyzer, TextChain, get_chain
+
 # --------------------------------------------------------------------------------------------- vectors
 FLAT, IVF = "flat", "ivf"
 
@@ -287,35 +289,28 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
 
 # --------------------------------------------------------------------------------------------- captions
 TEXT_FIELD, ROW_FIELD = "caption", "row"
-ANALYZER_NAME = "attrib_en"
-ANALYZER_DESC = "simple tokenizer | remove_long(40) | lowercase | ascii_fold | english stopwords | english stemmer"
+ANALYZER_DESC = DEFAULT_CHAIN  # the analysis chain new indexes use; the manifest's "text" entry records its name
 MAX_QUERY_TERMS = 256
 
 
-def make_analyzer() -> "tantivy.TextAnalyzer":
-    return (
-        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
-        .filter(tantivy.Filter.remove_long(40))
-        .filter(tantivy.Filter.lowercase())
-        .filter(tantivy.Filter.ascii_fold())
-        .filter(tantivy.Filter.stopword("english"))
-        .filter(tantivy.Filter.stemmer("english"))
-        .build()
-    )
+def make_analyzer(chain: str | None = None) -> "tantivy.TextAnalyzer":
+    """The tantivy analyzer of an analysis chain (``engine.text.CHAINS``; default: the chain new indexes use)."""
+    return get_chain(chain).build()
 
 
-def _schema() -> "tantivy.Schema":
+def _schema(chain: TextChain) -> "tantivy.Schema":
     sb = tantivy.SchemaBuilder()
     sb.add_integer_field(ROW_FIELD, stored=False, indexed=True, fast=True)
-    sb.add_text_field(TEXT_FIELD, stored=False, tokenizer_name=ANALYZER_NAME, index_option="freq")
+    sb.add_text_field(TEXT_FIELD, stored=False, tokenizer_name=chain.registered_as, index_option="freq")
     return sb.build()
 
 
 class TextSink:
-    def __init__(self, path: Path, heap_bytes: int = 64_000_000) -> None:
+    def __init__(self, path: Path, heap_bytes: int = 64_000_000, chain: str | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.index = tantivy.Index(_schema(), path=str(path))
-        self.index.register_tokenizer(ANALYZER_NAME, make_analyzer())
+        self.chain = get_chain(chain)
+        self.index = tantivy.Index(_schema(self.chain), path=str(path))
+        self.index.register_tokenizer(self.chain.registered_as, self.chain.build())
         self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
         self.n = 0
 
@@ -338,29 +333,39 @@ class TextSink:
 
 class TextStore:
     """BM25 over captions. The prompt is analysed into terms and the query built from them, never parsed:
-    quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning."""
+    quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning.
+    ``chain``: the analysis chain the index was built with (its manifest says which)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chain: str | None = None) -> None:
         self.index = tantivy.Index.open(str(path))
-        self.analyzer = make_analyzer()
-        self.index.register_tokenizer(ANALYZER_NAME, self.analyzer)
+        self.analysis = Analyzer(chain)  # the chain's analyzer plus prompt/caption helpers (engine.text)
+        self.analyzer = self.analysis.analyzer
+        self.index.register_tokenizer(self.analysis.chain.registered_as, self.analyzer)
         self.schema = self.index.schema
         self.searcher = self.index.searcher()
 
     def terms(self, prompt: str | None) -> list[str]:
-        if not prompt or not prompt.strip():
-            return []
-        seen: dict[str, None] = {}
-        for t in self.analyzer.analyze(prompt):
-            seen.setdefault(t, None)
-            if len(seen) >= MAX_QUERY_TERMS:
-                break
-        return list(seen)
+        """Distinct analysed terms of the prompt (none when it is empty or only stop words)."""
+        return self.analysis.terms(prompt, MAX_QUERY_TERMS)
 
-    def _terms_query(self, terms: list[str]):
-        return tantivy.Query.boolean_query(
-            [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, TEXT_FIELD, t)) for t in terms]
-        )
+    def _terms_query(self, terms: list[str], fuzzy: dict[str, float] | None = None):
+        """Should(every term). Stop-word terms only add to the score of captions that share a content term
+        (or a ``fuzzy`` match) with the prompt: a caption sharing only "a" and "on" is no BM25 match."""
+        def should(ts: list[str]) -> list:
+            return [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, TEXT_FIELD, t)) for t in ts]
+
+        stop = self.analysis.stop_terms
+        content = should([t for t in terms if t not in stop]) + [(tantivy.Occur.Should, tantivy.Query.boost_query(
+            tantivy.Query.fuzzy_term_query(self.schema, TEXT_FIELD, t, distance=1, transposition_cost_one=True), b))
+            for t, b in (fuzzy or {}).items()]
+        stops = should([t for t in terms if t in stop])
+        if not content or not stops:
+            return tantivy.Query.boolean_query(content + stops)
+        return tantivy.Query.boolean_query([(tantivy.Occur.Must, tantivy.Query.boolean_query(content)),
+                                            (tantivy.Occur.Should, tantivy.Query.boolean_query(stops))])
+
+    def doc_freq(self, term: str) -> int:
+        return int(self.searcher.doc_freq(TEXT_FIELD, term))
 
     def _collect(self, result) -> tuple[np.ndarray, np.ndarray]:
         hits = result.hits
@@ -369,11 +374,12 @@ class TextStore:
         rows = self.searcher.fast_field_values(ROW_FIELD, [a for _, a in hits])
         return np.asarray(rows, np.int64), np.asarray([s for s, _ in hits], np.float32)
 
-    def search(self, terms: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, bm25 scores), best first; empty when there are no terms."""
+    def search(self, terms: list[str], k: int, fuzzy: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, bm25 scores), best first; empty when there are no terms. ``fuzzy``: term -> boost of terms
+        also matched within one edit (a constant score of ``boost`` per matching caption)."""
         if not terms or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return self._collect(self.searcher.search(self._terms_query(terms), limit=k, count=False))
+        return self._collect(self.searcher.search(self._terms_query(terms, fuzzy), limit=k, count=False))
 
     def score_rows(self, terms: list[str], rows: np.ndarray) -> np.ndarray:
         """BM25 of the prompt for given rows (0 where no term matches), computed by tantivy itself so it

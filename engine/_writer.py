@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
+from ._captions import CaptionSignalsSink
 from ._layout import COMPONENTS, MANIFEST, path_of
 from ._manifest import FORMAT_NAME, FORMAT_VERSION, library_versions, now_iso, write_json_atomic
 from ._settings import IndexSettings
@@ -34,7 +35,7 @@ class IndexWriter:
     """
 
     def __init__(self, folder: Path, identity: dict, settings: IndexSettings,
-                 extra_columns: dict[str, pl.DataType] | None = None) -> None:
+                 extra_columns: dict[str, pl.DataType] | None = None, caption_encoder=None) -> None:
         self.folder, self.identity, self.settings = folder, identity, settings
         folder.mkdir(parents=True, exist_ok=True)
         self.clip_dim = int(identity["clip"]["dim"])
@@ -47,6 +48,7 @@ class IndexWriter:
         self._dino = RawVectorSink(folder / "dino.f32.part", 2 * self.dino_dim)
         self._patches = open(folder / path_of("patches"), "wb")
         self._text = TextSink(folder / path_of("text"))
+        self._captions = CaptionSignalsSink(folder, caption_encoder, self.clip_dim)  # captions -> CLIP, duplicates
         self._pq: pq.ParquetWriter | None = None
         self._ipc: pa.ipc.RecordBatchFileWriter | None = None
         self._rows: list[dict] = []
@@ -69,6 +71,7 @@ class IndexWriter:
         self._rows.append(rec)
         self._row_slot.append(slot)
         self._text.add(row, caption)
+        self._captions.add(caption)
         self.n_rows += 1
         if len(self._rows) >= 8192:
             self._flush_rows()
@@ -137,7 +140,7 @@ class IndexWriter:
 
     def abort(self) -> None:
         """Release every open file, writer and thread after a failed build (the folder is then deleted)."""
-        closers = [self._patches.close, self.rejects.close, self._clip.abort, self._dino.abort]
+        closers = [self._patches.close, self.rejects.close, self._clip.abort, self._dino.abort, self._captions.abort]
         if self._pq is not None:
             closers += [self._pq.close, self._ipc.close]
         closers.append(self._text.abort)
@@ -160,6 +163,7 @@ class IndexWriter:
         self._patches.close()
         self.rejects.close()
         self._text.close()
+        captions = self._captions.close()
         assert self.projection is not None
         self.projection.save(self.folder / path_of("projection"))
         np.save(self.folder / path_of("slots"), np.asarray(self._slots, np.int64))
@@ -174,6 +178,8 @@ class IndexWriter:
         comp = {}
         for c in COMPONENTS:
             p = self.folder / c.path
+            if not c.required and not p.exists():
+                continue
             comp[c.name] = {"path": c.path, "bytes": p.stat().st_size} if p.is_file() else {"path": c.path}
         rejected = int(sum(self.reject_reasons.values()))
         manifest = {
@@ -199,7 +205,7 @@ class IndexWriter:
             },
             "settings": self.settings.to_dict(),
             "ann": ann,
-            "text": {"analyzer": ANALYZER_DESC, "bm25": {"k1": 1.2, "b": 0.75}},
+            "text": {"analyzer": ANALYZER_DESC, "bm25": {"k1": 1.2, "b": 0.75}, "caption_signals": captions},
             "extra_columns": list(self.extra_schema),
             "source": source,
             "components": comp,
