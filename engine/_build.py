@@ -209,7 +209,7 @@ def build_index(
         encoders = Encoders(models, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
     _check_patch_grid(settings, encoders)  # before any image is decoded (a larger grid would upsample: GBs)
     writer = IndexWriter(folder, encoders.identity, settings, src.extra_columns, expected_images=src.count or 0,
-                         source=src_info)
+                         source=src_info, caption_encoder=encoders.encode_texts)
     skip = 0
     if mode in ("resume", "overwrite") and writer.manifest is not None:
         skip = int(writer.manifest["build"].get("consumed", 0))

@@ -202,6 +202,33 @@ class Codebooks:
         out /= np.maximum(norms, 1e-12)[:, None]
         return out.reshape(n, c, -1)
 
+    # caption embeddings (CLIP text vectors of captions, one per record): no trained quantizer, since the
+    # codebooks are trained on images and text embeddings lie elsewhere in CLIP space (the modality gap)
+    @property
+    def caption_code_shape(self) -> tuple[int, np.dtype]:
+        """(bytes per record, dtype) of stored caption embeddings: float16 (fp16 codec), or int8 values scaled
+        per record with the float32 scale in the last 4 bytes (pq codec; cosines within about 1e-3)."""
+        d = self.stores["clip"].dim
+        return (d, np.dtype(np.float16)) if self.stores["clip"].codec == FP16 else (d + 4, np.dtype(np.uint8))
+
+    def encode_captions(self, x: np.ndarray) -> np.ndarray:
+        """Stored codes of caption embeddings (n, Dc); all-zero rows (empty captions) stay all zero."""
+        x = np.ascontiguousarray(x, np.float32)
+        if self.stores["clip"].codec == FP16:
+            return x.astype(np.float16)
+        scale = np.abs(x).max(axis=1) / 127.0 if len(x) else np.zeros(0, np.float32)
+        q = np.round(x / np.maximum(scale, 1e-30)[:, None]).clip(-127, 127).astype(np.int8)
+        return np.concatenate([q.view(np.uint8), scale.astype("<f4")[:, None].view(np.uint8)], axis=1)
+
+    def decode_captions(self, codes: np.ndarray) -> np.ndarray:
+        """float32 caption embeddings (n, Dc) from stored codes."""
+        if self.stores["clip"].codec == FP16:
+            return _fp16_to_f32(codes)
+        codes = np.ascontiguousarray(codes, np.uint8)
+        d = codes.shape[1] - 4
+        scale = codes[:, d:].copy().view("<f4")[:, 0]
+        return codes[:, :d].view(np.int8).astype(np.float32) * scale[:, None]
+
     def describe(self) -> dict:
         return {"generation": self.generation, "stores": {k: v.to_dict() for k, v in self.stores.items()},
                 "patch_codec": self.patch_codec}

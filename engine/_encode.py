@@ -19,7 +19,7 @@ ENCODINGS: dict[str, str] = {
     "clip_text": "(Dc,) L2-normalised CLIP text embedding of the prompt",
     "dino_global": "(2D,) L2-normalised DINOv2 global descriptor (centred CLS + patch mean)",
     "dino_cells": "(C, Dp) projected, L2-normalised DINOv2 patch cells",
-    "terms": "list of analysed prompt terms (BM25)",
+    "terms": "list of analysed prompt terms (BM25); empty when the prompt is only stop words",
 }
 #: Encodings that are arrays (cached by benchmarks); the others are recomputed from the prompt.
 ARRAY_ENCODINGS = ("clip_image", "clip_text", "dino_global", "dino_cells")

@@ -23,6 +23,7 @@ from .files import require_utf8_path
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
 from .rankers import RANKERS, QueryInput, Ranking, RowFilter, create_ranker, main_rankers, ranker_names, ranking_order
 from .results import Attribution, Candidate, ModelsInfo, clean_number
+from .text import shared_text
 
 
 class Index:
@@ -187,10 +188,12 @@ class Index:
         depth = self.settings.depth if depth is None else _bounded("depth", depth, MAX_DEPTH)
         return self._pool.build(q, depth, RowFilter.of(self.reader, exclude))
 
-    def resolve_fusion(self, weights: Any = "auto") -> Fusion:
+    def resolve_fusion(self, weights: Any = "auto", text_only: bool | None = None) -> Fusion:
         """``"auto"``: the shipped weights learned for this index's models, else RRF; ``"rrf"``/None: RRF;
-        a path or :class:`FusionWeights`: those weights (refused if learned for other models)."""
-        return resolve_fusion(weights, self.fingerprint, f"index {self.path}", self.settings.rrf_k)
+        a path or :class:`FusionWeights`: those weights (refused if learned for other models). ``text_only``
+        (default: whether the index has no image) prefers shipped weights over text features only."""
+        text_only = self.reader.n_images == 0 if text_only is None else text_only
+        return resolve_fusion(weights, self.fingerprint, f"index {self.path}", self.settings.rrf_k, text_only)
 
     # ------------------------------------------------------------------------------------------ answers
     def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
@@ -213,8 +216,10 @@ class Index:
             >>> index.search(q, k=5, weights="rrf").results[0].id  # doctest: +SKIP
         """
         k = _bounded("k", k, MAX_K)
+        if fusion is None:
+            fusion = self.resolve_fusion(weights, text_only=q.get("clip_image") is None or self.reader.n_images == 0)
         with single_threaded_blas():
-            return self._search(q, k, fusion or self.resolve_fusion(weights), dict(timings or {}), exclude)
+            return self._search(q, k, fusion, dict(timings or {}), exclude)
 
     def _search(self, q: QueryInput, k: int, fusion: Fusion, timings: dict, exclude) -> Attribution:
         t0 = time.perf_counter()
@@ -227,6 +232,8 @@ class Index:
         timings["fusion"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         meta = self.reader.records(pool.rows[order]) if len(order) else None
+        texts = (shared_text(q.prompt, meta["caption"].to_list(), self.reader.text.analysis)
+                 if meta is not None and q.get("terms") else None)
         timings["metadata"] = (time.perf_counter() - t) * 1e3
         thr = fusion.threshold
         results = [
@@ -235,7 +242,8 @@ class Index:
                 caption=meta["caption"][pos], score=clean_number(fused[i]),
                 above_threshold=None if thr is None else bool(fused[i] >= thr),
                 evidence={f: clean_number(v[i]) for f, v in pool.feats.items()},
-                ranks={n: (int(ranks[n][i]) or None) for n in main_rankers()},
+                ranks={n: (int(ranks[n][i]) or None) if n in ranks else None for n in main_rankers()},
+                text=None if texts is None else dict(texts[pos], duplicates=_count(pool.feats.get("caption_dups"), i)),
             )
             for pos, i in enumerate(order)
         ]
@@ -274,7 +282,8 @@ class Index:
         if image is None and not (prompt or "").strip():
             raise QueryInputError("a query needs an image, a prompt, or both")
         k = _bounded("k", k, MAX_K)
-        fusion = self.resolve_fusion(weights)  # refuse a bad weights file before the slow part
+        # refuse a bad weights file before the slow part; a prompt-only query prefers text-only weights
+        fusion = self.resolve_fusion(weights, text_only=image is None or self.reader.n_images == 0)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         q = self.encode_query(image, prompt, timings=timings)
@@ -307,6 +316,12 @@ def _bounded(what: str, value: Any, high: int, low: int = 1) -> int:
         return int_between(what, value, low, high)
     except ValueError as e:
         raise QueryInputError(str(e)) from None
+
+
+def _count(values, i: int) -> int | None:
+    """An integer feature value of candidate ``i`` (None when missing)."""
+    v = None if values is None else clean_number(values[i])
+    return None if v is None else int(v)
 
 
 def _identity_diff(a: dict, b: dict) -> str:

@@ -80,6 +80,13 @@ COMPONENTS: tuple[Component, ...] = (
               "DINO descriptors as 8-bit codes (re-scores compressed first-stage candidates)"),
     Component("patches", "patches.bin", "segment", True, "image",
               "pooled DINOv2 patch cells: float16, or product-quantized codes"),
+    Component("caption_clip", "caption_clip.bin", "segment", False, "record",
+              "CLIP text embedding of each caption: float16, or int8 with a per-record scale (pq); zeros: no caption"),
+    Component("caption_sums", "caption_sums.npy", "segment", False, "record",
+              "checksum of each record's caption embedding codes (checked whenever read)", _npy("records", 8)),
+    Component("caption_keys", "caption_keys.npy", "segment", False, "record",
+              "64-bit key of each caption's words, for duplicate counts (0: a caption without words)",
+              _npy("records", 8)),
 )
 
 _BY_NAME = {c.name: c for c in COMPONENTS}

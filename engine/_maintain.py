@@ -22,11 +22,12 @@ from ._layout import codebook_dir, deletes_file, path_of, segment_dir
 from ._lock import WriterLock
 from ._manifest import read_manifest, write_manifest
 from ._reader import IndexReader
-from ._segment import STORES, Chunk, EncodedChunk, row_sums, write_segment
+from ._segment import STORES, Chunk, EncodedChunk, encode_chunk, row_sums, write_segment
 from ._stores import ROW_FIELD, TextSink
 from ._threads import blas_single
 from ._txn import recover
 from .files import fsync_dir, remove
+from .text import caption_key
 
 URL_COLUMNS = ("url", "URL", "Url")
 ID_COLUMNS = ("id", "ID", "key")
@@ -202,6 +203,8 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         before = len(reader.segments)
         purged = int(len(reader.live.deleted))
         tables, image_rows, refine, patches, crcs, sums = [], [], {n: [] for n in STORES}, [], [], []
+        cap_keys, cap_vecs = [], []
+        with_captions = reader.captions.has_vectors
         from .ui import progress_bar
 
         with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
@@ -211,6 +214,12 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                 t = pq.read_table(seg.path / path_of("records"))
                 tables.append(t.filter(pa.array(keep)))
                 crcs.append(np.asarray(seg.record_crc)[keep])
+                cap_keys.append(np.asarray(seg.caption_keys)[keep] if seg.caption_keys is not None else
+                                np.asarray([caption_key(c) for c in tables[-1].column("caption").to_pylist()],
+                                           np.uint64))
+                if with_captions:  # decoded (checked); a segment without embeddings contributes zeros
+                    cap_vecs.append(seg.caption_vectors(np.flatnonzero(keep)) if seg.caption_codes is not None
+                                    else np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32))
                 irows = np.asarray(seg.image_rows)
                 ikeep = reader.live.keep(irows)
                 image_rows.append(irows[ikeep])
@@ -225,6 +234,8 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         refine_a = {n: np.concatenate(v) for n, v in refine.items()}
         patches_a = np.concatenate(patches)
         sums_a = np.concatenate(sums).astype(np.uint64)
+        keys_a = np.concatenate(cap_keys).astype(np.uint64)
+        captions_a = np.concatenate(cap_vecs) if with_captions else None
         for j, (name, codes) in enumerate((("clip", refine_a["clip"]), ("dino", refine_a["dino"]), ("p", patches_a))):
             if len(codes) and not np.array_equal(row_sums(codes), sums_a[:, j]):
                 raise IndexFormatError(f"index {folder} is damaged ({name} codes do not match their checksums); "
@@ -238,8 +249,9 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                                      ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
                                      len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
                                      int(settings.get("patch_pq_m", 8)))
-            chunk = Chunk(table, image_rows_a, vecs["clip"], vecs["dino"], cells)
-            enc = None
+            chunk = Chunk(table, image_rows_a, vecs["clip"], vecs["dino"], cells, captions_a)
+            enc = encode_chunk(chunk, new_cb)
+            enc.caption_keys = keys_a
         else:
             stores = {}
             for n in STORES:
@@ -250,14 +262,14 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                 if purged:
                     merged.remove_ids(faiss.IDSelectorBatch(reader.live.deleted))
                 stores[n] = merged
-            enc = EncodedChunk(table, image_rows_a, stores, refine_a, patches_a, np.concatenate(crcs), sums_a)
-            chunk = None
+            enc = EncodedChunk(table, image_rows_a, stores, refine_a, patches_a, np.concatenate(crcs), sums_a,
+                               None if captions_a is None else cb.encode_captions(captions_a), keys_a)
         seg_id = int(m["next_segment"])
         m2 = json.loads(json.dumps(m))
         if retrain:
             m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
             m2["codebooks"]["path"] = codebook_dir(new_cb.generation)
-        entry = write_segment(folder, segment_dir(seg_id), seg_id, enc if enc is not None else chunk, new_cb)
+        entry = write_segment(folder, segment_dir(seg_id), seg_id, enc, new_cb)
         old_segments = [s["path"] for s in m["segments"]]
         old_deletes = (m.get("deletes") or {}).get("path")
         reader.close()
@@ -362,6 +374,11 @@ def verify(index: str | os.PathLike, progress: bool = True) -> VerifyReport:
                                      f"{np.asarray(seg.image_rows)[wrong[:5]].tolist()})")
                 if np.asarray(codes).dtype == np.float16 and not np.isfinite(np.asarray(codes)).all():
                     bad(name, where, "holds non-finite values")
+        if seg.caption_codes is not None and seg.n_records:
+            wrong = np.flatnonzero(row_sums(np.asarray(seg.caption_codes)) != np.asarray(seg.caption_sums))
+            if len(wrong):
+                bad("caption_clip", where, f"{len(wrong)} caption embeddings do not match their checksums (rows "
+                                           f"{np.asarray(seg.rows)[wrong[:5]].tolist()})")
         try:
             seg.serving(np.arange(seg.n_records))
         except IndexFormatError as e:

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from ._captions import CaptionSignals
 from ._codebooks import PQ, Codebooks, sha256_file
 from ._errors import IndexFormatError
 from ._layout import MANIFEST, at_level, codebook_dir
@@ -97,13 +98,14 @@ class IndexReader:
         self.nprobe = {name: int(nprobe or self.codebooks.stores[name].nprobe) for name in STORES}
         self._shells = {name: self._search_shell(name) for name in STORES}
         try:
-            self.text = TextStore(self.path / "text", live=self.live)
+            self.text = TextStore(self.path / "text", (m.get("text") or {}).get("analyzer"), live=self.live)
         except Exception as e:  # noqa: BLE001 - tantivy raises ValueError/OSError on damaged folders
             raise IndexFormatError(f"index {self.path} is damaged: its caption index cannot be opened "
                                    f"({e.__class__.__name__}: {e}); rebuild it") from None
         if self.text.num_docs < self.n_records:
             raise IndexFormatError(f"index {self.path} is damaged: its caption index holds {self.text.num_docs} "
                                    f"documents for {self.n_records} records; rebuild it")
+        self.captions = CaptionSignals(self)  # caption embeddings and duplicate counts (engine._captions)
 
     # ----------------------------------------------------------------------------------------- opening
     def _empty_or_unfinished(self, m: dict) -> None:

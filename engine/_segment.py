@@ -24,6 +24,7 @@ from ._codebooks import Codebooks, file_entry
 from ._errors import IndexFormatError
 from ._layout import at_level, path_of
 from .files import fsync_dir, remove
+from .text import caption_key
 
 SERVING_COLUMNS = ("id", "image", "caption")
 STORES = ("clip", "dino")
@@ -73,6 +74,7 @@ class Chunk:
     clip: np.ndarray  # (n_images, Dc) float32, L2-normalised
     dino: np.ndarray  # (n_images, Dg) float32 global descriptors, L2-normalised
     cells: np.ndarray  # (n_images, C, Dp) float32 projected patch cells
+    captions: np.ndarray | None = None  # (n_records, Dc) float32 caption embeddings (zeros: none), or None
 
 
 @dataclass
@@ -86,6 +88,8 @@ class EncodedChunk:
     patches: np.ndarray  # (n_images, C, width) stored patch codes
     record_crc: np.ndarray | None = None  # uint32 per record (computed when None)
     image_sums: np.ndarray | None = None  # (n_images, 3) uint64 (computed when None)
+    caption_codes: np.ndarray | None = None  # (n_records, width) stored caption embeddings, or None
+    caption_keys: np.ndarray | None = None  # uint64 per record (computed from the captions when None)
 
 
 def encode_chunk(chunk: Chunk, cb: Codebooks) -> EncodedChunk:
@@ -98,7 +102,8 @@ def encode_chunk(chunk: Chunk, cb: Codebooks) -> EncodedChunk:
         stores[name] = index
         refine[name] = cb.refine_codes(name, x)
     return EncodedChunk(chunk.table, np.asarray(chunk.image_rows, np.int64), stores, refine,
-                        cb.encode_patches(chunk.cells))
+                        cb.encode_patches(chunk.cells),
+                        caption_codes=None if chunk.captions is None else cb.encode_captions(chunk.captions))
 
 
 def write_segment(index_dir: Path, rel: str, seg_id: int, chunk: Chunk | EncodedChunk, cb: Codebooks) -> dict:
@@ -136,6 +141,16 @@ def write_segment(index_dir: Path, rel: str, seg_id: int, chunk: Chunk | Encoded
             _save_bin(tmp / path_of(f"{name}_refine"), enc.refine[name])
         _save_bin(tmp / path_of("patches"), enc.patches)
         _save_npy(tmp / path_of("image_sums"), np.asarray(sums, np.uint64))
+        keys = enc.caption_keys
+        if keys is None:
+            keys = np.asarray([caption_key(c) for c in t.column("caption").to_pylist()], np.uint64)
+        _save_npy(tmp / path_of("caption_keys"), np.asarray(keys, np.uint64))
+        if enc.caption_codes is not None:
+            if len(enc.caption_codes) != len(rows):
+                raise ValueError(f"{len(enc.caption_codes)} caption embeddings for {len(rows)} records")
+            _save_bin(tmp / path_of("caption_clip"), enc.caption_codes)
+            _save_npy(tmp / path_of("caption_sums"), row_sums(enc.caption_codes) if len(rows)
+                      else np.zeros(0, np.uint64))
         files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         fsync_dir(tmp)
         if final.exists():  # a leftover of a crashed writer that never reached the manifest
@@ -176,6 +191,14 @@ class Segment:
             self.patches = self._map("patches", dtype, (cells, width))
             reader = pa.ipc.open_file(pa.memory_map(str(self.path / path_of("serving")), "r"))
             self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            self.caption_keys = self._optional_npy("caption_keys")
+            self.caption_codes = self.caption_sums = None
+            if path_of("caption_clip") in entry["files"]:
+                width, dtype = cb.caption_code_shape
+                self.caption_codes = self._map("caption_clip", dtype, (width,), self.n_records)
+                self.caption_sums = self._optional_npy("caption_sums")
+                if self.caption_sums is None:
+                    raise self._damaged(f"the manifest lists no {path_of('caption_sums')}")
         except IndexFormatError:
             raise
         except Exception as e:  # noqa: BLE001 - numpy/faiss/arrow raise many types on damaged files
@@ -209,20 +232,31 @@ class Segment:
             if hash_files and sha256_file(p) != want["sha256"]:
                 raise self._damaged(f"{c.path} does not match its checksum")
 
-    def _map(self, name: str, dtype: np.dtype, tail: tuple[int, ...]) -> np.ndarray:
+    def _map(self, name: str, dtype: np.dtype, tail: tuple[int, ...], n: int | None = None) -> np.ndarray:
+        """Memory-map a headerless per-image (or, with ``n``, per-record) code file."""
+        n = self.n_images if n is None else n
         p = self.path / path_of(name)
         per = int(np.prod(tail)) * dtype.itemsize
-        if p.stat().st_size != self.n_images * per:
-            raise self._damaged(f"{p.name} holds {p.stat().st_size} bytes, expected {self.n_images} x {per}")
-        if self.n_images == 0:
+        if p.stat().st_size != n * per:
+            raise self._damaged(f"{p.name} holds {p.stat().st_size} bytes, expected {n} x {per}")
+        if n == 0:
             return np.zeros((0, *tail), dtype)
-        return np.memmap(p, dtype=dtype, mode="r", shape=(self.n_images, *tail))
+        return np.memmap(p, dtype=dtype, mode="r", shape=(n, *tail))
+
+    def _optional_npy(self, name: str) -> np.ndarray | None:
+        if path_of(name) not in self.entry["files"]:
+            return None
+        return np.load(self.path / path_of(name), mmap_mode="r")
 
     def _check_shapes(self) -> None:
         if self.rows.shape != (self.n_records,) or self.image_rows.shape != (self.n_images,):
             raise self._damaged("its row tables do not match its counts")
         if self.record_crc.shape != (self.n_records,) or self.image_sums.shape != (self.n_images, 3):
             raise self._damaged("its checksum tables do not match its counts")
+        for name in ("caption_keys", "caption_sums"):
+            got = getattr(self, name)
+            if got is not None and (got.shape != (self.n_records,) or got.dtype != np.uint64):
+                raise self._damaged(f"{path_of(name)} does not match its counts")
         if sum(b.num_rows for b in self.batches) != self.n_records:
             raise self._damaged(f"{path_of('serving')} holds another number of records")
         for name, index in self.stores.items():
@@ -266,6 +300,15 @@ class Segment:
         codes = np.asarray(self.patches[local])
         return self.cb.decode_patches(self._checked(codes, local, 2, "patch cells"))
 
+    def caption_vectors(self, local: np.ndarray) -> np.ndarray:
+        """float32 caption embeddings (n, Dc) of local record positions (checked; zeros: no caption)."""
+        codes = np.asarray(self.caption_codes[local])
+        if len(local) and not np.array_equal(row_sums(codes), self.caption_sums[local]):
+            bad = local[row_sums(codes) != self.caption_sums[local]]
+            raise self._damaged(f"the caption embeddings of rows {np.asarray(self.rows[bad[:5]]).tolist()} do not "
+                                f"match their checksums")
+        return self.cb.decode_captions(codes)
+
     def serving(self, local: np.ndarray) -> pa.Table:
         """id, image, caption of local record positions, in that order, checked against their CRCs."""
         which = np.searchsorted(self.starts, local, side="right") - 1
@@ -297,6 +340,7 @@ class Segment:
         self.stores.clear()
         self.refine.clear()
         self.batches = []
+        self.caption_codes = self.caption_sums = self.caption_keys = None
 
 
 def segment_ids(index_dir: Path, entry: dict) -> tuple[np.ndarray, list]:

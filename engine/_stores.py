@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import tantivy
 
+from .text import DEFAULT_CHAIN, Analyzer, TextChain, get_chain
+
 
 def l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = np.linalg.norm(x, axis=axis, keepdims=True)
@@ -129,43 +131,34 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
 
 
 # --------------------------------------------------------------------------------------------- captions
-TEXT_FIELD, ROW_FIELD = "caption", "row"
-ANALYZER_NAME = "attrib_en"
-ANALYZER_DESC = "simple tokenizer | remove_long(40) | lowercase | ascii_fold | english stopwords | english stemmer"
+TEXT_FIELD, ROW_FIELD, SEG_FIELD = "caption", "row", "seg"
+ANALYZER_DESC = DEFAULT_CHAIN  # the analysis chain new indexes use; the manifest's "text" entry records its name
 MAX_QUERY_TERMS = 256
 
 
-def make_analyzer() -> "tantivy.TextAnalyzer":
-    return (
-        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
-        .filter(tantivy.Filter.remove_long(40))
-        .filter(tantivy.Filter.lowercase())
-        .filter(tantivy.Filter.ascii_fold())
-        .filter(tantivy.Filter.stopword("english"))
-        .filter(tantivy.Filter.stemmer("english"))
-        .build()
-    )
+def make_analyzer(chain: str | None = None) -> "tantivy.TextAnalyzer":
+    """The tantivy analyzer of an analysis chain (``engine.text.CHAINS``; default: the chain new indexes use)."""
+    return get_chain(chain).build()
 
 
-SEG_FIELD = "seg"
-
-
-def _schema() -> "tantivy.Schema":
+def _schema(chain: TextChain) -> "tantivy.Schema":
     sb = tantivy.SchemaBuilder()
     sb.add_integer_field(ROW_FIELD, stored=False, indexed=True, fast=True)
     sb.add_integer_field(SEG_FIELD, stored=False, indexed=True, fast=False)
-    sb.add_text_field(TEXT_FIELD, stored=False, tokenizer_name=ANALYZER_NAME, index_option="freq")
+    sb.add_text_field(TEXT_FIELD, stored=False, tokenizer_name=chain.registered_as, index_option="freq")
     return sb.build()
 
 
 class TextSink:
     """Adds and deletes caption documents of one index (one document per record: its row, its segment and
-    its caption). An index has one caption index for all its segments, so BM25 statistics are global."""
+    its caption). An index has one caption index for all its segments, so BM25 statistics are global.
+    ``chain``: the analysis chain (an existing index's manifest names its own)."""
 
-    def __init__(self, path: Path, heap_bytes: int = 64_000_000) -> None:
+    def __init__(self, path: Path, heap_bytes: int = 64_000_000, chain: str | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.index = tantivy.Index(_schema(), path=str(path), reuse=True)
-        self.index.register_tokenizer(ANALYZER_NAME, make_analyzer())
+        self.chain = get_chain(chain)
+        self.index = tantivy.Index(_schema(self.chain), path=str(path), reuse=True)
+        self.index.register_tokenizer(self.chain.registered_as, self.chain.build())
         self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
         self.n = 0
 
@@ -236,31 +229,42 @@ def _open_text_index(path: Path) -> tuple["tantivy.Index", Path | None]:
 class TextStore:
     """BM25 over captions. The prompt is analysed into terms and the query built from them, never parsed:
     quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning.
-    ``live`` (a RowFilter-like object with ``keep(rows)``) hides documents outside the reader's snapshot."""
+    ``chain``: the analysis chain the index was built with (its manifest says which). ``live`` (a RowFilter-like
+    object with ``keep(rows)``) hides documents outside the reader's snapshot."""
 
-    def __init__(self, path: Path, live=None) -> None:
+    def __init__(self, path: Path, chain: str | None = None, live=None) -> None:
         check_text_files(path)
         self.index, self.copied_to = _open_text_index(path)
-        self.analyzer = make_analyzer()
-        self.index.register_tokenizer(ANALYZER_NAME, self.analyzer)
+        self.analysis = Analyzer(chain)  # the chain's analyzer plus prompt/caption helpers (engine.text)
+        self.analyzer = self.analysis.analyzer
+        self.index.register_tokenizer(self.analysis.chain.registered_as, self.analyzer)
         self.schema = self.index.schema
         self.searcher = self.index.searcher()
         self.live = live
 
     def terms(self, prompt: str | None) -> list[str]:
-        if not prompt or not prompt.strip():
-            return []
-        seen: dict[str, None] = {}
-        for t in self.analyzer.analyze(prompt):
-            seen.setdefault(t, None)
-            if len(seen) >= MAX_QUERY_TERMS:
-                break
-        return list(seen)
+        """Distinct analysed terms of the prompt (none when it is empty or only stop words)."""
+        return self.analysis.terms(prompt, MAX_QUERY_TERMS)
 
-    def _terms_query(self, terms: list[str]):
-        return tantivy.Query.boolean_query(
-            [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, TEXT_FIELD, t)) for t in terms]
-        )
+    def _terms_query(self, terms: list[str], fuzzy: dict[str, float] | None = None):
+        """Should(every term). Stop-word terms only add to the score of captions that share a content term
+        (or a ``fuzzy`` match) with the prompt: a caption sharing only "a" and "on" is no BM25 match."""
+        def should(ts: list[str]) -> list:
+            return [(tantivy.Occur.Should, tantivy.Query.term_query(self.schema, TEXT_FIELD, t)) for t in ts]
+
+        stop = self.analysis.stop_terms
+        content = should([t for t in terms if t not in stop]) + [(tantivy.Occur.Should, tantivy.Query.boost_query(
+            tantivy.Query.fuzzy_term_query(self.schema, TEXT_FIELD, t, distance=1, transposition_cost_one=True), b))
+            for t, b in (fuzzy or {}).items()]
+        stops = should([t for t in terms if t in stop])
+        if not content or not stops:
+            return tantivy.Query.boolean_query(content + stops)
+        return tantivy.Query.boolean_query([(tantivy.Occur.Must, tantivy.Query.boolean_query(content)),
+                                            (tantivy.Occur.Should, tantivy.Query.boolean_query(stops))])
+
+    def doc_freq(self, term: str) -> int:
+        """Documents holding ``term`` (deleted records not yet compacted away included: an estimate)."""
+        return int(self.searcher.doc_freq(TEXT_FIELD, term))
 
     def _run(self, query, limit: int):
         try:
@@ -278,13 +282,14 @@ class TextStore:
         rows = self.searcher.fast_field_values(ROW_FIELD, [a for _, a in hits])
         return np.asarray(rows, np.int64), np.asarray([s for s, _ in hits], np.float32)
 
-    def search(self, terms: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, bm25 scores), best first; empty when there are no terms. Documents outside the snapshot
-        (deleted records, records a writer is adding) never come back."""
+    def search(self, terms: list[str], k: int, fuzzy: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, bm25 scores), best first; empty when there are no terms. ``fuzzy``: term -> boost of terms
+        also matched within one edit (a constant score of ``boost`` per matching caption). Documents outside the
+        snapshot (deleted records, records a writer is adding) never come back."""
         if not terms or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         limit = k if self.live is None else self.live.overfetch(k)
-        rows, scores = self._collect(self._run(self._terms_query(terms), limit))
+        rows, scores = self._collect(self._run(self._terms_query(terms, fuzzy), limit))
         if self.live is not None:
             keep = self.live.keep(rows)
             rows, scores = rows[keep][:k], scores[keep][:k]

@@ -11,6 +11,7 @@ import collections
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -31,6 +32,7 @@ from .files import remove
 WRITTEN = ("text", "segments", "codebooks", "deletes", "rejects.jsonl")
 #: A chunk also closes after this many records per image of --chunk (caption-only corpora).
 RECORDS_PER_CHUNK_IMAGE = 16
+CAPTION_BATCH = 256  # captions per call of the caption encoder
 
 
 class IndexWriter:
@@ -44,12 +46,16 @@ class IndexWriter:
         extra_columns: source columns beyond id/image/caption, with their polars types.
         expected_images: how many images the whole build should hold (chooses the codec and IVF size).
         source: what is being indexed ({"path", "kind", "fingerprint", ...}): a resumed build must match it.
+        caption_encoder: captions -> (n, Dc) L2-normalised CLIP text embeddings (``Encoders.encode_texts``), stored
+            per record for the caption_clip ranker; without it (and without ``caption_clip=`` given to
+            ``add_projected``) segments hold no caption embeddings.
     """
 
     def __init__(self, folder: Path, identity: dict, settings: IndexSettings | None = None,
                  extra_columns: dict[str, pl.DataType] | None = None, expected_images: int | None = None,
-                 source: dict | None = None) -> None:
+                 source: dict | None = None, caption_encoder: Callable[[list[str]], np.ndarray] | None = None) -> None:
         self.folder = Path(folder)
+        self.caption_encoder = caption_encoder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock = WriterLock(self.folder, "build").acquire()
         try:
@@ -89,7 +95,8 @@ class IndexWriter:
         self.cells = self.settings.patch_grid ** 2
         self.patch_dims = min(self.settings.patch_dims, self.dino_dim)
         self._cleanup_uncommitted()
-        self.text = TextSink(self.folder / path_of("text"))
+        chain = (self.manifest.get("text") or {}).get("analyzer") if self.manifest else None
+        self.text = TextSink(self.folder / path_of("text"), chain=chain)
         self.text.delete_rows_from(self.next_row)  # documents of a crashed writer, never committed
         self.text.commit()
         self.rejects_path = self.folder / path_of("rejects")
@@ -146,6 +153,7 @@ class IndexWriter:
         self._dino: list[np.ndarray] = []
         self._cells: list[np.ndarray] = []
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # raw DINO outputs before the PCA fit
+        self._given_captions: dict[int, np.ndarray] = {}  # chunk position -> caption embedding given by a caller
         self._chunk_images = 0
 
     # ----------------------------------------------------------------------------------------- adding
@@ -181,16 +189,20 @@ class IndexWriter:
         self._maybe_commit()
 
     def add_projected(self, ids: list[str], images: list[str | None], captions: list[str], extras: list[dict],
-                      clip: np.ndarray, dino_global: np.ndarray, cells: np.ndarray) -> None:
+                      clip: np.ndarray, dino_global: np.ndarray, cells: np.ndarray,
+                      caption_clip: np.ndarray | None = None) -> None:
         """Add image records whose descriptors are already in the stored space: L2-normalised CLIP vectors,
         DINO global descriptors (n, 2D) and projected patch cells (n, C, Dp) - e.g. embeddings computed
         elsewhere, or synthetic vectors in benchmarks. An index fed this way has no fitted projection (its
-        DINO projection is the identity), so its queries must come in the same space."""
+        DINO projection is the identity), so its queries must come in the same space. ``caption_clip``: the
+        captions' CLIP text embeddings (n, Dc), when computed elsewhere too."""
         if self.projection is None:
             if self._pending:
                 raise AttribError("add_projected cannot follow add_images before the projection is fitted")
             self.projection = DinoProjection.identity(self.dino_dim, self.patch_dims)
-        for rid, img, cap, ex in zip(ids, images, captions, extras):
+        for j, (rid, img, cap, ex) in enumerate(zip(ids, images, captions, extras)):
+            if caption_clip is not None:
+                self._given_captions[len(self._records)] = np.asarray(caption_clip[j], np.float32)
             self._image_rows.append(self._add_row(rid, img, cap, ex))
         self.n_images += len(ids)
         self._chunk_images += len(ids)
@@ -254,6 +266,28 @@ class IndexWriter:
                                          self.settings.codec, expected, self.settings.ann_flat_max,
                                          self.settings.patch_pq_m)
 
+    def _caption_vectors(self) -> np.ndarray | None:
+        """(n_records, Dc) caption embeddings of the chunk (zeros for empty captions), or None when there is no
+        text encoder and no caller gave any."""
+        if self.caption_encoder is None and not self._given_captions:
+            return None
+        out = np.zeros((len(self._records), self.clip_dim), np.float32)
+        todo = []
+        for i, rec in enumerate(self._records):
+            given = self._given_captions.get(i)
+            if given is not None:
+                out[i] = given
+            elif self.caption_encoder is not None and (rec["caption"] or "").strip():
+                todo.append(i)
+        for a in range(0, len(todo), CAPTION_BATCH):
+            part = todo[a:a + CAPTION_BATCH]
+            emb = np.asarray(self.caption_encoder([self._records[i]["caption"] for i in part]), np.float32)
+            if emb.shape != (len(part), self.clip_dim):
+                raise AttribError(f"the caption encoder returned shape {emb.shape}, expected "
+                                  f"({len(part)}, {self.clip_dim})")
+            out[part] = emb
+        return out
+
     def _table(self):
         schema = {"row": pl.Int64, "id": pl.String, "image": pl.String, "caption": pl.String, **self.extra_schema}
         return pl.DataFrame(self._records, schema=schema, strict=False, orient="row").to_arrow()
@@ -275,7 +309,8 @@ class IndexWriter:
             m["codebooks"]["path"] = codebook_dir(self.codebooks.generation)
         if self._records:
             seg_id = int(m["next_segment"])
-            chunk = Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells)
+            chunk = Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells,
+                          self._caption_vectors())
             entry = write_segment(self.folder, segment_dir(seg_id), seg_id, chunk, self.codebooks)
             for rec in self._records:
                 self.text.add(rec["row"], rec["caption"], seg_id)

@@ -516,7 +516,7 @@ def _interrupted(args=None) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        stderr_console().print(f"[yellow]{escape(message)}[/yellow]")
+        stderr_console().print(f"[yellow]{escape(message)}[/yellow]", soft_wrap=True)  # one line
     except Exception:  # noqa: BLE001 - interrupted while rich itself was loading: say it plainly
         sys.stderr.write(message + "\n")
     return EXIT_INTERRUPTED

@@ -34,6 +34,9 @@ class Candidate:
     evidence: dict[str, float | None]  # each registered feature's raw value (None: does not apply)
     ranks: dict[str, int | None]  # rank under each main ranker within the pool (None: not ranked)
     share: float | None = None  # attribution share, only for results above the threshold
+    # what the caption shares with the prompt (engine.text.shared_text: words, phrases, spans) and how many other
+    # records share the caption's words (duplicates); None when the query has no prompt terms
+    text: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "row": self.row, "id": self.id, "image": self.image, "caption": self.caption,
@@ -41,6 +44,8 @@ class Candidate:
              "ranks": dict(self.ranks)}
         if self.share is not None:
             d["share"] = self.share
+        if self.text is not None:
+            d["text"] = {k: (list(v) if isinstance(v, list) else v) for k, v in self.text.items()}
         return d
 
 

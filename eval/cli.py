@@ -98,6 +98,12 @@ def print_tune(weights, evals: dict, metric: str) -> None:
     where = f"written to [bold]{escape(weights.name)}[/bold]" if weights.name else "[red]not written[/red]"
     c.print(f"weights: {len(weights.features)} features, threshold {_fmt(weights.threshold)} "
             f"({escape(weights.threshold_rule)}); {where}")
+    na = weights.provenance.get("not_applicable") or []
+    if na:
+        c.print(f"[dim]not applicable (no tune candidate has them, so no weight): {escape(', '.join(na))}[/dim]")
+    if weights.text_only:
+        c.print("[dim]text-only weights: use them with --weights for caption-only indexes and prompt-only "
+                "queries[/dim]")
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -175,13 +181,34 @@ def cmd_import(a: argparse.Namespace) -> int:
     from .importer import import_memorized
 
     summary = import_memorized(a.csv, a.out, unmemorized=a.unmemorized, fetch=a.fetch, timeout=a.timeout,
-                               overwrite=a.overwrite, seed=a.seed)
+                               overwrite=a.overwrite, seed=a.seed, reword=a.reword, split_seed=a.split_seed)
     if a.json:
         print_json(summary)
     else:
         stderr_console().print(f"wrote a text-only benchmark to [bold]{escape(a.out)}[/bold]")
         stderr_console().print_json(json.dumps(summary))
+        if summary.get("bm25_by_rule"):
+            print_bm25_losses(a.out)
     return 0
+
+
+def print_bm25_losses(folder: str) -> None:
+    """Per rewording rule: BM25's recall@1 (the engine's analysis chain) and one missed query next to its caption."""
+    from pathlib import Path
+
+    from .reword import RULE_HELP
+
+    losses = json.loads((Path(folder) / "bm25_losses.json").read_text(encoding="utf-8"))
+    t = Table(title="where BM25 loses, per rewording rule (all splits; examples in bm25_losses.json)")
+    for col in ("rule", "queries", "recall@1", "not in top 100", "example miss: prompt -> caption (rank)"):
+        t.add_column(col, justify="right" if col in ("queries", "recall@1", "not in top 100") else "left",
+                     overflow="fold")
+    for rule, d in losses.items():
+        m = d["misses"][0] if d["misses"] else None
+        ex = (f"{m['prompt']!r} -> {m['expected']!r} ({m['rank'] or '>100'})" if m else "-")
+        t.add_row(f"{escape(rule)}\n[dim]{escape(RULE_HELP.get(rule, ''))}[/dim]", str(d["queries"]),
+                  _fmt(d["recall@1"]), str(d["not_found"]), escape(ex))
+    stderr_console().print(t)
 
 
 def _metric(text: str) -> str:
@@ -248,7 +275,15 @@ def add_commands(sub) -> None:
     s.add_argument("--fetch", action="store_true", help="try to download the images by URL (short timeouts)")
     s.add_argument("--timeout", type=float_in(0.1, 600.0), default=5.0,
                    help="seconds per URL when fetching (default 5)")
-    s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0,
+                   help="seeds the tune/test split, the distractor halves and the rewordings (default 0)")
+    s.add_argument("--reword", type=int_in(0, 64), default=0, metavar="N",
+                   help="N reworded prompts per caption instead of the verbatim caption, each by one rule "
+                        "(substitute, drop, insert, reorder, punct_case, misspell, inflect, mixed; the rule is the "
+                        "query's kind); also reports where BM25 loses per rule (default 0: verbatim)")
+    s.add_argument("--split-seed", type=int_in(0, 2**63 - 1), default=None,
+                   help="seed of the split and distractors only (default: --seed), to reword with a new seed "
+                        "while keeping the corpus and splits")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_import)

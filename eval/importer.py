@@ -8,8 +8,9 @@ Folder layout written by :func:`import_memorized`::
 
     OUT/corpus.parquet        id, image, caption, url, memorization, mean_sscd, max_sscd, laion_index
     OUT/queries.parquet       query_id, image, prompt, relevant, kind, split, prompt_kind, laion_index,
-                              mean_sscd, max_sscd
+                              mean_sscd, max_sscd, memorization, rule
     OUT/import.json           the summary :func:`import_memorized` returns
+    OUT/bm25_losses.json      with ``reword > 0``: per rewording rule, BM25's recall@1 and example misses
     OUT/images/{id}.jpg       with ``fetch=True``: the images that could be downloaded (re-encoded JPEG)
     OUT/fetch_failures.jsonl  with ``fetch=True``: one {"id", "url", "reason"} line per image that was not fetched
 """
@@ -65,7 +66,8 @@ CORPUS_SCHEMA = {"id": pl.String, "image": pl.String, "caption": pl.String, "url
                  "laion_index": pl.Int64}
 QUERY_SCHEMA = {"query_id": pl.String, "image": pl.String, "prompt": pl.String, "relevant": pl.List(pl.String),
                 "kind": pl.String, "split": pl.String, "prompt_kind": pl.String, "laion_index": pl.Int64,
-                "mean_sscd": pl.Float64, "max_sscd": pl.Float64}
+                "mean_sscd": pl.Float64, "max_sscd": pl.Float64, "memorization": pl.String, "rule": pl.String}
+MAX_REWORD = 64  # rewordings per caption at most
 
 
 class ImportOptionError(AttribError, ValueError):
@@ -388,18 +390,52 @@ def _source_info(path: Path) -> dict:
     return {"name": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
+def _queries(mem: list[_Row], novel: list[_Row], split_of: dict[str, str], reword: int, seed: int) -> pl.DataFrame:
+    """One verbatim query per caption, or (``reword`` > 0) ``reword`` reworded queries per memorized caption whose
+    kind is the rewording rule, and one reworded query per novel caption (kind ``novel``: they only calibrate and
+    measure the "no source" threshold). Every query records its rule in ``rule``; all rewordings of a caption
+    share the caption's split."""
+    from .reword import reword as reworded
+    from .reword import rule_for
+
+    rows = []
+    for pos, r in enumerate(mem + novel):
+        base = f"q-laion-{r.index}"
+        rel = [f"laion-{r.index}"] if r.kind is not None else []
+        memo = r.kind if r.kind is not None else "none"
+        tail = (r.index, r.mean_sscd, r.max_sscd, memo)
+        if not reword:
+            rows.append((base, None, r.caption, rel, r.kind or NOVEL, split_of[base], "verbatim", *tail, None))
+            continue
+        for j in range(reword if r.kind is not None else 1):
+            rule = rule_for(pos, j)
+            prompt = reworded(r.caption, rule, seeded_rng(seed, "reword", r.index, j))
+            kind = rule if r.kind is not None else NOVEL
+            rows.append((f"{base}-r{j}", None, prompt, rel, kind, split_of[base], "reworded", *tail, rule))
+    return pl.DataFrame(rows, schema=QUERY_SCHEMA, orient="row")
+
+
 def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized: str | os.PathLike | None = None,
-                     fetch: bool = False, timeout: float = 5.0, overwrite: bool = False, seed: int = 0) -> dict:
+                     fetch: bool = False, timeout: float = 5.0, overwrite: bool = False, seed: int = 0,
+                     reword: int = 0, split_seed: int | None = None) -> dict:
     """Write the benchmark folder ``out`` from a memorized-prompt CSV and return its summary (saved as import.json).
 
     Each distinct LAION ``Index`` of ``csv`` becomes a caption-only corpus record ``laion-{Index}`` and a
     prompt-only query ``q-laion-{Index}`` (kind VM / TM, relevant = [the record]), split tune/test half and half
     within each kind. ``unmemorized`` rows are halved: corpus distractors, and ``novel`` queries with no source.
     ``fetch=True`` tries to download the corpus images (``timeout`` seconds per URL, failures reported, never
-    raised). The folder is built in a temporary sibling, validated, and renamed into place."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ImportOptionError(f"seed must be an integer >= 0, got {seed!r}")
-    seed = int(seed)
+    raised). ``reword`` > 0 replaces each verbatim query by that many rewordings of its caption (``eval.reword``:
+    the rule is the query's kind) and adds a per-rule report of where BM25 loses (``bm25_losses.json``).
+    ``seed`` seeds the splits, the distractor halves and the rewordings; ``split_seed`` (default ``seed``) seeds
+    only the first two, so benchmarks reworded with different seeds can share their corpus and splits.
+    The folder is built in a temporary sibling, validated, and renamed into place."""
+    for name, v in (("seed", seed), ("split_seed", seed if split_seed is None else split_seed), ("reword", reword)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ImportOptionError(f"{name} must be an integer >= 0, got {v!r}")
+    if reword > MAX_REWORD:
+        raise ImportOptionError(f"reword must be at most {MAX_REWORD} rewordings per caption, got {reword!r}")
+    seed, reword = int(seed), int(reword)
+    split_seed = seed if split_seed is None else int(split_seed)
     try:
         timeout = float(timeout)
     except (TypeError, ValueError):
@@ -438,7 +474,7 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
     if unmem_path is not None:
         n_skip, n_dup = len(skipped), len(duplicates)
         unmem_rows = _read_csv(unmem_path, UNMEMORIZED_COLUMNS, False, skipped)
-        distractors, novel = _halve(_dedupe(unmem_rows, seen, duplicates), seed)
+        distractors, novel = _halve(_dedupe(unmem_rows, seen, duplicates), split_seed)
         rows_info["unmemorized"] = {"data_rows": len(unmem_rows) + len(skipped) - n_skip,
                                     "skipped": len(skipped) - n_skip, "duplicates": len(duplicates) - n_dup,
                                     "distractors": len(distractors), "novel": len(novel)}
@@ -459,17 +495,21 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
 
     split_of: dict[str, str] = {}
     for kind in KINDS:
-        split_of.update(_assign_splits([f"q-laion-{r.index}" for r in mem if r.kind == kind], seed, kind))
-    split_of.update(_assign_splits([f"q-laion-{r.index}" for r in novel], seed, NOVEL))
-    qrows = [(f"q-laion-{r.index}", None, r.caption, [f"laion-{r.index}"], r.kind, split_of[f"q-laion-{r.index}"],
-              "verbatim", r.index, r.mean_sscd, r.max_sscd) for r in mem]
-    qrows += [(f"q-laion-{r.index}", None, r.caption, [], NOVEL, split_of[f"q-laion-{r.index}"],
-               "verbatim", r.index, None, None) for r in novel]
-    queries = pl.DataFrame(qrows, schema=QUERY_SCHEMA, orient="row")
+        split_of.update(_assign_splits([f"q-laion-{r.index}" for r in mem if r.kind == kind], split_seed, kind))
+    split_of.update(_assign_splits([f"q-laion-{r.index}" for r in novel], split_seed, NOVEL))
+    queries = _queries(mem, novel, split_of, reword, seed)
 
-    kinds = [k for k in KINDS + (NOVEL,) if k in set(queries["kind"].to_list())]
+    present = set(queries["kind"].to_list())
+    kinds = [k for k in KINDS + (NOVEL,) if k in present] + sorted(present - set(KINDS) - {NOVEL})
+    losses = None
+    if reword:
+        from .reword import RULES, bm25_losses
+
+        kinds = [k for k in RULES if k in present] + [k for k in kinds if k not in RULES]
+        losses = bm25_losses(corpus["caption"].to_list(), corpus["id"].to_list(), queries.to_dicts())
     summary: dict = {
-        "format": IMPORT_FORMAT, "version": VERSION, "seed": seed,
+        "format": IMPORT_FORMAT, "version": VERSION, "seed": seed, "split_seed": split_seed,
+        "reword": reword,
         "sources": {"memorized": _source_info(mem_path),
                     "unmemorized": _source_info(unmem_path) if unmem_path is not None else None},
         "corpus": {"records": corpus.height, "memorized": len(mem), "distractors": len(distractors),
@@ -484,9 +524,12 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
         "novel_dropped": {"count": len(novel_dropped), "rows": novel_dropped[:MAX_LISTED]},
         "fetch": {"enabled": bool(fetch), "fetched": 0, "failed": 0},
     }
+    if losses is not None:
+        summary["bm25_by_rule"] = {k: {x: v[x] for x in ("queries", "recall@1", "not_found")}
+                                   for k, v in losses.items()}
 
     try:
-        _write(out, corpus, queries, summary, fetch, timeout)
+        _write(out, corpus, queries, summary, fetch, timeout, losses)
     except OSError as e:  # disk full, the folder removed or made read-only meanwhile...
         raise OutputError(f"cannot write the benchmark {out}: {e.strerror or e}; nothing was left behind") from None
     load_benchmark(out)
@@ -502,7 +545,8 @@ def _is_import(folder: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == IMPORT_FORMAT
 
 
-def _write(out: Path, corpus: pl.DataFrame, queries: pl.DataFrame, summary: dict, fetch: bool, timeout: float) -> None:
+def _write(out: Path, corpus: pl.DataFrame, queries: pl.DataFrame, summary: dict, fetch: bool, timeout: float,
+           losses: dict | None = None) -> None:
     with staged_folder(out, "import-tmp") as tmp:
         if fetch:
             items = [(rid, url or "") for rid, url in zip(corpus["id"].to_list(), corpus["url"].to_list())]
@@ -521,4 +565,7 @@ def _write(out: Path, corpus: pl.DataFrame, queries: pl.DataFrame, summary: dict
         corpus.write_parquet(tmp / CORPUS)
         queries.write_parquet(tmp / QUERIES)
         (tmp / "import.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if losses is not None:
+            (tmp / "bm25_losses.json").write_text(json.dumps(losses, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
         load_benchmark(tmp)  # validate before anything replaces ``out``

@@ -31,7 +31,7 @@ import numpy as np
 import engine
 from engine import Fusion, FusionWeights, Index, QuerySettings, feature_specs, now_iso
 from engine.files import check_output_file
-from engine.fusion import feature_matrix, fit_logistic, standardization, standardize
+from engine.fusion import feature_matrix, fit_logistic, parse_feature, standardization, standardize
 
 from . import metrics as M
 from .bench import Benchmark
@@ -77,6 +77,17 @@ class TuneResult:
     cv: dict[float, float]  # l2 -> mean CV metric
     l2: float  # the strength chosen by cross-validation
     tune_runs: list[QueryRun]
+    not_applicable: list[str]  # features no tune candidate had (e.g. image features on a text-only benchmark)
+
+
+def applicable(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
+    """(the specs whose feature some candidate of ``runs`` has, the features none has). A feature that is missing
+    everywhere (image evidence on a caption-only benchmark) cannot be learned: it is left out of the model rather
+    than given a meaningless weight, so weights learned on a text-only benchmark are over text features only."""
+    present = {f for r in runs for f, v in r.pool.feats.items() if len(v) and np.isfinite(v).any()}
+    bases = {s: parse_feature(s)[0] for s in specs}
+    missing = sorted({b for b in bases.values() if b not in present}, key=list(bases.values()).index)
+    return tuple(s for s in specs if bases[s] in present), missing
 
 
 def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", target_far: float = DEFAULT_TARGET_FAR,
@@ -87,6 +98,9 @@ def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", targ
     specs = tuple(specs) if specs is not None else feature_specs()
     if any(r.split != "tune" for r in tune_runs):
         raise engine.AttribError("learn() was given queries outside the tune split")
+    specs, missing = applicable(tune_runs, specs)
+    if not specs:
+        raise engine.AttribError("no feature applies to any tune query: nothing to learn from")
     X, y, qi = _design(tune_runs, specs)
     if y.sum() == 0:
         raise engine.AttribError("no tune candidate is a source: the rankers found nothing to learn from")
@@ -114,7 +128,7 @@ def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", targ
     weights.threshold = None if thr is None or not math.isfinite(thr) else float(thr)
     weights.threshold_rule = (f"smallest top-score threshold with false-attribution rate <= {target_far} on the "
                               f"{len(novel_top)} novel tune queries" if len(novel_top) else "no novel tune queries")
-    return TuneResult(weights, cv, best, tune_runs)
+    return TuneResult(weights, cv, best, tune_runs, missing)
 
 
 def tune(bench: Benchmark, idx: Index, out: str | os.PathLike | None, metric: str = "map@100",
@@ -142,6 +156,8 @@ def tune(bench: Benchmark, idx: Index, out: str | os.PathLike | None, metric: st
         "cv": {str(k): round(v, 6) for k, v in res.cv.items()},
         "target_far": target_far,
         "n_tune_queries": len(tune_runs),
+        "modality": "text" if w.text_only else "image+text",
+        "not_applicable": res.not_applicable,
         "created": now_iso(),
         "engine_version": engine.__version__,
     }
@@ -171,6 +187,7 @@ def metric_by_kind(ev, metric: str) -> dict[str, dict[str, float | None]]:
     """kind -> ranker -> ``metric`` over that kind's queries (the false-attribution rate for kinds without a
     source)."""
     out: dict[str, dict[str, float | None]] = {}
+    idle = ev.result.get("not_applicable", {})
     for kind in sorted({r.kind for r in ev.runs}):
         runs = [r for r in ev.runs if r.kind == kind]
         if all(r.novel for r in runs):
@@ -179,15 +196,17 @@ def metric_by_kind(ev, metric: str) -> dict[str, dict[str, float | None]]:
         out[kind] = {}
         for n, rankings in ev.rankings.items():
             v = metric_of(runs, rankings, metric)
-            out[kind][n] = None if math.isnan(v) else round(v, 6)
+            out[kind][n] = None if math.isnan(v) or n in idle else round(v, 6)
     return out
 
 
 def metric_by_ranker(ev, metric: str) -> dict[str, float | None]:
-    """``metric`` for every ranker of an evaluation (the tuning metric need not be a reported one)."""
+    """``metric`` for every ranker of an evaluation (the tuning metric need not be a reported one); None for a
+    ranker that took part in no query (e.g. image rankers on a text-only benchmark)."""
     out = {}
+    idle = ev.result.get("not_applicable", {})
     for n, rankings in ev.rankings.items():
         v = metric_of(ev.runs, rankings, metric)
-        out[n] = None if math.isnan(v) else round(v, 6)
+        out[n] = None if math.isnan(v) or n in idle else round(v, 6)
     return out
 

@@ -249,7 +249,8 @@ def test_killed_builds_resume_to_the_same_index(tmp_path, tiny):
             if not (out / MANIFEST).exists():
                 continue
             m = read_manifest(out)
-            assert not m["build"]["complete"] or proc.returncode == 0
+            if m["build"]["complete"]:  # killed after its last commit, on its way out: already the whole index
+                assert_same_index(ref, out)
             with pytest.raises(engine.IndexFormatError, match="unfinished build|holds no records") \
                     if not m["segments"] else _nothing():
                 r = engine.open_index(out)  # a partial index is a consistent snapshot of what was committed

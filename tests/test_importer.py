@@ -191,6 +191,80 @@ def test_novel_caption_equal_to_a_corpus_caption_is_dropped(tmp_path):
     assert {r["reason"] for r in s["novel_dropped"]["rows"]} == {"caption is also a corpus caption"}
 
 
+def _product_csv(path: Path, n: int = 16) -> Path:
+    """Memorized captions with LAION-like product words, so that rewordings have something to work on."""
+    items = ["Throw Pillow", "Area Rug", "Canvas Art Print", "iPhone Case", "Backpack", "Wall Clock"]
+    names = ["Red Mums", "Tiger Wisdom", "Sunset Forest", "Lilah Gray", "Blue Ocean Waves", "Golden Echoes",
+             "Quiet Comfort", "Royal Purple"]
+    rows = [[f"{names[i % len(names)]} {i} - {items[i % len(items)]} by Andover Mills", f"http://img.example/{i}.jpg",
+             "VM" if i % 3 == 0 else "TM", "0.5", "0.6", 7000 + i] for i in range(n)]
+    return _write(path, MEM_HEADER, rows)
+
+
+def test_reword_makes_rule_kinds_in_the_caption_split_and_reports_bm25_losses(tmp_path):
+    from eval.reword import RULES
+
+    mem, unmem = _product_csv(tmp_path / "m.csv"), _unmem_csv(tmp_path / "u.csv", 8)
+    s = import_memorized(mem, tmp_path / "rw", unmemorized=unmem, reword=3, seed=4)
+    b = load_benchmark(tmp_path / "rw")
+    q = b.queries
+    sourced = q.filter(pl.col("relevant").list.len() > 0)
+    assert sourced.height == 16 * 3 and q.filter(pl.col("kind") == "novel").height == 4  # one per novel caption
+    assert set(sourced["kind"].to_list()) <= set(RULES) and set(sourced["prompt_kind"].to_list()) == {"reworded"}
+    assert sourced["kind"].to_list() == sourced["rule"].to_list()
+    assert set(q.filter(pl.col("kind") == "novel")["rule"].to_list()) <= set(RULES)
+    assert set(sourced["memorization"].to_list()) == {"VM", "TM"}
+    cap = dict(zip(b.corpus["id"].to_list(), b.corpus["caption"].to_list()))
+    for row in sourced.iter_rows(named=True):
+        assert row["prompt"] != cap[row["relevant"][0]]
+        assert row["query_id"].startswith(f"q-laion-{row['laion_index']}-r")
+    # the three rewordings of a caption use three rules and share the caption's split
+    per_caption = sourced.group_by("laion_index").agg(pl.col("kind").n_unique(), pl.col("split").n_unique())
+    assert per_caption["kind"].to_list() == [3] * 16 and per_caption["split"].to_list() == [1] * 16
+    assert s["reword"] == 3 and s["queries"]["total"] == q.height
+    assert list(s["queries"]["by_kind"])[:3] == [r for r in RULES if r in set(sourced["kind"].to_list())][:3]
+
+    losses = json.loads((tmp_path / "rw" / "bm25_losses.json").read_text(encoding="utf-8"))
+    assert set(losses) == set(sourced["kind"].to_list())
+    for rule, d in losses.items():
+        n = sourced.filter(pl.col("kind") == rule).height
+        assert d["queries"] == n and d["recall@1"] == round(d["hits_at_1"] / n, 4)
+        assert s["bm25_by_rule"][rule] == {"queries": n, "recall@1": d["recall@1"], "not_found": d["not_found"]}
+        for m in d["misses"]:
+            assert m["expected"] in cap.values() and m["rank"] != 1
+
+    # deterministic; --split-seed keeps the corpus and the splits while the rewordings change
+    import_memorized(mem, tmp_path / "rw2", unmemorized=unmem, reword=3, seed=4)
+    assert load_benchmark(tmp_path / "rw2").content_hash == b.content_hash
+    import_memorized(mem, tmp_path / "rw5", unmemorized=unmem, reword=3, seed=5, split_seed=4)
+    b5 = load_benchmark(tmp_path / "rw5")
+    assert b5.corpus.equals(b.corpus)
+    assert b5.queries["split"].to_list() == q["split"].to_list()
+    assert b5.queries["prompt"].to_list() != q["prompt"].to_list()
+    # the verbatim import of the same seed has the same captions in the same splits
+    import_memorized(mem, tmp_path / "plain", unmemorized=unmem, seed=4)
+    plain = load_benchmark(tmp_path / "plain").queries
+    split_of = dict(zip(plain["laion_index"].to_list(), plain["split"].to_list()))
+    assert all(split_of[i] == sp for i, sp in zip(q["laion_index"].to_list(), q["split"].to_list()))
+    assert plain["rule"].null_count() == plain.height and not (tmp_path / "plain" / "bm25_losses.json").exists()
+
+
+def test_reword_from_the_command_line(tmp_path, capsys):
+    from engine.cli import main
+
+    mem = _product_csv(tmp_path / "m.csv", 8)
+    assert main(["bench", "import-memorized", str(mem), "--out", str(tmp_path / "rw"), "--reword", "2",
+                 "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "where BM25 loses, per rewording rule" in err and "recall@1" in err
+    assert main(["bench", "import-memorized", str(mem), "--out", str(tmp_path / "x"), "--reword", "-1"]) == 2
+    assert "--reword" in capsys.readouterr().err
+    with pytest.raises(engine.AttribError, match="reword must be at most 64"):
+        import_memorized(mem, tmp_path / "y", reword=65)
+    with pytest.raises(engine.AttribError, match="split_seed must be an integer >= 0"):
+        import_memorized(mem, tmp_path / "z", split_seed=-1)
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     good = _tricky_csv(tmp_path / "good.csv")
 

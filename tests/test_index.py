@@ -80,7 +80,8 @@ def test_weights_file_for_other_models_is_refused(idx, tmp_path):
 
 
 RESULT_KEYS = {"rank", "row", "id", "image", "caption", "score", "above_threshold", "evidence", "ranks"}
-EVIDENCE_KEYS = {"clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25"}
+EVIDENCE_KEYS = {"clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25", "phrase", "phrase_order", "fuzzy",
+                 "fuzzy_cover", "caption_clip", "caption_dups"}
 
 
 def test_cli_json_schema_is_stable(tiny_index, capsys):
@@ -96,11 +97,12 @@ def test_cli_json_schema_is_stable(tiny_index, capsys):
     assert {"likely_source", "threshold", "n_above", "label"} <= set(out["verdict"])
     assert len(out["results"]) == 4
     for i, r in enumerate(out["results"]):
-        assert RESULT_KEYS <= set(r) <= RESULT_KEYS | {"share"}
+        assert RESULT_KEYS | {"text"} <= set(r) <= RESULT_KEYS | {"share", "text"}
+        assert set(r["text"]) == {"words", "phrases", "spans", "duplicates"}
         assert r["rank"] == i + 1 and isinstance(r["id"], str) and isinstance(r["score"], float)
         assert set(r["evidence"]) == EVIDENCE_KEYS
         assert all(v is None or isinstance(v, float) for v in r["evidence"].values())
-        assert set(r["ranks"]) == {"clip", "dino", "bm25"}
+        assert set(r["ranks"]) == set(engine.main_rankers())
     assert {"encode_clip_image", "encode_clip_text", "encode_dino", "candidates", "features", "fusion",
             "total"} <= set(out["timings_ms"])
     # the table view prints the same results for people

@@ -38,7 +38,8 @@ def test_ranker_contract(idx, tiny_index, name):
 def test_unknown_ranker_lists_valid_names(idx):
     with pytest.raises(engine.UnknownNameError, match="unknown ranker 'sift'; valid choices: ") as e:
         idx.rank("sift", QueryInput(), 5)
-    assert set(str(e.value).split(": ")[1].split(", ")) == {"clip", "clip_text", "dino", "bm25"}
+    assert set(str(e.value).split(": ")[1].split(", ")) == {"clip", "clip_text", "dino", "bm25", "phrase", "fuzzy",
+                                                             "caption_clip", "caption_dups"}
 
 
 def test_bm25_without_prompt_is_empty_and_image_rankers_without_image_take_no_part(idx):
@@ -85,7 +86,7 @@ def test_query_syntax_cannot_change_the_meaning(idx):
     # operators and field names are plain words: the same as typing the words without the punctuation
     plain = idx.encode_query(None, "caption red and circle 5")
     syntax = idx.encode_query(None, 'caption:"red" AND circle^5~')
-    assert syntax.get("terms") == plain.get("terms") == ["caption", "red", "circl", "5"]
+    assert syntax.get("terms") == plain.get("terms") == ["caption", "red", "and", "circl", "5"]
     a, b = idx.rank("bm25", plain, 10), idx.rank("bm25", syntax, 10)
     np.testing.assert_array_equal(a.rows, b.rows)
     assert idx.encode_query(None, "row:3").get("terms") == ["row", "3"]

@@ -74,10 +74,12 @@ def test_registration_is_checked():
 
 
 def test_builtin_lists_come_from_the_registry():
-    assert engine.main_rankers() == ("clip", "dino", "bm25")
-    assert engine.pool_rankers() == ("clip", "clip_text", "dino", "bm25")
-    assert engine.feature_names() == ("clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25")
-    assert len(engine.feature_specs()) == 5 * 5 + 3  # five cosines with nd/ndz, one score
+    assert engine.main_rankers() == ("clip", "dino", "bm25", "phrase", "fuzzy", "caption_clip")
+    assert engine.rankers.rrf_rankers() == ("clip", "dino", "bm25")  # the text signals are left to learned fusion
+    assert engine.pool_rankers() == ("clip", "clip_text", "dino", "bm25", "fuzzy")
+    assert engine.feature_names() == ("clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25", "phrase",
+                                      "phrase_order", "fuzzy", "fuzzy_cover", "caption_clip", "caption_dups")
+    assert len(engine.feature_specs()) == 10 * 5 + 2 * 3  # ten cosines with nd/ndz, two scores
 
 
 def test_a_toy_ranker_reaches_every_part_of_the_engine(toy, long_caption_index, tiny, tmp_path, capsys):

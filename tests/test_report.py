@@ -194,6 +194,31 @@ def test_highlight_marks_shared_words_inside_escaped_text():
     assert highlight("word" * 1000, "", limit=50).endswith("…")
 
 
+def test_highlight_marks_shared_phrases_from_the_result_spans():
+    from engine.text import Analyzer, shared_text
+
+    cap = 'Red Mums <b>&</b> "Throw Pillows"'
+    spans = shared_text("a throw pillow with red mums", [cap], Analyzer())[0]["spans"]
+    assert highlight(cap, None, spans=spans) == (
+        '<span class="phrase"><mark>Red</mark> <mark>Mums</mark></span> &lt;b&gt;&amp;&lt;/b&gt; &quot;'
+        '<span class="phrase"><mark>Throw</mark> <mark>Pillows</mark></span>&quot;')
+    assert highlight(cap, None, limit=12, spans=spans) == (  # spans past the cut are dropped
+        '<span class="phrase"><mark>Red</mark> <mark>Mums</mark></span> &lt;b…')
+    assert highlight("no match", None, spans=[]) == "no match"
+
+
+def test_terminal_caption_marks_words_and_phrases():
+    from engine.report.text import _marked
+
+    cap = "Red Mums - [Throw] it\\"
+    spans = [[0, 8, "phrase"], [0, 3, "word"], [4, 8, "word"], [12, 17, "word"]]
+    t = _marked(cap, spans)
+    assert t.plain == cap  # markup-like text in a caption stays text
+    assert [(x.start, x.end, str(x.style)) for x in t.spans] == [
+        (0, 8, "underline"), (0, 3, "bold yellow"), (4, 8, "bold yellow"), (12, 17, "bold yellow")]
+    assert _marked("a" * 200, [[150, 160, "word"]]).spans == []  # past the cut
+
+
 def test_banner_only_for_untrained_models():
     assert "UNTRAINED" in banner({"profile": "tiny", "pretrained": False})
     assert "&lt;b&gt;" in banner({"profile": "<b>", "pretrained": False})
@@ -223,7 +248,7 @@ def test_query_report_is_safe_embedded_and_small(copy_world, full_result, tmp_pa
     shown = [r for r in res.results if r.caption in world.HOSTILE_CAPTIONS]
     assert len(shown) == len(world.HOSTILE_CAPTIONS)
     for r in shown:
-        assert highlight(r.caption, PROMPT) in page
+        assert highlight(r.caption, PROMPT, spans=r.text["spans"]) in page
         assert r.caption in text  # the parser reads it back as plain text
     assert "🐱 ünïcödé" in page
 
@@ -294,28 +319,36 @@ def test_report_of_20_large_photos_stays_small(tiny, tmp_path):
 def test_evidence_bars_and_ranks(copy_world, full_result, tmp_path):
     res = full_result
     page = write_query_report(copy_world["index"], res, tmp_path / "r.html").read_text(encoding="utf-8")
-    bm25_max = max(r.evidence["bm25"] for r in res.results if r.evidence["bm25"] is not None)
     r = next(r for r in res.results if r.id == copy_world["source_id"])
     html_card = card(page, r.id)
     widths = [float(x) for x in re.findall(r'<span style="width:([0-9.]+)%"></span>', html_card)]
     ev = r.evidence
     expect = []
-    for key in ("clip", "clip_text", "dino", "dino_patch", "dino_layout", "bm25"):
-        v = ev[key]
+    for f in engine.features():  # cosines on 0..1 as they are; scores against the largest among the results
+        v = ev[f.name]
         if v is None:
             continue
-        frac = v / bm25_max if key == "bm25" else v
+        top = max((x.evidence[f.name] for x in res.results if x.evidence[f.name] is not None), default=0)
+        frac = v if f.kind == "cosine" else (v / top if top > 0 else 0.0)
         expect.append(round(100 * min(1.0, max(0.0, frac)), 1))
+    assert len(expect) >= 9  # image, caption and text evidence
     assert widths == pytest.approx(expect, abs=0.051)
     assert f"{ev['clip']:.3f}" in html_card
     ranks = r.ranks
     line = re.search(r'<div class="ranks muted">ranks: (.*?)</div>', html_card).group(1)
     assert line == " · ".join(f"{n} {'#' + str(v) if v else '–'}" for n, v in ranks.items())
-    assert '<mark>mosaic</mark>' in html_card and '<mark>texture</mark>' in html_card
+    assert '<span class="phrase"><mark>mosaic</mark> <mark>texture</mark></span>' in html_card
+    assert "shared phrases: “mosaic texture”" in html_card and r.text["phrases"] == ["mosaic texture"]
+    # the duplicate count: a badge when other records share the caption's words
+    dup = dataclasses.replace(r, text=dict(r.text, duplicates=3))
+    page3 = write_query_report(copy_world["index"], dataclasses.replace(res, results=[dup]), tmp_path / "r3.html")
+    assert "caption shared by 3 other records" in page3.read_text(encoding="utf-8")
+    assert "caption shared by" not in html_card  # no duplicate in this world
     # a feature that is missing is drawn as n/a
+    n_na = sum(v is None for v in ev.values())
     fake = dataclasses.replace(res, results=[dataclasses.replace(r, evidence=dict(ev, clip_text=None, bm25=None))])
     page2 = write_query_report(copy_world["index"], fake, tmp_path / "r2.html").read_text(encoding="utf-8")
-    assert page2.count('class="bar na"') == 2 and page2.count(">n/a<") == 2
+    assert page2.count('class="bar na"') == n_na + 2 and page2.count(">n/a<") == n_na + 2
 
 
 def test_known_copy_lights_up_where_it_sits(copy_world, full_result, tmp_path):

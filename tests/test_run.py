@@ -6,6 +6,7 @@ import json
 import polars as pl
 
 from engine.cli import main
+from engine.rankers import main_rankers
 
 
 def test_bench_run_json_schema_and_report(bench, cache, tmp_path, capsys):
@@ -13,7 +14,7 @@ def test_bench_run_json_schema_and_report(bench, cache, tmp_path, capsys):
                "--report", str(tmp_path / "rep")])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    rankers = {"clip", "dino", "bm25", "rrf", "fused"}
+    rankers = {*main_rankers(), "rrf", "fused"}  # every registered main ranker, alone, and both fusions
     metrics = {"recall@1", "recall@5", "recall@10", "map@100", "mrr", "ndcg@10"}
     assert {"metrics", "ci95", "by_kind", "novel", "n_queries", "models"} <= set(out)
     assert set(out["metrics"]) == rankers and set(out["ci95"]) == rankers

@@ -57,7 +57,7 @@ def test_weights_file_records_provenance_and_round_trips(bench, bidx, tmp_path, 
     assert w.features == list(engine.feature_specs()) and w.models["fingerprint"] == idx.fingerprint
     p = w.provenance
     assert p["benchmark"] == str(bench) and p["metric"] == "map@50" and p["benchmark_sha256"] == b.content_hash
-    assert set(p["scores"]) == {"tune", "test"} and set(p["scores"]["test"]) == {"clip", "dino", "bm25", "rrf", "fused"}
+    assert set(p["scores"]) == {"tune", "test"} and set(p["scores"]["test"]) == {*engine.main_rankers(), "rrf", "fused"}
     assert p["created"][:4].isdigit() and w.threshold is not None
     assert out["scores"]["test"]["fused"] == p["scores"]["test"]["fused"]
     # bench run and query use it; fused then differs from rrf

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._errors import FusionWeightsError
-from ..rankers import main_rankers
+from ..rankers import main_rankers, rrf_rankers
 from .rrf import rrf
 from .weighted import FusionWeights
 
@@ -42,7 +42,8 @@ class Fusion:
         if len(pool) == 0:
             return np.zeros(0)
         if self.weights is None:
-            return rrf(pool.ranker_scores, self.rrf_k)
+            left_out = set(main_rankers()) - set(rrf_rankers())  # main rankers left to learned fusion
+            return rrf({n: s for n, s in pool.ranker_scores.items() if n not in left_out}, self.rrf_k)
         return self.weights.score(pool.feats)
 
     def describe(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class Fusion:
                                f"seed {gen['seed']})" if gen else p.get("benchmark"))
         else:
             d["rrf_k"] = self.rrf_k
-            d["rankers"] = list(main_rankers())
+            d["rankers"] = list(rrf_rankers())
         return d
 
 
@@ -76,18 +77,23 @@ def _shipped() -> tuple[FusionWeights, ...]:
     return tuple(out)
 
 
-def shipped_weights_for(fingerprint: str) -> FusionWeights | None:
-    """The shipped weights learned for these exact models, if any (read once per process)."""
-    return next((w for w in _shipped() if w.models.get("fingerprint") == fingerprint), None)
+def shipped_weights_for(fingerprint: str, text_only: bool = False) -> FusionWeights | None:
+    """The shipped weights learned for these exact models, if any (read once per process). ``text_only``: for a
+    caption-only index or a prompt-only query, weights over text features only are preferred; otherwise they
+    are the last resort."""
+    mine = sorted((w for w in _shipped() if w.models.get("fingerprint") == fingerprint),
+                  key=lambda w: w.text_only != text_only)
+    return mine[0] if mine else None
 
 
-def resolve_fusion(weights: Any, fingerprint: str, where: str, rrf_k: int = 60) -> Fusion:
-    """``"auto"``: the shipped weights learned for these models, else RRF; ``"rrf"``/None: RRF; a path or
-    :class:`FusionWeights`: those weights (refused if learned for other models)."""
+def resolve_fusion(weights: Any, fingerprint: str, where: str, rrf_k: int = 60, text_only: bool = False) -> Fusion:
+    """``"auto"``: the shipped weights learned for these models (over text features only when ``text_only``:
+    a caption-only index or a prompt-only query, if such weights exist), else RRF; ``"rrf"``/None: RRF; a path
+    or :class:`FusionWeights`: those weights (refused if learned for other models)."""
     if weights is None or (isinstance(weights, str) and weights == "rrf"):
-        return Fusion(None, rrf_k, f"reciprocal rank fusion (k={rrf_k}) of {', '.join(main_rankers())}")
+        return Fusion(None, rrf_k, f"reciprocal rank fusion (k={rrf_k}) of {', '.join(rrf_rankers())}")
     if isinstance(weights, str) and weights == "auto":
-        w = shipped_weights_for(fingerprint)
+        w = shipped_weights_for(fingerprint, text_only)
         if w is None:
             return Fusion(None, rrf_k, f"no learned weights match these models: reciprocal rank fusion (k={rrf_k})")
         return Fusion(w, rrf_k, f"learned weights shipped with attrib ({w.name}), not plain RRF")

@@ -17,12 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import FusionWeightsError, ModelMismatchError
-from ..rankers import feature_names, get_feature
+from .._layout import component
+from ..rankers import RANKERS, feature_names, get_feature
 from ._normalize import TRANSFORMS, normalize
 from .logistic import standardize
 
 WEIGHTS_FORMAT = "attrib-fusion-weights"
 WEIGHTS_VERSION = 1
+
+
+def text_feature(name: str) -> bool:
+    """Whether feature ``name`` is text evidence: its ranker reads no store that grows with images."""
+    owner = next(c for _, c in RANKERS.items() if name in c.feature_names())
+    return not any(component(x).grows_with == "image" for x in owner.components)
 
 
 def parse_feature(spec: str) -> tuple[str, str]:
@@ -70,6 +77,12 @@ class FusionWeights:
 
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         return self.score_matrix(feature_matrix(feats, self.features, self.rrf_k))
+
+    @property
+    def text_only(self) -> bool:
+        """Whether every feature is text evidence (no ranker of its reads an image store): weights for caption-only
+        indexes and prompt-only queries, as ``attrib tune`` learns on a text-only benchmark."""
+        return all(text_feature(parse_feature(s)[0]) for s in self.features)
 
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
         return self.bias + standardize(X, self.mean, self.std) @ np.asarray(self.weights)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from .._reader import IndexReader
 from .._settings import QuerySettings
-from . import bm25, clip, dino  # noqa: F401 - the built-in rankers register themselves (display order: Ranker.order)
+
+# the built-in rankers register themselves (display order: Ranker.order)
+from . import bm25, caption_clip, caption_dups, clip, dino, fuzzy, phrase  # noqa: F401
 from ._base import (
     KINDS,
     RANKING_COLUMNS,
@@ -30,6 +32,7 @@ from ._registry import (
     pool_rankers,
     ranker_names,
     register_ranker,
+    rrf_rankers,
 )
 
 
@@ -39,5 +42,6 @@ def create_ranker(name: str, reader: IndexReader, settings: QuerySettings | None
 
 __all__ = ["RANKERS", "KINDS", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates", "RowFilter",
            "RANKING_COLUMNS",
-           "create_ranker", "register_ranker", "main_rankers", "pool_rankers", "features", "feature_names",
-           "feature_specs", "get_feature", "ranker_names", "ranking_order", "dense_candidates", "nan_array"]
+           "create_ranker", "register_ranker", "main_rankers", "rrf_rankers", "pool_rankers", "features",
+           "feature_names", "feature_specs", "get_feature", "ranker_names", "ranking_order", "dense_candidates",
+           "nan_array"]

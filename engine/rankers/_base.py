@@ -6,7 +6,7 @@ A ranker is one retrieval signal. It declares (as class attributes, read by the 
 * ``features``: the evidence values it computes for any candidate, each with a *kind* (see :data:`KINDS`)
   that says how fusion may transform it and how reports draw it;
 * ``first_stage``: whether it contributes candidates to the fused pool (a cheap search of the whole index);
-* ``main``: whether benchmarks report it on its own and RRF fuses it;
+* ``main``: whether benchmarks report it on its own and RRF fuses it (unless ``rrf`` is False);
 * ``components``: the index components it reads; ``encodings``: the query encodings it uses.
 
 and implements ``available`` (can it take part for this query?), a first stage (``dense_query`` for a
@@ -25,6 +25,7 @@ import polars as pl
 
 from .._reader import IndexReader
 from .._settings import QuerySettings
+from ..text import TextBatch
 
 RANKING_COLUMNS = ("query_id", "id", "score", "rank", "ranker")
 
@@ -193,6 +194,14 @@ class Candidates:
         """Patch cells (n_with_image, cells, dims) float32 of the rows that have an image."""
         return self._get("patches", lambda: self.reader.patch_cells(self.rows)[1])
 
+    def captions(self) -> list[str]:
+        """The rows' captions ("" when none), read once for every text ranker."""
+        return self._get("captions", lambda: [c or "" for c in self.reader.records(self.rows)["caption"].to_list()])
+
+    def caption_text(self) -> TextBatch:
+        """The captions folded and tokenized once (``engine.text.TextBatch``) for every text signal."""
+        return self._get("caption_text", lambda: TextBatch(self.captions()))
+
 
 class Ranker(ABC):
     """One retrieval signal (see the module docstring for what a ranker declares)."""
@@ -202,6 +211,7 @@ class Ranker(ABC):
     features: ClassVar[tuple[Feature, ...]] = ()
     first_stage: ClassVar[bool] = True  # contributes candidates to the fused pool
     main: ClassVar[bool] = False  # reported on its own by benchmarks and fused by RRF
+    rrf: ClassVar[bool] = True  # a main ranker that RRF fuses (False: reported on its own, left to learned fusion)
     components: ClassVar[tuple[str, ...]] = ()  # index components it reads (see engine._layout)
     encodings: ClassVar[tuple[str, ...]] = ()  # query encodings it uses (see engine._encode.ENCODINGS)
     background: ClassVar[bool] = False  # its work releases the GIL: the pool runs it on a helper thread

@@ -50,6 +50,11 @@ def main_rankers() -> tuple[str, ...]:
     return tuple(n for n, c in ranked_classes() if c.main)
 
 
+def rrf_rankers() -> tuple[str, ...]:
+    """Main rankers that reciprocal rank fusion fuses (the untrained baseline), in display order."""
+    return tuple(n for n, c in ranked_classes() if c.main and c.rrf)
+
+
 def pool_rankers() -> tuple[str, ...]:
     """Rankers whose first-stage candidates form the fused pool."""
     return tuple(n for n, c in ranked_classes() if c.first_stage)

@@ -1,8 +1,15 @@
 """BM25 over the training captions (tantivy), queried with the generating prompt."""
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 
+from .._stores import TextSink, TextStore
 from ._base import Candidates, Feature, QueryInput, Ranker, Ranking, RowFilter
 from ._registry import register_ranker
 
@@ -47,3 +54,21 @@ class Bm25Ranker(Ranker):
         s = feats["bm25"].copy()
         s[s <= 0] = np.nan  # a caption sharing no term with the prompt is not a BM25 match
         return s
+
+
+def caption_bm25(captions: Sequence[str], chain: str | None = None) -> TextStore:
+    """A throw-away BM25 index of ``captions`` (row = position) with an analysis chain (``engine.text.CHAINS``;
+    default: the chain new indexes use), searched exactly as an index's captions are: for comparing chains and
+    finding where BM25 loses without building a whole index. Its files are deleted with the returned store."""
+    folder = Path(tempfile.mkdtemp(prefix="attrib-bm25-"))
+    try:
+        sink = TextSink(folder, heap_bytes=15_000_000, chain=chain)
+        for i, c in enumerate(captions):
+            sink.add(i, c or "")
+        sink.close()
+        store = TextStore(folder, chain)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(store, shutil.rmtree, folder, True)
+    return store

@@ -57,11 +57,15 @@ def _words(text: str) -> set[str]:
     return {w.lower() for w in _WORD.findall(text or "")} - STOPWORDS
 
 
-def highlight(caption: str | None, prompt: str | None, limit: int = MAX_CAPTION) -> str:
-    """Escaped caption with the (non-stopword) words it shares with the prompt wrapped in <mark>."""
+def highlight(caption: str | None, prompt: str | None, limit: int = MAX_CAPTION, spans: list | None = None) -> str:
+    """Escaped caption with the (non-stopword) words it shares with the prompt wrapped in <mark>. With ``spans``
+    (a result's ``text["spans"]``: words and phrases found by the index's analysis chain, so "pillows" matches
+    "pillow"), those words are marked and each shared phrase is wrapped in ``<span class="phrase">``."""
     text = caption or ""
     if len(text) > limit:
         text = text[: limit - 1] + "…"
+    if spans is not None:
+        return _marked(text, spans)
     shared = _words(prompt or "")
     out, pos = [], 0
     for m in _WORD.finditer(text):
@@ -71,6 +75,39 @@ def highlight(caption: str | None, prompt: str | None, limit: int = MAX_CAPTION)
             pos = m.end()
     out.append(esc(text[pos:]))
     return "".join(out)
+
+
+def _marked(text: str, spans: list) -> str:
+    """``text`` escaped, with word spans in <mark> and phrase spans in <span class="phrase"> (spans past the end
+    of a cut caption are dropped; a phrase span holds whole words)."""
+    words = sorted((int(s), int(e)) for s, e, kind in spans if kind == "word" and int(e) <= len(text))
+    phrases = sorted((int(s), int(e)) for s, e, kind in spans if kind == "phrase" and int(e) <= len(text))
+    cuts = sorted({0, len(text)} | {x for w in words + phrases for x in w})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = esc(text[a:b])
+        if any(s <= a and b <= e for s, e in words):
+            piece = f"<mark>{piece}</mark>"
+        if any(s == a for s, _ in phrases):
+            out.append('<span class="phrase">')
+        out.append(piece)
+        if any(e == b for _, e in phrases):
+            out.append("</span>")
+    return "".join(out)
+
+
+def _text_html(text: dict | None) -> str:
+    """The shared phrases and the caption's duplicate count, under the highlighted caption."""
+    if not text:
+        return ""
+    parts = []
+    if text.get("phrases"):
+        parts.append("shared phrases: " + ", ".join(f"“{esc(p, 120)}”" for p in text["phrases"][:8]))
+    dups = text.get("duplicates")
+    if dups:
+        parts.append(f'<span class="badge warn">caption shared by {int(dups)} other record{"s" if dups != 1 else ""}'
+                     "</span>")
+    return f'<div class="textev muted"><small>{" · ".join(parts)}</small></div>' if parts else ""
 
 
 def _num(v: float | None, fmt: str = "{:.3f}") -> str:
@@ -356,7 +393,8 @@ def _result_card(r: Any, prompt: str, images: ImageEmbedder, q_img: Embedded, co
     head = (f'<header><span class="rank">#{int(r.rank)}</span><h3 class="id">{esc(rid, MAX_ID)}</h3>'
             f'<span>fused score <b>{_num(r.score, "{:.4f}")}</b></span>{"".join(badges)}</header>')
     left = (f'<div><div class="meta">{img_tag(thumb, f"record {rid}")}<div>'
-            f'<p class="caption">{highlight(r.caption, prompt)}</p>'
+            f'<p class="caption">{highlight(r.caption, prompt, spans=(r.text or {}).get("spans"))}</p>'
+            f'{_text_html(r.text)}'
             f'<div class="muted"><small>{esc(r.image or "no image", MAX_ID)}</small></div></div></div>'
             f'{_evidence_html(r.evidence or {}, scales)}{_ranks_html(r.ranks or {})}</div>')
     if r.image is None:

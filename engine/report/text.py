@@ -4,6 +4,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from ..rankers import features
 from ..ui import stderr_console
@@ -107,6 +108,15 @@ def _short(text: str | None, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _marked(caption: str | None, spans: list | None, n: int = 120) -> Text:
+    """The caption (cut to ``n`` characters) with shared words in bold yellow and shared phrases underlined."""
+    text = Text(_short(caption, n))
+    for s, e, kind in spans or []:
+        if int(e) <= len(text.plain):
+            text.stylize("underline" if kind == "phrase" else "bold yellow", int(s), int(e))
+    return text
+
+
 def print_attribution(res) -> None:
     """An :class:`engine.Attribution` as a verdict line and a table of results with their evidence."""
     c = stderr_console()
@@ -126,17 +136,21 @@ def print_attribution(res) -> None:
     with_share = any(r.share is not None for r in res.results)
     if with_share:
         t.add_column("share", justify="right")
-    t.add_column("evidence", overflow="fold", min_width=18)
+    t.add_column("evidence", overflow="fold", min_width=20)  # one signal per line
     t.add_column("caption", overflow="fold", max_width=48)
     labels = [(f.name, f.label) for f in features()]
     for r in res.results:
         e = r.evidence
         mark = "[green]●[/green] " if r.above_threshold else ""
-        ev = " · ".join(f"{label} {fmt_number(e[key])}" for key, label in labels if e.get(key) is not None)
+        ev = "\n".join(f"{label} {fmt_number(e[key])}" for key, label in labels if e.get(key) is not None)
         row = [str(r.rank), mark + escape(str(r.id)), fmt_number(r.score)]
         if with_share:
             row.append(f"{r.share:.0%}" if r.share is not None else "")
-        row += [escape(ev) or "-", escape(_short(r.caption, 120))]
+        cap = _marked(r.caption, (r.text or {}).get("spans"))
+        dups = (r.text or {}).get("duplicates")
+        if dups:
+            cap.append(f"\n(caption shared by {dups} other record{'s' if dups != 1 else ''})", style="dim")
+        row += [escape(ev) or "-", cap]
         t.add_row(*row)
     c.print(t)
     tm = res.timings_ms

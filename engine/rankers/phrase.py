@@ -1,0 +1,55 @@
+"""Phrase overlap: word bigrams shared by the prompt and the caption (order-aware text evidence)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..text import TextBatch, phrase_similarity
+from ._base import Candidates, Feature, QueryInput, Ranker
+from ._registry import register_ranker
+
+RERANK_DEPTH = 200  # BM25 candidates its own ranking re-ranks
+
+
+@register_ranker
+class PhraseRanker(Ranker):
+    """Overlap of the content-word bigrams of the prompt and of each caption (``engine.text.phrase_similarity``:
+    stop words skipped, words light-stemmed so that most inflections match): their Dice overlap, and the share
+    of the prompt's bigrams the caption has in the same order with a few words between. BM25 ignores word order;
+    these features do not: the same words in another order share no bigram. They need two content words in the
+    prompt. It adds no candidates to the fused pool; alone it re-ranks BM25's best ``RERANK_DEPTH`` by Dice."""
+
+    name = "phrase"
+    label = "phrase"
+    features = (
+        Feature("phrase", "cosine", "phrase", "Dice overlap of prompt and caption word bigrams (order-aware)"),
+        Feature("phrase_order", "cosine", "phrase order", "share of the prompt's word pairs in the caption in order, "
+                                                          "up to 3 words apart"),
+    )
+    main = True
+    rrf = False
+    first_stage = False
+    components = ("text", "serving")
+    encodings = ("terms",)
+    style = "tab:brown"
+    order = 42
+
+    def available(self, q: QueryInput) -> bool:
+        return bool(q.get("terms")) and len(TextBatch([q.prompt]).content_stems()[0]) >= 2
+
+    def first_stage_depth(self, depth: int) -> int:
+        return max(depth, RERANK_DEPTH)
+
+    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
+        return self.reader.text.search(q.get("terms") or [], n)[0]
+
+    def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
+        if not self.available(q):
+            nan = np.full(len(cands), np.nan, np.float32)
+            return {"phrase": nan, "phrase_order": nan.copy()}
+        dice, order = phrase_similarity(TextBatch([q.prompt]), cands.caption_text())
+        return {"phrase": dice, "phrase_order": order}
+
+    def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        s = feats["phrase"].copy()
+        s[s <= 0] = np.nan  # no shared bigram: not a phrase match
+        return s
