@@ -20,6 +20,7 @@ ENCODINGS: dict[str, str] = {
     "dino_global": "(2D,) L2-normalised DINOv2 global descriptor (centred CLS + patch mean)",
     "dino_cells": "(C, Dp) projected, L2-normalised DINOv2 patch cells",
     "terms": "list of analysed prompt terms (BM25); empty when the prompt is only stop words",
+    "prompt_text": "the prompt folded and tokenized (engine.text.TextBatch) for the phrase and trigram signals",
 }
 #: Encodings that are arrays (cached by benchmarks); the others are recomputed from the prompt.
 ARRAY_ENCODINGS = ("clip_image", "clip_text", "dino_global", "dino_cells")

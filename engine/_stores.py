@@ -134,6 +134,7 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
 TEXT_FIELD, ROW_FIELD, SEG_FIELD = "caption", "row", "seg"
 ANALYZER_DESC = DEFAULT_CHAIN  # the analysis chain new indexes use; the manifest's "text" entry records its name
 MAX_QUERY_TERMS = 256
+STOP_DF_MAX = 0.1  # a prompt's stop word is searched for only if at most this share of the captions has it
 
 
 def make_analyzer(chain: str | None = None) -> "tantivy.TextAnalyzer":
@@ -243,8 +244,12 @@ class TextStore:
         self.live = live
 
     def terms(self, prompt: str | None) -> list[str]:
-        """Distinct analysed terms of the prompt (none when it is empty or only stop words)."""
-        return self.analysis.terms(prompt, MAX_QUERY_TERMS)
+        """Distinct analysed terms of the prompt (none when it is empty or only stop words). Stop words stay only
+        where they are rare among the captions ("no", "by" in product titles): a common one ("a", "the") would
+        cost a walk over nearly every caption and says next to nothing."""
+        terms = self.analysis.terms(prompt, MAX_QUERY_TERMS)
+        stop, most = self.analysis.stop_terms, STOP_DF_MAX * self.num_docs
+        return [t for t in terms if t not in stop or self.doc_freq(t) <= most]
 
     def _terms_query(self, terms: list[str], fuzzy: dict[str, float] | None = None):
         """Should(every term). Stop-word terms only add to the score of captions that share a content term

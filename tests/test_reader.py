@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,19 @@ def test_damaged_and_foreign_folders_are_refused(small, tmp_path, capsys):
 
 def test_a_read_only_index_answers_queries(small, tmp_path):
     """chmod -R a-w (and a read-only tantivy lock file): queries work; writers say it is read-only."""
+    # a folder of its own under /tmp: pytest resets /tmp/pytest-of-USER to 0700 whenever another session starts
+    tmp_path = Path(tempfile.mkdtemp(prefix="attrib-ro-"))
+    try:
+        shutil.copytree(small.parent / "src", tmp_path / "src")
+        _read_only_index_answers_queries(small, tmp_path)
+    finally:
+        for p in [tmp_path, *tmp_path.rglob("*")]:
+            if not p.is_symlink():
+                os.chmod(p, 0o700)
+        shutil.rmtree(tmp_path)
+
+
+def _read_only_index_answers_queries(small: Path, tmp_path: Path) -> None:
     ro = Path(shutil.copytree(small, tmp_path / "ro"))
     user = []
     if os.geteuid() == 0:  # root ignores permissions: run the query as an unprivileged user

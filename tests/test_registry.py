@@ -70,7 +70,19 @@ def test_registration_is_checked():
     with pytest.raises(ValueError, match="already registered"):
         register_ranker(type("Clip2", (CaptionLengthRanker,),
                              {"name": "clip", "features": (Feature("c2", "score", "x"),)}))
-    assert "dup" not in RANKERS and "bad" not in RANKERS
+    with pytest.raises(ValueError, match=r"unknown index components \['captions'\]"):
+        register_ranker(type("Comp", (CaptionLengthRanker,), {"name": "comp", "components": ("captions",),
+                                                               "features": (Feature("c3", "score", "x"),)}))
+    assert "dup" not in RANKERS and "bad" not in RANKERS and "comp" not in RANKERS
+
+
+def test_text_features_follow_the_components_their_rankers_read():
+    """A feature is a text feature when its ranker reads no per-image component: what a caption-only index
+    (text-only fusion) can use."""
+    from engine.fusion.weighted import text_feature
+
+    text = {f.name for f in engine.features() if text_feature(f.name)}
+    assert text == {"bm25", "phrase", "phrase_order", "fuzzy", "fuzzy_cover", "caption_clip", "caption_dups"}
 
 
 def test_builtin_lists_come_from_the_registry():

@@ -81,3 +81,25 @@ def test_learned_fusion_beats_rrf_on_the_tune_split(bidx):
     res = learn(runs, {"fingerprint": idx.fingerprint})
     ev = evaluate(b, idx, "tune", weights=res.weights, progress=False, runs_by_split={"tune": runs})
     assert ev.result["metrics"]["fused"]["map@100"] >= ev.result["metrics"]["rrf"]["map@100"]
+
+
+def test_tuning_on_a_caption_only_benchmark_learns_text_weights(tmp_path, cache, capsys):
+    """A reworded caption-only benchmark (no images anywhere): the weights use text features only, say so, and
+    a caption-only index fuses with them instead of RRF over one ranker."""
+    from test_importer import _product_csv, _unmem_csv
+
+    from eval.importer import import_memorized
+
+    mem, unmem = _product_csv(tmp_path / "m.csv", 24), _unmem_csv(tmp_path / "u.csv", 12)
+    import_memorized(mem, tmp_path / "rw", unmemorized=unmem, reword=3, seed=4)
+    assert main(["tune", str(tmp_path / "rw"), "--models", "tiny", "--out", str(tmp_path / "w.json"), "--json",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    w = engine.FusionWeights.load(tmp_path / "w.json")
+    assert w.text_only and w.provenance["modality"] == "text"
+    assert {"clip", "dino", "dino_patch"} <= set(w.provenance["not_applicable"])
+    assert main(["bench", "run", str(tmp_path / "rw"), "--models", "tiny", "--weights", str(tmp_path / "w.json"),
+                 "--json", "--no-progress"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["fusion"]["fused"]["method"] == "weighted"
+    assert run["metrics"]["clip"]["recall@1"] is None and run["metrics"]["fused"]["recall@1"] is not None

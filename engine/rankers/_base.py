@@ -64,6 +64,14 @@ class QueryInput:
         return self.encodings.get(name)
 
 
+def prompt_text(q: QueryInput) -> TextBatch:
+    """The prompt folded and tokenized for the text signals, made once per query (the ``prompt_text`` encoding)."""
+    tb = q.encodings.get("prompt_text")
+    if tb is None:
+        tb = q.encodings["prompt_text"] = TextBatch([q.prompt])
+    return tb
+
+
 def ranking_order(rows: np.ndarray, scores: np.ndarray, k: int | None = None) -> np.ndarray:
     """Positions of the best ``k`` entries: score descending, ties broken by record row ascending (the row
     is the record's position in the index, i.e. source order). The one tie rule of every ranking."""

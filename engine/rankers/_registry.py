@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from .._layout import COMPONENTS
 from .._registry import Registry
 from ._base import KINDS, Feature, Ranker
 
@@ -28,6 +29,10 @@ def register_ranker(cls: R) -> R:
             raise ValueError(f"ranker {cls.name!r}: feature name {f.name!r} must be non-empty without ':'")
         if f.name in owned:
             raise ValueError(f"ranker {cls.name!r}: feature {f.name!r} is already computed by ranker {owned[f.name]!r}")
+    unknown = [c for c in cls.components if c not in {x.name for x in COMPONENTS}]
+    if unknown:  # the layout table (engine/_layout.py) names every index component a ranker can read
+        raise ValueError(f"ranker {cls.name!r} reads unknown index components {unknown}; valid components: "
+                         f"{', '.join(x.name for x in COMPONENTS)}")
     if cls.main and not cls.features:
         raise ValueError(f"ranker {cls.name!r} is a main ranker but declares no feature to score with")
     cls.label = cls.label or cls.name

@@ -22,6 +22,7 @@ class CaptionClipRanker(Ranker):
     first_stage = False
     components = ("caption_clip",)
     encodings = ("clip_text", "terms")
+    background = True  # numpy on caption embeddings, overlapping the image features of the calling thread
     style = "tab:olive"
     order = 46
 

@@ -20,7 +20,7 @@ class CaptionDupsRanker(Ranker):
     label = "duplicates"
     features = (Feature("caption_dups", "score", "duplicates", "other records whose caption has the same words"),)
     first_stage = False
-    components = ("caption_dups",)
+    components = ("caption_keys",)
     encodings = ("terms",)
     style = "tab:purple"
     order = 48

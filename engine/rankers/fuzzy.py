@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from ..text import TextBatch, trigram_similarity
-from ._base import Candidates, Feature, QueryInput, Ranker, Ranking, RowFilter
+from ..text import trigram_similarity
+from ._base import Candidates, Feature, QueryInput, Ranker, Ranking, RowFilter, prompt_text
 from ._registry import register_ranker
 
 RERANK_DEPTH = 200  # first-stage candidates its own ranking re-ranks
@@ -33,12 +33,13 @@ class FuzzyRanker(Ranker):
     main = True
     rrf = False
     components = ("text", "serving")
-    encodings = ("terms",)
+    encodings = ("terms", "prompt_text")
+    background = True  # numpy on text, overlapping the image features of the calling thread
     style = "tab:pink"
     order = 44
 
     def available(self, q: QueryInput) -> bool:
-        return bool(q.get("terms")) and len(TextBatch([q.prompt]).trigrams()[0]) > 0
+        return bool(q.get("terms")) and len(prompt_text(q).trigrams()[0]) > 0
 
     def first_stage_depth(self, depth: int) -> int:
         return max(depth, RERANK_DEPTH)
@@ -78,7 +79,7 @@ class FuzzyRanker(Ranker):
         if not self.available(q):
             nan = np.full(len(cands), np.nan, np.float32)
             return {"fuzzy": nan, "fuzzy_cover": nan.copy()}
-        dice, cover = trigram_similarity(TextBatch([q.prompt]), cands.caption_text())
+        dice, cover = trigram_similarity(prompt_text(q), cands.caption_text())
         return {"fuzzy": dice, "fuzzy_cover": cover}
 
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:

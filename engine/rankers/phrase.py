@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..text import TextBatch, phrase_similarity
-from ._base import Candidates, Feature, QueryInput, Ranker
+from ..text import phrase_similarity
+from ._base import Candidates, Feature, QueryInput, Ranker, prompt_text
 from ._registry import register_ranker
 
 RERANK_DEPTH = 200  # BM25 candidates its own ranking re-ranks
@@ -29,12 +29,13 @@ class PhraseRanker(Ranker):
     rrf = False
     first_stage = False
     components = ("text", "serving")
-    encodings = ("terms",)
+    encodings = ("terms", "prompt_text")
+    background = True  # numpy on text, overlapping the image features of the calling thread
     style = "tab:brown"
     order = 42
 
     def available(self, q: QueryInput) -> bool:
-        return bool(q.get("terms")) and len(TextBatch([q.prompt]).content_stems()[0]) >= 2
+        return bool(q.get("terms")) and len(prompt_text(q).content_stems()[0]) >= 2
 
     def first_stage_depth(self, depth: int) -> int:
         return max(depth, RERANK_DEPTH)
@@ -46,7 +47,7 @@ class PhraseRanker(Ranker):
         if not self.available(q):
             nan = np.full(len(cands), np.nan, np.float32)
             return {"phrase": nan, "phrase_order": nan.copy()}
-        dice, order = phrase_similarity(TextBatch([q.prompt]), cands.caption_text())
+        dice, order = phrase_similarity(prompt_text(q), cands.caption_text())
         return {"phrase": dice, "phrase_order": order}
 
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
