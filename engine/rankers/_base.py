@@ -286,3 +286,16 @@ def dense_candidates(reader: IndexReader, store: str, vec: np.ndarray | None, n:
     if vec is None or n <= 0:
         return np.zeros(0, np.int64)
     return reader.search(store, vec, n, None if exclude is None else exclude.rows)[0][0]
+
+
+class CaptionReranker(Ranker):
+    """A text ranker whose standalone ranking re-orders the captions BM25 finds for the prompt (its best
+    ``rerank_depth``) by the ranker's own score: its first stage is the BM25 term query."""
+
+    rerank_depth: ClassVar[int] = 200  # BM25 candidates its own ranking re-orders
+
+    def first_stage_depth(self, depth: int) -> int:
+        return max(depth, self.rerank_depth)
+
+    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
+        return self.reader.text.search(q.get("terms") or [], n)[0]

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Candidates, Feature, QueryInput, Ranker
+from ._base import Candidates, CaptionReranker, Feature, QueryInput
 from ._registry import register_ranker
-
-RERANK_DEPTH = 200  # BM25 candidates its own ranking orders
 
 
 @register_ranker
-class CaptionDupsRanker(Ranker):
+class CaptionDupsRanker(CaptionReranker):
     """The number of other records whose caption has the same words (case, accents, punctuation, repeats and
     order ignored). Heavily duplicated captions are the ones text-to-image models memorize, so it is evidence
     about the record, whatever the prompt: shown with every prompt query and left to learned fusion. It adds no
@@ -27,12 +25,6 @@ class CaptionDupsRanker(Ranker):
 
     def available(self, q: QueryInput) -> bool:
         return bool(q.get("terms")) and self.reader.captions.has_dups
-
-    def first_stage_depth(self, depth: int) -> int:
-        return max(depth, RERANK_DEPTH)
-
-    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
-        return self.reader.text.search(q.get("terms") or [], n)[0]
 
     def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
         if not self.available(q):

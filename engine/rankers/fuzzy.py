@@ -7,16 +7,15 @@ import math
 import numpy as np
 
 from ..text import trigram_similarity
-from ._base import Candidates, Feature, QueryInput, Ranker, Ranking, RowFilter, prompt_text
+from ._base import Candidates, CaptionReranker, Feature, QueryInput, Ranking, RowFilter, prompt_text
 from ._registry import register_ranker
 
-RERANK_DEPTH = 200  # first-stage candidates its own ranking re-ranks
 MIN_FUZZY_LEN = 4  # shorter unknown terms are not matched fuzzily (too many neighbours within one edit)
 MAX_FUZZY_TERMS = 8  # unknown terms matched fuzzily per prompt at most (each is a dictionary walk)
 
 
 @register_ranker
-class FuzzyRanker(Ranker):
+class FuzzyRanker(CaptionReranker):
     """Overlap of the distinct character trigrams of the prompt and of each caption (lower-cased, accents folded,
     everything but letters and digits removed, so "fire place" = "fireplace"): their Dice overlap, and the share
     of the prompt's trigrams the caption has (``engine.text.trigram_similarity``). Its first stage is a
@@ -40,9 +39,6 @@ class FuzzyRanker(Ranker):
 
     def available(self, q: QueryInput) -> bool:
         return bool(q.get("terms")) and len(prompt_text(q).trigrams()[0]) > 0
-
-    def first_stage_depth(self, depth: int) -> int:
-        return max(depth, RERANK_DEPTH)
 
     def _unknown(self, terms: list[str]) -> dict[str, float]:
         """Prompt terms no caption has -> the boost of their fuzzy matches (the IDF of a term in one caption)."""

@@ -4,19 +4,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..text import phrase_similarity
-from ._base import Candidates, Feature, QueryInput, Ranker, prompt_text
+from ._base import Candidates, CaptionReranker, Feature, QueryInput, prompt_text
 from ._registry import register_ranker
-
-RERANK_DEPTH = 200  # BM25 candidates its own ranking re-ranks
 
 
 @register_ranker
-class PhraseRanker(Ranker):
+class PhraseRanker(CaptionReranker):
     """Overlap of the content-word bigrams of the prompt and of each caption (``engine.text.phrase_similarity``:
     stop words skipped, words light-stemmed so that most inflections match): their Dice overlap, and the share
     of the prompt's bigrams the caption has in the same order with a few words between. BM25 ignores word order;
     these features do not: the same words in another order share no bigram. They need two content words in the
-    prompt. It adds no candidates to the fused pool; alone it re-ranks BM25's best ``RERANK_DEPTH`` by Dice."""
+    prompt. It adds no candidates to the fused pool; alone it re-ranks BM25's best ``rerank_depth`` by Dice."""
 
     name = "phrase"
     label = "phrase"
@@ -36,12 +34,6 @@ class PhraseRanker(Ranker):
 
     def available(self, q: QueryInput) -> bool:
         return bool(q.get("terms")) and len(prompt_text(q).content_stems()[0]) >= 2
-
-    def first_stage_depth(self, depth: int) -> int:
-        return max(depth, RERANK_DEPTH)
-
-    def candidates(self, q: QueryInput, n: int) -> np.ndarray:
-        return self.reader.text.search(q.get("terms") or [], n)[0]
 
     def featurize(self, q: QueryInput, cands: Candidates) -> dict[str, np.ndarray]:
         if not self.available(q):
