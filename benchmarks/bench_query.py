@@ -8,6 +8,9 @@ encoding; the captions are generated, realistic-length text for BM25. In one run
 (b) warm end-to-end `Index.query` latency (decode, encode, candidates, features, fusion, metadata), p50/p95;
 the overhead b - a at p50 (target <= 30 ms); and the search-only latency (`Index.search` on an encoded query)
 at 10,000 and 100,000 records (target <= 20 ms p50 at 100,000).
+(c) the cost of the text rankers of issue 9 (phrase, fuzzy, caption_clip, caption_dups) at 100,000 records: the
+same index searched with and without them, alternately, so that machine noise hits both alike (target <= +5 ms
+p50). Their caption embeddings are random unit vectors (the cost does not depend on the values).
 """
 from __future__ import annotations
 
@@ -20,6 +23,19 @@ from pathlib import Path
 import numpy as np
 from _common import pct, save, table
 
+TEXT_RANKERS = ("phrase", "fuzzy", "caption_clip", "caption_dups")  # issue 9's rankers, toggled in (c)
+
+
+def random_text_encoder(dim: int):
+    """Stands in for CLIP's text encoder at index time: a random unit vector per caption."""
+    rng = np.random.default_rng(7)
+
+    def encode(captions: list[str]) -> np.ndarray:
+        v = rng.standard_normal((len(captions), dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    return encode
+
 
 def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
     """n records with random unit vectors and generated captions, written with the real IndexWriter."""
@@ -27,7 +43,7 @@ def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
     from engine.scenes import caption_of, random_scene
 
     settings = engine.IndexSettings()
-    w = engine.IndexWriter(out, enc.identity, settings)
+    w = engine.IndexWriter(out, enc.identity, settings, caption_encoder=random_text_encoder(enc.clip_dim))
     cells = settings.patch_grid ** 2
     d, dc = enc.dino_dim, enc.clip_dim
     bs = 1000
@@ -125,6 +141,22 @@ def main() -> None:
         big = engine.open_index(work / "large")
         big.use_encoders(enc)
         s_large = search_only(big)
+
+        # (c) the text rankers of issue 9 on and off, alternately, on the same index and queries
+        base = engine.open_index(work / "large")
+        base.use_encoders(enc)
+        for name in TEXT_RANKERS:
+            base.rankers.pop(name)
+        fus_on, fus_off = big.resolve_fusion("auto"), base.resolve_fusion("auto")
+        on_ms, off_ms = [], []
+        for i in range(2 * args.runs + 2):
+            q = encoded[(i // 2) % len(encoded)]
+            index, fus, out = (big, fus_on, on_ms) if i % 2 == 0 else (base, fus_off, off_ms)
+            t0 = time.perf_counter()
+            index.search(q, k=10, fusion=fus)
+            out.append((time.perf_counter() - t0) * 1e3)
+        on_ms, off_ms = on_ms[1:], off_ms[1:]  # the first of each warms up
+        pool_sizes = [len(big.pool(q)) for q in encoded]
         parts = {k: [] for k in ("candidates", "features", "fusion", "metadata")}
         fus = big.resolve_fusion("auto")
         for q in encoded:
@@ -141,7 +173,13 @@ def main() -> None:
             (f"search-only at {args.records:,} (p50 / p95)", f"{pct(s_small, 50):.1f} / {pct(s_small, 95):.1f} ms", ""),
             (f"search-only at {args.large:,} (p50 / p95)", f"{pct(s_large, 50):.1f} / {pct(s_large, 95):.1f} ms",
              "<= 20 ms p50"),
-        ] + [(f"  {k} at {args.large:,} (p50)", f"{pct(v, 50):.1f} ms", "") for k, v in parts.items()]
+        ] + [(f"  {k} at {args.large:,} (p50)", f"{pct(v, 50):.1f} ms", "") for k, v in parts.items()] + [
+            (f"(c) search-only at {args.large:,} without the text rankers (p50)", f"{pct(off_ms, 50):.1f} ms", ""),
+            (f"(c) search-only at {args.large:,} with them (p50)", f"{pct(on_ms, 50):.1f} ms", ""),
+            ("(c) text rankers' cost at p50 (with - without)", f"{pct(on_ms, 50) - pct(off_ms, 50):+.1f} ms",
+             "<= +5 ms"),
+            ("    pool size (candidates per query, mean)", f"{np.mean(pool_sizes):.0f}", ""),
+        ]
         table(f"bench_query ({args.models}{', UNTRAINED weights' if untrained else ''}, fusion: {fus.method})", rows)
         path = save("bench_query", {
             "models": args.models, "untrained": untrained, "records": args.records, "large_records": args.large,
@@ -152,6 +190,11 @@ def main() -> None:
                                "large": {"p50": pct(s_large, 50), "p95": pct(s_large, 95)}},
             "target_search_large_p50_ms": 20,
             "large_stage_p50_ms": {k: pct(v, 50) for k, v in parts.items()},
+            "text_rankers": list(TEXT_RANKERS),
+            "text_rankers_ms": {"with": {"p50": pct(on_ms, 50), "p95": pct(on_ms, 95)},
+                                "without": {"p50": pct(off_ms, 50), "p95": pct(off_ms, 95)},
+                                "cost_p50": pct(on_ms, 50) - pct(off_ms, 50)},
+            "target_text_rankers_cost_p50_ms": 5, "pool_size_mean": float(np.mean(pool_sizes)),
             "build_seconds": {"small": build_small, "large": build_large},
         })
         print(f"saved {path}")

@@ -227,21 +227,32 @@ class IndexReader:
     def records(self, rows: np.ndarray) -> pl.DataFrame:
         """id, image, caption of the given rows, in that order (only their pages of the files are read)."""
         rows = np.asarray(rows, np.int64)
-        schema = {"id": pl.String, "image": pl.String, "caption": pl.String}
         if len(rows) == 0:
-            return pl.DataFrame(schema=schema)
+            return pl.DataFrame(schema={"id": pl.String, "image": pl.String, "caption": pl.String})
+        return pl.from_arrow(self._serving(rows))  # type: ignore[return-value]
+
+    def caption_texts(self, rows: np.ndarray) -> list[str | None]:
+        """The captions of the given rows, in that order (what the text rankers read for every candidate: no
+        DataFrame is made)."""
+        rows = np.asarray(rows, np.int64)
+        return self._serving(rows).column("caption").to_pylist() if len(rows) else []
+
+    def _serving(self, rows: np.ndarray) -> pa.Table:
+        """The serving columns of live rows, in the order given, checked against their CRCs."""
         seg, local = self._locate(rows)
         if np.any(seg < 0):
             raise IndexFormatError(f"rows {rows[seg < 0][:5].tolist()} are not live records of index {self.path}")
+        if len(self.segments) == 1 or np.all(seg == seg[0]):  # one segment: it keeps the order given
+            return self.segments[int(seg[0])].serving(local)
         parts, order = [], []
         for s in np.unique(seg):
             sel = np.flatnonzero(seg == s)
             parts.append(self.segments[s].serving(local[sel]))
             order.append(sel)
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        table = pa.concat_tables(parts)
         inverse = np.empty(len(rows), np.int64)
         inverse[np.concatenate(order)] = np.arange(len(rows))
-        return pl.from_arrow(table.take(pa.array(inverse)))  # type: ignore[return-value]
+        return table.take(pa.array(inverse))
 
     def live_rows(self) -> np.ndarray:
         """Every live row, ascending."""

@@ -204,7 +204,7 @@ class Candidates:
 
     def captions(self) -> list[str]:
         """The rows' captions ("" when none), read once for every text ranker."""
-        return self._get("captions", lambda: [c or "" for c in self.reader.records(self.rows)["caption"].to_list()])
+        return self._get("captions", lambda: [c or "" for c in self.reader.caption_texts(self.rows)])
 
     def caption_text(self) -> TextBatch:
         """The captions folded and tokenized once (``engine.text.TextBatch``) for every text signal."""
