@@ -230,7 +230,7 @@ def build_index(
             writer.rejects.flush()
             kept = " (the index was left as it was)" if mode == "append" else ""
             raise EmptyCorpusError(_empty_message(src, folder) + kept)
-        manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source})
+        manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source, "engine": "local"})
         remove(folder / "incoming")  # what an interrupted distributed build (engine._cluster) had not committed
     except BaseException:
         writer.abort()
@@ -348,7 +348,8 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
     def commit_if_full() -> None:
         if writer.chunk_full(pending_images=n_img, pending_records=len(batch)):
             flush()
-            writer.commit({"consumed": consumed, "parts_done": dict(parts_done), "current_part": [part, part_items]})
+            writer.commit({"consumed": consumed, "parts_done": dict(parts_done), "current_part": [part, part_items],
+                           "engine": "local"})  # which engine can resume it (engine._ray checks)
 
     window = max(2 * settings.batch_size, 4 * max(1, settings.workers))
     total = None if src.count is None else max(0, src.count - skip)

@@ -260,15 +260,19 @@ def build_index_ray(
     src = open_source(source, settings.max_bytes)
     src_info = {"path": str(Path(source).expanduser().absolute()), "kind": src.kind, "fingerprint": src.fingerprint,
                 "records": src.count, "started": now_iso()}
+    if device is not None and device.startswith("cuda") and not cs.gpus_per_worker:
+        raise AttribError(f"--device {device} needs GPUs on the workers: give --gpus-per-worker (e.g. 1)")
+    if device is None:
+        device = "cuda" if cs.gpus_per_worker > 0 else "cpu"
     mode, folder = _plan(out, overwrite, append, src_info)
     if mode in ("resume", "overwrite") and (folder / "manifest.json").exists():
         b = read_manifest(folder)["build"]
         if not b.get("complete") and b.get("engine") != "ray":
-            raise AttribError(f"the unfinished build in {folder} was started with the local engine; finish it with "
-                              f"the same command without --engine ray, or pass --overwrite to start again")
+            if mode == "resume":
+                raise AttribError(f"the unfinished build in {folder} was started with the local engine; finish it "
+                                  f"with the same command without --engine ray, or pass --overwrite to start again")
+            remove(folder)  # an interrupted local --overwrite build beside the index: this one starts again
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if device is None:
-        device = "cuda" if cs.gpus_per_worker > 0 else "cpu"
     started = _start(ray, cs)
     pool = writer = None
     try:
