@@ -191,14 +191,16 @@ def incoming_codebooks(generation: int) -> str:
 
 
 class _UnitWriter(IndexWriter):
-    """The local writer's collection code (batches, the projection fit, codebook training) for one unit, without
-    a folder: no lock, no caption index, no manifest. Its records take the unit's rows; a bootstrap unit trains
-    the codebooks at the first full chunk exactly like a local build's first commit, and everything it collects
-    becomes one segment."""
+    """The local writer's collection code (batches, the projection fit, codebook training, the captions' CLIP
+    text embeddings) for one unit, without a folder: no lock, no caption index, no manifest. Its records take the
+    unit's rows; a bootstrap unit trains the codebooks at the first full chunk exactly like a local build's first
+    commit, and everything it collects becomes one segment."""
 
     def __init__(self, identity: dict, settings: IndexSettings, extra_schema: dict, codebooks: Codebooks | None,
-                 first_row: int, expected_images: int) -> None:  # noqa: D107 - no super(): nothing on disk
+                 first_row: int, expected_images: int,
+                 caption_encoder=None) -> None:  # noqa: D107 - no super(): nothing on disk
         self.identity = identity
+        self.caption_encoder = caption_encoder  # Encoders.encode_texts, as the local build gives its writer
         self.extra_schema = dict(extra_schema)
         self.source = {}
         self.clip_dim = int(identity["clip"]["dim"])
@@ -240,7 +242,8 @@ class _UnitWriter(IndexWriter):
         if self.codebooks is None:
             self._train_codebooks(clip, dino, cells)
         if self._records:
-            self.chunks.append(Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells))
+            self.chunks.append(Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells,
+                                     self._caption_vectors()))
         self._reset_chunk()
         return {}
 
@@ -251,9 +254,10 @@ class _UnitWriter(IndexWriter):
         if len(self.chunks) == 1:
             return self.chunks[0]
         c = self.chunks
+        captions = None if any(x.captions is None for x in c) else np.concatenate([x.captions for x in c])
         return Chunk(pa.concat_tables([x.table for x in c]), np.concatenate([x.image_rows for x in c]),
                      np.concatenate([x.clip for x in c]), np.concatenate([x.dino for x in c]),
-                     np.concatenate([x.cells for x in c]))
+                     np.concatenate([x.cells for x in c]), captions)
 
     def close(self) -> None:
         pass
@@ -274,7 +278,8 @@ def run_unit(unit: Unit, spec: JobSpec, encoders, codebooks: Codebooks | None) -
         raise AttribError(f"worker {socket.gethostname()} has other model weights (fingerprint "
                           f"{encoders.identity['fingerprint']}) than the build ({spec.fingerprint})")
     settings = spec.settings
-    w = _UnitWriter(encoders.identity, settings, spec.extra_schema, codebooks, unit.first_row, spec.expected_images)
+    w = _UnitWriter(encoders.identity, settings, spec.extra_schema, codebooks, unit.first_row, spec.expected_images,
+                    caption_encoder=encoders.encode_texts)
     items = [0] * len(unit.parts)
     accepted = 0
 
@@ -540,7 +545,9 @@ def drop_rows(folder: Path, entry: dict, drop: np.ndarray, cb: Codebooks) -> dic
                 stores[n] = index
             enc = EncodedChunk(table, irows[li], stores, {n: np.asarray(seg.refine[n][li]) for n in STORES},
                                np.asarray(seg.patches[li]), np.asarray(seg.record_crc)[keep],
-                               np.asarray(seg.image_sums)[li])
+                               np.asarray(seg.image_sums)[li],
+                               None if seg.caption_codes is None else np.asarray(seg.caption_codes)[keep],
+                               None if seg.caption_keys is None else np.asarray(seg.caption_keys)[keep])
     finally:
         seg.close()
     if enc is None:

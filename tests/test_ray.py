@@ -28,6 +28,7 @@ from engine._cluster import ClusterSettings, plan_units, valid_marker
 from engine._ingest import open_source
 from engine._layout import MANIFEST
 from engine._manifest import read_manifest
+from engine._reader import IndexReader
 from engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,40 @@ def assert_same_records(a: Path, b: Path, only: set[str] | None = None) -> None:
                 assert y is None
             else:
                 np.testing.assert_allclose(x, y, atol=1e-3, err_msg=rid)
+
+
+def caption_snapshot(index: Path) -> dict:
+    """id -> (caption text, caption CLIP embedding (None: none stored), caption key) of every live record."""
+    r = IndexReader(index)
+    try:
+        out = {}
+        for seg in r.segments:
+            local = np.arange(seg.n_records)
+            rows = np.asarray(seg.rows)
+            live = r.live.keep(rows)
+            table = seg.serving(local)
+            emb = seg.caption_vectors(local) if seg.caption_codes is not None else [None] * seg.n_records
+            keys = np.asarray(seg.caption_keys).tolist() if seg.caption_keys is not None else [None] * seg.n_records
+            for k, (rid, cap) in enumerate(zip(table.column("id").to_pylist(), table.column("caption").to_pylist())):
+                if live[k]:
+                    out[rid] = (cap, None if emb[k] is None else np.array(emb[k]), keys[k])
+        return out
+    finally:
+        r.close()
+
+
+def assert_same_captions(a: Path, b: Path, only: set[str] | None = None) -> None:
+    """The same caption embeddings (within fp16 rounding) and caption keys for the same ids; both indexes store
+    them (a build always encodes the captions with the CLIP text encoder)."""
+    ca, cb = caption_snapshot(a), caption_snapshot(b)
+    ids = set(ca) if only is None else set(only)
+    assert only is not None or set(ca) == set(cb)
+    for rid in ids:
+        (cap_a, emb_a, key_a), (cap_b, emb_b, key_b) = ca[rid], cb[rid]
+        assert cap_a == cap_b and key_a == key_b and key_a is not None, rid
+        assert emb_a is not None and emb_b is not None, rid
+        np.testing.assert_allclose(emb_a, emb_b, atol=1e-3, err_msg=rid)
+        assert (np.linalg.norm(emb_a) > 0.99) == bool((cap_a or "").strip()), rid  # zeros only for no caption
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -240,11 +275,13 @@ def test_a_killed_driver_resumes_skipping_committed_and_finished_units(tmp_path,
     assert s["mode"] == "resume" and s["engine"] == "ray" and s["records"] == 24 and s["startup_seconds"] > 0
     assert s["encoded_this_run"] == 24 - 4 * committed - 4 * len(finished)
     assert_same_index(ref, out, atol=1e-3)
+    assert_same_captions(ref, out)
     assert not (out / "incoming").exists() and read_manifest(out)["build"]["complete"]
 
     s2 = local_build(src, copy, tiny)  # the local engine finishes the interrupted distributed build
     assert s2.mode == "resume" and s2.records == 24 and s2.encoded_this_run == 24 - 4 * committed
     assert_same_index(ref, copy, atol=1e-3)
+    assert_same_captions(ref, copy)
 
 
 # ------------------------------------------------------------------------------------------- same index
@@ -256,6 +293,10 @@ def test_a_ray_build_equals_a_local_build(tmp_path, tiny, ray_session):
     assert (s.engine, s.mode, s.records, s.images, s.rejected, s.encoded_this_run) == ("ray", "build", 18, 18, 0, 18)
     assert s.startup_seconds > 0 and s.encode_seconds > 0 and s.segments == 1
     assert_same_index(tmp_path / "local", tmp_path / "ray", atol=1e-3)  # ids, rows, vectors, patch cells
+    assert_same_captions(tmp_path / "local", tmp_path / "ray")  # caption CLIP embeddings and caption keys
+    caps = caption_snapshot(tmp_path / "ray")
+    assert sum(bool((c or "").strip()) for c, _, _ in caps.values()) >= 10  # the check compares real embeddings
+    assert len({k for _, _, k in caps.values()}) > 1
     a, b = read_manifest(tmp_path / "local"), read_manifest(tmp_path / "ray")
     assert a["counts"] == b["counts"] and a["next_row"] == b["next_row"]
     assert a["codebooks"]["stores"] == b["codebooks"]["stores"] and a["dims"] == b["dims"]
@@ -298,6 +339,7 @@ def test_failing_units_become_rejects_dead_workers_are_replaced_and_duplicates_r
         [("img0010.png", CORRUPT), ("same", "duplicate id")]
     assert snapshot(tmp_path / "ray")["same"][0] == snapshot(tmp_path / "local")["same"][0] == 1  # the first wins
     assert_same_records(tmp_path / "local", tmp_path / "ray", only=ray_ids)
+    assert_same_captions(tmp_path / "local", tmp_path / "ray", only=ray_ids)  # also the segment rewritten at commit
     assert engine.verify(tmp_path / "ray", progress=False).ok
 
 
@@ -317,6 +359,7 @@ def test_append_on_ray_continues_rows_and_rejects_ids_the_index_has(tmp_path, ti
         assert s.mode == "append" and s.added_this_run == 7 and s.records == 12
         assert [(r["id"], r["reason"]) for r in world.rejects(out)] == [("img0002.png", "duplicate id")]
     assert_same_records(tmp_path / "local", tmp_path / "ray")
+    assert_same_captions(tmp_path / "local", tmp_path / "ray")
     rows = {k: v[0] for k, v in snapshot(tmp_path / "ray").items()}
     assert min(r for k, r in rows.items() if k.startswith(("rec-", "txt-"))) == 5  # rows continue the index's
     m = read_manifest(tmp_path / "ray")
