@@ -310,6 +310,17 @@ def test_a_ray_build_equals_a_local_build(tmp_path, tiny, ray_session):
     want = ref.query(image=q, prompt="a red circle", k=5, weights="rrf")
     assert [r.id for r in got.results] == [r.id for r in want.results]
     assert np.allclose([r.score for r in got.results], [r.score for r in want.results], atol=1e-3)
+    assert a["text"] == b["text"]  # the same analysis chain for the one caption index
+    caption = caps[sorted(caps)[0]][0]
+    for prompt in ("a red circle", caption):  # every ranker on its own: bm25 (the chain), caption_clip, dups...
+        qr, ql = idx.encode_query(q, prompt), ref.encode_query(q, prompt)
+        for name in engine.RANKERS.names():
+            got, want = idx.rank(name, qr, 8), ref.rank(name, ql, 8)
+            assert got.rows.tolist() == want.rows.tolist(), (name, prompt)
+            assert len(got.rows) or name not in ("bm25", "caption_clip", "clip", "dino"), (name, prompt)
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-3, err_msg=f"{name}: {prompt}")
+    idx.close()
+    ref.close()
 
 
 @needs_ray
