@@ -12,7 +12,8 @@ Steps (each printed as it runs):
     (one worker per node);
  4. once the driver has committed --kill-after units, SIGKILL every process of the second node (raylet,
     its worker, its agents): the units it held go to the surviving worker;
- 5. the driver must finish (exit 0) and its index must equal the reference (same ids, rows, vectors).
+ 5. the driver must finish (exit 0) and its index must equal the reference (same ids, rows, vectors, caption
+    CLIP embeddings and caption keys).
 Saves results/ray_two_nodes.json. The models are UNTRAINED with --models offline/tiny (the check is about the
 index being the same, which does not depend on training).
 """
@@ -67,17 +68,27 @@ def kill_session(sid: int, timeout: float = 60) -> int:
 
 
 def snapshot(index: Path) -> dict:
+    """id -> (row, clip vector, dino descriptor, patch cells, caption embedding, caption key) of every record."""
     import engine
 
-    r = engine.open_index(index).reader
+    idx = engine.open_index(index)
+    r = idx.reader
     rows, ids = r.all_ids()
     has, clip = r.vectors("clip", rows)
     _, dino = r.vectors("dino", rows)
     _, cells = r.patch_cells(rows)
+    captions = {}  # row -> (caption embedding, caption key), read segment by segment
+    for seg in r.segments:
+        local = np.arange(seg.n_records)
+        emb = seg.caption_vectors(local) if seg.caption_codes is not None else [None] * seg.n_records
+        keys = np.asarray(seg.caption_keys).tolist() if seg.caption_keys is not None else [None] * seg.n_records
+        for k, row in enumerate(np.asarray(seg.rows).tolist()):
+            captions[row] = (None if emb[k] is None else np.array(emb[k]), keys[k])
     out, j = {}, 0
     for row, rid, h in zip(rows.tolist(), ids.tolist(), has.tolist()):
-        out[rid] = (row, clip[j], dino[j], cells[j]) if h else (row, None, None, None)
+        out[rid] = ((row, clip[j], dino[j], cells[j]) if h else (row, None, None, None)) + captions[row]
         j += h
+    idx.close()
     return out
 
 
@@ -115,7 +126,8 @@ def main() -> None:
         head_cmd = [ray_bin, "start", "--head", "--num-cpus", "1", "--port", str(args.port), "--block",
                     "--include-dashboard=false", "--dashboard-agent-listen-port", "52401"]
         node_cmd = [ray_bin, "start", "--address", addr, "--num-cpus", "1", "--block",
-                    "--dashboard-agent-listen-port", "52402", "--min-worker-port", "21000", "--max-worker-port", "21999"]
+                    "--dashboard-agent-listen-port", "52402", "--min-worker-port", "21000",
+                    "--max-worker-port", "21999"]
         say("head:   " + " ".join(head_cmd[1:]))
         nodes["head"] = subprocess.Popen(head_cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                          stderr=open(work / "head.log", "w"))
@@ -148,11 +160,19 @@ def main() -> None:
         result["summary"] = {k: summary[k] for k in ("records", "images", "rejected", "reject_reasons", "segments",
                                                      "encoded_this_run", "startup_seconds", "seconds")}
         a, b = snapshot(ref), snapshot(out)
-        diffs = [float(np.abs(x - y).max()) for k in a if k in b for x, y in zip(a[k][1:], b[k][1:])
+        diffs = [float(np.abs(x - y).max()) for k in a if k in b for x, y in zip(a[k][1:5], b[k][1:5])
                  if x is not None and y is not None]
+        cap_diffs = [float(np.abs(a[k][4] - b[k][4]).max()) for k in a
+                     if k in b and a[k][4] is not None and b[k][4] is not None]
         result.update(same_ids=set(a) == set(b), same_rows=all(a[k][0] == b.get(k, (None,))[0] for k in a),
-                      records=[len(a), len(b)], max_abs_vector_diff=max(diffs) if diffs else None)
-        ok = result["same_ids"] and result["same_rows"] and (result["max_abs_vector_diff"] or 0) <= 1e-3
+                      records=[len(a), len(b)], max_abs_vector_diff=max(diffs) if diffs else None,
+                      caption_embeddings=[sum(v[4] is not None for v in a.values()),
+                                          sum(v[4] is not None for v in b.values())],
+                      max_abs_caption_diff=max(cap_diffs) if cap_diffs else None,
+                      same_caption_keys=all(a[k][5] == b[k][5] and a[k][5] is not None for k in a if k in b))
+        ok = result["same_ids"] and result["same_rows"] and (result["max_abs_vector_diff"] or 0) <= 1e-3 \
+            and result["caption_embeddings"] == [len(a), len(b)] and result["same_caption_keys"] \
+            and (result["max_abs_caption_diff"] or 0) <= 1e-3
         result["same_index"] = bool(ok)
         untrained = args.models in ("offline", "tiny")
         table(f"ray_two_nodes ({args.models}{', UNTRAINED weights' if untrained else ''})", [
@@ -162,6 +182,9 @@ def main() -> None:
             ("records: local / ray", f"{len(a)} / {len(b)}", "equal"),
             ("same ids, same rows", f"{result['same_ids']}, {result['same_rows']}", "True, True"),
             ("max |vector difference|", f"{result['max_abs_vector_diff']:.2e}", "<= 1e-3 (fp16)"),
+            ("caption embeddings: local / ray", "{} / {}".format(*result["caption_embeddings"]), "every record"),
+            ("max |caption embedding difference|", f"{result['max_abs_caption_diff']:.2e}", "<= 1e-3 (fp16)"),
+            ("same caption keys", str(result["same_caption_keys"]), "True"),
             ("rejected (units failed)", str(summary["rejected"]), "0"),
             ("local build / ray build (with start-up)", f"{result['local_seconds']:.1f} s / "
                                                         f"{result['ray_seconds']:.1f} s", ""),
@@ -171,7 +194,7 @@ def main() -> None:
         if not ok:
             raise SystemExit(1)
     finally:
-        for name, p in nodes.items():
+        for p in nodes.values():
             if p.poll() is None or session_pids(p.pid):
                 kill_session(p.pid)
         shutil.rmtree(work, ignore_errors=True)
