@@ -7,7 +7,8 @@ Usage: python benchmarks/ray_two_nodes.py [--images 48] [--models offline] [--ch
 Steps (each printed as it runs):
  1. a local build of a generated folder (the reference): `attrib index SRC --out REF --chunk C`;
  2. `ray start --head --num-cpus 1 --block` and `ray start --address HEAD --num-cpus 1 --block`, each in its own
-    session, so each node can be killed alone (nothing else on the machine is touched: no `ray stop`);
+    session, so each node can be killed alone (nothing else on the machine is touched: no `ray stop`); every
+    command runs with RAY_AUTH_MODE=token (Ray's token authentication, ~/.ray/auth_token) unless it is set;
  3. `attrib index SRC --out OUT --engine ray --address HEAD --ray-workers 2 --cpus-per-worker 1 --chunk C`
     (one worker per node);
  4. once the driver has committed --kill-after units, SIGKILL every process of the second node (raylet,
@@ -109,6 +110,9 @@ def main() -> None:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     attrib = [sys.executable, "-m", "engine.cli"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    # Ray >= 2.5x turns token authentication on for a new `ray start --head` (token in ~/.ray/auth_token, made when
+    # missing); the second node, `ray status` and the driver must then use it too, so say so to all of them.
+    env.setdefault("RAY_AUTH_MODE", "token")
     addr = f"127.0.0.1:{args.port}"
     work = Path(tempfile.mkdtemp(prefix="ray-two-nodes-"))
     nodes: dict[str, subprocess.Popen] = {}
@@ -156,7 +160,11 @@ def main() -> None:
         if driver.returncode != 0:
             print(err.decode()[-3000:])
             raise SystemExit(1)
-        summary = json.loads(stdout)
+        try:
+            summary = json.loads(stdout)
+        except ValueError:
+            print(f"the driver's stdout is not its JSON summary:\n{stdout.decode(errors='replace')[:3000]}")
+            raise SystemExit(1) from None
         result["summary"] = {k: summary[k] for k in ("records", "images", "rejected", "reject_reasons", "segments",
                                                      "encoded_this_run", "startup_seconds", "seconds")}
         a, b = snapshot(ref), snapshot(out)
@@ -207,7 +215,8 @@ def wait_nodes(ray_bin: str, addr: str, n: int, env: dict, timeout: float = 120)
         if r.returncode == 0 and f"/{float(n)} CPU" in r.stdout:
             return
         time.sleep(1)
-    raise RuntimeError(f"the cluster at {addr} never had {n} nodes")
+    why = (r.stderr.strip().splitlines() or [""])[-1][:300]
+    raise RuntimeError(f"the cluster at {addr} never had {n} nodes (last `ray status`: {why})")
 
 
 def wait_units(out: Path, driver: subprocess.Popen, n: int, timeout: float = 1800) -> int:

@@ -16,11 +16,13 @@ build stops instead (the cluster, not the data, is broken) and a rerun resumes i
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -273,7 +275,15 @@ def build_index_ray(
                                   f"with the same command without --engine ray, or pass --overwrite to start again")
             remove(folder)  # an interrupted local --overwrite build beside the index: this one starts again
     folder.parent.mkdir(parents=True, exist_ok=True)
-    started = _start(ray, cs)
+    # Ray's driver prints cluster events ("(raylet) ... marked dead", "A worker died ...") to sys.stdout from its
+    # own thread; stdout belongs to the caller (`attrib index --json`), so they go to stderr while Ray is ours.
+    to_stderr = contextlib.ExitStack()
+    to_stderr.enter_context(contextlib.redirect_stdout(sys.stderr))
+    try:
+        started = _start(ray, cs)
+    except BaseException:
+        to_stderr.close()
+        raise
     pool = writer = None
     try:
         cpus, gpus = _resources(ray, cs)
@@ -315,10 +325,13 @@ def build_index_ray(
                 _drop_empty(folder)
         raise
     finally:
-        if pool is not None:
-            pool.close()
-        if started:
-            _shutdown(ray)
+        try:
+            if pool is not None:
+                pool.close()
+            if started:
+                _shutdown(ray)  # flushes Ray's last buffered messages (still to stderr)
+        finally:
+            to_stderr.close()
     clear_incoming(folder)
     if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
         from ._maintain import compact  # a fresh index is served from one segment, as after a local build

@@ -268,10 +268,13 @@ def test_a_killed_driver_resumes_skipping_committed_and_finished_units(tmp_path,
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
 
-    proc = _cli("index", str(src), "--out", str(out), *CLI_ARGS, "--engine", "ray", "--json")
+    flag = tmp_path / "died-once"  # the rerun's worker dies once on the stalled unit: Ray reports it on the driver
+    proc = _cli("index", str(src), "--out", str(out), *CLI_ARGS, "--engine", "ray", "--json",
+                env={"ATTRIB_RAY_FAULTS": json.dumps({"images 8-11": f"exit-once:{flag}"})})
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
-    s = json.loads(stdout)
+    assert flag.exists()
+    s = json.loads(stdout)  # stdout holds the JSON alone: Ray's own messages about dead workers go to stderr
     assert s["mode"] == "resume" and s["engine"] == "ray" and s["records"] == 24 and s["startup_seconds"] > 0
     assert s["encoded_this_run"] == 24 - 4 * committed - 4 * len(finished)
     assert_same_index(ref, out, atol=1e-3)
