@@ -8,7 +8,8 @@ Steps (each printed as it runs):
  1. a local build of a generated folder (the reference): `attrib index SRC --out REF --chunk C`;
  2. `ray start --head --num-cpus 1 --block` and `ray start --address HEAD --num-cpus 1 --block`, each in its own
     session, so each node can be killed alone (nothing else on the machine is touched: no `ray stop`); every
-    command runs with RAY_AUTH_MODE=token (Ray's token authentication, ~/.ray/auth_token) unless it is set;
+    command runs with RAY_AUTH_MODE=token (Ray's token authentication; `ray get-auth-token --generate` makes
+    ~/.ray/auth_token when missing) unless RAY_AUTH_MODE is set;
  3. `attrib index SRC --out OUT --engine ray --address HEAD --ray-workers 2 --cpus-per-worker 1 --chunk C`
     (one worker per node);
  4. once the driver has committed --kill-after units, SIGKILL every process of the second node (raylet,
@@ -110,9 +111,13 @@ def main() -> None:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     attrib = [sys.executable, "-m", "engine.cli"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
-    # Ray >= 2.5x turns token authentication on for a new `ray start --head` (token in ~/.ray/auth_token, made when
-    # missing); the second node, `ray status` and the driver must then use it too, so say so to all of them.
-    env.setdefault("RAY_AUTH_MODE", "token")
+    # Ray 2.60 (tested here) turns token authentication on for a new `ray start --head` when ~/.ray/auth_token
+    # exists; a joining node and `ray status` use it only with RAY_AUTH_MODE=token. So: a token (made when missing,
+    # `ray get-auth-token --generate`) and token mode for every command, unless the caller chose a mode.
+    if "RAY_AUTH_MODE" not in env:
+        env["RAY_AUTH_MODE"] = "token"
+        if not env.get("RAY_AUTH_TOKEN") and not env.get("RAY_AUTH_TOKEN_PATH"):
+            subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, stdout=subprocess.DEVNULL)
     addr = f"127.0.0.1:{args.port}"
     work = Path(tempfile.mkdtemp(prefix="ray-two-nodes-"))
     nodes: dict[str, subprocess.Popen] = {}
