@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING  # noqa: E402
 # reaches the CLI's interrupt handling before numpy, polars, faiss or torch are loaded.
 _LAZY = {
     "._build": ("BuildSummary", "build_index"),
+    "._cluster": ("ClusterSettings",),
+    "._ray": ("build_index_ray",),
     "._encode": ("ARRAY_ENCODINGS", "ENCODINGS"),
     "._errors": ("AttribError", "EmptyCorpusError", "FusionWeightsError", "IndexBusyError", "IndexFormatError",
                  "ModelMismatchError", "OutputError", "QueryInputError", "SourceError", "UnknownNameError",
@@ -65,6 +67,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._build import BuildSummary, build_index  # noqa: F401
+    from ._cluster import ClusterSettings  # noqa: F401
     from ._encode import ARRAY_ENCODINGS, ENCODINGS  # noqa: F401
     from ._errors import (  # noqa: F401
         AttribError,
@@ -87,6 +90,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._manifest import library_versions, model_fingerprint, now_iso  # noqa: F401
     from ._pool import Pool  # noqa: F401
     from ._profiles import PROFILES, ModelProfile, get_profile  # noqa: F401
+    from ._ray import build_index_ray  # noqa: F401
     from ._settings import IndexSettings, QuerySettings, cache_root  # noqa: F401
     from ._stores import patch_scores  # noqa: F401
     from ._writer import IndexWriter  # noqa: F401
@@ -119,7 +123,7 @@ __all__ = [
     "ranking_order", "ENCODINGS", "ARRAY_ENCODINGS", "AttribError", "SourceError", "EmptyCorpusError",
     "IndexFormatError", "IndexBusyError", "ModelMismatchError", "QueryInputError", "FusionWeightsError",
     "UnknownNameError", "WeightsUnavailableError", "OutputError", "load_encoders", "cache_root", "library_versions",
-    "now_iso", "INDEX_FORMAT_VERSION", "model_fingerprint", "patch_scores",
+    "now_iso", "INDEX_FORMAT_VERSION", "model_fingerprint", "patch_scores", "build_index_ray", "ClusterSettings",
 ]
 
 

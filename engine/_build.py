@@ -49,6 +49,8 @@ class BuildSummary:
     mode: str = "build"  # build, resume, append or overwrite
     segments: int = 0  # segments the index is made of
     renamed_columns: dict[str, str] = field(default_factory=dict)  # table column -> its index name (a clash)
+    engine: str = "local"  # local (this process) or ray (engine._ray)
+    startup_seconds: float = 0.0  # ray: starting or joining the cluster and loading the models on the workers
 
     @property
     def throughput(self) -> float:
@@ -84,7 +86,8 @@ def _prefetch(items: Iterable[Record], fn: Callable[[Record], object], workers: 
 
 
 #: Files and folders an index folder may hold (anything else means the folder is not ours).
-_OURS = {MANIFEST, LOCK_NAME, "text", "segments", "codebooks", "deletes", "rejects.jsonl", "calibration.json"}
+_OURS = {MANIFEST, LOCK_NAME, "text", "segments", "codebooks", "deletes", "rejects.jsonl", "calibration.json",
+         "incoming"}  # incoming: a distributed build's finished, not yet committed units (engine._cluster)
 
 
 def _is_ours(folder: Path) -> bool:
@@ -227,7 +230,8 @@ def build_index(
             writer.rejects.flush()
             kept = " (the index was left as it was)" if mode == "append" else ""
             raise EmptyCorpusError(_empty_message(src, folder) + kept)
-        manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source})
+        manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source, "engine": "local"})
+        remove(folder / "incoming")  # what an interrupted distributed build (engine._cluster) had not committed
     except BaseException:
         writer.abort()
         if writer.manifest is None:  # nothing was ever committed: leave no folder that looks like an index
@@ -344,7 +348,8 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
     def commit_if_full() -> None:
         if writer.chunk_full(pending_images=n_img, pending_records=len(batch)):
             flush()
-            writer.commit({"consumed": consumed, "parts_done": dict(parts_done), "current_part": [part, part_items]})
+            writer.commit({"consumed": consumed, "parts_done": dict(parts_done), "current_part": [part, part_items],
+                           "engine": "local"})  # which engine can resume it (engine._ray checks)
 
     window = max(2 * settings.batch_size, 4 * max(1, settings.workers))
     total = None if src.count is None else max(0, src.count - skip)

@@ -2,6 +2,7 @@
 tar shards (img2dataset / webdataset output), or a parquet / CSV / JSONL table with LAION-style columns."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,12 +51,63 @@ class Source:
     _iter: object = None  # callable(skip, parts_done) -> iterator of records
     renamed_columns: dict[str, str] = field(default_factory=dict)  # table column -> its name in the index
     fingerprint: str = ""  # changes when the source's content list changes (a resumed build must match it)
+    _parts: object = None  # callable(size) -> list of SourcePart (see ``parts``)
+    _rows: object = None  # tables: callable(start, stop) -> the records of that slice of rows
+
+    def parts(self, size: int) -> list["SourcePart"]:
+        """The source cut into pieces that can be read apart, in source order (reading them one after the other
+        gives exactly ``records()``): a folder's images ``size`` at a time, then each tar shard; a table ``size``
+        rows at a time; a tar shard whole. See :func:`part_records`."""
+        return self._parts(max(1, int(size)))  # type: ignore[operator]
 
     def records(self, skip: int = 0, parts_done: dict[str, int] | None = None) -> Iterator[Record]:
         """The records in source order, the first ``skip`` left out (a resumed build). ``parts_done``: items
         each fully consumed tar shard yielded before: those shards are not opened again, and skipped images are
         not read."""
         return self._iter(skip, parts_done or {})  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class SourcePart:
+    """A piece of a source that any machine that sees the source can read on its own (a unit of distributed
+    work): a slice of a folder's images, one tar shard, a slice of a table's rows, or the folders that could not
+    be listed (rejects only). It carries what reading it needs, so no machine lists the whole source again."""
+
+    kind: str  # "unreadable", "images", "tar" or "rows"
+    name: str  # for progress and rejects: "images 0-1999", "shards/00001.tar", "rows 0-1999 of laion.parquet"
+    root: str  # the source: a folder (unreadable, images, tar in a folder), the .tar shard, or the table file
+    start: int = 0  # first image / row of the slice (kinds images and rows)
+    stop: int = 0  # one past its last image / row
+    paths: tuple[str, ...] = ()  # images: their paths relative to ``root``; tar: the shard's (one); else empty
+    rejects: tuple[tuple[str, str], ...] = ()  # unreadable: (folder, why) of each folder that could not be listed
+    max_records: int = 0  # the most records reading it can give (an upper bound: its image members for a shard)
+    items: int | None = None  # records plus rejects it gives, when known without reading it (None for a shard)
+    table_format: str = ""  # rows: parquet, csv or jsonl
+
+    def describe(self) -> dict:
+        """A JSON-able description (what a plan's checksum covers)."""
+        return {"kind": self.kind, "name": self.name, "start": self.start, "stop": self.stop,
+                "paths": _fingerprint(*self.paths), "rejects": len(self.rejects), "max_records": self.max_records,
+                "items": self.items}
+
+
+def part_records(part: SourcePart, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Record]:
+    """The records (and rejects) of one part, exactly as ``Source.records`` gives them at that place."""
+    if part.kind == "unreadable":
+        for where, why in part.rejects:
+            yield _rejected(where, "unreadable folder", why)
+    elif part.kind == "images":
+        root = Path(part.root)
+        for rel in part.paths:
+            yield _image_record(root, root / rel)
+    elif part.kind == "tar":
+        root = Path(part.root)
+        shard = root / part.paths[0] if part.paths else root
+        yield from _tar_records(shard, part.paths[0] if part.paths else shard.name, max_bytes)
+    elif part.kind == "rows":
+        yield from _cached_table(part.root, part.table_format)._rows(part.start, part.stop)  # type: ignore[misc]
+    else:
+        raise ValueError(f"unknown source part kind {part.kind!r}")
 
 
 def _fingerprint(*parts) -> str:
@@ -205,30 +257,7 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
         first = min(left, len(images))
         left -= first
         for img in images[first:]:
-            rel = img.relative_to(root).as_posix()
-            if not _is_utf8(str(img)):
-                yield _rejected(rel, *_NOT_UTF8)
-                continue
-            try:
-                ref = str(img.resolve())
-            except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop (Python < 3.13)
-                yield _rejected(rel, "unreadable file", f"cannot resolve the path: {e}")
-                continue
-            caption, rid, extra = "", None, {}
-            try:
-                js, txt = _read_sidecar(img.with_suffix(".json")), _read_sidecar(img.with_suffix(".txt"))
-            except _SidecarRejected as e:
-                yield _rejected(rel, e.reason, e.detail)
-                continue
-            if js is not None:
-                try:
-                    c, rid, extra = _sidecar_fields(json.loads(js.decode("utf-8", errors="replace")))
-                    caption = c if c is not None else caption
-                except (json.JSONDecodeError, RecursionError):
-                    extra = {"sidecar_error": f"unreadable {img.with_suffix('.json').name}"}
-            if txt is not None:
-                caption = _decode_text(txt)
-            yield Record(rid, ref, caption, rel, rel, _meta_json(extra))
+            yield _image_record(root, img)
         for shard, rel in zip(shards, rels):
             if rel in parts_done and left >= parts_done[rel]:  # done by an earlier run: not opened again
                 left -= parts_done[rel]
@@ -243,7 +272,48 @@ def _folder_source(root: Path, max_bytes: int) -> Source:
                 continue
             left = yield from _tar_records(shard, rel, max_bytes, skip=left)
 
-    return Source("folder", root, count, {"meta": pl.String}, ignored, it, fingerprint=fingerprint)
+    def parts(size: int) -> list[SourcePart]:
+        out = []
+        if unreadable:
+            out.append(SourcePart("unreadable", "unreadable folders", str(root), rejects=tuple(
+                (rel_of(e.filename or root) + "/", f"{e.strerror or e}; its files were not indexed")
+                for e in unreadable), items=len(unreadable)))
+        rel_images = [i.relative_to(root).as_posix() for i in images]
+        for a in range(0, len(images), size):
+            b = min(a + size, len(images))
+            out.append(SourcePart("images", f"images {a}-{b - 1}", str(root), a, b, tuple(rel_images[a:b]),
+                                  max_records=b - a, items=b - a))
+        for shard, rel in zip(shards, rels):
+            out.append(SourcePart("tar", printable(rel), str(root), paths=(rel,),
+                                  max_records=_tar_image_members(shard)))
+        return out
+
+    return Source("folder", root, count, {"meta": pl.String}, ignored, it, fingerprint=fingerprint, _parts=parts)
+
+
+def _image_record(root: Path, img: Path) -> Record:
+    """The record of one image of a folder source (with its sidecars), or its reject."""
+    rel = img.relative_to(root).as_posix()
+    if not _is_utf8(str(img)):
+        return _rejected(rel, *_NOT_UTF8)
+    try:
+        ref = str(img.resolve())
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        return _rejected(rel, "unreadable file", f"cannot resolve the path: {e}")
+    caption, rid, extra = "", None, {}
+    try:
+        js, txt = _read_sidecar(img.with_suffix(".json")), _read_sidecar(img.with_suffix(".txt"))
+    except _SidecarRejected as e:
+        return _rejected(rel, e.reason, e.detail)
+    if js is not None:
+        try:
+            c, rid, extra = _sidecar_fields(json.loads(js.decode("utf-8", errors="replace")))
+            caption = c if c is not None else caption
+        except (json.JSONDecodeError, RecursionError):
+            extra = {"sidecar_error": f"unreadable {img.with_suffix('.json').name}"}
+    if txt is not None:
+        caption = _decode_text(txt)
+    return Record(rid, ref, caption, rel, rel, _meta_json(extra))
 
 
 # --------------------------------------------------------------------------------------------- tar shards
@@ -258,6 +328,19 @@ def _tar_count(shard: Path, strict: bool = True) -> int:
             raise SourceError(f"tar shard {printable(str(shard))} cannot be read ({e}); remove it or re-create "
                               f"it") from None
         return 0
+
+
+def _tar_image_members(shard: Path) -> int:
+    """Image members of a shard up to the first damage (0 when it cannot be opened): the most records reading
+    it can give (``_tar_records`` yields one record per group of members with an image, and stops at damage)."""
+    n = 0
+    try:
+        with tarfile.open(shard) as tf:
+            for m in tf:
+                n += m.isfile() and is_image_name(m.name)
+    except Exception:  # noqa: BLE001 - damaged or hostile shard: reading it stops here too (one reject)
+        pass
+    return n
 
 
 _SIDECAR_MAX_BYTES = 1024 * 1024
@@ -377,8 +460,11 @@ def _tar_source(shard: Path, max_bytes: int) -> Source:
     def it(skip: int, parts_done: dict[str, int]) -> Iterator[Record]:
         yield from _tar_records(shard, shard.name, max_bytes, skip=skip)
 
+    def parts(size: int) -> list[SourcePart]:
+        return [SourcePart("tar", printable(shard.name), str(shard), max_records=_tar_image_members(shard))]
+
     return Source("tar", shard, count, {"meta": pl.String}, [], it,
-                  fingerprint=_fingerprint(st.st_size, st.st_mtime_ns))
+                  fingerprint=_fingerprint(st.st_size, st.st_mtime_ns), _parts=parts)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -425,9 +511,10 @@ def _table_source(p: Path, fmt: str) -> Source:
     name = p.name
 
     def it(skip: int, parts_done: dict[str, int]) -> Iterator[Record]:
-        for i, row in enumerate(df.iter_rows(named=True)):
-            if i < skip:
-                continue
+        return rows(skip, df.height)
+
+    def rows(start: int, stop: int) -> Iterator[Record]:
+        for i, row in enumerate(df.slice(start, max(0, stop - start)).iter_rows(named=True), start):
             raw_img = row.get(image_col) if image_col else None
             image = None
             if isinstance(raw_img, str) and raw_img.strip():
@@ -441,10 +528,27 @@ def _table_source(p: Path, fmt: str) -> Source:
             extra = {rename[c]: row[c] for c in rename}
             yield Record(rid, image, caption, f"row {i} of {name}", derived, extra)
 
+    def parts(size: int) -> list[SourcePart]:
+        return [SourcePart("rows", f"rows {a}-{min(a + size, df.height) - 1} of {name}", str(p), a,
+                           min(a + size, df.height), max_records=min(size, df.height - a),
+                           items=min(size, df.height - a), table_format=fmt)
+                for a in range(0, df.height, size)]
+
     renamed = {c: n for c, n in rename.items() if c != n}
     st = p.stat()
     return Source("table", p, df.height, extras, [], it, renamed,
-                  fingerprint=_fingerprint(st.st_size, st.st_mtime_ns, df.height))
+                  fingerprint=_fingerprint(st.st_size, st.st_mtime_ns, df.height), _parts=parts, _rows=rows)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_table_at(path: str, fmt: str, size: int, mtime_ns: int) -> Source:
+    return _table_source(Path(path), fmt)
+
+
+def _cached_table(path: str, fmt: str) -> Source:
+    """A table source read once per process (a worker reads many slices of the same table)."""
+    st = os.stat(path)
+    return _cached_table_at(path, fmt, st.st_size, st.st_mtime_ns)
 
 
 def _extra_names(columns: list[str]) -> dict[str, str]:

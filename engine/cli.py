@@ -147,9 +147,23 @@ def cmd_index(a: argparse.Namespace) -> int:
     a.interrupted = (f"interrupted: every committed segment of {a.out} is kept and nothing half-written is "
                      f"visible; rerun the same command to resume the build"
                      + (" (the previous index stays in place until the new one is complete)" if a.overwrite else ""))
-    s = build_index(a.source, a.out, models=a.models or "default", device=a.device, settings=settings,
-                    overwrite=a.overwrite, append=a.append, progress=not a.no_progress, clip_weights=a.clip_weights,
-                    dino_weights=a.dino_weights)
+    kw = dict(models=a.models or "default", device=a.device, settings=settings, overwrite=a.overwrite,
+              append=a.append, progress=not a.no_progress, clip_weights=a.clip_weights, dino_weights=a.dino_weights)
+    ray_only = {"--address": a.address, "--ray-workers": a.ray_workers, "--gpus-per-worker": a.gpus_per_worker,
+                "--cpus-per-worker": a.cpus_per_worker}
+    if a.engine == "ray":
+        from ._cluster import ClusterSettings
+        from ._ray import build_index_ray, import_ray
+
+        import_ray()  # a missing Ray is one line, before any work
+        cluster = ClusterSettings(address=a.address, workers=a.ray_workers or 1,
+                                  gpus_per_worker=a.gpus_per_worker or 0.0, cpus_per_worker=a.cpus_per_worker)
+        s = build_index_ray(a.source, a.out, cluster=cluster, **kw)
+    else:
+        given_ray = [k for k, v in ray_only.items() if v is not None]
+        if given_ray:
+            raise AttribError(f"{', '.join(given_ray)} only apply to --engine ray")
+        s = build_index(a.source, a.out, **kw)
     if a.json:
         from ._info import index_info
 
@@ -162,7 +176,8 @@ def cmd_index(a: argparse.Namespace) -> int:
                     "disk_bytes_per_record": info["disk_bytes_per_record"],
                     "ram_bytes_per_record": info["ram_bytes_per_record"],
                     "untrained": "warning" in info, "warning": info.get("warning"),
-                    "renamed_columns": s.renamed_columns})
+                    "renamed_columns": s.renamed_columns, "engine": s.engine,
+                    "startup_seconds": round(s.startup_seconds, 3)})
     else:
         print_build_summary(s)
     return 0
@@ -355,6 +370,18 @@ def add_commands(sub) -> None:
     s.add_argument("--max-pixels", type=int_in(1, MAX_PIXELS), default=None,
                    help=f"reject larger images (default 40,000,000; at most {MAX_PIXELS:,})")
     s.add_argument("--ann", choices=("auto", "flat", "ivf"), default=None, help="faiss structure (default auto)")
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where images are encoded: local (this process, default) or ray (worker actors on a Ray "
+                        "cluster; needs pip install 'attrib-engine[ray]'; see README: cluster guide)")
+    s.add_argument("--address", default=None, metavar="ADDR",
+                   help="ray: the cluster to join: auto (one started with `ray start`), HOST:PORT or "
+                        "ray://HOST:PORT (default: start Ray on this machine)")
+    s.add_argument("--ray-workers", type=int_in(1, 10_000), default=None, metavar="N",
+                   help="ray: worker actors, each loads the models once and encodes one unit at a time (default 1)")
+    s.add_argument("--gpus-per-worker", type=float_in(0, 64), default=None, metavar="G",
+                   help="ray: GPUs per worker (default 0: encode on CPU)")
+    s.add_argument("--cpus-per-worker", type=int_in(1, 4096), default=None, metavar="C",
+                   help="ray: CPUs per worker (default: this machine's CPUs / workers when Ray runs here, else 1)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_index)

@@ -43,12 +43,13 @@ class _RateColumn(ProgressColumn):
 def progress_bar(
     label: str, total: int | None, enabled: bool = True, unit: str = "rec"
 ) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``; shows ``unit``s per second and the time left on stderr."""
+    """Yields ``advance(n, label=None)``; shows ``unit``s per second and the time left on stderr (``label``
+    replaces the bar's label, e.g. to show a second count)."""
     if not enabled:
-        yield lambda n: None
+        yield lambda n, label=None: None
         return
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
             TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]
     with Progress(*cols, console=stderr_console(), transient=False) as prog:
         task = prog.add_task(label, total=total)
-        yield lambda n: prog.advance(task, n)
+        yield lambda n, label=None: prog.update(task, advance=n, **({"description": label} if label else {}))
