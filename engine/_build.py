@@ -40,6 +40,7 @@ class BuildSummary:
     seconds: float  # wall time of the whole build
     encode_seconds: float  # time spent inside the encoders
     manifest: dict = field(default_factory=dict)
+    calibration: dict | None = None  # self-calibration after the build: its time and fit, or why it was skipped
 
     @property
     def throughput(self) -> float:
@@ -112,6 +113,7 @@ def build_index(
     clip_weights: str | None = None,
     dino_weights: str | None = None,
     encoders=None,
+    calibrate=None,
 ) -> BuildSummary:
     """Index a training set into the folder ``out``.
 
@@ -126,6 +128,9 @@ def build_index(
         progress: show a progress bar on stderr.
         clip_weights, dino_weights: local weights files or folders for the pretrained profile.
         encoders: already-loaded encoders (``engine.load_encoders``) instead of ``models``.
+        calibrate: learn the index's own fusion weights after the build (``engine.calibrate``): None (default)
+            when it has at least ``engine.calibrate.AUTO_MIN_IMAGES`` images; True always; False never; or the
+            ``CalibrationSettings`` to calibrate with (always).
     Returns:
         A :class:`BuildSummary`: counts, rejects by reason, timings and the manifest written.
     Raises:
@@ -162,10 +167,15 @@ def build_index(
         except BaseException:
             writer.abort()
             raise
-    return BuildSummary(
+    summary = BuildSummary(
         out, writer.n_rows, writer.n_images, int(sum(writer.reject_reasons.values())), dict(writer.reject_reasons),
         list(src.ignored), time.perf_counter() - t0, encode_s, manifest,
     )
+    if calibrate is not False:  # the index is in place: an interrupted calibration loses nothing of it
+        from .calibrate import after_build
+
+        summary.calibration = after_build(summary, encoders, calibrate, progress=progress)
+    return summary
 
 
 def _empty_message(src: Source, tmp: Path) -> str:

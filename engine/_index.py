@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._calibration import IndexCalibration
 from ._encode import QueryEncoder
 from ._errors import ModelMismatchError, QueryInputError
 from ._explain import Correspondence, correspondences
@@ -17,7 +18,7 @@ from ._pool import CandidatePool, Pool
 from ._reader import IndexReader
 from ._settings import QuerySettings
 from ._threads import single_threaded_blas
-from ._verdict import verdict
+from ._verdict import evidence_support, verdict
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
 from .rankers import RANKERS, QueryInput, Ranking, RowFilter, create_ranker, main_rankers, ranker_names, ranking_order
 from .results import Attribution, Candidate, ModelsInfo, clean_number
@@ -59,6 +60,7 @@ class Index:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attrib-query")
         self._pool = CandidatePool(self.reader, self.rankers, self._worker)
         self._encoder = QueryEncoder(self.reader, self._loaded_encoders)
+        self._calibration = IndexCalibration(self.path)
 
     def close(self) -> None:
         """Stop the helper thread and close open files (also done at exit)."""
@@ -158,9 +160,12 @@ class Index:
         return self._pool.build(q, depth or self.settings.depth, RowFilter.of(self.reader, exclude))
 
     def resolve_fusion(self, weights: Any = "auto") -> Fusion:
-        """``"auto"``: the shipped weights learned for this index's models, else RRF; ``"rrf"``/None: RRF;
-        a path or :class:`FusionWeights`: those weights (refused if learned for other models)."""
-        return resolve_fusion(weights, self.fingerprint, f"index {self.path}", self.settings.rrf_k)
+        """``"auto"``: the index's own calibration (``attrib calibrate``), else the shipped weights learned for
+        this index's models, else RRF; ``"rrf"``/None: RRF; a path or :class:`FusionWeights`: those weights
+        (refused if learned for other models)."""
+        cal, notes = (self._calibration.load(self.manifest) if isinstance(weights, str) and weights == "auto"
+                      else (None, []))
+        return resolve_fusion(weights, self.fingerprint, f"index {self.path}", self.settings.rrf_k, cal, notes)
 
     # ------------------------------------------------------------------------------------------ answers
     def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
@@ -198,6 +203,7 @@ class Index:
         meta = self.reader.records(pool.rows[order]) if len(order) else None
         timings["metadata"] = (time.perf_counter() - t) * 1e3
         thr = fusion.threshold
+        support = evidence_support(fusion, pool.feats, order) or [{}] * len(order)
         results = [
             Candidate(
                 rank=pos + 1, row=int(pool.rows[i]), id=meta["id"][pos], image=meta["image"][pos],
@@ -205,6 +211,7 @@ class Index:
                 above_threshold=None if thr is None else bool(fused[i] >= thr),
                 evidence={f: clean_number(v[i]) for f, v in pool.feats.items()},
                 ranks={n: (int(ranks[n][i]) or None) for n in main_rankers()},
+                support=support[pos].get("support"), carried_by=support[pos].get("carried_by"),
             )
             for pos, i in enumerate(order)
         ]
@@ -213,6 +220,7 @@ class Index:
         warnings = []
         if self.untrained:
             warnings.append(UNTRAINED_BANNER.format(profile=self.manifest["models"]["profile"]))
+        warnings += fusion.warnings
         if thr is None:
             warnings.append("no calibrated threshold for this fusion: results are ranked but no verdict is given")
         return Attribution(

@@ -40,6 +40,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("row_slot", "row_slot.npy", True, "record", "record row -> image slot or -1 (int32)",
               _npy_bytes("records", 4)),
     Component("rejects", "rejects.jsonl", False, "index", "every skipped record and why"),
+    Component("calibration", "calibration.json", False, "index", "fusion weights and threshold learned from the index"),
 )
 
 _BY_NAME = {c.name: c for c in COMPONENTS}

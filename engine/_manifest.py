@@ -93,6 +93,8 @@ def check_components(index_dir: Path, manifest: dict) -> None:
         if entry is None:
             continue
         p = index_dir / entry["path"]
+        if not p.exists() and not c.required:  # an optional component (e.g. the calibration) may be absent
+            continue
         if not p.exists():
             raise IndexFormatError(
                 f"index {index_dir} is damaged: component {c.name!r} ({entry['path']}) is missing; rebuild the index"

@@ -34,6 +34,9 @@ class Candidate:
     evidence: dict[str, float | None]  # each registered feature's raw value (None: does not apply)
     ranks: dict[str, int | None]  # rank under each main ranker within the pool (None: not ranked)
     share: float | None = None  # attribution share, only for results above the threshold
+    support: dict[str, float | None] | None = None  # evidence kind -> score part above the best unrelated record's
+    carried_by: list[str] | None = None  # evidence kinds that carried it, strongest first (learned fusion only)
+    caption_match_only: bool | None = None  # above the threshold without image support (None: no threshold)
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "row": self.row, "id": self.id, "image": self.image, "caption": self.caption,
@@ -41,6 +44,11 @@ class Candidate:
              "ranks": dict(self.ranks)}
         if self.share is not None:
             d["share"] = self.share
+        if self.support is not None:
+            d["support"] = dict(self.support)
+            d["carried_by"] = list(self.carried_by or [])
+        if self.caption_match_only is not None:
+            d["caption_match_only"] = self.caption_match_only
         return d
 
 
@@ -53,12 +61,15 @@ class Verdict:
     n_above: int | None
     label: str
     share_note: str | None = None
+    caption_match_only: bool | None = None  # every result above the threshold is a caption match only
 
     def to_dict(self) -> dict:
         d = {"likely_source": self.likely_source, "threshold": self.threshold, "n_above": self.n_above,
              "label": self.label}
         if self.share_note is not None:
             d["share_note"] = self.share_note
+        if self.caption_match_only is not None:
+            d["caption_match_only"] = self.caption_match_only
         return d
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import FusionWeightsError, ModelMismatchError
-from ..rankers import feature_names, get_feature
+from ..rankers import EVIDENCE, feature_names, get_feature
 from ._normalize import TRANSFORMS, normalize
 from .logistic import standardize
 
@@ -65,6 +65,7 @@ class FusionWeights:
     method: str = "logistic"  # how the weights were learned
     rrf_k: int = 60  # k used by the :rr transform
     provenance: dict = field(default_factory=dict)  # benchmark, metric, scores per split, date, ...
+    evidence_levels: dict = field(default_factory=dict)  # evidence kind -> score part the best unrelated record reaches
     name: str = ""  # display name (file name) - not saved
 
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
@@ -73,13 +74,24 @@ class FusionWeights:
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
         return self.bias + standardize(X, self.mean, self.std) @ np.asarray(self.weights)
 
+    def parts(self, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each evidence kind's part of the score of every candidate: the sum of w_j * standardised x_j over the
+        features of that kind (``engine.rankers.EVIDENCE``), so score = bias + the sum of the parts. A part is
+        0 where its evidence is missing (imputed with the training mean)."""
+        Z = standardize(feature_matrix(feats, self.features, self.rrf_k), self.mean, self.std)
+        contrib = Z * np.asarray(self.weights)
+        kinds = [get_feature(parse_feature(s)[0]).evidence for s in self.features]
+        return {k: contrib[:, [j for j, kk in enumerate(kinds) if kk == k]].sum(axis=1)
+                for k in EVIDENCE if k in kinds}
+
     def check_models(self, fingerprint: str, where: str = "this index") -> None:
         theirs = self.models.get("fingerprint")
         if theirs != fingerprint:
             raise ModelMismatchError(
                 f"fusion weights {self.name or ''} were learned for models {theirs} "
                 f"(profile {self.models.get('profile')!r}) but {where} uses models {fingerprint}; learn weights "
-                f"for this index with `attrib tune BENCH --index INDEX --out WEIGHTS`, or fuse with RRF (--weights rrf)"
+                f"for this index with `attrib calibrate INDEX` (or `attrib tune BENCH --index INDEX --out WEIGHTS`), "
+                f"or fuse with RRF (--weights rrf)"
             )
 
     def to_dict(self) -> dict:
@@ -110,7 +122,9 @@ class FusionWeights:
                 mean=[float(x) for x in d["mean"]], std=[float(x) for x in d["std"]], models=dict(d["models"]),
                 threshold=None if d.get("threshold") is None else float(d["threshold"]),
                 threshold_rule=str(d.get("threshold_rule", "")), method=str(d.get("method", "logistic")),
-                rrf_k=int(d.get("rrf_k", 60)), provenance=dict(d.get("provenance", {})), name=name,
+                rrf_k=int(d.get("rrf_k", 60)), provenance=dict(d.get("provenance", {})),
+                evidence_levels={str(k): float(v) for k, v in dict(d.get("evidence_levels") or {}).items()},
+                name=name,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FusionWeightsError(f"weights file {name} is damaged: {e.__class__.__name__}: {e}") from None

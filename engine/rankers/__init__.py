@@ -8,6 +8,7 @@ from .._reader import IndexReader
 from .._settings import QuerySettings
 from . import bm25, clip, dino  # noqa: F401 - the built-in rankers register themselves (display order: Ranker.order)
 from ._base import (
+    EVIDENCE,
     KINDS,
     RANKING_COLUMNS,
     Candidates,
@@ -22,6 +23,7 @@ from ._base import (
 )
 from ._registry import (
     RANKERS,
+    evidence_of,
     feature_names,
     feature_specs,
     features,
@@ -37,7 +39,8 @@ def create_ranker(name: str, reader: IndexReader, settings: QuerySettings | None
     return RANKERS.get(name)(reader, settings)
 
 
-__all__ = ["RANKERS", "KINDS", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates", "RowFilter",
+__all__ = ["RANKERS", "KINDS", "EVIDENCE", "evidence_of", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates",
+           "RowFilter",
            "RANKING_COLUMNS",
            "create_ranker", "register_ranker", "main_rankers", "pool_rankers", "features", "feature_names",
            "feature_specs", "get_feature", "ranker_names", "ranking_order", "dense_candidates", "nan_array"]
