@@ -37,23 +37,31 @@ from ._errors import AttribError
 from ._index import Index
 from ._manifest import now_iso
 from ._pool import Pool
+from ._stores import patch_scores
 from .fusion import FusionWeights
 from .fusion.learn import learn_fusion, ranked
 from .images import ImageLimits, ImageRejected, load_image
 from .metrics import false_attribution_rate, parse_metric
 from .rankers import QueryInput, ranking_order
-from .transforms import IMAGE_TRANSFORMS, PROMPT_KINDS, WORK_SIDE, prepare, prompt_for
+from .transforms import IMAGE_TRANSFORMS, PROMPT_KINDS, WORK_SIDE, prepare, prompt_for, tone
 from .ui import progress_bar, stderr_console
 
 AUTO_MIN_IMAGES = 300  # `attrib index` calibrates by default from this many indexed images on
 PROMPT_WEIGHTS = (0.30, 0.20, 0.15, 0.20, 0.15)  # verbatim, reworded, partial, empty, misleading
 NOVEL_TRANSFORMS = ("near_copy", "crop_weak", "crop_strong", "colour", "blur_noise", "geometry", "text", "emoji",
                     "style")  # single-record transforms also applied to held-out records
-DUP_QUANTILE = 0.05  # near-duplicate cosine: this quantile of the near-copy queries' cosine to their source
+CHAIN_P = 0.5  # share of transformed queries that get one or two more changes from CHAIN_TRANSFORMS
+TONE_P = 0.5  # share of transformed queries (near copies aside) whose tones change a little (transforms.tone)
+CHAIN_TRANSFORMS = ("near_copy", "crop_weak", "colour", "blur_noise", "geometry", "text", "emoji")
+DUP_QUANTILE = 0.5  # near-duplicate levels: this quantile of the near-copy queries' similarity to their source
+# (the median: a look-alike wrongly labelled a source teaches fusion that resemblance is copying, far worse
+# than a missed duplicate, which only raises the threshold; measured on a synthetic corpus with known duplicate
+# groups and untrained encoders: 144 true / 10 false pairs at the median, 357 / 4135 at the 5% quantile)
 RANDOM_PAIRS = 4000  # record pairs whose cosines give the floor of the near-duplicate cosine
 RANDOM_QUANTILE = 0.995  # ... that floor: this quantile of unrelated pairs' cosines
 NEIGHBOURS = 16  # nearest neighbours checked for near-duplicates of a record
 REPORT_METRICS = ("map@100", "recall@1")
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)  # strengths tried; the strongest within one standard error of the best
 
 
 @dataclass(frozen=True)
@@ -238,8 +246,20 @@ def render(q: SelfQuery, images: _Images):
     spec = IMAGE_TRANSFORMS[q.transform]
     if spec.two:
         b = images.get(q.other)
-        return None if b is None else spec.fn(a, b, rng)
-    return spec.fn(a, rng)
+        if b is None:
+            return None
+        img = spec.fn(a, b, rng)
+    else:
+        img = spec.fn(a, rng)
+    # generated images rarely differ from their source in one way only: sometimes one or two more changes, and
+    # often a mild change of tones (which untrained encoders' global descriptors do not survive)
+    if q.transform != "near_copy":
+        if rng.random() < CHAIN_P:
+            for name in rng.choice(CHAIN_TRANSFORMS, size=int(rng.integers(1, 3)), replace=False):
+                img = IMAGE_TRANSFORMS[str(name)].fn(img, rng)
+        if rng.random() < TONE_P:
+            img = tone(img, rng)
+    return img
 
 
 def _stored(idx: Index, rows: list[int]) -> dict[str, np.ndarray]:
@@ -287,7 +307,8 @@ def encode(idx: Index, queries: list[SelfQuery], progress: bool, timings: dict) 
 @dataclass(frozen=True)
 class DuplicateRule:
     clip: float  # two records are near-duplicates when their CLIP cosine ...
-    dino: float  # ... and their DINO global cosine both reach these
+    dino: float  # ... their DINO global cosine ...
+    layout: float  # ... and their patch-grid agreement (dino_layout) all reach these levels
     clip_caption: float  # or when their captions are identical and their CLIP cosine reaches this
     basis: str  # how the levels were measured
 
@@ -296,15 +317,29 @@ def _cos(q: np.ndarray | None, v: np.ndarray) -> float:
     return math.nan if q is None else float(np.dot(np.asarray(q, np.float32), v))
 
 
+def _layout(idx: Index, q_cells: np.ndarray | None, cells: np.ndarray) -> np.ndarray:
+    """dino_layout agreement between one set of query cells and each record's cells."""
+    if q_cells is None or not len(cells):
+        return np.full(len(cells), np.nan)
+    return patch_scores(np.asarray(q_cells, np.float32), cells, idx.reader.grid)[1]
+
+
 def duplicate_rule(idx: Index, encoded: list[tuple[SelfQuery, QueryInput]], seed: int) -> DuplicateRule:
-    """What a near-duplicate looks like to these models: a low quantile of the cosine between near-copy queries
-    and their source, never below what unrelated record pairs reach (a high quantile of random pairs)."""
+    """What a near-duplicate looks like to these models: for each of three signals (CLIP cosine, DINO global
+    cosine, patch-grid agreement), the median of its value between near-copy queries and their source, never
+    below what unrelated record pairs reach (a high quantile over random pairs). One global cosine alone does not
+    separate near copies from look-alikes for every model (untrained encoders give unrelated photos 0.99); the
+    grid agreement of the patches does, and all three must agree."""
     r = idx.reader
     near = [(q, e) for q, e in encoded if q.kind == "near_copy"]
     single = [(q, e) for q, e in encoded if q.sources and q.transform in NOVEL_TRANSFORMS]
-    st = _stored(idx, [q.primary for q, _ in near]) if near else None
-    clip_nc = [_cos(e.get("clip_image"), st["clip_image"][i]) for i, (_, e) in enumerate(near)] if st else []
-    dino_nc = [_cos(e.get("dino_global"), st["dino_global"][i]) for i, (_, e) in enumerate(near)] if st else []
+    nc: dict[str, list[float]] = {"clip": [], "dino": [], "layout": []}
+    if near:
+        st = _stored(idx, [q.primary for q, _ in near])
+        for i, (_, e) in enumerate(near):
+            nc["clip"].append(_cos(e.get("clip_image"), st["clip_image"][i]))
+            nc["dino"].append(_cos(e.get("dino_global"), st["dino_global"][i]))
+            nc["layout"].append(float(_layout(idx, e.get("dino_cells"), st["dino_cells"][i][None])[0]))
     ss = _stored(idx, [q.primary for q, _ in single]) if single else None
     clip_any = [_cos(e.get("clip_image"), ss["clip_image"][i]) for i, (_, e) in enumerate(single)] if ss else []
     rng = np.random.default_rng([seed, 0xD0B])
@@ -312,20 +347,25 @@ def duplicate_rule(idx: Index, encoded: list[tuple[SelfQuery, QueryInput]], seed
     a, b = rng.integers(0, n, RANDOM_PAIRS), rng.integers(0, n, RANDOM_PAIRS)
     ok = a != b
     a, b = a[ok], b[ok]
-    floor = {}
-    for store in ("clip", "dino"):
-        vs = getattr(r, store)
-        floor[store] = float(np.quantile(np.sum(vs.vectors(a) * vs.vectors(b), axis=1), RANDOM_QUANTILE)) if len(a) \
-            else 1.0
+    floor = {"clip": 1.0, "dino": 1.0, "layout": 1.0}
+    if len(a):
+        for store in ("clip", "dino"):
+            vs = getattr(r, store)
+            floor[store] = float(np.quantile(np.sum(vs.vectors(a) * vs.vectors(b), axis=1), RANDOM_QUANTILE))
+        m = min(len(a), RANDOM_PAIRS // 8)  # patch comparisons cost more: fewer pairs
+        pa, pb = r.patches.get(a[:m]), r.patches.get(b[:m])
+        lay = [float(_layout(idx, pa[i], pb[i][None])[0]) for i in range(m)]
+        floor["layout"] = float(np.quantile(lay, RANDOM_QUANTILE))
 
-    def level(vals: list[float], store: str) -> float:
+    def level(vals: list[float], signal: str) -> float:
         v = np.asarray([x for x in vals if math.isfinite(x)])
         q = float(np.quantile(v, DUP_QUANTILE)) if len(v) else 1.0
-        return min(1.0, max(q, floor[store]))
+        return min(1.0, max(q, floor[signal]))
 
-    return DuplicateRule(level(clip_nc, "clip"), level(dino_nc, "dino"), level(clip_any, "clip"),
-                         f"{DUP_QUANTILE:.0%} quantile of the cosine of {len(near)} near-copy queries to their source, "
-                         f"at least the {RANDOM_QUANTILE:.1%} quantile of {len(a)} random record pairs")
+    return DuplicateRule(level(nc["clip"], "clip"), level(nc["dino"], "dino"), level(nc["layout"], "layout"),
+                         level(clip_any, "clip"),
+                         f"{DUP_QUANTILE:.0%} quantile over {len(near)} near-copy queries of each signal's value to "
+                         f"their source, at least its {RANDOM_QUANTILE:.1%} quantile over random record pairs")
 
 
 def _norm_caption(c: str | None) -> str:
@@ -334,8 +374,8 @@ def _norm_caption(c: str | None) -> str:
 
 def near_duplicates(idx: Index, rows: list[int], rule: DuplicateRule) -> dict[int, set[int]]:
     """Other records of the index that are near-duplicates of each of ``rows``: images whose CLIP and DINO cosines
-    both reach the rule's levels, records with the identical caption and a CLIP cosine reaching its caption
-    level, and caption-only records with the identical caption."""
+    and patch-grid agreement all reach the rule's levels, records with the identical caption and a CLIP cosine
+    reaching its caption level, and caption-only records with the identical caption."""
     r = idx.reader
     rows = sorted(set(int(x) for x in rows))
     out: dict[int, set[int]] = {x: set() for x in rows}
@@ -371,7 +411,8 @@ def near_duplicates(idx: Index, rows: list[int], rule: DuplicateRule) -> dict[in
             dino_c[has] = r.dino.vectors(cslots[has]) @ st["dino_global"][i]
         for j, c in enumerate(cands.tolist()):
             same_caption = bool(caps[row]) and other_caps.get(c) == caps[row]
-            if has[j] and clip_c[j] >= rule.clip and dino_c[j] >= rule.dino:
+            if has[j] and clip_c[j] >= rule.clip and dino_c[j] >= rule.dino and \
+                    _layout(idx, st["dino_cells"][i], r.patches.get(cslots[j:j + 1]))[0] >= rule.layout:
                 out[row].add(c)
             elif same_caption and (not has[j] or clip_c[j] >= rule.clip_caption):
                 out[row].add(c)
@@ -501,7 +542,7 @@ def calibrate(index: Index | str | os.PathLike, *, settings: CalibrationSettings
     m = idx.manifest["models"]
     models = {"profile": m["profile"], "pretrained": bool(m.get("pretrained")), "fingerprint": m["fingerprint"]}
     learned = learn_fusion(tune, models, metric=settings.metric, target_far=settings.far, seed=settings.seed,
-                           rrf_k=idx.settings.rrf_k, what="self-made tune")
+                           rrf_k=idx.settings.rrf_k, what="self-made tune", l2_grid=L2_GRID, l2_rule="1se")
     timings["learn"] = time.perf_counter() - t
     w = learned.weights
     rrf = idx.resolve_fusion("rrf")
@@ -518,6 +559,7 @@ def calibrate(index: Index | str | os.PathLike, *, settings: CalibrationSettings
         "settings": settings.to_dict(),
         "metric": settings.metric,
         "l2": learned.l2,
+        "l2_rule": "strongest within one standard error of the best cross-validated metric",
         "cv": {str(k): (round(v, 6) if math.isfinite(v) else None) for k, v in learned.cv.items()},
         "target_far": settings.far,
         "counts": {"queries": len(made), "tune": len(tune), "test": len(test), "encoded_images": n_enc,

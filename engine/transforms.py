@@ -97,6 +97,15 @@ def colour(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return ImageEnhance.Color(img).enhance(_u(rng, 0.0, 2.0))
 
 
+def tone(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A mild global tone change (brightness, contrast, gamma): a generated image never reproduces the exact
+    tones of its source."""
+    img = ImageEnhance.Brightness(img).enhance(_u(rng, 0.8, 1.25))
+    img = ImageEnhance.Contrast(img).enhance(_u(rng, 0.8, 1.25))
+    g = _u(rng, 0.8, 1.25)
+    return img.point([min(255, round(255 * (i / 255) ** g)) for i in range(256)] * 3)
+
+
 def blur_noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Gaussian blur, additive Gaussian noise, pixelation, or sharpening plus noise."""
     r = rng.random()
@@ -149,7 +158,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def overlay_text(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Meme captions (top and/or bottom, outlined), a watermark, or a few words anywhere."""
+    """Meme captions (outlined, or in a white band added above), a watermark, or a few words anywhere."""
     img = img.copy()
     d = ImageDraw.Draw(img)
     w, h = img.size
@@ -159,6 +168,11 @@ def overlay_text(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     size = max(8, int(h * _u(rng, 0.06, 0.14)))
     font = _font(size)
     colour_ = tuple(int(v) for v in rng.integers(0, 256, 3))
+    if r < 0.2:  # meme format: a white band above the image with the caption in it
+        band = int(h * _u(rng, 0.15, 0.35))
+        out = ImageOps.expand(img, border=(0, band, 0, 0), fill=(255, 255, 255))
+        ImageDraw.Draw(out).text((int(w * 0.04), max(0, (band - size) // 2)), text, font=font, fill=(0, 0, 0))
+        return out
     if r < 0.5:  # meme style
         text = text.upper()
         for y in ([int(h * 0.03)] if rng.random() < 0.5 else [int(h * 0.03), int(h * 0.85)]):
@@ -233,12 +247,12 @@ def style(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 # --------------------------------------------------------------------------------------------- two images
 def paste_into(img: Image.Image, background: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """``img`` (or a crop of it) scaled to 30-65% of the background's side and pasted into ``background``."""
+    """``img`` (or a crop of it) scaled to 40-80% of the background's side and pasted into ``background``."""
     bg = background.copy()
     if rng.random() < 0.4:
         img = _crop_area(img, rng, 0.5, 0.9)
     bw, bh = bg.size
-    s = _u(rng, 0.3, 0.65) * min(bw / img.size[0], bh / img.size[1])
+    s = _u(rng, 0.4, 0.8) * min(bw / img.size[0], bh / img.size[1])
     patch = _resize(img, s)
     pw, ph = min(patch.size[0], bw), min(patch.size[1], bh)
     bg.paste(patch.crop((0, 0, pw, ph)), (int(rng.integers(0, bw - pw + 1)), int(rng.integers(0, bh - ph + 1))))
@@ -283,7 +297,7 @@ IMAGE_TRANSFORMS: dict[str, ImageTransform] = {t.name: t for t in (
     ImageTransform("text", overlay_text, description="meme captions, watermarks or words drawn over it"),
     ImageTransform("emoji", overlay_emoji, description="emoji-like stickers drawn over it"),
     ImageTransform("style", style, description="posterised, smoothed, edges/emboss, or tiles reshuffled"),
-    ImageTransform("paste", paste_into, True, "pasted (or a crop of it) into another image"),
+    ImageTransform("paste", paste_into, True, "pasted (or a crop of it) into another image, 40-80% of its side"),
     ImageTransform("composite", composite, True, "two records split or side by side (both are sources)"),
 )}
 

@@ -44,8 +44,10 @@ def _corpus(root: Path) -> Path:
     im.paste(world.mosaic(0, 48, 96), (0, 0))  # a record unlike any other ...
     (root / "imgs" / "orig.png").write_bytes(world.png_bytes(im))
     rows.append({"id": "orig", "image": "imgs/orig.png", "caption": "a mosaic beside a shape, the original"})
-    # ... and its near copy (rescaled) under another caption
-    (root / "imgs" / "dup.png").write_bytes(world.png_bytes(im.resize((92, 92))))
+    # ... and its near copy (one pixel changed) under another caption
+    copy = im.copy()
+    copy.putpixel((90, 90), (0, 0, 0))
+    (root / "imgs" / "dup.png").write_bytes(world.png_bytes(copy))
     rows.append({"id": "dup", "image": "imgs/dup.png", "caption": "a copy found elsewhere on the web"})
     rows.append({"id": "textonly", "image": None, "caption": world.scene(SAME_CAPTION_AS)[1]})
     path = root / "corpus.parquet"
@@ -137,7 +139,7 @@ def test_masked_rows_never_come_back_from_any_ranker(cidx, stored):
 def test_a_held_out_records_near_duplicate_is_its_source(cidx, stored):
     res, _ = stored
     nd = res.provenance["near_duplicates"]
-    rule = DuplicateRule(nd["clip"], nd["dino"], nd["clip_caption"], nd["basis"])
+    rule = DuplicateRule(nd["clip"], nd["dino"], nd["layout"], nd["clip_caption"], nd["basis"])
     src, dup, twin, textonly = (_row(cidx, r) for r in ("orig", "dup", f"s{SAME_CAPTION_AS}", "textonly"))
     found = near_duplicates(cidx, [src, twin, 3], rule)
     assert found[src] == {dup}
