@@ -115,3 +115,21 @@ def test_logistic_fit_is_sane_on_separable_and_collinear_data():
     assert np.all(np.isfinite(w)) and abs(b) < 1.0 and np.abs(w).max() < 20
     s = Z @ w + b
     assert ((s > 0) == (y > 0)).mean() == 1.0
+
+
+def test_score_parts_by_evidence_kind_add_up_to_the_score():
+    """Worked by hand: clip (image) and bm25 (text); each kind's part is its w * standardised value."""
+    import numpy as np
+
+    from engine import FusionWeights, feature_names
+
+    w = FusionWeights(features=["clip", "clip:z", "bm25"], weights=[2.0, 1.0, 0.5], bias=-1.0, mean=[0.5, 0.0, 2.0],
+                      std=[0.25, 1.0, 2.0], models={})
+    feats = {f: np.full(2, np.nan) for f in feature_names()}
+    feats["clip"] = np.array([1.0, 0.5])  # z over the pool: +1, -1
+    feats["bm25"] = np.array([6.0, np.nan])  # missing -> the mean -> part 0
+    parts = w.parts(feats)
+    assert set(parts) == {"image", "text"}
+    assert parts["image"].tolist() == [2.0 * 2.0 + 1.0, 0.0 - 1.0]
+    assert parts["text"].tolist() == [0.5 * 2.0, 0.0]
+    assert (w.bias + parts["image"] + parts["text"]).tolist() == w.score(feats).tolist()
