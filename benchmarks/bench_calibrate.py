@@ -46,7 +46,7 @@ def main() -> None:
         w = engine.FusionWeights.load(out / "calibration.json")
         secs = w.provenance["seconds"]
         payload = {
-            "images": s.images, "models": args.models, "untrained": bool(s.manifest.get("untrained")),
+            "images": s.images, "models": args.models, "untrained": engine.open_index(out).untrained,
             "build_seconds": round(s.seconds, 3), "build_encode_seconds": round(s.encode_seconds, 3),
             "calibration_seconds": secs, "share_of_build": cal.get("share_of_build"),
             "share_of_build_encoding": cal.get("share_of_build_encoding"),

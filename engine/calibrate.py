@@ -35,7 +35,7 @@ import numpy as np
 from ._calibration import calibration_path, index_identity, store_codecs, write_calibration
 from ._errors import AttribError, IndexFormatError
 from ._index import Index
-from ._manifest import now_iso
+from ._manifest import library_versions, now_iso
 from ._pool import Pool
 from ._stores import patch_scores
 from .fusion import FusionWeights
@@ -507,8 +507,6 @@ def calibrate(index: Index | str | os.PathLike, *, settings: CalibrationSettings
     Example:
         >>> calibrate("my-index").weights.threshold  # doctest: +SKIP
     """
-    from . import __version__
-
     settings = settings or CalibrationSettings()
     t0 = time.perf_counter()
     idx = index if isinstance(index, Index) else Index(index)
@@ -584,7 +582,7 @@ def calibrate(index: Index | str | os.PathLike, *, settings: CalibrationSettings
         "by_kind": tables,
         "seconds": {"total": round(seconds, 3), **{k: round(v, 3) for k, v in timings.items()}},
         "created": now_iso(),
-        "engine_version": __version__,
+        "engine_version": library_versions().get("attrib-engine"),
     }
     path = None
     if write:
@@ -620,6 +618,12 @@ def after_build(summary, encoders, how: bool | CalibrationSettings | None = None
         return {"skipped": f"{summary.images} images, fewer than {AUTO_MIN_IMAGES}: run `attrib calibrate` to "
                            "calibrate anyway"}
     settings = how if isinstance(how, CalibrationSettings) else None
+    if settings is None and previous is not None:  # calibrate again as the user did (--far, --seed, --queries)
+        try:
+            settings = CalibrationSettings(**{k: v for k, v in (previous.provenance.get("settings") or {}).items()
+                                              if k in CalibrationSettings.__dataclass_fields__})
+        except (AttribError, TypeError):
+            settings = None
     try:
         res = calibrate(summary.index_dir, settings=settings, progress=progress, encoders=encoders)
     except AttribError as e:

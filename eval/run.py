@@ -102,7 +102,7 @@ def ensure_index(bench: Benchmark, index: str | os.PathLike | None, models: str 
             stderr_console().print(f"indexing the benchmark corpus ({bench.corpus.height} records) with models "
                                    f"{models!r} into the cache {folder}")
             build_index(bench.path / "corpus.parquet", folder, models=models, device=device, settings=settings,
-                        overwrite=folder.exists(), progress=progress)
+                        overwrite=folder.exists(), progress=progress, calibrate=False)
             idx = open_index(folder, device=device)
     ids = set(idx.reader.all_ids()[1].tolist())
     missing = sorted({r for rel in bench.queries["relevant"].to_list() for r in rel} - ids)

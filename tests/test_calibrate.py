@@ -21,6 +21,7 @@ from engine.calibrate import (
     DuplicateRule,
     SelfQuery,
     calibrate,
+    image_rows,
     label_queries,
     near_duplicates,
     plan_queries,
@@ -80,7 +81,7 @@ def stored(cidx):
 
 
 def _row(idx, rid: str) -> int:
-    return int(np.flatnonzero(idx.reader.ids == rid)[0])
+    return int(idx.reader.rows_of([rid])[0])
 
 
 def _comparable(w: engine.FusionWeights) -> dict:
@@ -101,13 +102,13 @@ def test_calibration_is_deterministic_for_a_seed(cidx, stored):
     assert {"tune", "test"} == set(p["by_kind"]) and "novel" in p["by_kind"]["tune"]
     assert a.weights.features == list(engine.feature_specs())
     assert set(a.weights.evidence_levels) == {"image", "text"}
-    rows = np.asarray(cidx.reader.slot_rows, np.int64)
+    rows = image_rows(cidx)
     other = plan_queries(rows, CalibrationSettings(**{**SMALL.to_dict(), "seed": 1}))
     assert [q.primary for q in other] != [q.primary for q in plan_queries(rows, SMALL)]
 
 
 def test_plan_is_split_by_record_and_capped(cidx):
-    rows = np.asarray(cidx.reader.slot_rows, np.int64)
+    rows = image_rows(cidx)
     plan = plan_queries(rows, SMALL)
     assert sum(q.transform is not None for q in plan) == SMALL.budget(len(rows)) == 40
     split = {}
@@ -126,10 +127,10 @@ def test_masked_rows_never_come_back_from_any_ranker(cidx, stored):
         assert not set(q.exclude) & set(q.pool.rows.tolist()), q.query_id
     # a raw held-out record: its own stored vectors find it first, unless it is masked
     row = held[0].primary
-    slot = cidx.reader.rows_to_slots(np.array([row]))
-    q = engine.QueryInput("raw", prompt=cidx.reader.records(np.array([row]))["caption"][0])
-    q.encodings.update(clip_image=cidx.reader.clip.vectors(slot)[0], dino_global=cidx.reader.dino.vectors(slot)[0],
-                       dino_cells=cidx.reader.patches.get(slot)[0])
+    r = cidx.reader
+    q = engine.QueryInput("raw", prompt=r.records(np.array([row]))["caption"][0])
+    q.encodings.update(clip_image=r.vectors("clip", [row])[1][0], dino_global=r.vectors("dino", [row])[1][0],
+                       dino_cells=r.patch_cells([row])[1][0])
     q = cidx.with_terms(q)
     for name in engine.rankers.ranker_names():
         assert row not in cidx.rank(name, q, 10, exclude=[row]).rows.tolist(), name
@@ -213,6 +214,7 @@ def test_an_interrupted_calibration_leaves_the_previous_weights(cal_index, cidx,
     path = cal_index / "calibration.json"
     before = path.read_bytes()
     assert before == stored[1]
+    hidden = sorted(p.name for p in cal_index.iterdir() if p.name.startswith("."))  # the writer lock file
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -223,13 +225,14 @@ def test_an_interrupted_calibration_leaves_the_previous_weights(cal_index, cidx,
     with pytest.raises(KeyboardInterrupt):
         calibrate(cidx, settings=CalibrationSettings(**{**SMALL.to_dict(), "seed": 5}), progress=False)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in cal_index.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in cal_index.iterdir() if p.name.startswith(".")) == hidden  # no temporary file
 
 
 def test_sigint_during_calibration_leaves_the_previous_weights(cal_index, stored):
     path = cal_index / "calibration.json"
     before = path.read_bytes()
     assert before == stored[1]
+    hidden = sorted(p.name for p in cal_index.iterdir() if p.name.startswith("."))
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     p = subprocess.Popen([sys.executable, "-m", "engine.cli", "calibrate", str(cal_index), "--queries", "5000",
                           "--seed", "9"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -248,7 +251,7 @@ def test_sigint_during_calibration_leaves_the_previous_weights(cal_index, stored
             p.kill()
     assert rc == 130
     assert path.read_bytes() == before
-    assert not [x for x in cal_index.iterdir() if x.name.startswith(".")]
+    assert sorted(p.name for p in cal_index.iterdir() if p.name.startswith(".")) == hidden
 
 
 def test_the_build_calibrates_large_corpora_and_says_so(tmp_path, tiny, capsys):
@@ -319,7 +322,83 @@ def test_bench_run_leave_source_out(bench, bidx, capsys):
         assert not masked & set(r.pool_ids.tolist())
         for n in engine.main_rankers():
             assert not masked & set(r.rankings[n]), n
-    assert set(lso["false_attribution_rate"]) == {"clip", "dino", "bm25", "rrf", "fused"}
+    assert set(lso["false_attribution_rate"]) == {*engine.main_rankers(), "rrf", "fused"}
     assert set(lso["by_kind"]) == set(b.split("test")["kind"].to_list())
     assert main(["bench", "run", str(bench), "--models", "tiny", "--leave-source-out", "--no-progress"]) == 0
     assert "leave-source-out" in capsys.readouterr().err
+
+
+def _extra(root: Path, n: int, start: int) -> Path:
+    """n more records (scenes start.., ids x<scene>) as a table to append."""
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        im, cap = world.scene(i)
+        (root / "imgs" / f"x{i}.png").write_bytes(world.png_bytes(im))
+        rows.append({"id": f"x{i}", "image": f"imgs/x{i}.png", "caption": cap})
+    pl.DataFrame(rows).write_parquet(root / "more.parquet")
+    return root / "more.parquet"
+
+
+def _warnings(index: Path) -> list[str]:
+    from engine._calibration import IndexCalibration
+    from engine._manifest import read_manifest
+
+    w, notes = IndexCalibration(index).load(read_manifest(index))
+    assert w is not None
+    return notes
+
+
+def test_deleted_records_never_take_part_and_compaction_keeps_the_calibration(tmp_path, tiny):
+    """Deleted rows are never made into queries, sources, masks or candidates; a compaction (same records) keeps
+    the calibration current, a deletion or an append makes it stale (a warning to calibrate again)."""
+    src = _corpus(tmp_path / "src")
+    out = tmp_path / "index"
+    engine.build_index(src, out, encoders=tiny, progress=False, calibrate=False,
+                       settings=engine.IndexSettings(pca_sample=16))
+    gone = ["s3", "s7", "orig", "s20"]
+    engine.delete_records(out, gone)
+    with engine.open_index(out) as i:
+        i.use_encoders(tiny)
+        deleted = set(i.reader.live.deleted.tolist())
+        assert len(deleted) == len(gone) and not set(image_rows(i).tolist()) & deleted
+        res = calibrate(i, settings=SMALL, progress=False)
+    for q in res.queries:
+        used = {q.primary, *q.sources, *q.exclude, *q.relevant, *(x for x in (q.other, q.misleading) if x is not None)}
+        assert not used & deleted, q.query_id
+        assert not set(q.pool.rows.tolist()) & deleted, q.query_id
+    assert _warnings(out) == []
+    before = json.loads((out / "calibration.json").read_text())["provenance"]["index"]
+    engine.compact(out, progress=False)  # the deleted records are purged: the live ones are the same
+    assert _warnings(out) == []
+    with engine.open_index(out) as i:
+        assert i.resolve_fusion().weights.name == "index:calibration.json" and not i.resolve_fusion().warnings
+    engine.delete_records(out, ["s9"])
+    notes = _warnings(out)
+    assert len(notes) == 1 and "1 removed" in notes[0] and "attrib calibrate" in notes[0]
+    engine.compact(out, progress=False)  # purging it does not make the calibration current again
+    assert _warnings(out) == notes
+    with engine.open_index(out) as i:  # a stale calibration is still used, with the warning in every answer
+        i.use_encoders(tiny)
+        res = i.query(prompt=world.scene(1)[1], k=3)
+        assert res.fusion["weights"] == "index:calibration.json" and notes[0] in res.warnings
+    assert before["records"] == N_SCENES + 3 - len(gone)
+
+
+def test_append_recalibrates_a_calibrated_index(tmp_path, tiny):
+    src = _corpus(tmp_path / "src")
+    out = tmp_path / "index"
+    engine.build_index(src, out, encoders=tiny, progress=False, calibrate=SMALL,
+                       settings=engine.IndexSettings(pca_sample=16))
+    first = json.loads((out / "calibration.json").read_text())["provenance"]["index"]
+    s = engine.build_index(_extra(tmp_path / "more", 6, 500), out, encoders=tiny, progress=False,
+                           append=True)  # calibrate: the default (auto)
+    assert s.mode == "append" and "seconds" in s.calibration, s.calibration
+    now = json.loads((out / "calibration.json").read_text())["provenance"]["index"]
+    assert now["next_row"] == first["next_row"] + 6 and now["records"] == first["records"] + 6
+    assert _warnings(out) == []
+    assert json.loads((out / "calibration.json").read_text())["provenance"]["settings"] == SMALL.to_dict()
+    # appended again without calibrating: the calibration is stale and says so
+    engine.build_index(_extra(tmp_path / "more2", 3, 700), out, encoders=tiny, progress=False, append=True,
+                       calibrate=False)
+    assert "3 were added" in _warnings(out)[0]
