@@ -55,7 +55,7 @@ def print_build_summary(s) -> None:
     if cal and cal.get("skipped"):
         c.print(f"[dim]not calibrated: {escape(cal['skipped'])}[/dim]")
     elif cal:
-        share = (f" ({cal['share_of_build']:.0%} of the build's time, {cal['share_of_build_encoding']:.0%} of its "
+        share = (f" ({cal['share_of_build']:.0%} of this run's time, {cal['share_of_build_encoding']:.0%} of its "
                  "encoding time)" if cal.get("share_of_build") and cal.get("share_of_build_encoding") else "")
         t = cal.get("test", {})
         c.print(f"[bold green]calibrated[/bold green] fusion weights in {cal['seconds']:.1f}s{share}: "
@@ -105,6 +105,13 @@ def print_info(info: dict) -> None:
     t.add_row("fusion", escape(fz.get("note", "")) + (f"\n{escape(fz['learned'])}" if fz.get("learned") else ""))
     for w in fz.get("warnings", []):
         t.add_row("", f"[yellow]{escape(w)}[/yellow]")
+    cal = info.get("calibration")
+    if cal:
+        test = cal.get("scores", {}).get("test", {}) if isinstance(cal.get("scores"), dict) else {}
+        t.add_row("calibration", f"{'used' if cal.get('used') else 'not used'}; threshold "
+                                 f"{fmt_number(cal.get('threshold'))}; held-out self-made queries: map@100 "
+                                 f"{fmt_number(test.get('map@100'))}, false attribution "
+                                 f"{fmt_number(test.get('false_attribution_rate'))}")
     c.print(t)
     s = Table(title="size on disk")
     for col in ("component", "bytes", "per record", "grows with"):
