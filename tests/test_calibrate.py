@@ -30,6 +30,7 @@ from engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = CalibrationSettings(min_queries=40, max_queries=40, raw_per_encoded=1.0, min_images=10)
+FEW = CalibrationSettings(min_queries=16, max_queries=16, raw_per_encoded=1.0, min_images=10)  # cheapest that learns
 N_SCENES = 48
 SAME_CAPTION_AS = 12  # record "textonly" is caption-only, with exactly scene 12's caption
 
@@ -362,7 +363,7 @@ def test_deleted_records_never_take_part_and_compaction_keeps_the_calibration(tm
         i.use_encoders(tiny)
         deleted = set(i.reader.live.deleted.tolist())
         assert len(deleted) == len(gone) and not set(image_rows(i).tolist()) & deleted
-        res = calibrate(i, settings=SMALL, progress=False)
+        res = calibrate(i, settings=FEW, progress=False)
     for q in res.queries:
         used = {q.primary, *q.sources, *q.exclude, *q.relevant, *(x for x in (q.other, q.misleading) if x is not None)}
         assert not used & deleted, q.query_id
@@ -388,7 +389,7 @@ def test_deleted_records_never_take_part_and_compaction_keeps_the_calibration(tm
 def test_append_recalibrates_a_calibrated_index(tmp_path, tiny):
     src = _corpus(tmp_path / "src")
     out = tmp_path / "index"
-    engine.build_index(src, out, encoders=tiny, progress=False, calibrate=SMALL,
+    engine.build_index(src, out, encoders=tiny, progress=False, calibrate=FEW,
                        settings=engine.IndexSettings(pca_sample=16))
     first = json.loads((out / "calibration.json").read_text())["provenance"]["index"]
     s = engine.build_index(_extra(tmp_path / "more", 6, 500), out, encoders=tiny, progress=False,
@@ -397,7 +398,7 @@ def test_append_recalibrates_a_calibrated_index(tmp_path, tiny):
     now = json.loads((out / "calibration.json").read_text())["provenance"]["index"]
     assert now["next_row"] == first["next_row"] + 6 and now["records"] == first["records"] + 6
     assert _warnings(out) == []
-    assert json.loads((out / "calibration.json").read_text())["provenance"]["settings"] == SMALL.to_dict()
+    assert json.loads((out / "calibration.json").read_text())["provenance"]["settings"] == FEW.to_dict()
     # appended again without calibrating: the calibration is stale and says so
     engine.build_index(_extra(tmp_path / "more2", 3, 700), out, encoders=tiny, progress=False, append=True,
                        calibrate=False)
