@@ -177,9 +177,11 @@ def build_index(
         progress: show a progress bar on stderr.
         clip_weights, dino_weights: local weights files or folders for the pretrained profile.
         encoders: already-loaded encoders (``engine.load_encoders``) instead of ``models``.
-        calibrate: learn the index's own fusion weights after the build (``engine.calibrate``): None (default)
-            when it has at least ``engine.calibrate.AUTO_MIN_IMAGES`` images; True always; False never; or the
-            ``CalibrationSettings`` to calibrate with (always).
+        calibrate: learn the index's own fusion weights once the index is complete (``engine.calibrate``):
+            None (default) when it has at least ``engine.calibrate.AUTO_MIN_IMAGES`` images or already had a
+            calibration (an append makes it stale; it is learned again with its own settings); True always;
+            False never; or the ``CalibrationSettings`` to calibrate with (always). Ctrl-C while calibrating
+            raises ``engine.calibrate.CalibrationInterrupted`` (a KeyboardInterrupt): the index is complete.
     Returns:
         A :class:`BuildSummary`: counts, rejects by reason, timings and the manifest written.
     Raises:
