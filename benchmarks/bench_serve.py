@@ -58,7 +58,7 @@ def build_world(root: Path, n: int, models: str) -> tuple[Path, list[tuple[bytes
             render(spec, 224).save(src / f"scene{i:04d}.png")
             (src / f"scene{i:04d}.txt").write_text(caption_of(spec, rng) + "\n", encoding="utf-8")
         print(f"building a {n}-image index with the '{models}' profile (once; cached in {root}) ...", flush=True)
-        engine.build_index(src, out, models=models, progress=False, overwrite=True)
+        engine.build_index(src, out, models=models, progress=False, overwrite=True, calibrate=False)
     queries = []
     for j in range(QUERIES):
         i = (j * 7919) % n

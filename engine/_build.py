@@ -51,6 +51,7 @@ class BuildSummary:
     renamed_columns: dict[str, str] = field(default_factory=dict)  # table column -> its index name (a clash)
     engine: str = "local"  # local (this process) or ray (engine._ray)
     startup_seconds: float = 0.0  # ray: starting or joining the cluster and loading the models on the workers
+    calibration: dict | None = None  # self-calibration after the build: its time and fit, or why it was skipped
 
     @property
     def throughput(self) -> float:
@@ -157,6 +158,7 @@ def build_index(
     clip_weights: str | None = None,
     dino_weights: str | None = None,
     encoders=None,
+    calibrate=None,
 ) -> BuildSummary:
     """Index a training set into the folder ``out`` (or add one to it).
 
@@ -178,6 +180,11 @@ def build_index(
         progress: show a progress bar on stderr.
         clip_weights, dino_weights: local weights files or folders for the pretrained profile.
         encoders: already-loaded encoders (``engine.load_encoders``) instead of ``models``.
+        calibrate: learn the index's own fusion weights once the index is complete (``engine.calibrate``):
+            None (default) when it has at least ``engine.calibrate.AUTO_MIN_IMAGES`` images or already had a
+            calibration (an append makes it stale; it is learned again with its own settings); True always;
+            False never; or the ``CalibrationSettings`` to calibrate with (always). Ctrl-C while calibrating
+            raises ``engine.calibrate.CalibrationInterrupted`` (a KeyboardInterrupt): the index is complete.
     Returns:
         A :class:`BuildSummary`: counts, rejects by reason, timings and the manifest written.
     Raises:
@@ -246,12 +253,17 @@ def build_index(
         swap_in(folder, out)
         manifest = read_manifest(out)
     added = int(manifest["next_row"]) - first_row
-    return BuildSummary(
+    summary = BuildSummary(
         out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
         int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
         time.perf_counter() - t0, encode_s, manifest, encoded_this_run=encoded, added_this_run=added, mode=mode,
         segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns),
     )
+    if calibrate is not False:  # the index is complete and in place: an interrupted calibration loses nothing of it
+        from .calibrate import after_build
+
+        summary.calibration = after_build(summary, encoders, calibrate, progress=progress)
+    return summary
 
 
 def _check_patch_grid(settings: IndexSettings, encoders_or_identity) -> None:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._calibration import IndexCalibration
 from ._encode import QueryEncoder
 from ._errors import IndexFormatError, ModelMismatchError, QueryInputError
 from ._explain import Correspondence, correspondences
@@ -18,7 +19,7 @@ from ._pool import CandidatePool, Pool
 from ._reader import IndexReader
 from ._settings import QuerySettings
 from ._threads import single_threaded_blas
-from ._verdict import verdict
+from ._verdict import evidence_support, verdict
 from .files import require_utf8_path
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
 from .rankers import RANKERS, QueryInput, Ranking, RowFilter, create_ranker, main_rankers, ranker_names, ranking_order
@@ -64,6 +65,7 @@ class Index:
         self._pool = CandidatePool(self.reader, self.rankers, self._worker)
         self._manifest_stamp: tuple | None = None  # set by the first reopen_if_changed that finds no change
         self._encoder = QueryEncoder(self.reader, self._loaded_encoders)
+        self._calibration = IndexCalibration(self.path)
 
     def reopen_if_changed(self) -> "Index":
         """This index when its folder still holds the generation it opened; otherwise a freshly opened
@@ -189,11 +191,15 @@ class Index:
         return self._pool.build(q, depth, RowFilter.of(self.reader, exclude))
 
     def resolve_fusion(self, weights: Any = "auto", text_only: bool | None = None) -> Fusion:
-        """``"auto"``: the shipped weights learned for this index's models, else RRF; ``"rrf"``/None: RRF;
-        a path or :class:`FusionWeights`: those weights (refused if learned for other models). ``text_only``
-        (default: whether the index has no image) prefers shipped weights over text features only."""
+        """``"auto"``: the index's own calibration (``attrib calibrate``), else the shipped weights learned for
+        this index's models, else RRF; ``"rrf"``/None: RRF; a path or :class:`FusionWeights`: those weights
+        (refused if learned for other models). ``text_only`` (default: whether the index has no image) prefers
+        shipped weights over text features only."""
         text_only = self.reader.n_images == 0 if text_only is None else text_only
-        return resolve_fusion(weights, self.fingerprint, f"index {self.path}", self.settings.rrf_k, text_only)
+        cal, notes = (self._calibration.load(self.manifest) if isinstance(weights, str) and weights == "auto"
+                      else (None, []))
+        return resolve_fusion(weights, self.fingerprint, f"index {self.path}", self.settings.rrf_k, text_only,
+                              calibration=cal, warnings=notes)
 
     # ------------------------------------------------------------------------------------------ answers
     def search(self, q: QueryInput, k: int = 10, weights: Any = "auto", fusion: Fusion | None = None,
@@ -236,6 +242,7 @@ class Index:
                  if meta is not None and q.get("terms") else None)
         timings["metadata"] = (time.perf_counter() - t) * 1e3
         thr = fusion.threshold
+        support = evidence_support(fusion, pool.feats, order) or [{}] * len(order)
         results = [
             Candidate(
                 rank=pos + 1, row=int(pool.rows[i]), id=meta["id"][pos], image=meta["image"][pos],
@@ -244,6 +251,7 @@ class Index:
                 evidence={f: clean_number(v[i]) for f, v in pool.feats.items()},
                 ranks={n: (int(ranks[n][i]) or None) if n in ranks else None for n in main_rankers()},
                 text=None if texts is None else dict(texts[pos], duplicates=_count(pool.feats.get("caption_dups"), i)),
+                support=support[pos].get("support"), carried_by=support[pos].get("carried_by"),
             )
             for pos, i in enumerate(order)
         ]
@@ -252,6 +260,7 @@ class Index:
         warnings = []
         if self.untrained:
             warnings.append(UNTRAINED_BANNER.format(profile=self.manifest["models"]["profile"]))
+        warnings += fusion.warnings
         if thr is None:
             warnings.append("no calibrated threshold for this fusion: results are ranked but no verdict is given")
         return Attribution(

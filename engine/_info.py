@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 
+from ._calibration import IndexCalibration
 from ._layout import component
 from ._manifest import UNTRAINED_BANNER
 from ._reader import IndexReader
+from .fusion import learned_how, resolve_fusion
 
 
 def index_info(path: str | os.PathLike) -> dict:
@@ -37,6 +39,19 @@ def index_info(path: str | os.PathLike) -> dict:
     }
     if r.untrained:
         info["warning"] = UNTRAINED_BANNER.format(profile=m["models"]["profile"])
+    cal, notes = IndexCalibration(r.path).load(m)
+    fusion = resolve_fusion("auto", r.fingerprint, f"index {r.path}", text_only=r.n_images == 0, calibration=cal,
+                            warnings=notes)
+    info["fusion"] = fusion.describe() | {"warnings": fusion.warnings}
+    if fusion.weights is not None:
+        how = learned_how(fusion.weights)
+        info["fusion"]["learned"] = f"learned by {how['learned_by']} {how['learned_at'] or ''} on {how['learned_on']}"
+    if cal is not None:
+        info["calibration"] = {"path": str(r.path / "calibration.json"), "used": fusion.weights is cal,
+                               "threshold": cal.threshold, "scores": cal.provenance.get("scores"),
+                               "counts": cal.provenance.get("counts"),
+                               "seconds": cal.provenance.get("seconds", {}).get("total"),
+                               "index": cal.provenance.get("index")}
     r.close()
     return info
 

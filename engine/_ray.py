@@ -225,6 +225,7 @@ def build_index_ray(
     clip_weights: str | None = None,
     dino_weights: str | None = None,
     faults: dict | None = None,
+    calibrate=None,
 ) -> BuildSummary:
     """Index ``source`` into ``out`` on a Ray cluster: the same index as :func:`engine.build_index` (same records,
     ids and vectors; rows too, except that records rejected while reading leave gaps), with the encoding spread
@@ -237,6 +238,8 @@ def build_index_ray(
         cluster: the cluster and its workers (:class:`ClusterSettings`; default: a Ray started on this
             machine with one worker).
         faults: test hook, see ``Worker._inject``.
+        calibrate: as for :func:`engine.build_index`: self-calibration once the index is complete (on this
+            machine, with the index's models loaded here).
     Returns:
         A :class:`BuildSummary` (``engine="ray"``; ``startup_seconds``: starting or joining Ray and loading the
         models on the workers; ``encode_seconds``: time inside the encoders, summed over the workers).
@@ -341,13 +344,18 @@ def build_index_ray(
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)
-    return BuildSummary(
+    summary = BuildSummary(
         out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
         int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
         time.perf_counter() - t0, encode_s, manifest, encoded_this_run=encoded, added_this_run=committer.added,
         mode=mode, segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns), engine="ray",
         startup_seconds=startup_s,
     )
+    if calibrate is not False:  # as after a local build: the index is complete, an interrupt loses nothing of it
+        from .calibrate import after_build
+
+        summary.calibration = after_build(summary, None, calibrate, progress=progress)
+    return summary
 
 
 def _shutdown(ray) -> None:

@@ -148,22 +148,30 @@ def cmd_index(a: argparse.Namespace) -> int:
                      f"visible; rerun the same command to resume the build"
                      + (" (the previous index stays in place until the new one is complete)" if a.overwrite else ""))
     kw = dict(models=a.models or "default", device=a.device, settings=settings, overwrite=a.overwrite,
-              append=a.append, progress=not a.no_progress, clip_weights=a.clip_weights, dino_weights=a.dino_weights)
+              append=a.append, progress=not a.no_progress, clip_weights=a.clip_weights, dino_weights=a.dino_weights,
+              calibrate=False if a.no_calibrate else None)
     ray_only = {"--address": a.address, "--ray-workers": a.ray_workers, "--gpus-per-worker": a.gpus_per_worker,
                 "--cpus-per-worker": a.cpus_per_worker}
-    if a.engine == "ray":
-        from ._cluster import ClusterSettings
-        from ._ray import build_index_ray, import_ray
+    from .calibrate import CalibrationInterrupted
 
-        import_ray()  # a missing Ray is one line, before any work
-        cluster = ClusterSettings(address=a.address, workers=a.ray_workers or 1,
-                                  gpus_per_worker=a.gpus_per_worker or 0.0, cpus_per_worker=a.cpus_per_worker)
-        s = build_index_ray(a.source, a.out, cluster=cluster, **kw)
-    else:
-        given_ray = [k for k, v in ray_only.items() if v is not None]
-        if given_ray:
-            raise AttribError(f"{', '.join(given_ray)} only apply to --engine ray")
-        s = build_index(a.source, a.out, **kw)
+    try:
+        if a.engine == "ray":
+            from ._cluster import ClusterSettings
+            from ._ray import build_index_ray, import_ray
+
+            import_ray()  # a missing Ray is one line, before any work
+            cluster = ClusterSettings(address=a.address, workers=a.ray_workers or 1,
+                                      gpus_per_worker=a.gpus_per_worker or 0.0, cpus_per_worker=a.cpus_per_worker)
+            s = build_index_ray(a.source, a.out, cluster=cluster, **kw)
+        else:
+            given_ray = [k for k, v in ray_only.items() if v is not None]
+            if given_ray:
+                raise AttribError(f"{', '.join(given_ray)} only apply to --engine ray")
+            s = build_index(a.source, a.out, **kw)
+    except CalibrationInterrupted:
+        a.interrupted = (f"interrupted while calibrating: the index {a.out} is complete and its previous "
+                         f"calibration, if any, is unchanged; run `attrib calibrate {a.out}` to calibrate it")
+        raise
     if a.json:
         from ._info import index_info
 
@@ -177,9 +185,25 @@ def cmd_index(a: argparse.Namespace) -> int:
                     "ram_bytes_per_record": info["ram_bytes_per_record"],
                     "untrained": "warning" in info, "warning": info.get("warning"),
                     "renamed_columns": s.renamed_columns, "engine": s.engine,
-                    "startup_seconds": round(s.startup_seconds, 3)})
+                    "startup_seconds": round(s.startup_seconds, 3), "calibration": s.calibration})
     else:
         print_build_summary(s)
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from ._index import Index
+    from .calibrate import CalibrationSettings, calibrate, calibration_summary
+    from .report.text import print_calibration
+
+    fixed = {"min_queries": a.queries, "max_queries": a.queries} if a.queries is not None else {}
+    settings = CalibrationSettings(far=a.far, seed=a.seed, **fixed)  # invalid values are named
+    idx = Index(a.index, device=a.device, clip_weights=a.clip_weights, dino_weights=a.dino_weights)
+    res = calibrate(idx, settings=settings, progress=not a.no_progress, write=not a.dry_run)
+    if a.json:
+        print_json({**calibration_summary(res), "weights": res.weights.to_dict()})
+    else:
+        print_calibration(res.weights, res.path)
     return 0
 
 
@@ -382,9 +406,25 @@ def add_commands(sub) -> None:
                    help="ray: GPUs per worker (default 0: encode on CPU)")
     s.add_argument("--cpus-per-worker", type=int_in(1, 4096), default=None, metavar="C",
                    help="ray: CPUs per worker (default: this machine's CPUs / workers when Ray runs here, else 1)")
+    s.add_argument("--no-calibrate", action="store_true",
+                   help="skip learning the index's own fusion weights after the build (done by default from "
+                        "300 images on; see `attrib calibrate`)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("calibrate", help="learn fusion weights and the 'no source' threshold from an index itself")
+    s.add_argument("index")
+    s.add_argument("--far", type=float_in(0.001, 0.5), default=0.05,
+                   help="target false-attribution rate of the threshold on self-made novel queries (default 0.05)")
+    s.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0, help="seed of every self-made query (default 0)")
+    s.add_argument("--queries", type=int_in(10, 1_000_000), default=None,
+                   help="encoded self-made query images (default: a fifth of the indexed images, 240..1500)")
+    s.add_argument("--dry-run", action="store_true", help="report the fit without storing the weights")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the summary and the weights as JSON on stdout")
+    add_model_args(s, with_profile=False)
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("info", help="describe an index folder")
     s.add_argument("index")
@@ -428,8 +468,8 @@ def add_commands(sub) -> None:
     s.add_argument("--prompt", default=None, help="the prompt that generated it (plain text, never query syntax)")
     s.add_argument("-k", type=int_in(1, MAX_K), default=10, help=f"results to return (default 10, at most {MAX_K})")
     s.add_argument("--weights", default=None, metavar="FILE",
-                   help="fusion weights file from `attrib tune`; 'rrf' for plain RRF; default: shipped weights "
-                        "for the index's models when they exist, else RRF")
+                   help="fusion weights file from `attrib tune` or `attrib calibrate`; 'rrf' for plain RRF; default: "
+                        "the index's own calibration, else shipped weights for its models, else RRF")
     s.add_argument("--depth", type=int_in(1, MAX_DEPTH), default=None,
                    help=f"candidates per ranker in the fused pool (default 100, at most {MAX_DEPTH})")
     s.add_argument("--nprobe", type=int_in(1, MAX_NPROBE), default=None,

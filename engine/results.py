@@ -37,6 +37,9 @@ class Candidate:
     # what the caption shares with the prompt (engine.text.shared_text: words, phrases, spans) and how many other
     # records share the caption's words (duplicates); None when the query has no prompt terms
     text: dict | None = None
+    support: dict[str, float | None] | None = None  # evidence kind -> score part above the best unrelated record's
+    carried_by: list[str] | None = None  # evidence kinds that carried it, strongest first (learned fusion only)
+    caption_match_only: bool | None = None  # above the threshold without image support (None: no threshold)
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "row": self.row, "id": self.id, "image": self.image, "caption": self.caption,
@@ -46,6 +49,11 @@ class Candidate:
             d["share"] = self.share
         if self.text is not None:
             d["text"] = {k: (list(v) if isinstance(v, list) else v) for k, v in self.text.items()}
+        if self.support is not None:
+            d["support"] = dict(self.support)
+            d["carried_by"] = list(self.carried_by or [])
+        if self.caption_match_only is not None:
+            d["caption_match_only"] = self.caption_match_only
         return d
 
 
@@ -58,12 +66,15 @@ class Verdict:
     n_above: int | None
     label: str
     share_note: str | None = None
+    caption_match_only: bool | None = None  # every result above the threshold is a caption match only
 
     def to_dict(self) -> dict:
         d = {"likely_source": self.likely_source, "threshold": self.threshold, "n_above": self.n_above,
              "label": self.label}
         if self.share_note is not None:
             d["share_note"] = self.share_note
+        if self.caption_match_only is not None:
+            d["caption_match_only"] = self.caption_match_only
         return d
 
 

@@ -26,6 +26,10 @@ def print_evaluation(result: dict) -> None:
     if result["models"].get("warning"):
         c.print(untrained_panel(result["models"]["warning"]))
     c.print(f"[dim]fused = {escape(result['fusion']['fused']['note'])}[/dim]")
+    fz = result["fusion"]["fused"]
+    if fz.get("learned_by"):
+        c.print(f"[dim]weights {escape(str(fz.get('weights')))} learned by {escape(str(fz['learned_by']))} "
+                f"{escape(str(fz.get('learned_at') or ''))} on {escape(str(fz.get('learned_on')))}[/dim]")
     t = Table(title=f"{escape(result['benchmark'])} [{result['split']}]: {result['n_queries_with_source']} queries "
                     f"with a source, {result['novel']['n_novel']} without (± = half the bootstrap 95% interval)")
     t.add_column("ranker")
@@ -61,6 +65,12 @@ def print_evaluation(result: dict) -> None:
     c.print(d)
     if nv.get("note"):
         c.print(f"[dim]{escape(nv['note'])}[/dim]")
+    lso = result.get("leave_source_out")
+    if lso:
+        far = lso["false_attribution_rate"]
+        c.print(f"[bold]leave-source-out[/bold]: {lso['masked_queries']} queries with their sources masked; "
+                "false-attribution rate " + ", ".join(f"{n} {_fmt(far[n])}" for n in ranker_order()))
+        c.print(f"[dim]{escape(lso['note'])}[/dim]")
 
 
 def print_tune(weights, evals: dict, metric: str) -> None:
@@ -141,7 +151,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.report:
         check_output_folder(a.report)  # before the slow part; each file is checked again when written
     bench, idx = _open(a)
-    ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress)
+    ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress,
+                  leave_source_out=a.leave_source_out)
     failed = None
     if a.report:
         try:
@@ -260,10 +271,13 @@ def add_commands(sub) -> None:
     _common(s)
     s.add_argument("--split", choices=("test", "tune", "all"), default="test")
     s.add_argument("--weights", default=None,
-                   help="fusion weights file (default: shipped weights for these models, else RRF); "
-                        "'rrf' for plain RRF")
+                   help="fusion weights file (default: the index's own calibration, else shipped weights for "
+                        "these models, else RRF); 'rrf' for plain RRF")
     s.add_argument("--report", default=None, metavar="DIR",
                    help="write bench.json, recall_at_k.png and hard_cases.html")
+    s.add_argument("--leave-source-out", action="store_true",
+                   help="mask each query's relevant records so every query is novel; report the false-attribution "
+                        "rate overall and per kind (a check of the 'no source' verdict on real queries)")
     s.set_defaults(func=cmd_run)
 
     s = bs.add_parser("import-memorized",

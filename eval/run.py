@@ -102,7 +102,7 @@ def ensure_index(bench: Benchmark, index: str | os.PathLike | None, models: str 
             stderr_console().print(f"indexing the benchmark corpus ({bench.corpus.height} records) with models "
                                    f"{models!r} into the cache {folder}")
             build_index(bench.path / "corpus.parquet", folder, models=models, device=device, settings=settings,
-                        overwrite=folder.exists(), progress=progress)
+                        overwrite=folder.exists(), progress=progress, calibrate=False)
             idx = open_index(folder, device=device)
     ids = set(idx.reader.all_ids()[1].tolist())
     missing = sorted({r for rel in bench.queries["relevant"].to_list() for r in rel} - ids)
@@ -174,25 +174,37 @@ def _load_encoded(path: Path, qids, images, prompts, idx: Index) -> list[QueryIn
 
 
 # --------------------------------------------------------------------------------------------- running
-def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool = True) -> list[QueryRun]:
-    """Single-ranker lists and fused candidate pools for every query of ``qdf`` (no fusion applied yet)."""
+def run_queries(bench: Benchmark, idx: Index, qdf: pl.DataFrame, progress: bool = True,
+                leave_source_out: bool = False) -> list[QueryRun]:
+    """Single-ranker lists and fused candidate pools for every query of ``qdf`` (no fusion applied yet).
+
+    ``leave_source_out``: each query's relevant records are masked from every ranker and the pool
+    (``exclude``), so every query becomes a novel one (its sources are kept in ``meta["masked"]``)."""
     encoded = encode_queries(bench, idx, qdf, progress)
     ids_of = idx.reader.ids_of
     runs: list[QueryRun] = []
     rows = qdf.select("query_id", "kind", "split", "relevant", "image", "prompt").to_dicts()
     with progress_bar("ranking queries", len(rows), enabled=progress) as advance:
         for q, r in zip(encoded, rows):
+            relevant = frozenset(r["relevant"] or [])
+            exclude = None
+            if leave_source_out:  # relevant ids that are not live records (deleted, rejected) need no mask
+                masked = idx.reader.rows_of(sorted(relevant))
+                exclude = masked[masked >= 0]
             rankings, tops = {}, {}
             took_part = {name: idx.rankers[name].available(q) for name in main_rankers()}
             for name in main_rankers():
-                rk = idx.rank(name, q, DEPTH)
+                rk = idx.rank(name, q, DEPTH, exclude=exclude)
                 rankings[name] = [str(x) for x in ids_of(rk.rows)]
                 tops[name] = float(rk.scores[0]) if len(rk) else math.nan
-            pool = idx.pool(q, DEPTH)
+            pool = idx.pool(q, DEPTH, exclude=exclude)
+            meta = {"image": bench.image_path(r["image"]), "prompt": r["prompt"]}
+            if leave_source_out:
+                meta["masked"] = sorted(relevant)
+                relevant = frozenset()
             runs.append(QueryRun(
-                r["query_id"], r["kind"], r["split"], frozenset(r["relevant"] or []), rankings, tops, pool,
-                ids_of(pool.rows),
-                {"image": bench.image_path(r["image"]), "prompt": r["prompt"]}, took_part,
+                r["query_id"], r["kind"], r["split"], relevant, rankings, tops, pool, ids_of(pool.rows), meta,
+                took_part,
             ))
             advance(1)
     return runs
@@ -283,11 +295,13 @@ class Evaluation:
 
 def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "auto",
              target_far: float = DEFAULT_TARGET_FAR, progress: bool = True,
-             runs_by_split: dict[str, list[QueryRun]] | None = None) -> Evaluation:
+             runs_by_split: dict[str, list[QueryRun]] | None = None, leave_source_out: bool = False) -> Evaluation:
     """Metrics for every single ranker, RRF and the fused ranker on one split (``all`` = both).
 
     Thresholds for "no source" come from the weights file when it has one (fused); every other ranker's
-    threshold is calibrated on the ``tune`` split's novel queries at ``target_far``."""
+    threshold is calibrated on the ``tune`` split's novel queries at ``target_far``. ``leave_source_out``
+    masks each query's sources (every query becomes novel) and reports the false-attribution rate overall
+    and per kind under ``leave_source_out``."""
     fusion = idx.resolve_fusion(weights)
     rrf_fusion = idx.resolve_fusion("rrf")
     fusions = {"rrf": rrf_fusion, "fused": fusion}
@@ -295,9 +309,11 @@ def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "
     needed = ["tune", "test"] if split == "all" else [split]
     if "tune" not in needed and bench.split("tune").filter(pl.col("relevant").list.len() == 0).height:
         needed.append("tune")  # thresholds are calibrated on tune
+    if leave_source_out and "tune" not in needed:
+        needed.append("tune")  # thresholds are calibrated on tune, whose queries are all novel now
     for s in needed:
         if s not in runs_by_split:
-            runs_by_split[s] = run_queries(bench, idx, bench.split(s), progress)
+            runs_by_split[s] = run_queries(bench, idx, bench.split(s), progress, leave_source_out)
     runs = runs_by_split["tune"] + runs_by_split["test"] if split == "all" else runs_by_split[split]
     rankings, tops = all_rankings(runs, fusions)
     if "tune" in runs_by_split:
@@ -344,6 +360,17 @@ def evaluate(bench: Benchmark, idx: Index, split: str = "test", weights: Any = "
     }
     if split in ("tune", "all"):
         result["novel"]["note"] = "thresholds calibrated on the tune split are also evaluated on it: optimistic"
+    if leave_source_out:
+        masked = [r for r in runs if r.meta.get("masked")]
+        result["leave_source_out"] = {
+            "masked_queries": len(masked),
+            "false_attribution_rate": {n: det[n]["false_attribution_rate"] for n in ranker_order()},
+            "threshold": {n: det[n]["threshold"] for n in ranker_order()},
+            "by_kind": {k: {n: d[n]["false_attribution_rate"] for n in ranker_order()} for k, d in by_kind.items()},
+            "note": ("each query's relevant records are masked from every ranker: every query is novel. The fused "
+                     "threshold comes from the weights; the other rankers' are calibrated on the tune split's "
+                     f"(masked) queries at {target_far}"),
+        }
     idle = [n for n in main_rankers() if not any(r.took_part.get(n, True) for r in runs)]
     if idle:  # e.g. a text-only corpus (no image ranker), or no query with a prompt (no BM25)
         _not_applicable(result, idle, "took part in no query of this split (no images in the index, or no "

@@ -16,7 +16,9 @@ step metric noisy; logistic regression is convex (a unique, reproducible optimum
 in a few steps), uses every candidate rather than only the ranks, and gives calibrated scores for the
 threshold and the attribution shares. Cross-validating the L2 strength on the metric keeps it honest.
 
-The test split is read only after the weights and threshold are fixed, to report held-out scores.
+The learner itself is the engine's (``engine.fusion.learn``), shared with ``attrib calibrate``, which learns
+the same model from queries an index makes from its own records, without labels. The test split is read
+only after the weights and threshold are fixed, to report held-out scores.
 """
 from __future__ import annotations
 
@@ -26,49 +28,24 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
 import engine
-from engine import Fusion, FusionWeights, Index, QuerySettings, feature_specs, now_iso
+from engine import FusionWeights, Index, QuerySettings, now_iso
 from engine.files import check_output_file
-from engine.fusion import feature_matrix, fit_logistic, parse_feature, standardization, standardize
+from engine.fusion.learn import L2_GRID, learn_fusion
 
 from . import metrics as M
 from .bench import Benchmark
-from .run import DEFAULT_TARGET_FAR, QueryRun, fused_ranking, metric_table, run_queries
+from .run import DEFAULT_TARGET_FAR, QueryRun, metric_table, run_queries
 
-L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 RRF_K = QuerySettings().rrf_k  # the :rr transform uses the engine's RRF k
 
-
-def _design(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stacked feature rows, labels and the query index of each row."""
-    Xs, ys, qs = [], [], []
-    for i, r in enumerate(runs):
-        if len(r.pool_ids) == 0:
-            continue
-        Xs.append(feature_matrix(r.pool.feats, list(specs), RRF_K))
-        ys.append(r.labels.astype(np.float64))
-        qs.append(np.full(len(r.pool_ids), i))
-    if not Xs:
-        raise engine.AttribError("no tune query produced any candidate: nothing to learn from")
-    return np.concatenate(Xs), np.concatenate(ys), np.concatenate(qs)
-
-
-def _score_runs(runs: Sequence[QueryRun], weights: FusionWeights) -> dict[str, tuple[list[str], float]]:
-    fusion = Fusion(weights, RRF_K)
-    return {r.query_id: fused_ranking(r, fusion) for r in runs}
+__all__ = ["L2_GRID", "TuneResult", "learn", "tune", "metric_of", "metric_by_kind", "metric_by_ranker"]
 
 
 def metric_of(runs: Sequence[QueryRun], rankings: dict[str, list[str]], metric: str) -> float:
     """Mean ``metric`` of one ranking over the queries that have a source (NaN when none has)."""
     v = metric_table(list(runs), {"r": rankings}, [metric])[0]["r"][metric]
     return float("nan") if v is None else v
-
-
-def _weights(w: np.ndarray, b: float, mu: np.ndarray, sd: np.ndarray, specs, models: dict) -> FusionWeights:
-    return FusionWeights(features=list(specs), weights=[float(x) for x in w], bias=float(b),
-                         mean=[float(x) for x in mu], std=[float(x) for x in sd], models=models, rrf_k=RRF_K)
 
 
 @dataclass
@@ -80,55 +57,17 @@ class TuneResult:
     not_applicable: list[str]  # features no tune candidate had (e.g. image features on a text-only benchmark)
 
 
-def applicable(runs: Sequence[QueryRun], specs: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
-    """(the specs whose feature some candidate of ``runs`` has, the features none has). A feature that is missing
-    everywhere (image evidence on a caption-only benchmark) cannot be learned: it is left out of the model rather
-    than given a meaningless weight, so weights learned on a text-only benchmark are over text features only."""
-    present = {f for r in runs for f, v in r.pool.feats.items() if len(v) and np.isfinite(v).any()}
-    bases = {s: parse_feature(s)[0] for s in specs}
-    missing = sorted({b for b in bases.values() if b not in present}, key=list(bases.values()).index)
-    return tuple(s for s in specs if bases[s] in present), missing
-
-
 def learn(tune_runs: list[QueryRun], models: dict, metric: str = "map@100", target_far: float = DEFAULT_TARGET_FAR,
           specs: Sequence[str] | None = None, folds: int = 3, seed: int = 0) -> TuneResult:
-    """Fit the weights and the threshold on tune runs only (nothing else is passed in). ``specs`` defaults to
-    every registered feature with its standard transforms (``engine.feature_specs()``)."""
+    """Fit the weights and the threshold on tune runs only (nothing else is passed in), with the engine's one
+    learner (``engine.fusion.learn``). ``specs`` defaults to every registered feature with its standard
+    transforms (``engine.feature_specs()``)."""
     M.parse_metric(metric)
-    specs = tuple(specs) if specs is not None else feature_specs()
     if any(r.split != "tune" for r in tune_runs):
         raise engine.AttribError("learn() was given queries outside the tune split")
-    specs, missing = applicable(tune_runs, specs)
-    if not specs:
-        raise engine.AttribError("no feature applies to any tune query: nothing to learn from")
-    X, y, qi = _design(tune_runs, specs)
-    if y.sum() == 0:
-        raise engine.AttribError("no tune candidate is a source: the rankers found nothing to learn from")
-    n_q = len(tune_runs)
-    perm = np.random.default_rng(seed).permutation(n_q)
-    fold_of = np.empty(n_q, int)
-    fold_of[perm] = np.arange(n_q) % folds
-    cv: dict[float, float] = {}
-    for l2 in L2_GRID:
-        scores = []
-        for f in range(folds):
-            tr = fold_of[qi] != f
-            mu, sd = standardization(X[tr])
-            w, b = fit_logistic(standardize(X[tr], mu, sd), y[tr], l2)
-            held = [r for i, r in enumerate(tune_runs) if fold_of[i] == f]
-            ranks = {q: v[0] for q, v in _score_runs(held, _weights(w, b, mu, sd, specs, models)).items()}
-            scores.append(metric_of(held, ranks, metric))
-        cv[l2] = float(np.nanmean(scores))
-    best = max(L2_GRID, key=lambda reg: (cv[reg], reg))  # ties: the stronger regularisation
-    mu, sd = standardization(X)
-    w, b = fit_logistic(standardize(X, mu, sd), y, best)
-    weights = _weights(w, b, mu, sd, specs, models)
-    novel_top = np.array([v[1] for q, v in _score_runs([r for r in tune_runs if r.novel], weights).items()])
-    thr = M.calibrate_threshold(novel_top, target_far) if len(novel_top) else None
-    weights.threshold = None if thr is None or not math.isfinite(thr) else float(thr)
-    weights.threshold_rule = (f"smallest top-score threshold with false-attribution rate <= {target_far} on the "
-                              f"{len(novel_top)} novel tune queries" if len(novel_top) else "no novel tune queries")
-    return TuneResult(weights, cv, best, tune_runs, missing)
+    res = learn_fusion(tune_runs, models, metric=metric, target_far=target_far, specs=specs, folds=folds, seed=seed,
+                       rrf_k=RRF_K, what="tune")
+    return TuneResult(res.weights, res.cv, res.l2, tune_runs, res.not_applicable)
 
 
 def tune(bench: Benchmark, idx: Index, out: str | os.PathLike | None, metric: str = "map@100",
@@ -147,6 +86,7 @@ def tune(bench: Benchmark, idx: Index, out: str | os.PathLike | None, metric: st
     w = res.weights
     w.models, w.name = dict(models), "" if out is None else str(out)
     w.provenance = {
+        "learned_by": "attrib tune",
         "benchmark": str(bench.path),
         "benchmark_sha256": bench.content_hash,
         "benchmark_generator": _generator_params(bench),

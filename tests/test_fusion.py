@@ -115,3 +115,70 @@ def test_logistic_fit_is_sane_on_separable_and_collinear_data():
     assert np.all(np.isfinite(w)) and abs(b) < 1.0 and np.abs(w).max() < 20
     s = Z @ w + b
     assert ((s > 0) == (y > 0)).mean() == 1.0
+
+
+def test_score_parts_by_evidence_kind_add_up_to_the_score():
+    """Worked by hand: clip (image) and bm25 (text); each kind's part is its w * standardised value."""
+    import numpy as np
+
+    from engine import FusionWeights, feature_names
+
+    w = FusionWeights(features=["clip", "clip:z", "bm25"], weights=[2.0, 1.0, 0.5], bias=-1.0, mean=[0.5, 0.0, 2.0],
+                      std=[0.25, 1.0, 2.0], models={})
+    feats = {f: np.full(2, np.nan) for f in feature_names()}
+    feats["clip"] = np.array([1.0, 0.5])  # z over the pool: +1, -1
+    feats["bm25"] = np.array([6.0, np.nan])  # missing -> the mean -> part 0
+    parts = w.parts(feats)
+    assert set(parts) == {"image", "text"}
+    assert parts["image"].tolist() == [2.0 * 2.0 + 1.0, 0.0 - 1.0]
+    assert parts["text"].tolist() == [0.5 * 2.0, 0.0]
+    assert (w.bias + parts["image"] + parts["text"]).tolist() == w.score(feats).tolist()
+
+
+def test_auto_prefers_the_calibration_and_text_only_weights_for_prompt_only_queries(monkeypatch):
+    """'auto': the index's calibration first; for a prompt-only query or a caption-only index (text_only),
+    weights over text features only are preferred when some exist for the models, else the calibration;
+    a calibration for other models is not used, and the answer says so."""
+    import engine.fusion.resolve as R
+    from engine.fusion import resolve_fusion
+
+    fp = "f" * 16
+
+    def weights(features, name):
+        n = len(features)
+        w = FusionWeights(features=features, weights=[1.0] * n, bias=0.0, mean=[0.0] * n, std=[1.0] * n,
+                          models={"fingerprint": fp, "profile": "p"}, threshold=0.5)
+        w.name = name
+        return w
+
+    cal = weights(["clip", "bm25"], "index:calibration.json")
+    text = weights(["bm25", "phrase"], "shipped:text.json")
+    full = weights(["clip", "dino"], "shipped:full.json")
+    assert text.text_only and not cal.text_only
+    monkeypatch.setattr(R, "_shipped", lambda: (full,))
+    assert resolve_fusion("auto", fp, "here", calibration=cal).weights is cal
+    assert resolve_fusion("auto", fp, "here", text_only=True, calibration=cal).weights is cal  # no text-only ones
+    assert resolve_fusion("auto", fp, "here", text_only=True).weights is full
+    monkeypatch.setattr(R, "_shipped", lambda: (full, text))
+    assert resolve_fusion("auto", fp, "here", text_only=True, calibration=cal).weights is text
+    assert resolve_fusion("auto", fp, "here", text_only=False, calibration=cal).weights is cal
+    other = weights(["clip"], "index:calibration.json")
+    other.models = {"fingerprint": "0" * 16, "profile": "q"}
+    f = resolve_fusion("auto", fp, "here", calibration=other, warnings=["stale"])
+    assert f.weights is full and f.warnings[0] == "stale" and "not used" in f.warnings[1]
+    assert resolve_fusion("rrf", fp, "here", calibration=cal).weights is None
+
+
+def test_evidence_levels_are_validated(tmp_path):
+    w = FusionWeights(features=["clip"], weights=[1.0], bias=0.0, mean=[0.0], std=[1.0],
+                      models={"fingerprint": "f" * 16, "profile": "p"}, evidence_levels={"image": 0.5})
+    p = tmp_path / "w.json"
+    w.save(p)
+    assert FusionWeights.load(p).evidence_levels == {"image": 0.5}
+    for bad, what in (({"sound": 1.0}, "evidence_levels has kind 'sound'"),
+                      ({"image": "x"}, "evidence_levels.image is 'x', not a number")):
+        d = json.loads(p.read_text())
+        d["evidence_levels"] = bad
+        p.write_text(json.dumps(d))
+        with pytest.raises(engine.FusionWeightsError, match=what):
+            FusionWeights.load(p)

@@ -97,7 +97,8 @@ def test_cli_json_schema_is_stable(tiny_index, capsys):
     assert {"likely_source", "threshold", "n_above", "label"} <= set(out["verdict"])
     assert len(out["results"]) == 4
     for i, r in enumerate(out["results"]):
-        assert RESULT_KEYS | {"text"} <= set(r) <= RESULT_KEYS | {"share", "text"}
+        assert RESULT_KEYS | {"text"} <= set(r) <= RESULT_KEYS | {"share", "text", "support", "carried_by",
+                                                                  "caption_match_only"}
         assert set(r["text"]) == {"words", "phrases", "spans", "duplicates"}
         assert r["rank"] == i + 1 and isinstance(r["id"], str) and isinstance(r["score"], float)
         assert set(r["evidence"]) == EVIDENCE_KEYS

@@ -98,3 +98,13 @@ def test_bm25_ranking_scores_equal_the_pool_rescoring(idx):
     r = idx.rank("bm25", q, 10)
     assert len(r) == 10
     np.testing.assert_allclose(idx.reader.text.score_rows(q.get("terms"), r.rows), r.scores, rtol=1e-6)
+
+
+def test_every_built_in_feature_says_which_side_of_the_query_its_evidence_comes_from():
+    """'caption match only' sums the parts of the score by evidence kind: a built-in feature left as 'other'
+    would be counted on neither side."""
+    from engine.rankers import EVIDENCE, features
+
+    kinds = {f.name: f.evidence for f in features()}
+    assert set(kinds.values()) <= {"image", "text"} and set(EVIDENCE) >= {"image", "text", "other"}
+    assert {n for n, k in kinds.items() if k == "image"} == {"clip", "dino", "dino_patch", "dino_layout"}

@@ -103,3 +103,22 @@ def test_tuning_on_a_caption_only_benchmark_learns_text_weights(tmp_path, cache,
     run = json.loads(capsys.readouterr().out)
     assert run["fusion"]["fused"]["method"] == "weighted"
     assert run["metrics"]["clip"]["recall@1"] is None and run["metrics"]["fused"]["recall@1"] is not None
+
+
+def test_the_learner_is_shared_and_the_one_se_rule_prefers_simpler_models(bidx):
+    """eval.tune.learn is engine.fusion.learn.learn_fusion on the tune split; the 1-SE rule picks the strongest
+    regularisation within one standard error of the best cross-validated metric."""
+    from engine.fusion.learn import learn_fusion
+
+    b, idx = bidx
+    runs = run_queries(b, idx, b.split("tune"), progress=False)
+    models = {"fingerprint": idx.fingerprint}
+    mine = learn(runs, models)
+    engine_best = learn_fusion(runs, models)
+    assert mine.weights.weights == engine_best.weights.weights and mine.l2 == engine_best.l2
+    one_se = learn_fusion(runs, models, l2_rule="1se")
+    assert one_se.l2 >= engine_best.l2
+    assert one_se.cv[one_se.l2] >= engine_best.cv[engine_best.l2] - one_se.cv_se[engine_best.l2]
+    assert set(engine_best.weights.evidence_levels) == {"image", "text"}
+    with pytest.raises(engine.AttribError, match="unknown l2 rule"):
+        learn_fusion(runs, models, l2_rule="median")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -28,6 +28,7 @@ class Fusion:
     weights: FusionWeights | None
     rrf_k: int = 60
     note: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. the index's calibration could not be used
 
     @property
     def method(self) -> str:
@@ -53,14 +54,27 @@ class Fusion:
         d: dict[str, Any] = {"method": self.method, "threshold": clean_number(self.threshold), "note": self.note}
         if self.weights is not None:
             d["weights"] = self.weights.name
-            p = self.weights.provenance
-            gen = p.get("benchmark_generator")
-            d["learned_on"] = (f"{gen['generator']} v{gen['version']} (train {gen['train']}, queries {gen['queries']}, "
-                               f"seed {gen['seed']})" if gen else p.get("benchmark"))
+            d.update(learned_how(self.weights))
         else:
             d["rrf_k"] = self.rrf_k
             d["rankers"] = list(rrf_rankers())
         return d
+
+
+def learned_how(w: FusionWeights) -> dict[str, Any]:
+    """How weights were learned, for outputs: ``learned_by`` (the command), ``learned_on`` (what from) and
+    ``learned_at`` (when)."""
+    p = w.provenance
+    gen = p.get("benchmark_generator")
+    if p.get("learned_on"):
+        on = p["learned_on"]
+    elif gen:
+        on = (f"{gen['generator']} v{gen['version']} (train {gen['train']}, queries {gen['queries']}, "
+              f"seed {gen['seed']})")
+    else:
+        on = p.get("benchmark")
+    by = p.get("learned_by") or ("attrib tune" if p.get("benchmark") else None)
+    return {"learned_by": by, "learned_on": on, "learned_at": p.get("created")}
 
 
 def shipped_weights_files() -> list[Path]:
@@ -86,17 +100,36 @@ def shipped_weights_for(fingerprint: str, text_only: bool = False) -> FusionWeig
     return mine[0] if mine else None
 
 
-def resolve_fusion(weights: Any, fingerprint: str, where: str, rrf_k: int = 60, text_only: bool = False) -> Fusion:
-    """``"auto"``: the shipped weights learned for these models (over text features only when ``text_only``:
-    a caption-only index or a prompt-only query, if such weights exist), else RRF; ``"rrf"``/None: RRF; a path
-    or :class:`FusionWeights`: those weights (refused if learned for other models)."""
+def resolve_fusion(weights: Any, fingerprint: str, where: str, rrf_k: int = 60, text_only: bool = False,
+                   calibration: FusionWeights | None = None, warnings: Sequence[str] = ()) -> Fusion:
+    """``"auto"``: the index's own calibration (``calibration``, when learned for these models), else the shipped
+    weights learned for these models, else RRF; ``"rrf"``/None: RRF; a path or :class:`FusionWeights`: those
+    weights (refused if learned for other models). ``text_only`` (a caption-only index or a prompt-only query)
+    prefers weights over text features only, the calibration's first, then shipped ones; weights over image
+    features too are then the last resort. ``warnings`` (about the calibration) are carried along."""
     if weights is None or (isinstance(weights, str) and weights == "rrf"):
         return Fusion(None, rrf_k, f"reciprocal rank fusion (k={rrf_k}) of {', '.join(rrf_rankers())}")
     if isinstance(weights, str) and weights == "auto":
-        w = shipped_weights_for(fingerprint, text_only)
+        notes = list(warnings)
+        cal = None
+        if calibration is not None:
+            theirs = calibration.models.get("fingerprint")
+            if theirs == fingerprint:
+                cal = calibration
+            else:
+                notes.append(f"the index's calibration ({calibration.name}) was learned for models {theirs}, but "
+                             f"{where} uses models {fingerprint}: it is not used; run `attrib calibrate` on the "
+                             "index again")
+        shipped = shipped_weights_for(fingerprint, text_only)
+        if cal is not None and not (text_only and not cal.text_only and shipped is not None and shipped.text_only):
+            how = learned_how(cal)
+            return Fusion(cal, rrf_k, f"weights calibrated on this index ({cal.name}, learned by "
+                                      f"{how['learned_by']} {how['learned_at']}), not plain RRF", notes)
+        w = shipped
         if w is None:
-            return Fusion(None, rrf_k, f"no learned weights match these models: reciprocal rank fusion (k={rrf_k})")
-        return Fusion(w, rrf_k, f"learned weights shipped with attrib ({w.name}), not plain RRF")
+            return Fusion(None, rrf_k, f"no learned weights match these models: reciprocal rank fusion (k={rrf_k})",
+                          notes)
+        return Fusion(w, rrf_k, f"learned weights shipped with attrib ({w.name}), not plain RRF", notes)
     if isinstance(weights, FusionWeights):
         w = weights
     elif isinstance(weights, (str, os.PathLike)):

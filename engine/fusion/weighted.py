@@ -18,7 +18,7 @@ import numpy as np
 
 from .._errors import FusionWeightsError, ModelMismatchError
 from .._layout import component
-from ..rankers import RANKERS, feature_names, get_feature
+from ..rankers import EVIDENCE, RANKERS, feature_names, get_feature
 from ._normalize import TRANSFORMS, normalize
 from .logistic import standardize
 
@@ -73,6 +73,7 @@ class FusionWeights:
     method: str = "logistic"  # how the weights were learned
     rrf_k: int = 60  # k used by the :rr transform
     provenance: dict = field(default_factory=dict)  # benchmark, metric, scores per split, date, ...
+    evidence_levels: dict = field(default_factory=dict)  # evidence kind -> score part the best unrelated record reaches
     name: str = ""  # display name (file name) - not saved
 
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
@@ -87,13 +88,24 @@ class FusionWeights:
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
         return self.bias + standardize(X, self.mean, self.std) @ np.asarray(self.weights)
 
+    def parts(self, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each evidence kind's part of the score of every candidate: the sum of w_j * standardised x_j over the
+        features of that kind (``engine.rankers.EVIDENCE``), so score = bias + the sum of the parts. A part is
+        0 where its evidence is missing (imputed with the training mean)."""
+        Z = standardize(feature_matrix(feats, self.features, self.rrf_k), self.mean, self.std)
+        contrib = Z * np.asarray(self.weights)
+        kinds = [get_feature(parse_feature(s)[0]).evidence for s in self.features]
+        return {k: contrib[:, [j for j, kk in enumerate(kinds) if kk == k]].sum(axis=1)
+                for k in EVIDENCE if k in kinds}
+
     def check_models(self, fingerprint: str, where: str = "this index") -> None:
         theirs = self.models.get("fingerprint")
         if theirs != fingerprint:
             raise ModelMismatchError(
                 f"fusion weights {self.name or ''} were learned for models {theirs} "
                 f"(profile {self.models.get('profile')!r}) but {where} uses models {fingerprint}; learn weights "
-                f"for this index with `attrib tune BENCH --index INDEX --out WEIGHTS`, or fuse with RRF (--weights rrf)"
+                f"for this index with `attrib calibrate INDEX` (or `attrib tune BENCH --index INDEX --out WEIGHTS`), "
+                f"or fuse with RRF (--weights rrf)"
             )
 
     def to_dict(self) -> dict:
@@ -149,6 +161,7 @@ class FusionWeights:
             method=_typed(d, "method", str, label, "logistic"),
             rrf_k=_integer(d.get("rrf_k", 60), "rrf_k", label, 1, MAX_RRF_K),
             provenance=dict(_typed(d, "provenance", dict, label, {})),
+            evidence_levels=_levels(_typed(d, "evidence_levels", dict, label, {}), label),
             name=name,
         )
         n = len(w.features)
@@ -189,6 +202,7 @@ class FusionWeights:
         if self.threshold is not None:
             _number(self.threshold, "threshold", label, MAX_ABS_VALUE)
         _integer(self.rrf_k, "rrf_k", label, 1, MAX_RRF_K)
+        _levels(self.evidence_levels, label)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FusionWeights":
@@ -271,6 +285,14 @@ def _number(value, field_name: str, label: str, limit: float, low: float | None 
 
 def _numbers(values: list, field_name: str, label: str, limit: float, low: float | None = None) -> list[float]:
     return [_number(v, f"{field_name}[{i}]", label, limit, low) for i, v in enumerate(values)]
+
+
+def _levels(levels: dict, label: str) -> dict[str, float]:
+    for k in levels:
+        if k not in EVIDENCE:
+            raise FusionWeightsError(f"{label} is damaged: evidence_levels has kind {_short(k)}; valid kinds: "
+                                     f"{', '.join(EVIDENCE)}")
+    return {str(k): _number(v, f"evidence_levels.{k}", label, MAX_ABS_VALUE) for k, v in levels.items()}
 
 
 def _integer(value, field_name: str, label: str, low: int, high: int) -> int:

@@ -10,6 +10,7 @@ from .._settings import QuerySettings
 # the built-in rankers register themselves (display order: Ranker.order)
 from . import bm25, caption_clip, caption_dups, clip, dino, fuzzy, phrase  # noqa: F401
 from ._base import (
+    EVIDENCE,
     KINDS,
     RANKING_COLUMNS,
     Candidates,
@@ -24,6 +25,7 @@ from ._base import (
 )
 from ._registry import (
     RANKERS,
+    evidence_of,
     feature_names,
     feature_specs,
     features,
@@ -40,7 +42,8 @@ def create_ranker(name: str, reader: IndexReader, settings: QuerySettings | None
     return RANKERS.get(name)(reader, settings)
 
 
-__all__ = ["RANKERS", "KINDS", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates", "RowFilter",
+__all__ = ["RANKERS", "KINDS", "EVIDENCE", "evidence_of", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates",
+           "RowFilter",
            "RANKING_COLUMNS",
            "create_ranker", "register_ranker", "main_rankers", "rrf_rankers", "pool_rankers", "features",
            "feature_names", "feature_specs", "get_feature", "ranker_names", "ranking_order", "dense_candidates",

@@ -36,6 +36,14 @@ KINDS: dict[str, dict[str, Any]] = {
     "score": {"transforms": ("raw", "z", "mm", "rr"), "bar": "relative"},
 }
 
+#: Evidence kinds: which side of the query a feature's evidence comes from. Results say which kinds carried
+#: each candidate, and a candidate carried by the prompt alone is reported as a "caption match only".
+EVIDENCE: dict[str, str] = {
+    "image": "the query image against the record's image",
+    "text": "the prompt against the record (its caption, or its image through CLIP text)",
+    "other": "anything else (e.g. record metadata)",
+}
+
 
 @dataclass(frozen=True)
 class Feature:
@@ -43,6 +51,7 @@ class Feature:
     kind: str  # one of KINDS: "cosine" (similarity in [-1, 1]) or "score" (unbounded, larger is better)
     label: str  # short label for tables and report bars
     description: str = ""  # one line for documentation
+    evidence: str = "other"  # one of EVIDENCE: the query side the evidence comes from ("image" or "text")
 
     @property
     def transforms(self) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from .._layout import COMPONENTS
 from .._registry import Registry
-from ._base import KINDS, Feature, Ranker
+from ._base import EVIDENCE, KINDS, Feature, Ranker
 
 RANKERS: Registry[type[Ranker]] = Registry("ranker")
 
@@ -25,6 +25,9 @@ def register_ranker(cls: R) -> R:
         if f.kind not in KINDS:
             raise ValueError(f"ranker {cls.name!r}: feature {f.name!r} has unknown kind {f.kind!r}; "
                              f"valid kinds: {', '.join(KINDS)}")
+        if f.evidence not in EVIDENCE:
+            raise ValueError(f"ranker {cls.name!r}: feature {f.name!r} has unknown evidence kind {f.evidence!r}; "
+                             f"valid kinds: {', '.join(EVIDENCE)}")
         if ":" in f.name or not f.name:
             raise ValueError(f"ranker {cls.name!r}: feature name {f.name!r} must be non-empty without ':'")
         if f.name in owned:
@@ -81,6 +84,11 @@ def get_feature(name: str) -> Feature:
     from .._errors import UnknownNameError
 
     raise UnknownNameError(f"unknown feature {name!r}; valid choices: {', '.join(feature_names())}")
+
+
+def evidence_of(name: str) -> str:
+    """The evidence kind (``EVIDENCE``) of feature ``name``."""
+    return get_feature(name).evidence
 
 
 def feature_specs() -> tuple[str, ...]:

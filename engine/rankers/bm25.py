@@ -20,7 +20,8 @@ class Bm25Ranker(Ranker):
 
     name = "bm25"
     label = "bm25"
-    features = (Feature("bm25", "score", "bm25", "BM25 of the prompt's terms against the record's caption"),)
+    features = (Feature("bm25", "score", "bm25", "BM25 of the prompt's terms against the record's caption",
+                        evidence="text"),)
     main = True
     components = ("text",)
     encodings = ("terms",)

@@ -16,7 +16,8 @@ class CaptionClipRanker(Ranker):
 
     name = "caption_clip"
     label = "caption clip"
-    features = (Feature("caption_clip", "cosine", "caption clip", "CLIP cosine between the prompt and the caption"),)
+    features = (Feature("caption_clip", "cosine", "caption clip", "CLIP cosine between the prompt and the caption",
+                        evidence="text"),)
     main = True
     rrf = False
     first_stage = False

@@ -16,7 +16,9 @@ class CaptionDupsRanker(CaptionReranker):
 
     name = "caption_dups"
     label = "duplicates"
-    features = (Feature("caption_dups", "score", "duplicates", "other records whose caption has the same words"),)
+    # text evidence: it is only computed for a prompt (with terms), and only matters beside a caption match
+    features = (Feature("caption_dups", "score", "duplicates", "other records whose caption has the same words",
+                        evidence="text"),)
     first_stage = False
     components = ("caption_keys",)
     encodings = ("terms",)

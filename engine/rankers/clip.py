@@ -13,7 +13,8 @@ class ClipRanker(Ranker):
 
     name = "clip"
     label = "clip"
-    features = (Feature("clip", "cosine", "clip image", "CLIP image embedding cosine between query and record"),)
+    features = (Feature("clip", "cosine", "clip image", "CLIP image embedding cosine between query and record",
+                        evidence="image"),)
     main = True
     components = ("clip",)
     encodings = ("clip_image", "clip_text")
@@ -44,7 +45,8 @@ class ClipTextRanker(Ranker):
 
     name = "clip_text"
     label = "clip text"
-    features = (Feature("clip_text", "cosine", "clip text", "CLIP cosine between the prompt and the record's image"),)
+    features = (Feature("clip_text", "cosine", "clip text", "CLIP cosine between the prompt and the record's image",
+                        evidence="text"),)
     components = ("clip",)
     encodings = ("clip_text",)
     style = "tab:cyan"

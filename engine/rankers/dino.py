@@ -17,9 +17,12 @@ class DinoRanker(Ranker):
     name = "dino"
     label = "dino"
     features = (
-        Feature("dino", "cosine", "dino", "DINOv2 global descriptor cosine (centred CLS + patch mean)"),
-        Feature("dino_patch", "cosine", "dino patch", "mean over query cells of the best-matching record cell"),
-        Feature("dino_layout", "cosine", "dino layout", "mean same-position cell cosine, one cell of tolerance"),
+        Feature("dino", "cosine", "dino", "DINOv2 global descriptor cosine (centred CLS + patch mean)",
+                evidence="image"),
+        Feature("dino_patch", "cosine", "dino patch", "mean over query cells of the best-matching record cell",
+                evidence="image"),
+        Feature("dino_layout", "cosine", "dino layout", "mean same-position cell cosine, one cell of tolerance",
+                evidence="image"),
     )
     main = True
     components = ("dino", "patches")

@@ -26,8 +26,9 @@ class FuzzyRanker(CaptionReranker):
     name = "fuzzy"
     label = "fuzzy"
     features = (
-        Feature("fuzzy", "cosine", "fuzzy", "Dice overlap of prompt and caption character trigrams"),
-        Feature("fuzzy_cover", "cosine", "fuzzy cover", "share of the prompt's character trigrams in the caption"),
+        Feature("fuzzy", "cosine", "fuzzy", "Dice overlap of prompt and caption character trigrams", evidence="text"),
+        Feature("fuzzy_cover", "cosine", "fuzzy cover", "share of the prompt's character trigrams in the caption",
+                evidence="text"),
     )
     main = True
     rrf = False

@@ -19,9 +19,10 @@ class PhraseRanker(CaptionReranker):
     name = "phrase"
     label = "phrase"
     features = (
-        Feature("phrase", "cosine", "phrase", "Dice overlap of prompt and caption word bigrams (order-aware)"),
+        Feature("phrase", "cosine", "phrase", "Dice overlap of prompt and caption word bigrams (order-aware)",
+                evidence="text"),
         Feature("phrase_order", "cosine", "phrase order", "share of the prompt's word pairs in the caption in order, "
-                                                          "up to 3 words apart"),
+                                                          "up to 3 words apart", evidence="text"),
     )
     main = True
     rrf = False

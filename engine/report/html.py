@@ -23,7 +23,7 @@ from PIL import Image
 from .._manifest import UNTRAINED_BANNER
 from ..files import write_text_atomic
 from ..images import ImageRejected, load_image, thumbnail_jpeg
-from ..rankers import KINDS, features
+from ..rankers import EVIDENCE, KINDS, features
 from . import fmt_number
 
 VIEW_SIDE = 320  # max side (px) of the query/source images in the patch views
@@ -378,6 +378,18 @@ def _ranks_html(ranks: dict) -> str:
     return f'<div class="ranks muted">ranks: {" · ".join(parts)}</div>'
 
 
+def _support_html(r: Any) -> str:
+    """Which kinds of evidence carried the result: each kind's part of the fused score above what the strongest
+    unrelated record reaches (learned fusion only)."""
+    support = getattr(r, "support", None)
+    if support is None:
+        return ""
+    parts = [f'{esc(k)} {"+" if v is not None and v > 0 else ""}{_num(v, "{:.2f}")}' for k, v in support.items()]
+    carried = ", ".join(esc(k) for k in (getattr(r, "carried_by", None) or [])) or "nothing on its own"
+    return (f'<div class="support muted" title="{esc(", ".join(f"{k}: {d}" for k, d in EVIDENCE.items()))}">'
+            f'carried by: <b>{carried}</b> (log-odds above the best unrelated record: {" · ".join(parts)})</div>')
+
+
 def _result_card(r: Any, prompt: str, images: ImageEmbedder, q_img: Embedded, corr: Any, scale: float,
                  scales: dict[str, float], query_has_image: bool) -> str:
     rid = r.id
@@ -390,13 +402,16 @@ def _result_card(r: Any, prompt: str, images: ImageEmbedder, q_img: Embedded, co
         badges.append('<span class="badge no">below threshold</span>')
     if r.share is not None:
         badges.append(f'<span class="badge yes">share {100 * float(r.share):.1f}%</span>')
+    if getattr(r, "caption_match_only", None):
+        badges.append('<span class="badge warn" title="above the threshold on the prompt alone: its image evidence '
+                      'is at the level of unrelated records">caption match only</span>')
     head = (f'<header><span class="rank">#{int(r.rank)}</span><h3 class="id">{esc(rid, MAX_ID)}</h3>'
             f'<span>fused score <b>{_num(r.score, "{:.4f}")}</b></span>{"".join(badges)}</header>')
     left = (f'<div><div class="meta">{img_tag(thumb, f"record {rid}")}<div>'
             f'<p class="caption">{highlight(r.caption, prompt, spans=(r.text or {}).get("spans"))}</p>'
             f'{_text_html(r.text)}'
             f'<div class="muted"><small>{esc(r.image or "no image", MAX_ID)}</small></div></div></div>'
-            f'{_evidence_html(r.evidence or {}, scales)}{_ranks_html(r.ranks or {})}</div>')
+            f'{_evidence_html(r.evidence or {}, scales)}{_ranks_html(r.ranks or {})}{_support_html(r)}</div>')
     if r.image is None:
         right = '<div class="ph">caption-only record: no image, no patch view</div>'
     elif corr is not None:
@@ -479,7 +494,10 @@ def query_report_html(index: Any, result: Any, *, query_image: Any = None,
         f'{img_tag(q_view, "query image", "view")}<div>'
         f'{prompt_html(prompt)}<dl class="kv"><dt>image</dt><dd>{esc(q_name, MAX_ID)}</dd>'
         f'{models_dl(models)}<dt>fusion</dt><dd>{esc(fusion.get("note") or fusion.get("method"))}</dd>'
-        f'<dt>index</dt><dd>{esc(index_label if index_label is not None else getattr(index, "path", ""), MAX_ID)}'
+        + (f'<dt>weights</dt><dd>{esc(fusion.get("weights"), MAX_ID)}: learned by {esc(fusion.get("learned_by"))} '
+           f'{esc(fusion.get("learned_at") or "")} on {esc(fusion.get("learned_on"), 300)}</dd>'
+           if fusion.get("learned_by") else "")
+        + f'<dt>index</dt><dd>{esc(index_label if index_label is not None else getattr(index, "path", ""), MAX_ID)}'
         f'</dd></dl>'
         + ("".join(f'<p class="muted"><small>{esc(w)}</small></p>' for w in other_warnings))
         + "</div></div></section>"

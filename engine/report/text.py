@@ -51,6 +51,17 @@ def print_build_summary(s) -> None:
     if s.ignored_files:
         ex = ", ".join(escape(x) for x in s.ignored_files[:3])
         c.print(f"[dim]ignored {len(s.ignored_files)} files that are neither images nor sidecars (e.g. {ex})[/dim]")
+    cal = getattr(s, "calibration", None)
+    if cal and cal.get("skipped"):
+        c.print(f"[dim]not calibrated: {escape(cal['skipped'])}[/dim]")
+    elif cal:
+        share = (f" ({cal['share_of_build']:.0%} of this run's time, {cal['share_of_build_encoding']:.0%} of its "
+                 "encoding time)" if cal.get("share_of_build") and cal.get("share_of_build_encoding") else "")
+        t = cal.get("test", {})
+        c.print(f"[bold green]calibrated[/bold green] fusion weights in {cal['seconds']:.1f}s{share}: "
+                f"{cal['queries']} self-made queries ({cal['encoded_images']} images encoded); held-out "
+                f"map@100 {fmt_number(t.get('map@100'))}, false attribution "
+                f"{fmt_number(t.get('false_attribution_rate'))} -> {escape(str(cal['path']))}")
 
 
 def print_info(info: dict) -> None:
@@ -90,6 +101,17 @@ def print_info(info: dict) -> None:
     t.add_row("source", escape(f"{src.get('kind')}: {src.get('path')}") + (
         f" (+{len(m.get('sources', [])) - 1} appended)" if len(m.get("sources", [])) > 1 else ""))
     t.add_row("versions", escape(", ".join(f"{k} {v}" for k, v in m["versions"].items())))
+    fz = info.get("fusion") or {}
+    t.add_row("fusion", escape(fz.get("note", "")) + (f"\n{escape(fz['learned'])}" if fz.get("learned") else ""))
+    for w in fz.get("warnings", []):
+        t.add_row("", f"[yellow]{escape(w)}[/yellow]")
+    cal = info.get("calibration")
+    if cal:
+        test = cal.get("scores", {}).get("test", {}) if isinstance(cal.get("scores"), dict) else {}
+        t.add_row("calibration", f"{'used' if cal.get('used') else 'not used'}; threshold "
+                                 f"{fmt_number(cal.get('threshold'))}; held-out self-made queries: map@100 "
+                                 f"{fmt_number(test.get('map@100'))}, false attribution "
+                                 f"{fmt_number(test.get('false_attribution_rate'))}")
     c.print(t)
     s = Table(title="size on disk")
     for col in ("component", "bytes", "per record", "grows with"):
@@ -101,6 +123,44 @@ def print_info(info: dict) -> None:
     ram = info["ram_bytes_per_record"]
     c.print(f"[dim]resident in RAM per record while querying (estimate): {ram['total']:.0f} B; the rest is "
             f"memory-mapped and read on demand[/dim]")
+
+
+def calibration_line(w) -> str:
+    """One line on where fusion weights came from (``attrib info``, ``attrib calibrate``)."""
+    p = w.provenance
+    return (f"{p.get('learned_by') or 'learned'} {p.get('created', '')}: {p.get('learned_on') or p.get('benchmark')}; "
+            f"threshold {fmt_number(w.threshold)}")
+
+
+def print_calibration(w, path) -> None:
+    """The fit of a self-calibration: tune and held-out test by kind of self-made query."""
+    c = stderr_console()
+    p = w.provenance
+    tables = p.get("by_kind", {})
+    t = Table(title="self-calibration: map@100 (false-attribution rate at the threshold for held-out records), "
+                    "tune | test; rrf for comparison")
+    for col in ("kind", "queries", "fused", "rrf"):
+        t.add_column(col, justify="left" if col == "kind" else "right")
+    kinds = list(dict.fromkeys([*tables.get("tune", {}), *tables.get("test", {})]))
+    for kind in kinds:
+        a, b = tables.get("tune", {}).get(kind, {}), tables.get("test", {}).get(kind, {})
+        if "map@100" in a or "map@100" in b:
+            fused = f"{fmt_number(a.get('map@100'))} | {fmt_number(b.get('map@100'))}"
+            rrf = f"{fmt_number(a.get('rrf_map@100'))} | {fmt_number(b.get('rrf_map@100'))}"
+        else:
+            fused = f"{fmt_number(a.get('false_attribution_rate'))} | {fmt_number(b.get('false_attribution_rate'))}"
+            rrf = "-"
+        t.add_row(f"[bold]{escape(kind)}[/bold]" if kind == "all" else escape(kind),
+                  f"{a.get('n', 0)} | {b.get('n', 0)}", fused, rrf)
+    c.print(t)
+    s = p.get("scores", {}).get("test", {})
+    c.print(f"held-out test: map@100 {fmt_number(s.get('map@100'))} (rrf {fmt_number(s.get('rrf_map@100'))}), "
+            f"recall@1 {fmt_number(s.get('recall@1'))} (rrf {fmt_number(s.get('rrf_recall@1'))}), "
+            f"false attribution {fmt_number(s.get('false_attribution_rate'))} (target {p.get('target_far')})")
+    secs = p.get("seconds", {})
+    c.print(f"threshold {fmt_number(w.threshold)} ({escape(w.threshold_rule)}); {escape(p.get('learned_on', ''))}; "
+            f"{secs.get('total', 0):.1f}s (encoding {secs.get('encode', 0):.1f}s, ranking {secs.get('rank', 0):.1f}s)")
+    c.print(f"weights written to [bold]{escape(str(path))}[/bold]" if path else "[dim]dry run: nothing written[/dim]")
 
 
 def _short(text: str | None, n: int = 60) -> str:
@@ -128,6 +188,9 @@ def print_attribution(res) -> None:
     v = res.verdict
     style = "bold green" if v.likely_source else ("bold red" if v.likely_source is False else "bold")
     c.print(f"[{style}]{escape(v.label)}[/{style}]  [dim](fusion: {escape(res.fusion['note'])})[/dim]")
+    if res.fusion.get("learned_by"):
+        c.print(f"[dim]weights {escape(str(res.fusion.get('weights')))} learned by {escape(res.fusion['learned_by'])} "
+                f"on {escape(str(res.fusion.get('learned_on')))}[/dim]")
     t = Table(title=f"attribution for {escape(str(res.query.get('image') or '(no image)'))}"
                     f" + prompt {escape(_short(repr(res.query.get('prompt') or ''), 50))}")
     t.add_column("#", justify="right")
@@ -143,6 +206,10 @@ def print_attribution(res) -> None:
         e = r.evidence
         mark = "[green]●[/green] " if r.above_threshold else ""
         ev = "\n".join(f"{label} {fmt_number(e[key])}" for key, label in labels if e.get(key) is not None)
+        if r.carried_by is not None:
+            ev += "\ncarried by " + (", ".join(r.carried_by) or "-")
+        if r.caption_match_only:
+            ev += "\nCAPTION MATCH ONLY"
         row = [str(r.rank), mark + escape(str(r.id)), fmt_number(r.score)]
         if with_share:
             row.append(f"{r.share:.0%}" if r.share is not None else "")

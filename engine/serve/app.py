@@ -385,7 +385,10 @@ def create_app(index: Any, settings: ServeSettings | None = None) -> FastAPI:
             if form.image is not None:
                 image = await run_in_threadpool(_decode_bounded, svc, form.image)
             try:
-                fut = svc.worker.submit_query(image, form.prompt, form.k, svc.fusions[form.weights])
+                # "auto" is resolved by the worker per query, against the generation it answers from: a
+                # calibration written meanwhile is used, and a prompt-only query prefers text-only weights
+                fusion = None if form.weights == "auto" else svc.fusions[form.weights]
+                fut = svc.worker.submit_query(image, form.prompt, form.k, fusion)
             except Busy as e:
                 svc.refused += 1
                 raise busy(settings, str(e)) from None
