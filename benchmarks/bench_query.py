@@ -38,12 +38,14 @@ def random_text_encoder(dim: int):
 
 
 def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
-    """n records with random unit vectors and generated captions, written with the real IndexWriter."""
+    """n records with random unit vectors and generated captions, written with the real IndexWriter, told the
+    size (so that the codec and IVF are chosen as for a build of n images) and compacted as a build is."""
     import engine
     from engine.scenes import caption_of, random_scene
 
     settings = engine.IndexSettings()
-    w = engine.IndexWriter(out, enc.identity, settings, caption_encoder=random_text_encoder(enc.clip_dim))
+    w = engine.IndexWriter(out, enc.identity, settings, caption_encoder=random_text_encoder(enc.clip_dim),
+                           expected_images=n)
     cells = settings.patch_grid ** 2
     d, dc = enc.dino_dim, enc.clip_dim
     bs = 1000
@@ -57,6 +59,7 @@ def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
                      rng.standard_normal((m, d)).astype(np.float32), rng.standard_normal((m, d)).astype(np.float32),
                      rng.standard_normal((m, cells, d)).astype(np.float32))
     w.finalize({"path": "synthetic", "kind": "synthetic"})
+    engine.compact(out, progress=False)  # a finished build is served from one segment
 
 
 def timed(fn, runs: int) -> list[float]:
