@@ -244,20 +244,28 @@ def build_index(
         if writer.manifest is None:  # nothing was ever committed: leave no folder that looks like an index
             _drop_empty(folder)
         raise
+    return finish_build(out, folder, mode, manifest, src, t0, encode_s, encoded,
+                        int(manifest["next_row"]) - first_row, calibrate, encoders, progress)
+
+
+def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source, t0: float, encode_s: float,
+                 encoded: int, added: int, calibrate, encoders, progress: bool, **extra) -> BuildSummary:
+    """The last steps of every completed build, local or distributed (engine._ray): a fresh index is compacted
+    into one segment (the fastest searches), an --overwrite build is swapped in, the summary is made, and the
+    index is calibrated (``extra``: further :class:`BuildSummary` fields)."""
     if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
-        from ._maintain import compact  # a fresh index is served from one segment: the fastest searches
+        from ._maintain import compact
 
         compact(folder, progress=False)
         manifest = read_manifest(folder)
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)
-    added = int(manifest["next_row"]) - first_row
     summary = BuildSummary(
         out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
         int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
         time.perf_counter() - t0, encode_s, manifest, encoded_this_run=encoded, added_this_run=added, mode=mode,
-        segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns),
+        segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns), **extra,
     )
     if calibrate is not False:  # the index is complete and in place: an interrupted calibration loses nothing of it
         from .calibrate import after_build

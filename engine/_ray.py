@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._build import BuildSummary, _check_patch_grid, _drop_empty, _empty_message, _is_ours, _plan
+from ._build import BuildSummary, _check_patch_grid, _drop_empty, _empty_message, _is_ours, _plan, finish_build
 from ._cluster import (
     ClusterSettings,
     Committer,
@@ -44,7 +44,6 @@ from ._ingest import open_source
 from ._manifest import now_iso, read_manifest
 from ._profiles import get_profile
 from ._settings import IndexSettings
-from ._txn import swap_in
 from ._writer import IndexWriter
 from .files import remove, require_utf8_path
 from .ui import progress_bar
@@ -336,26 +335,9 @@ def build_index_ray(
         finally:
             to_stderr.close()
     clear_incoming(folder)
-    if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
-        from ._maintain import compact  # a fresh index is served from one segment, as after a local build
-
-        compact(folder, progress=False)
-        manifest = read_manifest(folder)
-    if mode == "overwrite":
-        swap_in(folder, out)
-        manifest = read_manifest(out)
-    summary = BuildSummary(
-        out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
-        int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
-        time.perf_counter() - t0, encode_s, manifest, encoded_this_run=encoded, added_this_run=committer.added,
-        mode=mode, segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns), engine="ray",
-        startup_seconds=startup_s,
-    )
-    if calibrate is not False:  # as after a local build: the index is complete, an interrupt loses nothing of it
-        from .calibrate import after_build
-
-        summary.calibration = after_build(summary, None, calibrate, progress=progress)
-    return summary
+    # compaction, swap-in, summary and calibration as after a local build (models loaded here to calibrate)
+    return finish_build(out, folder, mode, manifest, src, t0, encode_s, encoded, committer.added, calibrate, None,
+                        progress, engine="ray", startup_seconds=startup_s)
 
 
 def _shutdown(ray) -> None:

@@ -75,3 +75,16 @@ def bidx(bench, tiny):
     i = ensure_index(b, None, "tiny", progress=False)
     i.use_encoders(tiny)
     return b, i
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless browser tests: skip (or fail, with ATTRIB_REQUIRE_BROWSER=1) before any world is built or server
+    started when Debian's chromium and chromium-driver are missing."""
+    missing = [str(p) for p in (world.CHROMIUM, world.CHROMEDRIVER) if not p.exists()]
+    if missing:
+        msg = f"headless browser test needs {' and '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("ATTRIB_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + "; ATTRIB_REQUIRE_BROWSER=1 is set")
+        pytest.skip(msg)
+    return world.CHROMIUM, world.CHROMEDRIVER

@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import io
 import json
-import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -511,26 +510,11 @@ def assert_safe_without_images(page: str, a: PageAudit) -> None:
 
 
 # --------------------------------------------------------------------------------------------- real browser
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """Skips (or fails, with ATTRIB_REQUIRE_BROWSER=1) before any world is built when the browser is missing."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        msg = f"headless browser test needs {' and '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("ATTRIB_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg + "; ATTRIB_REQUIRE_BROWSER=1 is set")
-        pytest.skip(msg)
-    return CHROMIUM, CHROMEDRIVER
 
 
 @pytest.mark.browser
 def test_report_in_headless_chromium(chromium, copy_world, tmp_path):
-    from selenium import webdriver
     from selenium.common.exceptions import NoAlertPresentException
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     res = copy_world["index"].query(image=str(copy_world["query"]), prompt=PROMPT, k=5)
@@ -538,14 +522,7 @@ def test_report_in_headless_chromium(chromium, copy_world, tmp_path):
     assert any("<script>" in c for c in hostile) and any("onerror" in c for c in hostile)
     report = write_query_report(copy_world["index"], res, tmp_path / "browser" / "report.html")
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver = world.headless_chromium(tmp_path / "profile")
     try:
         driver.set_page_load_timeout(60)
         driver.set_window_size(1280, 900)

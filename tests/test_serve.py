@@ -689,20 +689,7 @@ def test_a_real_uvicorn_process_survives_hostile_clients_and_stops_cleanly_on_si
 
 
 # --------------------------------------------------------------------------------------------- a real browser
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SHOTS_DIR = Path("/tmp/attrib-serve-shots")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """Skips (or fails, with ATTRIB_REQUIRE_BROWSER=1) before any server starts when the browser is missing."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        msg = f"headless browser test needs {' and '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("ATTRIB_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg + "; ATTRIB_REQUIRE_BROWSER=1 is set")
-        pytest.skip(msg)
-    return CHROMIUM, CHROMEDRIVER
 
 
 @pytest.fixture()
@@ -724,21 +711,12 @@ def live_server(sw):
 
 @pytest.mark.browser
 def test_upload_through_the_page_in_headless_chromium(chromium, live_server, sw, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     i = 14
     target = image_path(sw, i).name
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver = world.headless_chromium(tmp_path / "profile")
     try:
         driver.set_page_load_timeout(60)
         driver.set_window_size(1280, 900)

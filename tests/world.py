@@ -252,3 +252,22 @@ def source_image(index_dir: Path, n: int) -> str:
     """The image path of record ``imgNNNN`` of an index built from :func:`image_folder`."""
     df = records(index_dir)
     return df.filter(pl.col("id").str.contains(f"img{n:04d}"))["image"][0]
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def headless_chromium(profile: Path):
+    """A headless Chromium (selenium) with no network of its own (no sync, updates or background requests),
+    its profile in ``profile``, and the browser and performance logs kept for the test to read."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
