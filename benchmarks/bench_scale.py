@@ -7,6 +7,14 @@ synthetic embeddings: a mixture of 2,000 anisotropic Gaussian clusters (each clu
 random directions), 512-d CLIP-like and 768-d DINO-like vectors, plus 8x8 patch cells of 64 dims that share their
 record's cluster, and generated LAION-like captions for BM25. Ground truth is exact brute force over float32.
 
+Two data models (``--data``): ``cone`` (default) puts the clusters in a cone around a common direction, as CLIP
+embeddings are (random pairs at cosine ~0.4, near neighbours at ~0.8); ``isotropic`` spreads each cluster so
+widely that the 100th neighbour of a query is at cosine ~0.13 against ~0 for a random record: nearly no structure
+at the scale of 100 neighbours, the worst case for any inverted-list index. The neighbour profile of the data
+(mean cosine of the 1st, 10th and 100th neighbour, and the median) is measured and saved with the results.
+Queries are fresh draws from the same mixture (not records of the index), as an attribution query is an image
+near, not in, the training set.
+
 Per size it reports ``records``, ``build_seconds``, ``search_ms_p50/p95`` (one query at a time, everything a query
 does except the encoders: ``Index.search`` on an encoded query - pool, every feature, fusion, metadata),
 ``recall_at_100`` of each dense first stage against exact, ``patch_top100_overlap`` (the top 100 of a candidate
@@ -38,28 +46,73 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_parts() -> dict[str, int]:
+    """Resident bytes by kind: ``anon`` (memory the process allocated) and ``file`` (pages of mapped files, here
+    the index's memory-mapped components that queries touched: page cache the kernel can drop and re-read)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, val = line.split(":")
+                out[key[3:].lower()] = int(val.split()[0]) * 1024
+    return out
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+DATA = "cone"  # the data model (--data): "cone" or "isotropic" (see the module docstring)
 
 
 class Clusters:
     """Anisotropic Gaussian clusters: centre + noise stretched along a few cluster-specific directions."""
 
-    def __init__(self, dim: int, seed: int) -> None:
+    def __init__(self, dim: int, seed: int, kind: str | None = None) -> None:
         rng = np.random.default_rng(seed)
-        self.dim = dim
+        self.dim, self.kind = dim, kind or DATA
         self.centres = rng.standard_normal((CLUSTERS, dim)).astype(np.float32)
         self.centres /= np.linalg.norm(self.centres, axis=1, keepdims=True)
-        self.axes = rng.standard_normal((CLUSTERS, 4, dim)).astype(np.float32) / np.sqrt(dim)
-        self.spread = rng.uniform(0.2, 0.5, CLUSTERS).astype(np.float32)
+        if self.kind == "isotropic":
+            self.axes = rng.standard_normal((CLUSTERS, 4, dim)).astype(np.float32) / np.sqrt(dim)
+            self.spread = rng.uniform(0.2, 0.5, CLUSTERS).astype(np.float32)
+        else:
+            self.mean = rng.standard_normal(dim).astype(np.float32)
+            self.mean /= np.linalg.norm(self.mean)
+            self.axes = rng.standard_normal((CLUSTERS, 8, dim)).astype(np.float32)
+            self.axes /= np.linalg.norm(self.axes, axis=2, keepdims=True)
+            self.spread = rng.uniform(0.25, 0.75, CLUSTERS).astype(np.float32)
 
     def sample(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n = len(labels)
-        iso = rng.standard_normal((n, self.dim), dtype=np.float32) * (0.15 / np.sqrt(self.dim))
-        coef = rng.standard_normal((n, 4), dtype=np.float32) * 1.5
-        stretch = np.einsum("nk,nkd->nd", coef, self.axes[labels])
-        x = self.centres[labels] + self.spread[labels, None] * (stretch + iso * np.sqrt(self.dim))
+        if self.kind == "isotropic":
+            iso = rng.standard_normal((n, self.dim), dtype=np.float32) * (0.15 / np.sqrt(self.dim))
+            coef = rng.standard_normal((n, 4), dtype=np.float32) * 1.5
+            stretch = np.einsum("nk,nkd->nd", coef, self.axes[labels])
+            x = self.centres[labels] + self.spread[labels, None] * (stretch + iso * np.sqrt(self.dim))
+        else:  # common direction + cluster centre + noise mostly along the cluster's own 8 directions
+            coef = rng.standard_normal((n, 8), dtype=np.float32) * 0.4
+            stretch = np.einsum("nk,nkd->nd", coef, self.axes[labels])
+            iso = rng.standard_normal((n, self.dim), dtype=np.float32) / np.sqrt(self.dim)
+            x = self.mean + self.centres[labels] + self.spread[labels, None] * (stretch + iso)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def neighbour_profile(x: np.ndarray, q: np.ndarray) -> dict:
+    """Mean cosine of each query's 1st, 10th and 100th nearest record, and the median cosine of all pairs."""
+    s = np.sort(q @ x.T, axis=1)
+    return {"top1": round(float(s[:, -1].mean()), 3), "top10": round(float(s[:, -10].mean()), 3),
+            "top100": round(float(s[:, -100].mean()), 3), "median": round(float(np.median(s)), 3)}
+
+
+def fresh_queries(n_queries: int) -> dict[str, np.ndarray]:
+    """Queries drawn from the same mixture as the records, with their own randomness (none is in the index)."""
+    rng = np.random.default_rng(777)
+    labels = rng.integers(0, CLUSTERS, n_queries)
+    out = {"clip": Clusters(DC, 1).sample(labels, rng), "dino": Clusters(DG, 2).sample(labels, rng)}
+    cells = (labels[:, None] * 7 + rng.integers(0, 12, (n_queries, CELLS))) % CLUSTERS
+    out["cells"] = Clusters(DP, 3).sample(cells.reshape(-1), rng).reshape(n_queries, CELLS, DP)
+    return out
 
 
 def generate(n: int, with_patches: bool, with_captions: bool, seed: int = 0):
@@ -99,7 +152,10 @@ def build(out: Path, n: int, identity: dict, full: bool):
             sample["cells"].append(cells[:200])
     w.finalize({"path": "synthetic", "kind": "bench_scale"})
     if len(engine.index_info(out)["manifest"]["segments"]) > 1:
-        engine.compact(out, progress=False)  # served from one segment, as a finished build is
+        engine.compact(out, progress=False, measure_search=False)  # served from one segment, as a build is
+    t = time.perf_counter()
+    engine.tune_search(out)  # as a finished build does: nprobe and refine measured for recall@100 >= 0.95
+    build.search_tune_seconds = round(time.perf_counter() - t, 1)
     return {k: np.concatenate(v) for k, v in sample.items()}
 
 
@@ -143,29 +199,28 @@ def run_size(work: Path, n: int, n_queries: int, identity: dict, full: bool) -> 
     sample = build(out, n, identity, full)
     build_s = time.perf_counter() - t0
     build_peak = peak_rss_bytes()
-    rng = np.random.default_rng(123)
-    pick = rng.choice(len(sample["clip"]), n_queries, replace=False)
-
-    def noisy(x: np.ndarray) -> np.ndarray:
-        y = x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-        return y / np.linalg.norm(y, axis=-1, keepdims=True)
-
-    qs = {"clip": noisy(sample["clip"][pick]), "dino": noisy(sample["dino"][pick])}
-    q_cells = noisy(sample["cells"][pick])
+    pick = np.random.default_rng(123).choice(len(sample["clip"]), n_queries, replace=False)  # their prompts
+    fresh = fresh_queries(n_queries)
+    qs = {"clip": fresh["clip"], "dino": fresh["dino"]}
+    q_cells = fresh["cells"]
     truth = exact_top(n, qs, 100, full)
+    first = next(generate(min(n, 50_000), False, False))
+    profile = {"clip": neighbour_profile(first[2], qs["clip"]), "dino": neighbour_profile(first[3], qs["dino"]),
+               "over_records": min(n, 50_000)}
     np.savez(work / "queries.npz", clip=qs["clip"], dino=qs["dino"], cells=q_cells, pick=pick,
              truth_clip=truth["clip"], truth_dino=truth["dino"])
-    del sample, truth
+    del sample, truth, first
     gc.collect()
     proc = subprocess.run([sys.executable, __file__, "--query-phase", str(out), "--work", str(work),
-                           "--records", str(n)] + (["--full"] if full else []),
+                           "--records", str(n), "--data", DATA] + (["--full"] if full else []),
                           capture_output=True, text=True, timeout=7200)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     import json
 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(records=n, build_seconds=round(build_s, 1), build_peak_rss_bytes=build_peak, full_pipeline=full)
+    result.update(records=n, build_seconds=round(build_s, 1), build_peak_rss_bytes=build_peak, full_pipeline=full,
+                  data=DATA, neighbour_profile=profile, search_tune_seconds=build.search_tune_seconds)
     if full:
         t = time.perf_counter()
         engine.delete_records(out, ids=[f"r{i}" for i in range(0, min(n, 1000))])
@@ -186,7 +241,7 @@ def query_phase(out: Path, work: Path, n: int, full: bool) -> dict:
     q_cells, pick = z["cells"], z["pick"]
     truth = {"clip": z["truth_clip"], "dino": z["truth_dino"]}
     n_queries = len(pick)
-    rss0 = rss_bytes()
+    rss0, parts0 = rss_bytes(), rss_parts()
     result: dict = {}
     if full:
         idx = engine.open_index(out)
@@ -225,7 +280,12 @@ def query_phase(out: Path, work: Path, n: int, full: bool) -> dict:
         recalls[name] = round(float(np.mean([len(set(f[0].tolist()) & set(t.tolist())) / 100
                                              for f, t in zip(found, truth[name])])), 4)
     result["recall_at_100"] = recalls
-    result["ram_bytes_per_record"] = round((rss_bytes() - rss0) / n, 1)
+    parts1 = rss_parts()
+    result["ram_bytes_per_record"] = round((parts1.get("anon", 0) - parts0.get("anon", 0)) / n, 1)
+    result["ram_mapped_bytes_per_record"] = round((parts1.get("file", 0) - parts0.get("file", 0)) / n, 1)
+    result["rss_growth_bytes_per_record"] = round((rss_bytes() - rss0) / n, 1)
+    result["search_settings"] = {name: {"nprobe": reader.nprobe[name], "refine": reader.refine[name],
+                                        "measured": name in reader.search_settings} for name in ("clip", "dino")}
     result["peak_rss_bytes"] = peak_rss_bytes()
     if full:  # stored patch codes against float16 cells, on rows of the first generated chunk
         _, _, _, _, cells, _ = next(generate(min(n, 50_000), True, False))
@@ -251,7 +311,11 @@ def main() -> None:
     ap.add_argument("--query-phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--records", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data", choices=("cone", "isotropic"), default="cone",
+                    help="data model: clusters in a cone like CLIP embeddings, or nearly structureless (worst case)")
     args = ap.parse_args()
+    global DATA
+    DATA = args.data
     if args.query_phase:
         import json
 

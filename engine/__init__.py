@@ -37,6 +37,7 @@ _LAZY = {
     "._maintain": ("CompactSummary", "DeleteSummary", "VerifyReport", "compact", "delete_records", "verify"),
     "._manifest": ("library_versions", "now_iso", "model_fingerprint"),
     "._stores": ("patch_scores",),
+    "._search_tune": ("tune_search",),
     "._pool": ("Pool",),
     "._profiles": ("PROFILES", "ModelProfile", "get_profile"),
     "._settings": ("IndexSettings", "QuerySettings", "cache_root"),
@@ -91,6 +92,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._pool import Pool  # noqa: F401
     from ._profiles import PROFILES, ModelProfile, get_profile  # noqa: F401
     from ._ray import build_index_ray  # noqa: F401
+    from ._search_tune import tune_search  # noqa: F401
     from ._settings import IndexSettings, QuerySettings, cache_root  # noqa: F401
     from ._stores import patch_scores  # noqa: F401
     from ._writer import IndexWriter  # noqa: F401
@@ -115,7 +117,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_index", "open_index", "index_info", "delete_records", "compact", "verify", "DeleteSummary",
+    "build_index", "open_index", "index_info", "delete_records", "compact", "verify", "tune_search", "DeleteSummary",
     "CompactSummary", "VerifyReport", "Index", "IndexWriter", "BuildSummary", "Attribution", "Candidate",
     "Verdict", "ModelsInfo", "Correspondence", "Fusion", "FusionWeights", "Pool", "IndexSettings", "QuerySettings",
     "PROFILES", "ModelProfile", "get_profile", "RANKERS", "register_ranker", "main_rankers", "pool_rankers",

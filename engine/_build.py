@@ -26,6 +26,7 @@ from ._lock import LOCK_NAME
 from ._manifest import now_iso, read_manifest
 from ._profiles import get_profile
 from ._settings import IndexSettings
+from ._startup import check_interrupt
 from ._txn import manifest_state, recover, staging_path, swap_in
 from ._writer import IndexWriter
 from .files import remove, require_utf8_path
@@ -52,6 +53,7 @@ class BuildSummary:
     engine: str = "local"  # local (this process) or ray (engine._ray)
     startup_seconds: float = 0.0  # ray: starting or joining the cluster and loading the models on the workers
     calibration: dict | None = None  # self-calibration after the build: its time and fit, or why it was skipped
+    search: dict | None = None  # search settings measured on the finished index (engine._search_tune)
 
     @property
     def throughput(self) -> float:
@@ -88,6 +90,7 @@ def _prefetch(items: Iterable[Record], fn: Callable[[Record], object], workers: 
 
 #: Files and folders an index folder may hold (anything else means the folder is not ours).
 _OURS = {MANIFEST, LOCK_NAME, "text", "segments", "codebooks", "deletes", "rejects.jsonl", "calibration.json",
+         "search.json",
          "incoming"}  # incoming: a distributed build's finished, not yet committed units (engine._cluster)
 
 
@@ -256,11 +259,14 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
     if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
         from ._maintain import compact
 
-        compact(folder, progress=False)
+        compact(folder, progress=False, measure_search=False)
         manifest = read_manifest(folder)
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)
+    from ._search_tune import measure_after_write
+
+    extra.setdefault("search", measure_after_write(out))
     summary = BuildSummary(
         out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
         int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
@@ -376,6 +382,7 @@ def _run_pipeline(src: Source, writer: IndexWriter, encoders, settings: IndexSet
     with progress_bar("indexing", total, enabled=progress, unit="img") as advance, \
             contextlib.closing(_prefetch(src.records(skip, parts_done), prepare, settings.workers, window)) as prepared:
         for rec, out in prepared:
+            check_interrupt()  # a Ctrl-C that Python dropped (it landed in a finaliser) still stops the build
             rec.data = None  # free tar bytes early
             advance(1)
             consumed += 1

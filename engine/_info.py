@@ -46,6 +46,13 @@ def index_info(path: str | os.PathLike) -> dict:
     if fusion.weights is not None:
         how = learned_how(fusion.weights)
         info["fusion"]["learned"] = f"learned by {how['learned_by']} {how['learned_at'] or ''} on {how['learned_on']}"
+    info["search"] = {n: {"nprobe": r.nprobe[n], "refine": r.refine[n], "nlist": r.codebooks.stores[n].nlist,
+                          "measured": n in r.search_settings} for n in ("clip", "dino")}
+    measured = _measured_search(r.path)
+    if measured:
+        for n, st in measured.items():
+            if n in info["search"] and info["search"][n]["measured"]:
+                info["search"][n].update(recall_at_100=st["recall_at_100"], reached_target=st["reached_target"])
     if cal is not None:
         info["calibration"] = {"path": str(r.path / "calibration.json"), "used": fusion.weights is cal,
                                "threshold": cal.threshold, "scores": cal.provenance.get("scores"),
@@ -66,9 +73,22 @@ def ram_bytes_per_record(r: IndexReader) -> dict:
         spec = r.codebooks.stores[name]
         code = spec.m if spec.codec == "pq" else 2 * spec.dim
         centroids = spec.nlist * spec.dim * 4
-        scanned = (code + 8) * r.n_images * min(1.0, spec.nprobe / max(spec.nlist, 1))
+        scanned = (code + 8) * r.n_images * min(1.0, r.nprobe[name] / max(spec.nlist, 1))
         out[name] = round((centroids + scanned) / n, 1)
     out["row_tables"] = 8.0 * len(r.segments) / n + 8.0 * r.n_images / n  # first rows; image rows touched
     out["deleted"] = round(8.0 * int(r.manifest["counts"].get("deleted", 0)) / n, 1)
     out["total"] = round(sum(out.values()), 1)
     return out
+
+
+def _measured_search(index_dir) -> dict:
+    """store -> the measured setting's recall (``INDEX/search.json``), whatever codebooks it was measured on."""
+    import json
+
+    from ._search_tune import search_path
+
+    try:
+        return {n: st for n, st in json.loads(search_path(index_dir).read_text(encoding="utf-8"))["stores"].items()
+                if isinstance(st, dict) and "recall_at_100" in st and "reached_target" in st}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}

@@ -49,6 +49,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("rejects", "rejects.jsonl", "index", False, "index", "every skipped record and why"),
     Component("calibration", "calibration.json", "index", False, "index",
               "fusion weights and threshold learned on this index (attrib calibrate)"),
+    Component("search", "search.json", "index", False, "index",
+              "IVF lists probed and PQ candidates re-scored per search, measured on this index for a recall target"),
     # codebook level
     Component("projection", "projection.npz", "codebook", True, "index",
               "DINOv2 corpus means, scales and the patch PCA basis"),

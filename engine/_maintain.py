@@ -22,6 +22,7 @@ from ._layout import codebook_dir, deletes_file, path_of, segment_dir
 from ._lock import WriterLock
 from ._manifest import read_manifest, write_manifest
 from ._reader import IndexReader
+from ._search_tune import measure_after_write
 from ._segment import STORES, Chunk, EncodedChunk, encode_chunk, row_sums, write_segment
 from ._stores import ROW_FIELD, TextSink
 from ._threads import blas_single
@@ -181,16 +182,18 @@ class CompactSummary:
     retrained: bool
     seconds: float
     codebooks: dict = field(default_factory=dict)
+    search: dict | None = None  # search settings measured afterwards (engine._search_tune)
 
 
 @blas_single
 def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = True, codec: str | None = None,
-            ann: str | None = None, keep_old_for_tests=None) -> CompactSummary:
+            ann: str | None = None, keep_old_for_tests=None, measure_search: bool = True) -> CompactSummary:
     """Merge every segment into one, dropping deleted records physically; ``retrain`` refits the codebooks
     (IVF, PQ and refine quantizers) on the live records first, for an index that has grown or drifted since
     its first chunk, and may change the ``codec`` (fp16 / pq) and ``ann`` (flat / ivf) of the stores (the
     vectors are decoded from the finest stored codes; fp16 ones are exact). Queries keep answering from the
-    previous generation while this runs."""
+    previous generation while this runs. Afterwards the search settings are measured again
+    (``engine._search_tune``; ``measure_search=False`` leaves that to the caller)."""
     if (codec or ann) and not retrain:
         raise AttribError("--codec and --ann change the codebooks: give --retrain too")
     t0 = time.perf_counter()
@@ -290,8 +293,9 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         if retrain:
             remove(folder / codebook_dir(cb.generation))
         fsync_dir(folder)
+        search = measure_after_write(folder) if measure_search else None
     return CompactSummary(before, 1, int(m2["counts"]["records"]), purged, retrain, time.perf_counter() - t0,
-                          new_cb.describe())
+                          new_cb.describe(), search)
 
 
 def _concat_tables(tables: list[pa.Table]) -> pa.Table:

@@ -105,13 +105,14 @@ class CandidatePool:
         """Every registered feature for ``rows`` (NaN for rankers that cannot take part in this query)."""
         cands = Candidates(self.reader, rows)
         feats: dict[str, np.ndarray] = {}
-        background = []
+        able = [r for r in self.rankers.values() if r.available(q)]
         for r in self.rankers.values():
-            if not r.available(q):
+            if r not in able:
                 feats.update({f: nan_array(len(rows)) for f in r.feature_names()})
-            elif r.background and later is not None:
-                background.append((r, later(r.featurize, q, cands)))
-            else:
+        # the helper thread's work is queued first, so that it runs while this thread computes the rest
+        background = [(r, later(r.featurize, q, cands)) for r in able if r.background and later is not None]
+        for r in able:
+            if not (r.background and later is not None):
                 feats.update(_owned(r, r.featurize(q, cands)))
         for r, fut in background:
             feats.update(_owned(r, fut.result()))

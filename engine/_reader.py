@@ -12,7 +12,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from ._captions import CaptionSignals
 from ._codebooks import PQ, Codebooks, sha256_file
@@ -56,11 +55,14 @@ def _raise_fd_limit() -> None:
         pass
 
 
+DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting
+
+
 class IndexReader:
     """The stores of one index generation (see the module docstring). Rows are global record ids (int64,
     stable across appends and compactions)."""
 
-    def __init__(self, path: str | Path, nprobe: int | None = None, refine: int = 4,
+    def __init__(self, path: str | Path, nprobe: int | None = None, refine: int | None = None,
                  hash_files: bool | None = None) -> None:
         from ._txn import recover
 
@@ -75,7 +77,6 @@ class IndexReader:
         self.hashed_at_open = hash_files
         self.generation = int(m["generation"])
         self.grid = int(m["dims"]["patch_grid"])
-        self.refine_factor = max(1, int(refine))
         cb_entry = m["codebooks"]
         cb_dir = self.path / codebook_dir(int(cb_entry["generation"]))
         self._check_codebook_files(cb_dir, cb_entry)
@@ -95,7 +96,14 @@ class IndexReader:
         if sum(s.n_records for s in self.segments) - len(deleted) != self.n_records:
             raise IndexFormatError(f"index {self.path} is damaged: its segments hold another number of live "
                                    f"records than the manifest says ({self.n_records}); rebuild it")
-        self.nprobe = {name: int(nprobe or self.codebooks.stores[name].nprobe) for name in STORES}
+        from ._search_tune import read_search
+
+        measured = read_search(self.path, int(cb_entry["generation"])) or {}  # engine._search_tune
+        self.search_settings = measured
+        self.nprobe = {name: int(nprobe or measured.get(name, {}).get("nprobe") or self.codebooks.stores[name].nprobe)
+                       for name in STORES}
+        self.refine = {name: max(1, int(refine or measured.get(name, {}).get("refine") or DEFAULT_REFINE))
+                       for name in STORES}  # PQ candidates re-scored with the finer codes, as a multiple of k
         self._shells = {name: self._search_shell(name) for name in STORES}
         try:
             self.text = TextStore(self.path / "text", (m.get("text") or {}).get("analyzer"), live=self.live)
@@ -155,6 +163,14 @@ class IndexReader:
             self._ilv[name] = (vec, stacked, parts)  # keep the parts alive as long as the shell
         faiss.extract_index_ivf(shell).nprobe = self.nprobe[name]
         return shell
+
+    def set_search(self, store: str, nprobe: int | None = None, refine: int | None = None) -> None:
+        """Change how ``store`` is searched from now on: IVF lists probed, PQ candidates re-scored per result."""
+        if nprobe is not None:
+            self.nprobe[store] = max(1, int(nprobe))
+            faiss.extract_index_ivf(self._shells[store]).nprobe = self.nprobe[store]
+        if refine is not None:
+            self.refine[store] = max(1, int(refine))
 
     # ----------------------------------------------------------------------------------------- identity
     @property
@@ -226,33 +242,32 @@ class IndexReader:
 
     def records(self, rows: np.ndarray) -> pl.DataFrame:
         """id, image, caption of the given rows, in that order (only their pages of the files are read)."""
-        rows = np.asarray(rows, np.int64)
-        if len(rows) == 0:
-            return pl.DataFrame(schema={"id": pl.String, "image": pl.String, "caption": pl.String})
-        return pl.from_arrow(self._serving(rows))  # type: ignore[return-value]
+        ids, imgs, caps = self._serving(rows)
+        return pl.DataFrame({"id": ids, "image": imgs, "caption": caps},
+                            schema={"id": pl.String, "image": pl.String, "caption": pl.String})
 
     def caption_texts(self, rows: np.ndarray) -> list[str | None]:
         """The captions of the given rows, in that order (what the text rankers read for every candidate: no
         DataFrame is made)."""
-        rows = np.asarray(rows, np.int64)
-        return self._serving(rows).column("caption").to_pylist() if len(rows) else []
+        return self._serving(rows)[2]
 
-    def _serving(self, rows: np.ndarray) -> pa.Table:
-        """The serving columns of live rows, in the order given, checked against their CRCs."""
+    def _serving(self, rows: np.ndarray) -> tuple[list, list, list]:
+        """(ids, images, captions) of live rows, in the order given, checked against their CRCs."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) == 0:
+            return [], [], []
         seg, local = self._locate(rows)
         if np.any(seg < 0):
             raise IndexFormatError(f"rows {rows[seg < 0][:5].tolist()} are not live records of index {self.path}")
         if len(self.segments) == 1 or np.all(seg == seg[0]):  # one segment: it keeps the order given
             return self.segments[int(seg[0])].serving(local)
-        parts, order = [], []
+        out: tuple[list, list, list] = ([None] * len(rows), [None] * len(rows), [None] * len(rows))
         for s in np.unique(seg):
             sel = np.flatnonzero(seg == s)
-            parts.append(self.segments[s].serving(local[sel]))
-            order.append(sel)
-        table = pa.concat_tables(parts)
-        inverse = np.empty(len(rows), np.int64)
-        inverse[np.concatenate(order)] = np.arange(len(rows))
-        return table.take(pa.array(inverse))
+            for column, values in zip(out, self.segments[s].serving(local[sel])):
+                for i, v in zip(sel.tolist(), values):
+                    column[i] = v
+        return out
 
     def live_rows(self) -> np.ndarray:
         """Every live row, ascending."""
@@ -316,7 +331,7 @@ class IndexReader:
         if shell.ntotal == 0 or k <= 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         compressed = self.codebooks.stores[store].codec == PQ
-        kk = min(shell.ntotal, k * self.refine_factor if compressed else k)
+        kk = min(shell.ntotal, k * self.refine[store] if compressed else k)
         params, refs = self._params(store, exclude)
         scores, rows = shell.search(q, kk, params=params) if params is not None else shell.search(q, kk)
         del refs

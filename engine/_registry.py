@@ -14,6 +14,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self.version = 0  # bumped by every change, so that what is derived from the items can be cached
 
     def register(self, name: str, item: T | None = None) -> Callable[[T], T] | T:
         """Register ``item`` under ``name``; without ``item`` this is a decorator."""
@@ -22,6 +23,7 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
+            self.version += 1
             return obj
 
         return add(item) if item is not None else add
@@ -30,6 +32,7 @@ class Registry(Generic[T]):
         """Remove and return ``name`` (plug-ins and tests that register something temporarily)."""
         item = self.get(name)
         del self._items[name]
+        self.version += 1
         return item
 
     def get(self, name: str) -> T:

@@ -17,6 +17,30 @@ def interrupted_at_start_up(signum, frame):  # pragma: no cover - exercised by t
     os._exit(EXIT_INTERRUPTED)
 
 
+_pending = False  # a Ctrl-C (or SIGTERM) has arrived and was not handled yet
+
+
+def raise_interrupt(signum, frame):
+    """The CLI's SIGINT/SIGTERM handler: raise KeyboardInterrupt, and remember that it came. Python drops an
+    exception raised while a finaliser runs (``__del__``, a weakref callback, a generator being closed by the
+    garbage collector), so a Ctrl-C landing there would be lost: long loops also call :func:`check_interrupt`."""
+    global _pending
+    _pending = True
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C came and was swallowed (see :func:`raise_interrupt`); a no-op
+    otherwise, and always outside the CLI (which is the only place the handler is installed)."""
+    if _pending:
+        raise KeyboardInterrupt
+
+
+def clear_interrupt() -> None:
+    global _pending
+    _pending = False
+
+
 def is_console_script() -> bool:
     return os.path.basename(sys.argv[0] if sys.argv else "") == "attrib"
 

@@ -29,7 +29,7 @@ from ._limits import (
     MAX_WORKERS,
 )
 from ._profiles import PROFILES
-from ._startup import EXIT_INTERRUPTED, INTERRUPTED, interrupted_at_start_up
+from ._startup import EXIT_INTERRUPTED, INTERRUPTED, clear_interrupt, interrupted_at_start_up, raise_interrupt
 
 EXIT_USER_ERROR = 2
 
@@ -185,7 +185,8 @@ def cmd_index(a: argparse.Namespace) -> int:
                     "ram_bytes_per_record": info["ram_bytes_per_record"],
                     "untrained": "warning" in info, "warning": info.get("warning"),
                     "renamed_columns": s.renamed_columns, "engine": s.engine,
-                    "startup_seconds": round(s.startup_seconds, 3), "calibration": s.calibration})
+                    "startup_seconds": round(s.startup_seconds, 3), "calibration": s.calibration,
+                    "search": s.search})
     else:
         print_build_summary(s)
     return 0
@@ -251,14 +252,17 @@ def cmd_compact(a: argparse.Namespace) -> int:
     s = compact(a.index, retrain=a.retrain, progress=not a.no_progress, codec=a.codec, ann=a.ann)
     out = {"index": a.index, "segments_before": s.segments_before, "segments_after": s.segments_after,
            "records": s.records, "purged": s.purged, "retrained": s.retrained, "seconds": round(s.seconds, 3),
-           "codebooks": s.codebooks}
+           "codebooks": s.codebooks, "search": s.search}
     if a.json:
         print_json(out)
     else:
+        from .report.text import print_search_settings
+
         stderr_console().print(
             f"[bold green]compacted[/bold green] {escape(a.index)}: {s.segments_before} segments -> "
             f"{s.segments_after}, {s.records} records kept, {s.purged} deleted records removed"
             + (", codebooks retrained" if s.retrained else "") + f" in {s.seconds:.1f}s")
+        print_search_settings(s.search)
     return 0
 
 
@@ -570,8 +574,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm(signum, frame):  # pragma: no cover - exercised by the kill test in a subprocess
-    raise KeyboardInterrupt
 
 
 def _interrupted(args=None) -> int:
@@ -599,10 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             old_int = signal.getsignal(signal.SIGINT)
-            if old_int is interrupted_at_start_up:  # the console script's start-up handler: from here on,
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt
+            if old_int in (interrupted_at_start_up, signal.default_int_handler):  # from here on, Ctrl-C raises
+                signal.signal(signal.SIGINT, raise_interrupt)  # KeyboardInterrupt, remembered (see _startup)
+                old_int = None if old_int is interrupted_at_start_up else old_int
+            else:
                 old_int = None
-            old_term = signal.signal(signal.SIGTERM, _sigterm)
+            old_term = signal.signal(signal.SIGTERM, raise_interrupt)
         except ValueError:  # not the main thread
             pass
         parser = build_parser()
@@ -622,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _interrupted(locals().get("a"))
         raise
     finally:
+        clear_interrupt()
         for signum, old in ((signal.SIGTERM, old_term), (signal.SIGINT, old_int)):
             if old is not None:
                 try:

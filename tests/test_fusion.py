@@ -44,6 +44,23 @@ def test_normalisations_by_hand():
         normalize(x, "log")
 
 
+@pytest.mark.parametrize("how", ["raw", "z", "mm", "rr", "nd", "ndz"])
+def test_columns_are_normalised_together_as_one_by_one(how):
+    """feature_matrix normalises all columns of a transform at once; each column equals normalize() on its own,
+    including missing values, constant and all-missing columns, exact copies (cosine 1) and empty pools."""
+    from engine.fusion._normalize import normalize_columns
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 7, 40):
+        X = rng.uniform(-1, 1, (n, 5))
+        X[rng.random((n, 5)) < 0.3] = NAN
+        X[:, 1], X[:, 2], X[:, 3] = 0.25, NAN, 1.0
+        got = normalize_columns(X, how, 60)
+        want = np.stack([normalize(X[:, j], how, 60) for j in range(5)], axis=1) if n else np.zeros((0, 5))
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
 def test_weighted_fusion_matches_hand_computation():
     feats = {"clip": np.array([0.9, 0.5, NAN]), "bm25": np.array([0.0, 10.0, 5.0])}
     w = FusionWeights(features=["clip", "bm25:rr"], weights=[2.0, 30.0], bias=-1.0, mean=[0.5, 0.0],

@@ -13,6 +13,7 @@ from world import build
 
 import engine
 from engine._manifest import read_manifest
+from engine._reader import IndexReader
 from engine.cli import main
 
 
@@ -127,11 +128,11 @@ def test_compaction_keeps_answers_and_drops_deleted_records(idx_dir, tiny, capsy
     assert engine.verify(idx_dir, progress=False).ok
 
 
-def test_compaction_with_retrained_codebooks(tmp_path, tiny):
-    n = 1200
-    rng = np.random.default_rng(1)
-    w = engine.IndexWriter(tmp_path / "idx", tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=400,
-                                                                                  pca_sample=64))
+def _pq_index(folder, tiny, n: int = 1200, seed: int = 1) -> np.ndarray:
+    """An IVF-PQ index of n random records written in 400-image segments; returns the CLIP vectors."""
+    rng = np.random.default_rng(seed)
+    w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=400,
+                                                                       pca_sample=64))
     d = tiny.dino_dim
     clip = rng.standard_normal((n, 64)).astype(np.float32)
     clip /= np.linalg.norm(clip, axis=1, keepdims=True)
@@ -142,15 +143,70 @@ def test_compaction_with_retrained_codebooks(tmp_path, tiny):
                      rng.standard_normal((400, d)).astype(np.float32),
                      rng.standard_normal((400, 64, d)).astype(np.float32))
     w.finalize({"path": "synthetic", "kind": "test"})
+    return clip
+
+
+def test_compaction_with_retrained_codebooks(tmp_path, tiny):
+    clip = _pq_index(tmp_path / "idx", tiny)
     assert len(read_manifest(tmp_path / "idx")["segments"]) == 3
-    r0 = engine._reader.IndexReader(tmp_path / "idx")
+    r0 = IndexReader(tmp_path / "idx")
     top0 = r0.search("clip", clip[:5], 5)
     s = engine.compact(tmp_path / "idx", retrain=True, progress=False)
     assert s.retrained and s.codebooks["generation"] == 2 and s.segments_after == 1
-    r1 = engine._reader.IndexReader(tmp_path / "idx")
+    r1 = IndexReader(tmp_path / "idx")
     top1 = r1.search("clip", clip[:5], 5)
     assert [a[0][0] for a in top0] == [b[0][0] for b in top1] == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "idx" / "codebooks").iterdir()) == ["cb-0002"]
+
+
+def test_search_settings_are_measured_for_a_recall_target(tmp_path, tiny, capsys):
+    """Compaction measures, per IVF store, the cheapest (nprobe, refine) whose recall@100 against an exhaustive
+    scan reaches 0.95 on the index's own records; readers use it, --nprobe overrides it, other codebooks and a
+    damaged file are ignored, and `attrib info` shows it."""
+    from engine._search_tune import SEARCH_FORMAT, search_path
+
+    folder = tmp_path / "idx"
+    _pq_index(folder, tiny)
+    s = engine.compact(folder, progress=False)
+    saved = json.loads(search_path(folder).read_text())
+    assert saved["format"] == SEARCH_FORMAT and saved["codebooks"] == 1 and set(saved["stores"]) == {"clip", "dino"}
+    r = IndexReader(folder)
+    rng = np.random.default_rng(9)
+    for name, st in saved["stores"].items():
+        assert s.search["stores"][name]["nprobe"] == st["nprobe"] == r.nprobe[name] and r.refine[name] == st["refine"]
+        # the least work of the settings tried that reach the target
+        good = [t for t in st["tried"] if t["recall_at_100"] >= 0.95]
+        assert st["reached_target"] and st["recall_at_100"] >= 0.95
+        assert st["work"] == min(t["work"] for t in good)
+        # the claim holds on queries it was not measured on: other stored vectors, exact top-100 by brute force
+        rows = np.concatenate([np.asarray(seg.image_rows) for seg in r.segments])
+        _, allv = r.vectors(name, rows)
+        got = []
+        for i in rng.choice(len(rows), 40, replace=False):
+            exact = rows[np.argsort(-(allv @ allv[i]), kind="stable")[1:101]]
+            found = [x for x in r.search(name, allv[i], 101)[0][0].tolist() if x != rows[i]][:100]
+            got.append(len(set(found) & set(exact.tolist())) / 100)
+        assert np.mean(got) >= 0.93, (name, np.mean(got))
+    r.close()
+    assert IndexReader(folder, nprobe=3).nprobe == {"clip": 3, "dino": 3}  # --nprobe overrides the measurement
+    assert main(["info", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["search"]
+    assert info["clip"]["measured"] and info["clip"]["nprobe"] == saved["stores"]["clip"]["nprobe"]
+    assert info["clip"]["recall_at_100"] >= 0.95
+    defaults = {n: st.nprobe for n, st in IndexReader(folder).codebooks.stores.items()}
+    for bad in ({**saved, "codebooks": 2}, "not json {"):  # measured on other codebooks; damaged
+        search_path(folder).write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        r = IndexReader(folder)
+        assert r.nprobe == defaults and r.search_settings == {}
+        r.close()
+    s = engine.compact(folder, retrain=True, progress=False)  # new codebooks: measured again
+    assert json.loads(search_path(folder).read_text())["codebooks"] == 2 and s.search["stores"]
+
+
+def test_flat_indexes_need_no_search_settings(idx_dir):
+    from engine._search_tune import search_path, tune_search
+
+    assert tune_search(idx_dir) is None and not search_path(idx_dir).exists()
 
 
 def test_verify_names_damaged_components(idx_dir, tmp_path, capsys):

@@ -104,10 +104,10 @@ def caption_snapshot(index: Path) -> dict:
             local = np.arange(seg.n_records)
             rows = np.asarray(seg.rows)
             live = r.live.keep(rows)
-            table = seg.serving(local)
+            ids, _, caps = seg.serving(local)
             emb = seg.caption_vectors(local) if seg.caption_codes is not None else [None] * seg.n_records
             keys = np.asarray(seg.caption_keys).tolist() if seg.caption_keys is not None else [None] * seg.n_records
-            for k, (rid, cap) in enumerate(zip(table.column("id").to_pylist(), table.column("caption").to_pylist())):
+            for k, (rid, cap) in enumerate(zip(ids, caps)):
                 if live[k]:
                     out[rid] = (cap, None if emb[k] is None else np.array(emb[k]), keys[k])
         return out

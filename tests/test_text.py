@@ -140,6 +140,39 @@ def test_trigram_similarity_on_a_misspelling_an_inflection_and_joined_words():
     assert TextBatch([big]).bytes.size == 1000  # each text is read up to MAX_TEXT_CHARS
 
 
+def _reference_trigrams(text: str) -> list[bytes]:
+    """Character trigrams as documented, by plain Python: folded UTF-8 bytes, letters and digits (and any byte of
+    a non-ASCII character) kept, everything else removed; read up to MAX_TEXT_CHARS characters."""
+    import unicodedata
+
+    from engine.text import MAX_TEXT_CHARS
+
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text[:MAX_TEXT_CHARS].lower())
+                     if not 0x300 <= ord(c) <= 0x36F).encode("utf-8")
+    kept = bytes(b for b in folded if b >= 0x80 or chr(b).isdigit() or "a" <= chr(b) <= "z")
+    return [kept[i:i + 3] for i in range(len(kept) - 2)]
+
+
+@pytest.mark.parametrize("dense", [True, False])  # both ways of counting shared trigrams
+def test_trigram_similarity_equals_a_plain_python_reference(dense, monkeypatch):
+    import engine.text
+
+    if not dense:
+        monkeypatch.setattr(engine.text, "DENSE_TRIGRAM_CELLS", 0)
+    n_captions = 400
+    rng = np.random.default_rng(3)
+    vocab = "fire place fireplace Café crème naïve horse horses running the a of 42 x über Straße 日本 ZZZ -/".split()
+    captions = [" ".join(rng.choice(vocab, rng.integers(0, 9))) for _ in range(n_captions)]
+    prompt = " ".join(vocab)
+    dice, cover = trigram_similarity(TextBatch([prompt]), TextBatch(captions))
+    q = set(_reference_trigrams(prompt))
+    for i in list(range(40)) + [n_captions - 1]:
+        c = _reference_trigrams(captions[i])
+        shared = len(q & set(c))
+        assert dice[i] == pytest.approx(2 * shared / (len(q) + len(c)), abs=1e-6), captions[i]
+        assert cover[i] == pytest.approx(shared / len(q), abs=1e-6), captions[i]
+
+
 def test_caption_keys_ignore_case_punctuation_and_order():
     assert caption_key("Red Mums - Throw Pillow") == caption_key("throw pillow, RED mums!") != 0
     assert caption_key("Red Mums - Throw Pillow") != caption_key("Red Mums Pillow")

@@ -19,19 +19,22 @@ import numpy as np
 from .._errors import FusionWeightsError, ModelMismatchError
 from .._layout import component
 from ..rankers import EVIDENCE, RANKERS, feature_names, get_feature
-from ._normalize import TRANSFORMS, normalize
+from ..rankers._registry import derived
+from ._normalize import TRANSFORMS, normalize_columns
 from .logistic import standardize
 
 WEIGHTS_FORMAT = "attrib-fusion-weights"
 WEIGHTS_VERSION = 1
 
 
+@derived
 def text_feature(name: str) -> bool:
     """Whether feature ``name`` is text evidence: its ranker reads no store that grows with images."""
     owner = next(c for _, c in RANKERS.items() if name in c.feature_names())
     return not any(component(x).grows_with == "image" for x in owner.components)
 
 
+@derived
 def parse_feature(spec: str) -> tuple[str, str]:
     """(feature, transform) of a spec such as ``dino_patch:z``; unknown names or transforms fail."""
     base, _, how = str(spec).partition(":")
@@ -50,14 +53,21 @@ def parse_feature(spec: str) -> tuple[str, str]:
 
 
 def feature_matrix(feats: dict[str, np.ndarray], specs: list[str], rrf_k: int = 60) -> np.ndarray:
-    """(n_candidates, len(specs)) matrix; raw missing values stay NaN (imputed by the model)."""
+    """(n_candidates, len(specs)) matrix; raw missing values stay NaN (imputed by the model). Specs with the
+    same transform are normalised together (``normalize_columns``)."""
     n = len(next(iter(feats.values()))) if feats else 0
-    cols = []
-    for spec in specs:
+    out = np.empty((n, len(specs)))
+    by_how: dict[str, list[tuple[int, str]]] = {}
+    for j, spec in enumerate(specs):
         base, how = parse_feature(spec)
-        x = feats.get(base)
-        cols.append(np.full(n, np.nan) if x is None else normalize(x, how, rrf_k))
-    return np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+        by_how.setdefault(how, []).append((j, base))
+    for how, cols in by_how.items():
+        X = np.stack([np.asarray(feats[b], np.float64) if b in feats else np.full(n, np.nan) for _, b in cols], axis=1)
+        out[:, [j for j, _ in cols]] = normalize_columns(X, how, rrf_k)
+        for j, b in cols:
+            if b not in feats:  # a feature this pool does not have stays missing, whatever the transform
+                out[:, j] = np.nan
+    return out
 
 
 @dataclass
@@ -77,7 +87,18 @@ class FusionWeights:
     name: str = ""  # display name (file name) - not saved
 
     def score(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        return self.score_matrix(feature_matrix(feats, self.features, self.rrf_k))
+        return self.score_matrix(self._matrix(feats))
+
+    def _matrix(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        """The feature matrix of one pool's features, kept for the pool last asked about: a query scores its
+        pool and then splits the scores of its results by evidence kind (``parts``) from the same matrix."""
+        key = [id(v) for v in feats.values()]  # the same dict holding the same arrays
+        last = getattr(self, "_last", None)  # (feats, key, X): not a dataclass field, so never saved
+        if last is not None and last[0] is feats and last[1] == key:
+            return last[2]
+        X = feature_matrix(feats, self.features, self.rrf_k)
+        self._last = (feats, key, X)
+        return X
 
     @property
     def text_only(self) -> bool:
@@ -92,7 +113,7 @@ class FusionWeights:
         """Each evidence kind's part of the score of every candidate: the sum of w_j * standardised x_j over the
         features of that kind (``engine.rankers.EVIDENCE``), so score = bias + the sum of the parts. A part is
         0 where its evidence is missing (imputed with the training mean)."""
-        Z = standardize(feature_matrix(feats, self.features, self.rrf_k), self.mean, self.std)
+        Z = standardize(self._matrix(feats), self.mean, self.std)
         contrib = Z * np.asarray(self.weights)
         kinds = [get_feature(parse_feature(s)[0]).evidence for s in self.features]
         return {k: contrib[:, [j for j, kk in enumerate(kinds) if kk == k]].sum(axis=1)

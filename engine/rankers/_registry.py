@@ -3,7 +3,8 @@ candidate pool, the evidence in results, the fusion features and transforms, the
 benchmark tables and plots. See ``engine/rankers/README.md`` for how to add a ranker."""
 from __future__ import annotations
 
-from typing import TypeVar
+import functools
+from typing import Callable, TypeVar
 
 from .._layout import COMPONENTS
 from .._registry import Registry
@@ -12,6 +13,26 @@ from ._base import EVIDENCE, KINDS, Feature, Ranker
 RANKERS: Registry[type[Ranker]] = Registry("ranker")
 
 R = TypeVar("R", bound=type[Ranker])
+F = TypeVar("F", bound=Callable)
+
+
+def derived(fn: F) -> F:
+    """Cache what ``fn`` derives from the registry until the registry changes (queries ask for features and
+    their kinds hundreds of times each; a registration or ``unregister`` starts afresh)."""
+    memo: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if memo.get("version") != RANKERS.version:
+            memo.clear()
+            memo["version"] = RANKERS.version
+        try:
+            return memo[args]
+        except KeyError:
+            out = memo[args] = fn(*args)
+            return out
+
+    return wrapper  # type: ignore[return-value]
 
 
 def register_ranker(cls: R) -> R:
@@ -43,44 +64,56 @@ def register_ranker(cls: R) -> R:
     return cls
 
 
-def ranked_classes() -> list[tuple[str, type[Ranker]]]:
+@derived
+def ranked_classes() -> tuple[tuple[str, type[Ranker]], ...]:
     """(name, class) of every registered ranker in display order: ``Ranker.order``, then registration."""
     items = RANKERS.items()
-    return sorted(items, key=lambda nc: (nc[1].order, items.index(nc)))
+    return tuple(sorted(items, key=lambda nc: (nc[1].order, items.index(nc))))
 
 
+@derived
 def ranker_names() -> tuple[str, ...]:
     return tuple(n for n, _ in ranked_classes())
 
 
+@derived
 def main_rankers() -> tuple[str, ...]:
     """Rankers reported on their own by benchmarks and fused by RRF, in display order."""
     return tuple(n for n, c in ranked_classes() if c.main)
 
 
+@derived
 def rrf_rankers() -> tuple[str, ...]:
     """Main rankers that reciprocal rank fusion fuses (the untrained baseline), in display order."""
     return tuple(n for n, c in ranked_classes() if c.main and c.rrf)
 
 
+@derived
 def pool_rankers() -> tuple[str, ...]:
     """Rankers whose first-stage candidates form the fused pool."""
     return tuple(n for n, c in ranked_classes() if c.first_stage)
 
 
+@derived
 def features() -> tuple[Feature, ...]:
     """Every evidence feature, in display order (rankers in display order, then declaration order)."""
     return tuple(f for _, c in ranked_classes() for f in c.features)
 
 
+@derived
 def feature_names() -> tuple[str, ...]:
     return tuple(f.name for f in features())
 
 
+@derived
+def _by_name() -> dict[str, Feature]:
+    return {f.name: f for f in features()}
+
+
 def get_feature(name: str) -> Feature:
-    for f in features():
-        if f.name == name:
-            return f
+    f = _by_name().get(name)
+    if f is not None:
+        return f
     from .._errors import UnknownNameError
 
     raise UnknownNameError(f"unknown feature {name!r}; valid choices: {', '.join(feature_names())}")
@@ -91,6 +124,7 @@ def evidence_of(name: str) -> str:
     return get_feature(name).evidence
 
 
+@derived
 def feature_specs() -> tuple[str, ...]:
     """The fusion feature specs a learned model uses by default: each feature raw, z-scored and as a
     reciprocal rank within the pool; cosines also as the near-duplicate log-distance and its z-score."""

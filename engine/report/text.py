@@ -23,6 +23,23 @@ def untrained_panel(text: str) -> Panel:
     return Panel(escape(text), title="untrained weights", border_style="bold yellow")
 
 
+def print_search_settings(search: dict | None) -> None:
+    """One line: the search settings measured on the index after a build or compaction (engine._search_tune)."""
+    if not search:
+        return
+    c = stderr_console()
+    if search.get("error"):
+        c.print(f"[yellow]search settings not measured[/yellow] ({escape(search['error'])}); the defaults apply")
+        return
+    parts = []
+    for name, st in search["stores"].items():
+        miss = "" if st["reached_target"] else " [yellow](below the target: the most exact setting tried)[/yellow]"
+        parts.append(f"{name}: {st['nprobe']} of {st['nlist']} lists, re-scoring {st['refine']}x, "
+                     f"recall@100 {st['recall_at_100']:.3f}{miss}")
+    c.print(f"search settings measured for recall@100 >= {search['target_recall_at_100']} in "
+            f"{search['seconds']:.1f}s: " + "; ".join(parts))
+
+
 def print_build_summary(s) -> None:
     c = stderr_console()
     m = s.manifest
@@ -51,6 +68,7 @@ def print_build_summary(s) -> None:
     if s.ignored_files:
         ex = ", ".join(escape(x) for x in s.ignored_files[:3])
         c.print(f"[dim]ignored {len(s.ignored_files)} files that are neither images nor sidecars (e.g. {ex})[/dim]")
+    print_search_settings(getattr(s, "search", None))
     cal = getattr(s, "calibration", None)
     if cal and cal.get("skipped"):
         c.print(f"[dim]not calibrated: {escape(cal['skipped'])}[/dim]")
@@ -92,9 +110,18 @@ def print_info(info: dict) -> None:
     cb = info["codebooks"]
     t.add_row("dims", f"clip {d['clip']}, dino global {d['dino_global']}, patches {d['patch_grid']}x{d['patch_grid']} "
                       f"cells x {d['patch_dims']} dims ({cb['patch_codec']})")
-    t.add_row("stores", ", ".join(f"{k}: {v['ann']} {v['codec']}" + (f" nlist {v['nlist']} nprobe {v['nprobe']}"
-                                                                         if v["nlist"] > 1 else "")
-                                  for k, v in cb["stores"].items()))
+    search = info.get("search") or {}
+
+    def probe(k: str, v: dict) -> str:
+        if v["nlist"] <= 1:
+            return ""
+        s = search.get(k) or {}
+        if not s.get("measured"):
+            return f" nlist {v['nlist']} nprobe {s.get('nprobe', v['nprobe'])} (default, not measured)"
+        rec = f", recall@100 {s['recall_at_100']:.3f}" if "recall_at_100" in s else ""
+        return f" nlist {v['nlist']} nprobe {s['nprobe']} refine {s['refine']}x (measured{rec})"
+
+    t.add_row("stores", ", ".join(f"{k}: {v['ann']} {v['codec']}" + probe(k, v) for k, v in cb["stores"].items()))
     t.add_row("segments", str(info["segments"]) + ("  [yellow](many: `attrib compact` merges them)[/yellow]"
                                                    if info["segments"] > 16 else ""))
     src = m["build"].get("source") or {}

@@ -1,0 +1,170 @@
+"""Search settings measured on the index itself (``INDEX/search.json``): for each dense first stage with IVF
+lists, how many lists a search probes (``nprobe``) and how many product-quantized candidates it re-scores with
+the finer codes (``refine``, a multiple of k). They are chosen as the setting with the least work (bytes read)
+whose recall@100 reaches a target (default 0.95) against an exhaustive scan of the same stored vectors, with
+queries made from the index's own records (a sample of its images, each query's own record left out of both
+rankings). When no setting reaches it, the most exact one tried is used and the outputs say so.
+
+Which setting suffices depends on how the vectors are spread, which no formula knows: a build measures it when
+it finishes and ``attrib compact`` again after it rewrites the lists. The file names the codebook generation it
+was measured on; a reader ignores it for other codebooks (``attrib compact --retrain``). ``--nprobe`` overrides
+it; ``attrib info`` shows it with the recall measured."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._codebooks import IVF, PQ
+from ._layout import path_of
+from .files import write_text_atomic
+
+SEARCH_FORMAT = "attrib-search"
+TARGET_RECALL = 0.95
+TUNE_QUERIES = 200
+TUNE_K = 100
+REFINES = (4, 8, 16)  # refine factors tried, cheapest first
+SCAN_BLOCK = 65_536  # stored vectors decoded per block of the exhaustive scan
+
+
+def search_path(index_dir: Path) -> Path:
+    return Path(index_dir) / path_of("search")
+
+
+def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
+    """The measured settings for these codebooks, or None (no file, other codebooks, unreadable: the defaults)."""
+    try:
+        d = json.loads(search_path(index_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("format") != SEARCH_FORMAT or d.get("codebooks") != codebook_generation:
+        return None
+    stores = d.get("stores")
+    if not isinstance(stores, dict):
+        return None
+    ok = {}
+    for name, s in stores.items():
+        try:
+            ok[name] = {"nprobe": int(s["nprobe"]), "refine": int(s["refine"])}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if ok[name]["nprobe"] < 1 or ok[name]["refine"] < 1:
+            ok.pop(name)
+    return ok
+
+
+def _ladder(nlist: int, start: int) -> list[int]:
+    out, p = [], max(1, min(start, nlist))
+    while p < nlist:
+        out.append(p)
+        p *= 2
+    return out + [nlist]
+
+
+def _exact_top(reader, store: str, q: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
+    """Top-k live rows of every query by an exhaustive scan of the stored (refine) vectors, own row excluded."""
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_r = np.full((len(q), k), -1, np.int64)
+    for seg in reader.segments:
+        for a in range(0, seg.n_images, SCAN_BLOCK):
+            local = np.arange(a, min(a + SCAN_BLOCK, seg.n_images))
+            rows = np.asarray(seg.image_rows[local], np.int64)
+            live = reader.live.keep(rows)
+            if not live.any():
+                continue
+            v = seg.vectors(store, local[live])
+            rows = rows[live]
+            s = q @ v.T
+            s[rows[None, :] == self_rows[:, None]] = -np.inf
+            both_s = np.concatenate([best_s, s], axis=1)
+            both_r = np.concatenate([best_r, np.broadcast_to(rows, s.shape)], axis=1)
+            top = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
+            best_s, best_r = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_r, top, 1)
+    return best_r
+
+
+def _work(spec, n_images: int, nprobe: int, refine: int, k: int) -> int:
+    """Bytes a search reads, the cost model that orders settings: the codes of the probed lists (of average
+    length) and the finer codes of the candidates it re-scores."""
+    code = spec.m if spec.codec == PQ else 2 * spec.dim
+    rescored = k * refine * spec.dim if spec.codec == PQ else 0
+    return int(nprobe * n_images / max(spec.nlist, 1) * code + rescored)
+
+
+def _recall(found: list[tuple[np.ndarray, np.ndarray]], truth: np.ndarray, self_rows: np.ndarray, k: int) -> float:
+    got = []
+    for (rows, _), t, own in zip(found, truth, self_rows):
+        mine = [r for r in rows.tolist() if r != own][:k]
+        want = {r for r in t.tolist() if r >= 0}
+        if want:
+            got.append(len(want.intersection(mine)) / len(want))
+    return float(np.mean(got)) if got else 1.0
+
+
+def measure_after_write(index_dir: Path) -> dict | None:
+    """:func:`tune_search` after a build or compaction, summarised for its output: the chosen setting and recall
+    per store, or why nothing was measured. A failure here never fails the command (the defaults then apply)."""
+    try:
+        out = tune_search(index_dir)
+    except Exception as e:  # noqa: BLE001 - the index is complete; only the measurement is missing
+        return {"error": f"{e.__class__.__name__}: {e}"}
+    if out is None:
+        return None
+    return {"seconds": out["seconds"], "target_recall_at_100": out["target_recall_at_100"],
+            "stores": {n: {k: s[k] for k in ("nprobe", "refine", "nlist", "recall_at_100", "reached_target")}
+                       for n, s in out["stores"].items()}}
+
+
+def tune_search(index_dir: Path, target: float = TARGET_RECALL, n_queries: int = TUNE_QUERIES, k: int = TUNE_K,
+                seed: int = 0) -> dict | None:
+    """Measure and write ``search.json`` for the index's IVF stores (None when it has none: flat stores are
+    exact). Deterministic for a seed; reads the index only (the file is written atomically)."""
+    from ._reader import IndexReader
+    from ._threads import single_threaded_blas
+
+    t0 = time.perf_counter()
+    reader = IndexReader(index_dir)
+    try:
+        stores = {n: s for n, s in reader.codebooks.stores.items() if s.ann == IVF}
+        if not stores or reader.n_images <= k:
+            return None
+        image_rows = np.concatenate([np.asarray(s.image_rows, np.int64) for s in reader.segments])
+        image_rows = image_rows[reader.live.keep(image_rows)]
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(image_rows), min(n_queries, len(image_rows)), replace=False))
+        own = image_rows[pick]
+        out = {"format": SEARCH_FORMAT, "codebooks": int(reader.manifest["codebooks"]["generation"]),
+               "target_recall_at_100": target, "queries": int(len(own)), "k": k, "stores": {}}
+        for name, spec in stores.items():
+            _, q = reader.vectors(name, own)
+            with single_threaded_blas():
+                truth = _exact_top(reader, name, q, own, k)
+            tried = []
+            # each re-scoring depth (pq codes only), from the fewest lists up until the target is reached
+            for refine in (REFINES if spec.codec == PQ else REFINES[:1]):
+                for nprobe in _ladder(spec.nlist, spec.nprobe):
+                    reader.set_search(name, nprobe, refine)
+                    with single_threaded_blas():
+                        t = time.perf_counter()
+                        found = reader.search(name, q, k + 1)
+                        ms = (time.perf_counter() - t) * 1e3 / len(q)
+                    rec = _recall(found, truth, own, k)
+                    tried.append({"nprobe": nprobe, "refine": refine, "recall_at_100": round(rec, 4),
+                                  "ms_per_query": round(ms, 3),
+                                  "work": _work(spec, reader.n_images, nprobe, refine, k)})
+                    if tried[-1]["recall_at_100"] >= target:
+                        break  # more lists at this depth only cost more
+            good = [t for t in tried if t["recall_at_100"] >= target]
+            # the least work that reaches the target (by the cost model: measured times are too noisy to make a
+            # build deterministic); else the most exact setting tried
+            chosen = (min(good, key=lambda t: (t["work"], t["nprobe"], t["refine"])) if good
+                      else max(tried, key=lambda t: (t["recall_at_100"], -t["work"])))
+            out["stores"][name] = {**chosen, "nlist": spec.nlist, "default_nprobe": spec.nprobe,
+                                   "reached_target": chosen["recall_at_100"] >= target, "tried": tried}
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+    finally:
+        reader.close()
+    write_text_atomic(search_path(index_dir), json.dumps(out, indent=2) + "\n", fsync=True)
+    return out
