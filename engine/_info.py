@@ -85,7 +85,7 @@ def _measured_search(index_dir) -> dict:
     """store -> the measured setting's recall (``INDEX/search.json``), whatever codebooks it was measured on."""
     import json
 
-    from ._search_tune import search_path
+    from ._reader import search_path
 
     try:
         return {n: st for n, st in json.loads(search_path(index_dir).read_text(encoding="utf-8"))["stores"].items()

@@ -6,6 +6,7 @@ generation meanwhile never mixes into its answers: it keeps answering from the s
 ``Index.reopen_if_changed`` to move to the newest one). Records deleted as of its generation never come back."""
 from __future__ import annotations
 
+import json
 import resource
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import polars as pl
 from ._captions import CaptionSignals
 from ._codebooks import PQ, Codebooks, sha256_file
 from ._errors import IndexFormatError
-from ._layout import MANIFEST, at_level, codebook_dir
+from ._layout import MANIFEST, at_level, codebook_dir, path_of
 from ._manifest import dir_size, is_pretrained, read_manifest
 from ._segment import STORES, Segment
 from ._stores import TextStore
@@ -53,6 +54,35 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
     except (ValueError, OSError):  # pragma: no cover - not permitted: keep the limit
         pass
+
+
+SEARCH_FORMAT = "attrib-search"
+
+
+def search_path(index_dir: Path) -> Path:
+    return Path(index_dir) / path_of("search")
+
+
+def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
+    """The measured settings for these codebooks, or None (no file, other codebooks, unreadable: the defaults)."""
+    try:
+        d = json.loads(search_path(index_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("format") != SEARCH_FORMAT or d.get("codebooks") != codebook_generation:
+        return None
+    stores = d.get("stores")
+    if not isinstance(stores, dict):
+        return None
+    ok = {}
+    for name, s in stores.items():
+        try:
+            ok[name] = {"nprobe": int(s["nprobe"]), "refine": int(s["refine"])}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if ok[name]["nprobe"] < 1 or ok[name]["refine"] < 1:
+            ok.pop(name)
+    return ok
 
 
 DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting
@@ -96,9 +126,7 @@ class IndexReader:
         if sum(s.n_records for s in self.segments) - len(deleted) != self.n_records:
             raise IndexFormatError(f"index {self.path} is damaged: its segments hold another number of live "
                                    f"records than the manifest says ({self.n_records}); rebuild it")
-        from ._search_tune import read_search
-
-        measured = read_search(self.path, int(cb_entry["generation"])) or {}  # engine._search_tune
+        measured = read_search(self.path, int(cb_entry["generation"])) or {}  # see engine._search_tune
         self.search_settings = measured
         self.nprobe = {name: int(nprobe or measured.get(name, {}).get("nprobe") or self.codebooks.stores[name].nprobe)
                        for name in STORES}

@@ -18,41 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from ._codebooks import IVF, PQ
-from ._layout import path_of
+from ._reader import SEARCH_FORMAT, IndexReader, search_path
 from .files import write_text_atomic
 
-SEARCH_FORMAT = "attrib-search"
 TARGET_RECALL = 0.95
-TUNE_QUERIES = 200
+TUNE_QUERIES = 100  # own records queried (recall@100 averages 100 neighbours each: its standard error is ~0.005)
 TUNE_K = 100
 REFINES = (4, 8, 16)  # refine factors tried, cheapest first
+RANDOM_READ_COST = 4  # a byte read at a random place costs this many read in sequence (the cost model)
 SCAN_BLOCK = 65_536  # stored vectors decoded per block of the exhaustive scan
-
-
-def search_path(index_dir: Path) -> Path:
-    return Path(index_dir) / path_of("search")
-
-
-def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
-    """The measured settings for these codebooks, or None (no file, other codebooks, unreadable: the defaults)."""
-    try:
-        d = json.loads(search_path(index_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(d, dict) or d.get("format") != SEARCH_FORMAT or d.get("codebooks") != codebook_generation:
-        return None
-    stores = d.get("stores")
-    if not isinstance(stores, dict):
-        return None
-    ok = {}
-    for name, s in stores.items():
-        try:
-            ok[name] = {"nprobe": int(s["nprobe"]), "refine": int(s["refine"])}
-        except (KeyError, TypeError, ValueError):
-            continue
-        if ok[name]["nprobe"] < 1 or ok[name]["refine"] < 1:
-            ok.pop(name)
-    return ok
 
 
 def _ladder(nlist: int, start: int) -> list[int]:
@@ -86,10 +60,11 @@ def _exact_top(reader, store: str, q: np.ndarray, self_rows: np.ndarray, k: int)
 
 
 def _work(spec, n_images: int, nprobe: int, refine: int, k: int) -> int:
-    """Bytes a search reads, the cost model that orders settings: the codes of the probed lists (of average
-    length) and the finer codes of the candidates it re-scores."""
+    """The cost model that orders settings: bytes of the probed lists' codes (lists of average length, read in
+    sequence) plus the finer codes of the re-scored candidates, each read at a random place (a page of its own
+    when the index is not in the page cache), counted ``RANDOM_READ_COST`` times."""
     code = spec.m if spec.codec == PQ else 2 * spec.dim
-    rescored = k * refine * spec.dim if spec.codec == PQ else 0
+    rescored = k * refine * spec.dim * RANDOM_READ_COST if spec.codec == PQ else 0
     return int(nprobe * n_images / max(spec.nlist, 1) * code + rescored)
 
 
@@ -121,11 +96,10 @@ def tune_search(index_dir: Path, target: float = TARGET_RECALL, n_queries: int =
                 seed: int = 0) -> dict | None:
     """Measure and write ``search.json`` for the index's IVF stores (None when it has none: flat stores are
     exact). Deterministic for a seed; reads the index only (the file is written atomically)."""
-    from ._reader import IndexReader
     from ._threads import single_threaded_blas
 
     t0 = time.perf_counter()
-    reader = IndexReader(index_dir)
+    reader = IndexReader(index_dir, hash_files=False)  # codes read here are checked against their checksums
     try:
         stores = {n: s for n, s in reader.codebooks.stores.items() if s.ann == IVF}
         if not stores or reader.n_images <= k:

@@ -163,7 +163,7 @@ def test_search_settings_are_measured_for_a_recall_target(tmp_path, tiny, capsys
     """Compaction measures, per IVF store, the cheapest (nprobe, refine) whose recall@100 against an exhaustive
     scan reaches 0.95 on the index's own records; readers use it, --nprobe overrides it, other codebooks and a
     damaged file are ignored, and `attrib info` shows it."""
-    from engine._search_tune import SEARCH_FORMAT, search_path
+    from engine._reader import SEARCH_FORMAT, search_path
 
     folder = tmp_path / "idx"
     _pq_index(folder, tiny)
@@ -201,10 +201,15 @@ def test_search_settings_are_measured_for_a_recall_target(tmp_path, tiny, capsys
         r.close()
     s = engine.compact(folder, retrain=True, progress=False)  # new codebooks: measured again
     assert json.loads(search_path(folder).read_text())["codebooks"] == 2 and s.search["stores"]
+    capsys.readouterr()
+    assert main(["compact", str(folder), "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "search settings measured for recall@100 >= 0.95" in err and "clip: " in err and "dino: " in err
 
 
 def test_flat_indexes_need_no_search_settings(idx_dir):
-    from engine._search_tune import search_path, tune_search
+    from engine._reader import search_path
+    from engine._search_tune import tune_search
 
     assert tune_search(idx_dir) is None and not search_path(idx_dir).exists()
 
