@@ -74,6 +74,7 @@ class Index:
         from ._layout import MANIFEST
         from ._manifest import read_manifest
 
+        self.reader.reload_search()  # measured after the commit that made this generation: picked up in place
         try:
             st = (self.path / MANIFEST).stat()
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -89,6 +89,7 @@ def _measured_search(index_dir) -> dict:
 
     try:
         return {n: st for n, st in json.loads(search_path(index_dir).read_text(encoding="utf-8"))["stores"].items()
-                if isinstance(st, dict) and "recall_at_100" in st and "reached_target" in st}
+                if isinstance(st, dict) and isinstance(st.get("recall_at_100"), (int, float))
+                and isinstance(st.get("reached_target"), bool)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}

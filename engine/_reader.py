@@ -63,8 +63,12 @@ def search_path(index_dir: Path) -> Path:
     return Path(index_dir) / path_of("search")
 
 
+MAX_REFINE = 64  # re-scoring depth a search.json may ask for at most
+
+
 def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
-    """The measured settings for these codebooks, or None (no file, other codebooks, unreadable: the defaults)."""
+    """The measured settings for these codebooks, or None (no file, other codebooks, unreadable: the defaults).
+    Values out of range are dropped (nprobe is clamped to the store's lists by the reader)."""
     try:
         d = json.loads(search_path(index_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -78,9 +82,9 @@ def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
     for name, s in stores.items():
         try:
             ok[name] = {"nprobe": int(s["nprobe"]), "refine": int(s["refine"])}
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity
             continue
-        if ok[name]["nprobe"] < 1 or ok[name]["refine"] < 1:
+        if not (1 <= ok[name]["nprobe"] <= 1 << 31 and 1 <= ok[name]["refine"] <= MAX_REFINE):
             ok.pop(name)
     return ok
 
@@ -126,13 +130,12 @@ class IndexReader:
         if sum(s.n_records for s in self.segments) - len(deleted) != self.n_records:
             raise IndexFormatError(f"index {self.path} is damaged: its segments hold another number of live "
                                    f"records than the manifest says ({self.n_records}); rebuild it")
-        measured = read_search(self.path, int(cb_entry["generation"])) or {}  # see engine._search_tune
-        self.search_settings = measured
-        self.nprobe = {name: int(nprobe or measured.get(name, {}).get("nprobe") or self.codebooks.stores[name].nprobe)
-                       for name in STORES}
-        self.refine = {name: max(1, int(refine or measured.get(name, {}).get("refine") or DEFAULT_REFINE))
-                       for name in STORES}  # PQ candidates re-scored with the finer codes, as a multiple of k
+        self._given = (nprobe, refine)  # explicit settings (--nprobe) win over measured ones
+        self.nprobe = {name: self.codebooks.stores[name].nprobe for name in STORES}
+        self.refine = {name: DEFAULT_REFINE for name in STORES}  # PQ candidates re-scored, as a multiple of k
         self._shells = {name: self._search_shell(name) for name in STORES}
+        self.search_stamp: tuple | None = None
+        self.reload_search()
         try:
             self.text = TextStore(self.path / "text", (m.get("text") or {}).get("analyzer"), live=self.live)
         except Exception as e:  # noqa: BLE001 - tantivy raises ValueError/OSError on damaged folders
@@ -191,6 +194,26 @@ class IndexReader:
             self._ilv[name] = (vec, stacked, parts)  # keep the parts alive as long as the shell
         faiss.extract_index_ivf(shell).nprobe = self.nprobe[name]
         return shell
+
+    def reload_search(self) -> bool:
+        """Apply ``search.json`` (see engine._search_tune) if it changed since last read: the measured lists
+        probed and re-scoring depth of each store, unless given explicitly when opening. True if it changed."""
+        try:
+            st = search_path(self.path).stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self.search_stamp and hasattr(self, "search_settings"):
+            return False
+        self.search_stamp = stamp
+        measured = read_search(self.path, int(self.manifest["codebooks"]["generation"])) or {}
+        self.search_settings = measured
+        nprobe, refine = self._given
+        for name in STORES:
+            spec = self.codebooks.stores[name]
+            self.set_search(name, min(spec.nlist, int(nprobe or measured.get(name, {}).get("nprobe") or spec.nprobe)),
+                            int(refine or measured.get(name, {}).get("refine") or DEFAULT_REFINE))
+        return True
 
     def set_search(self, store: str, nprobe: int | None = None, refine: int | None = None) -> None:
         """Change how ``store`` is searched from now on: IVF lists probed, PQ candidates re-scored per result."""

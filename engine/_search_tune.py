@@ -27,6 +27,7 @@ TUNE_K = 100
 REFINES = (4, 8, 16)  # refine factors tried, cheapest first
 RANDOM_READ_COST = 4  # a byte read at a random place costs this many read in sequence (the cost model)
 SCAN_BLOCK = 65_536  # stored vectors decoded per block of the exhaustive scan
+TIE_TOLERANCE = 1e-5  # scores this close to the k-th best count as tied with it (float rounding of two products)
 
 
 def _ladder(nlist: int, start: int) -> list[int]:
@@ -37,8 +38,9 @@ def _ladder(nlist: int, start: int) -> list[int]:
     return out + [nlist]
 
 
-def _exact_top(reader, store: str, q: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
-    """Top-k live rows of every query by an exhaustive scan of the stored (refine) vectors, own row excluded."""
+def _exact_kth(reader, store: str, q: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
+    """Each query's k-th best score over every live stored (refine) vector, by an exhaustive scan, own row
+    excluded (-inf when fewer than k rows)."""
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_r = np.full((len(q), k), -1, np.int64)
     for seg in reader.segments:
@@ -56,7 +58,7 @@ def _exact_top(reader, store: str, q: np.ndarray, self_rows: np.ndarray, k: int)
             both_r = np.concatenate([best_r, np.broadcast_to(rows, s.shape)], axis=1)
             top = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
             best_s, best_r = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_r, top, 1)
-    return best_r
+    return best_s.min(axis=1)
 
 
 def _work(spec, n_images: int, nprobe: int, refine: int, k: int) -> int:
@@ -68,13 +70,20 @@ def _work(spec, n_images: int, nprobe: int, refine: int, k: int) -> int:
     return int(nprobe * n_images / max(spec.nlist, 1) * code + rescored)
 
 
-def _recall(found: list[tuple[np.ndarray, np.ndarray]], truth: np.ndarray, self_rows: np.ndarray, k: int) -> float:
+def _recall(reader, store: str, q: np.ndarray, found: list[tuple[np.ndarray, np.ndarray]], kth: np.ndarray,
+            self_rows: np.ndarray, k: int) -> float:
+    """Mean share of each query's exact top k that the search found, counted so that ties do not matter: a found
+    row counts when its exact score reaches the k-th best exact score (duplicates of one image score alike, and
+    any k of them are a right answer)."""
     got = []
-    for (rows, _), t, own in zip(found, truth, self_rows):
-        mine = [r for r in rows.tolist() if r != own][:k]
-        want = {r for r in t.tolist() if r >= 0}
-        if want:
-            got.append(len(want.intersection(mine)) / len(want))
+    for i, ((rows, _), own) in enumerate(zip(found, self_rows)):
+        mine = np.asarray([r for r in rows.tolist() if r != own][:k], np.int64)
+        if len(mine) == 0:
+            got.append(0.0)
+            continue
+        _, v = reader.vectors(store, mine)  # the stored codes the exhaustive scan scored
+        hits = int(np.count_nonzero(v @ q[i] >= kth[i] - TIE_TOLERANCE))
+        got.append(min(hits, k) / k)
     return float(np.mean(got)) if got else 1.0
 
 
@@ -114,7 +123,7 @@ def tune_search(index_dir: Path, target: float = TARGET_RECALL, n_queries: int =
         for name, spec in stores.items():
             _, q = reader.vectors(name, own)
             with single_threaded_blas():
-                truth = _exact_top(reader, name, q, own, k)
+                kth = _exact_kth(reader, name, q, own, k)
             tried = []
             # each re-scoring depth (pq codes only), from the fewest lists up until the target is reached
             for refine in (REFINES if spec.codec == PQ else REFINES[:1]):
@@ -124,7 +133,7 @@ def tune_search(index_dir: Path, target: float = TARGET_RECALL, n_queries: int =
                         t = time.perf_counter()
                         found = reader.search(name, q, k + 1)
                         ms = (time.perf_counter() - t) * 1e3 / len(q)
-                    rec = _recall(found, truth, own, k)
+                    rec = _recall(reader, name, q, found, kth, own, k)
                     tried.append({"nprobe": nprobe, "refine": refine, "recall_at_100": round(rec, 4),
                                   "ms_per_query": round(ms, 3),
                                   "work": _work(spec, reader.n_images, nprobe, refine, k)})

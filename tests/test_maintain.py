@@ -128,20 +128,23 @@ def test_compaction_keeps_answers_and_drops_deleted_records(idx_dir, tiny, capsy
     assert engine.verify(idx_dir, progress=False).ok
 
 
-def _pq_index(folder, tiny, n: int = 1200, seed: int = 1) -> np.ndarray:
-    """An IVF-PQ index of n random records written in 400-image segments; returns the CLIP vectors."""
+def _pq_index(folder, tiny, n: int = 1200, seed: int = 1, copies: int = 0) -> np.ndarray:
+    """An IVF-PQ index of n random records written in 400-image segments, the first ``copies`` of them the same
+    image (all their vectors equal); returns the CLIP vectors."""
     rng = np.random.default_rng(seed)
     w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=400,
                                                                        pca_sample=64))
     d = tiny.dino_dim
     clip = rng.standard_normal((n, 64)).astype(np.float32)
     clip /= np.linalg.norm(clip, axis=1, keepdims=True)
+    dino, glob = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, d)).astype(np.float32)
+    cells = rng.standard_normal((n, 64, d)).astype(np.float32)
+    for x in (clip, dino, glob, cells):
+        x[:copies] = x[0]
     for s in range(0, n, 400):  # the writer commits a segment every 400 images
         b = slice(s, s + 400)
         w.add_images([f"v{i}" for i in range(s, s + 400)], [None] * 400, [f"caption {i}" for i in range(s, s + 400)],
-                     [{}] * 400, clip[b], rng.standard_normal((400, d)).astype(np.float32),
-                     rng.standard_normal((400, d)).astype(np.float32),
-                     rng.standard_normal((400, 64, d)).astype(np.float32))
+                     [{}] * 400, clip[b], dino[b], glob[b], cells[b])
     w.finalize({"path": "synthetic", "kind": "test"})
     return clip
 
@@ -205,6 +208,34 @@ def test_search_settings_are_measured_for_a_recall_target(tmp_path, tiny, capsys
     assert main(["compact", str(folder), "--no-progress"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "search settings measured for recall@100 >= 0.95" in err and "clip: " in err and "dino: " in err
+
+
+def test_search_measurement_counts_duplicates_as_found_and_services_pick_it_up(tmp_path, tiny):
+    """300 copies of one image tie with each other: any 100 of them are a right top 100, so they must not count
+    as misses (which would push the measurement to the slowest setting). A damaged or out-of-range search.json
+    falls back to the defaults, and an open index picks up a new measurement between requests."""
+    from engine._reader import search_path
+    from engine._search_tune import tune_search
+
+    folder = tmp_path / "idx"
+    _pq_index(folder, tiny, copies=300)
+    engine.compact(folder, progress=False, measure_search=False)
+    out = tune_search(folder, n_queries=80, seed=3)
+    assert all(st["reached_target"] and st["recall_at_100"] >= 0.95 for st in out["stores"].values()), out["stores"]
+    idx = _open(folder, tiny)
+    saved = json.loads(search_path(folder).read_text())
+    defaults = {n: st.nprobe for n, st in idx.reader.codebooks.stores.items()}
+    for bad in ('{"format": "attrib-search", "codebooks": 1, "stores": {"clip": {"nprobe": Infinity, "refine": 4}}}',
+                json.dumps({**saved, "stores": {"clip": {"nprobe": 1e30, "refine": 4}, "dino": {"nprobe": 3,
+                                                                                                "refine": 10**9}}})):
+        search_path(folder).write_text(bad)
+        r = IndexReader(folder)
+        assert r.nprobe == defaults and r.refine == {"clip": 4, "dino": 4}
+        r.close()
+    search_path(folder).write_text(json.dumps({**saved, "stores": {**saved["stores"], "clip": {
+        **saved["stores"]["clip"], "nprobe": 5, "refine": 8}}}))
+    assert idx.reopen_if_changed() is idx and idx.reader.nprobe["clip"] == 5 and idx.reader.refine["clip"] == 8
+    assert len(idx.search(idx.encode_queries([None], ["caption 7"])[0], 5, weights="rrf").results) == 5
 
 
 def test_flat_indexes_need_no_search_settings(idx_dir):

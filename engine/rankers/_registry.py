@@ -23,13 +23,16 @@ def derived(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args):
-        if memo.get("version") != RANKERS.version:
-            memo.clear()
-            memo["version"] = RANKERS.version
+        version = RANKERS.version
+        key = (version, args)
         try:
-            return memo[args]
+            return memo[key]
         except KeyError:
-            out = memo[args] = fn(*args)
+            out = fn(*args)
+            if RANKERS.version == version:  # not computed across a registration
+                if len(memo) > 4096 or any(k[0] != version for k in list(memo)[:1]):
+                    memo.clear()  # entries of an older registry are never asked for again
+                memo[key] = out
             return out
 
     return wrapper  # type: ignore[return-value]
