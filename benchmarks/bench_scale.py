@@ -90,18 +90,27 @@ class Clusters:
             self.spread = rng.uniform(0.25, 0.75, CLUSTERS).astype(np.float32)
 
     def sample(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Unit vectors drawn from the clusters ``labels``. The random draws are made for all rows at once (the
+        values do not depend on any block size); the vectors are assembled in blocks, because gathering every
+        row's cluster axes at once takes 8 x n x dim floats (5 GB for the patch cells of 40,000 records)."""
         n = len(labels)
         if self.kind == "isotropic":
             iso = rng.standard_normal((n, self.dim), dtype=np.float32) * (0.15 / np.sqrt(self.dim))
             coef = rng.standard_normal((n, 4), dtype=np.float32) * 1.5
-            stretch = np.einsum("nk,nkd->nd", coef, self.axes[labels])
-            x = self.centres[labels] + self.spread[labels, None] * (stretch + iso * np.sqrt(self.dim))
         else:  # common direction + cluster centre + noise mostly along the cluster's own 8 directions
             coef = rng.standard_normal((n, 8), dtype=np.float32) * 0.4
-            stretch = np.einsum("nk,nkd->nd", coef, self.axes[labels])
             iso = rng.standard_normal((n, self.dim), dtype=np.float32) / np.sqrt(self.dim)
-            x = self.mean + self.centres[labels] + self.spread[labels, None] * (stretch + iso)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        out = np.empty((n, self.dim), np.float32)
+        for a in range(0, n, 65536):
+            b = slice(a, a + 65536)
+            lab = labels[b]
+            stretch = np.einsum("nk,nkd->nd", coef[b], self.axes[lab])
+            if self.kind == "isotropic":
+                x = self.centres[lab] + self.spread[lab, None] * (stretch + iso[b] * np.sqrt(self.dim))
+            else:
+                x = self.mean + self.centres[lab] + self.spread[lab, None] * (stretch + iso[b])
+            out[b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
 
 
 def neighbour_profile(x: np.ndarray, q: np.ndarray) -> dict:

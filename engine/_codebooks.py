@@ -26,6 +26,7 @@ from ._stores import DinoProjection
 
 FP16, PQ = "fp16", "pq"
 FLAT, IVF = "flat", "ivf"
+PATCH_ENCODE_BLOCK = 4096  # images whose patch cells are converted and product-quantized at a time
 PQ_MIN_TRAIN = 256  # images the first chunk needs for product quantizers with 256 centroids
 IVF_MIN_PER_LIST = 39  # faiss wants this many training points per list
 SUBVECTOR_DIMS = 8  # dims per PQ sub-quantizer of the first stage
@@ -113,10 +114,10 @@ class Codebooks:
                 m -= 1
             pq = faiss.ProductQuantizer(Dp, m, 8)
             pq.cp.min_points_per_centroid = 1
-            flat = np.ascontiguousarray(cells.reshape(-1, Dp), np.float32)
+            flat = cells.reshape(-1, Dp)  # the sample is taken first, then converted: no float32 copy of all cells
             rng = np.random.default_rng(0)
-            sample = flat[np.sort(rng.choice(len(flat), size=min(len(flat), 65536), replace=False))]
-            pq.train(sample)
+            pick = np.sort(rng.choice(len(flat), size=min(len(flat), 65536), replace=False))
+            pq.train(np.ascontiguousarray(flat[pick], np.float32))
         return cls(generation, projection, stores, templates, sq, codec if pq is not None else FP16, pq, C, Dp)
 
     # ----------------------------------------------------------------------------------------- files
@@ -185,11 +186,16 @@ class Codebooks:
         return self.patch_cells, self.patch_dims, np.dtype(np.float16)
 
     def encode_patches(self, cells: np.ndarray) -> np.ndarray:
-        """Stored codes of projected cells (n, C, Dp)."""
+        """Stored codes of projected cells (n, C, Dp), float16 or float32. Encoded in blocks of images, so that a
+        chunk of 100,000 images never exists as float32 all at once (1.6 GB for 64 cells of 64 dims)."""
         if self.patch_pq is None:
-            return cells.astype(np.float16)
+            return np.asarray(cells, np.float16)
         n, c, d = cells.shape
-        return self.patch_pq.compute_codes(np.ascontiguousarray(cells.reshape(-1, d), np.float32)).reshape(n, c, -1)
+        out = np.empty((n, c, self.patch_pq.code_size), np.uint8)
+        for a in range(0, n, PATCH_ENCODE_BLOCK):
+            block = np.ascontiguousarray(cells[a:a + PATCH_ENCODE_BLOCK].reshape(-1, d), np.float32)
+            out[a:a + PATCH_ENCODE_BLOCK] = self.patch_pq.compute_codes(block).reshape(-1, c, self.patch_pq.code_size)
+        return out
 
     def decode_patches(self, codes: np.ndarray) -> np.ndarray:
         """float32 cells (n, C, Dp), L2-normalised, from stored codes."""

@@ -100,7 +100,7 @@ class Chunk:
     image_rows: np.ndarray  # int64 rows that have an image, ascending
     clip: np.ndarray  # (n_images, Dc) float32, L2-normalised
     dino: np.ndarray  # (n_images, Dg) float32 global descriptors, L2-normalised
-    cells: np.ndarray  # (n_images, C, Dp) float32 projected patch cells
+    cells: np.ndarray  # (n_images, C, Dp) projected patch cells (float16 as the writer buffers them, or float32)
     captions: np.ndarray | None = None  # (n_records, Dc) float32 caption embeddings (zeros: none), or None
 
 

@@ -251,8 +251,8 @@ class IndexWriter:
         dc, dg = self.clip_dim, 2 * self.dino_dim
         clip = np.concatenate(self._clip) if self._clip else np.zeros((0, dc), np.float32)
         dino = np.concatenate(self._dino) if self._dino else np.zeros((0, dg), np.float32)
-        cells = (np.concatenate(self._cells).astype(np.float32) if self._cells
-                 else np.zeros((0, self.cells, self.patch_dims), np.float32))
+        cells = (np.concatenate(self._cells) if self._cells  # float16, as buffered: encoded in blocks
+                 else np.zeros((0, self.cells, self.patch_dims), np.float16))
         return clip, dino, cells
 
     @blas_single
