@@ -162,9 +162,9 @@ def build(out: Path, n: int, identity: dict, full: bool):
     for ids, caps, clip, dino, cells, _ in generate(n, full, full):
         w.add_projected(ids, [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells)
         if sum(len(x) for x in sample["clip"]) < 2000:
-            sample["clip"].append(clip[:200])
-            sample["dino"].append(dino[:200])
-            sample["cells"].append(cells[:200])
+            sample["clip"].append(clip[:200].copy())  # copies: a view would keep the whole chunk alive
+            sample["dino"].append(dino[:200].copy())
+            sample["cells"].append(cells[:200].copy())
     w.finalize({"path": "synthetic", "kind": "bench_scale"})
     if len(engine.index_info(out)["manifest"]["segments"]) > 1:
         engine.compact(out, progress=False, measure_search=False)  # served from one segment, as a build is
