@@ -47,12 +47,9 @@ def index_info(path: str | os.PathLike) -> dict:
         how = learned_how(fusion.weights)
         info["fusion"]["learned"] = f"learned by {how['learned_by']} {how['learned_at'] or ''} on {how['learned_on']}"
     info["search"] = {n: {"nprobe": r.nprobe[n], "refine": r.refine[n], "nlist": r.codebooks.stores[n].nlist,
-                          "measured": n in r.search_settings} for n in ("clip", "dino")}
-    measured = _measured_search(r.path)
-    if measured:
-        for n, st in measured.items():
-            if n in info["search"] and info["search"][n]["measured"]:
-                info["search"][n].update(recall_at_100=st["recall_at_100"], reached_target=st["reached_target"])
+                          "measured": n in r.search_settings}
+                      | {k: v for k, v in r.search_settings.get(n, {}).items() if k not in ("nprobe", "refine")}
+                      for n in ("clip", "dino")}
     if cal is not None:
         info["calibration"] = {"path": str(r.path / "calibration.json"), "used": fusion.weights is cal,
                                "threshold": cal.threshold, "scores": cal.provenance.get("scores"),
@@ -80,16 +77,3 @@ def ram_bytes_per_record(r: IndexReader) -> dict:
     out["total"] = round(sum(out.values()), 1)
     return out
 
-
-def _measured_search(index_dir) -> dict:
-    """store -> the measured setting's recall (``INDEX/search.json``), whatever codebooks it was measured on."""
-    import json
-
-    from ._reader import search_path
-
-    try:
-        return {n: st for n, st in json.loads(search_path(index_dir).read_text(encoding="utf-8"))["stores"].items()
-                if isinstance(st, dict) and isinstance(st.get("recall_at_100"), (int, float))
-                and isinstance(st.get("reached_target"), bool)}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}

@@ -86,6 +86,8 @@ def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
             continue
         if not (1 <= ok[name]["nprobe"] <= 1 << 31 and 1 <= ok[name]["refine"] <= MAX_REFINE):
             ok.pop(name)
+        elif isinstance(s.get("recall_at_100"), (int, float)) and isinstance(s.get("reached_target"), bool):
+            ok[name].update(recall_at_100=s["recall_at_100"], reached_target=s["reached_target"])
     return ok
 
 

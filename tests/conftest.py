@@ -37,11 +37,7 @@ def tiny_index(tmp_path_factory, tiny):
 @pytest.fixture(scope="session")
 def idx(tiny_index, tiny):
     """The shared tiny index, opened once with the tiny encoders."""
-    import engine
-
-    i = engine.open_index(tiny_index)
-    i.use_encoders(tiny)
-    return i
+    return world.opened(tiny_index, tiny)
 
 
 # --------------------------------------------------------------------------------------------- benchmarks

@@ -69,9 +69,7 @@ def cal_index(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def cidx(cal_index, tiny):
-    i = engine.open_index(cal_index)
-    i.use_encoders(tiny)
-    return i
+    return world.opened(cal_index, tiny)
 
 
 @pytest.fixture(scope="module")

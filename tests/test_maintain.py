@@ -31,12 +31,6 @@ def idx_dir(tmp_path, tiny):
     return tmp_path / "idx"
 
 
-def _open(path, tiny):
-    i = engine.open_index(path)
-    i.use_encoders(tiny)
-    return i
-
-
 def _everything(idx, q, k=30) -> set[str]:
     """Every id any path of a query can return: each ranker alone, the pool and the fused results."""
     ids = set()
@@ -48,7 +42,7 @@ def _everything(idx, q, k=30) -> set[str]:
 
 
 def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
-    idx = _open(idx_dir, tiny)
+    idx = world.opened(idx_dir, tiny)
     victim = "img0004.png"
     q = idx.encode_query(world.source_image(idx_dir, 4), world.scene(4)[1])
     assert victim in _everything(idx, q)
@@ -58,7 +52,7 @@ def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
     assert out["deleted"] == 1 and out["not_found"] == 1 and out["live"] == 29
     # the handle opened before keeps its snapshot; a new one never sees the record again
     assert victim in _everything(idx, q)
-    fresh = _open(idx_dir, tiny)
+    fresh = world.opened(idx_dir, tiny)
     assert victim not in _everything(fresh, q)
     assert [c.id for c in fresh.search(q, 9, weights="rrf").results] == top_before[:9]
     with pytest.raises(engine.IndexFormatError, match="not live records"):
@@ -75,7 +69,7 @@ def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["deleted"] == 3 and out["not_found"] == 1 and out["live"] == 26
     gone = {"img0004.png", "img0007.jpg", "img0009.jpg", "extra31.png"}
-    fresh = _open(idx_dir, tiny)
+    fresh = world.opened(idx_dir, tiny)
     for n in (4, 7, 9):
         q = fresh.encode_query(world.source_image(idx_dir, n) if n != 4 else
                                str(idx_dir.parent / "src" / "img0004.png"), world.scene(n)[1])
@@ -105,7 +99,7 @@ def test_deleted_records_leave_benchmarks_too(tmp_path, tiny, cache):
 
 def test_compaction_keeps_answers_and_drops_deleted_records(idx_dir, tiny, capsys):
     engine.delete_records(idx_dir, ids=["img0002.png", "extra33.png"])
-    idx = _open(idx_dir, tiny)
+    idx = world.opened(idx_dir, tiny)
     queries = [idx.encode_query(world.source_image(idx_dir, n), world.scene(n)[1]) for n in (1, 5, 12)]
     before = [[(c.id, c.score) for c in idx.search(q, 10, weights="rrf").results] for q in queries]
     evidence = [idx.search(q, 5, weights="rrf").results[0].evidence for q in queries]
@@ -120,7 +114,7 @@ def test_compaction_keeps_answers_and_drops_deleted_records(idx_dir, tiny, capsy
     assert not (idx_dir / "deletes").exists() or not any((idx_dir / "deletes").iterdir())
     # the handle opened before still answers from its (now deleted) files: a consistent snapshot
     assert [[(c.id, c.score) for c in idx.search(q, 10, weights="rrf").results] for q in queries] == before
-    fresh = _open(idx_dir, tiny)
+    fresh = world.opened(idx_dir, tiny)
     after = [[(c.id, c.score) for c in fresh.search(q, 10, weights="rrf").results] for q in queries]
     assert after == before
     assert [fresh.search(q, 5, weights="rrf").results[0].evidence for q in queries] == evidence
@@ -222,7 +216,7 @@ def test_search_measurement_counts_duplicates_as_found_and_services_pick_it_up(t
     engine.compact(folder, progress=False, measure_search=False)
     out = tune_search(folder, n_queries=80, seed=3)
     assert all(st["reached_target"] and st["recall_at_100"] >= 0.95 for st in out["stores"].values()), out["stores"]
-    idx = _open(folder, tiny)
+    idx = world.opened(folder, tiny)
     saved = json.loads(search_path(folder).read_text())
     defaults = {n: st.nprobe for n, st in idx.reader.codebooks.stores.items()}
     for bad in ('{"format": "attrib-search", "codebooks": 1, "stores": {"clip": {"nprobe": Infinity, "refine": 4}}}',

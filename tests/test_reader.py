@@ -31,8 +31,7 @@ def small(tmp_path, tiny):
 
 
 def _query(path, tiny, n=3, k=5):
-    idx = engine.open_index(path)
-    idx.use_encoders(tiny)
+    idx = world.opened(path, tiny)
     q = idx.encode_query(world.source_image(path, n) if (path / MANIFEST).exists() else None, world.scene(n)[1])
     return idx, q
 

@@ -54,9 +54,7 @@ def text_index(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def tidx(text_index, tiny):
-    i = engine.open_index(text_index)
-    i.use_encoders(tiny)
-    return i
+    return world.opened(text_index, tiny)
 
 
 def _evidence(idx, prompt: str, k: int = 10) -> dict[str, dict]:

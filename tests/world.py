@@ -271,3 +271,12 @@ def headless_chromium(profile: Path):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+
+
+def opened(index_dir: Path, encoders):
+    """The index at ``index_dir`` opened for querying with already-loaded encoders (the session's tiny ones)."""
+    import engine
+
+    idx = engine.open_index(index_dir)
+    idx.use_encoders(encoders)
+    return idx

@@ -30,7 +30,7 @@ def derived(fn: F) -> F:
         except KeyError:
             out = fn(*args)
             if RANKERS.version == version:  # not computed across a registration
-                if len(memo) > 4096 or any(k[0] != version for k in list(memo)[:1]):
+                if next(iter(memo), (version,))[0] != version:
                     memo.clear()  # entries of an older registry are never asked for again
                 memo[key] = out
             return out
