@@ -22,7 +22,7 @@ import numpy as np
 from ._errors import AttribError, EmptyCorpusError, SourceError
 from ._ingest import Record, Source, open_source
 from ._layout import MANIFEST, path_of
-from ._lock import LOCK_NAME
+from ._lock import LOCK_NAME, WriterLock
 from ._manifest import now_iso, read_manifest
 from ._profiles import get_profile
 from ._settings import IndexSettings
@@ -144,8 +144,31 @@ def _plan(out: Path, overwrite: bool, append: bool, src_info: dict) -> tuple[str
         if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]:
             return "overwrite", staged  # resume the interrupted replacement build
     if staged.exists():
-        remove(staged)
+        with WriterLock(staged, "overwrite"):  # IndexBusyError while another --overwrite is building into it
+            remove(staged)
     return "overwrite", staged
+
+
+#: What the folder a build writes may hold once its lock is taken, for each planned mode.
+_PLANNED_STATES = {"build": ("none",), "resume": ("unfinished",), "append": ("complete",),
+                   "overwrite": ("none", "unfinished")}
+
+
+def _confirm_plan(out: Path, mode: str, writer, overwrite: bool, append: bool, src_info: dict) -> None:
+    """The plan was made before the models loaded (seconds to minutes), without the lock: another attrib process
+    may have built into the same folder since. Now that this one holds the lock, the folder must still be in the
+    state the plan saw; otherwise this run stops (with the message the plan would give now) instead of silently
+    turning into an append or a resume of someone else's work."""
+    m = writer.manifest
+    state = "none" if m is None else ("complete" if (m.get("build") or {}).get("complete") else "unfinished")
+    if state in _PLANNED_STATES[mode]:
+        return
+    writer.abort()
+    if mode != "overwrite":
+        _plan(out, overwrite, append, src_info)  # raises the message that fits the folder as it is now
+    raise AttribError(f"{writer.folder} was written by another attrib process while this one was loading its "
+                      f"models (it now holds {'a complete' if state == 'complete' else 'an unfinished'} build); "
+                      f"run the command again to see what to do")
 
 
 def build_index(
@@ -223,6 +246,7 @@ def build_index(
     _check_patch_grid(settings, encoders)  # before any image is decoded (a larger grid would upsample: GBs)
     writer = IndexWriter(folder, encoders.identity, settings, src.extra_columns, expected_images=src.count or 0,
                          source=src_info, caption_encoder=encoders.encode_texts)
+    _confirm_plan(out, mode, writer, overwrite, append, src_info)
     skip = 0
     if mode in ("resume", "overwrite") and writer.manifest is not None:
         skip = int(writer.manifest["build"].get("consumed", 0))

@@ -26,7 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from ._build import BuildSummary, _check_patch_grid, _drop_empty, _empty_message, _is_ours, _plan, finish_build
+from ._build import (
+    BuildSummary,
+    _check_patch_grid,
+    _confirm_plan,
+    _drop_empty,
+    _empty_message,
+    _is_ours,
+    _plan,
+    finish_build,
+)
 from ._cluster import (
     ClusterSettings,
     Committer,
@@ -296,6 +305,7 @@ def build_index_ray(
         recover_incoming(folder)
         writer = IndexWriter(folder, identity, settings, src.extra_columns, expected_images=src.count or 0,
                              source=src_info)
+        _confirm_plan(out, mode, writer, overwrite, append, src_info)
         m = writer.manifest
         resuming = m is not None and not m["build"].get("complete")
         if m is None:

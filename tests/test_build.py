@@ -210,6 +210,46 @@ def test_two_builds_into_the_same_new_folder_do_not_both_succeed(tmp_path):
     assert m["build"]["complete"] and m["counts"]["records"] == 40
 
 
+def test_a_build_planned_before_another_finished_there_stops_instead_of_appending(tmp_path, tiny, monkeypatch):
+    """The race the subprocess test above can lose on a loaded machine, made deterministic: this build plans a
+    new index, then (while it would be loading its models) another build completes into the same folder. Once
+    it holds the lock it must see that and stop, not append to (or resume) the other build's index."""
+    import engine._build as b
+
+    world.image_folder(tmp_path / "a", 6, size=64)
+    world.image_folder(tmp_path / "b", 6, size=64)
+    out = tmp_path / "idx"
+    real_plan = b._plan
+    calls = []
+
+    def plan_then_lose_the_race(*args):
+        planned = real_plan(*args)
+        if not calls:
+            calls.append(planned)
+            build(tmp_path / "b", out, tiny, calibrate=False)  # the other process wins meanwhile
+        return planned
+
+    monkeypatch.setattr(b, "_plan", plan_then_lose_the_race)
+    with pytest.raises(engine.AttribError, match="already exists"):
+        build(tmp_path / "a", out, tiny, calibrate=False)
+    assert calls[0][0] == "build"
+    m = read_manifest(out)
+    assert m["build"]["complete"] and m["counts"]["records"] == 6
+    assert m["build"]["source"]["path"] == str(tmp_path / "b")
+    assert not (out / ".attrib-lock").read_text()  # the loser released the lock
+
+    # the same for a replacement build: a staged folder another --overwrite is writing is not removed under it
+    staged = out.parent / f".{out.name}.next"
+    staged.mkdir()
+    holder = WriterLock(staged, "build").acquire()
+    try:
+        with pytest.raises(engine.IndexBusyError):
+            b._plan(out, True, False, {"path": str(tmp_path / "a"), "fingerprint": "x"})
+        assert staged.exists()
+    finally:
+        holder.release()
+
+
 # ------------------------------------------------------------------------------------------- resume
 def _wait_for_commits(out: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
     deadline = time.time() + timeout
