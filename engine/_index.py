@@ -18,7 +18,7 @@ from ._manifest import UNTRAINED_BANNER
 from ._pool import CandidatePool, Pool
 from ._reader import IndexReader
 from ._settings import QuerySettings
-from ._threads import single_threaded_blas
+from ._threads import one_openmp_thread, single_threaded_blas
 from ._verdict import evidence_support, verdict
 from .files import require_utf8_path
 from .fusion import Fusion, ordinal_ranks, resolve_fusion
@@ -61,7 +61,8 @@ class Index:
         self._device, self._clip_w, self._dino_w = device, clip_weights, dino_weights
         self._encoders = None
         self.rankers = {name: create_ranker(name, self.reader, self.settings) for name in ranker_names()}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attrib-query")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attrib-query",
+                                          initializer=one_openmp_thread)
         self._pool = CandidatePool(self.reader, self.rankers, self._worker)
         self._manifest_stamp: tuple | None = None  # set by the first reopen_if_changed that finds no change
         self._encoder = QueryEncoder(self.reader, self._loaded_encoders)

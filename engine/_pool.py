@@ -55,7 +55,7 @@ class CandidatePool:
                 side = {r.name: later(r.first_stage_rows, q, wanted[r.name], exclude)
                         for r in firsts if r.dense_query(q) is None}
                 raw: dict[str, np.ndarray] = self._dense_first_stages(q, [r for r in firsts if r.name not in side],
-                                                                      wanted, exclude)
+                                                                      wanted, exclude, later)
                 raw.update({n: f.result() for n, f in side.items()})
                 union = np.unique(np.concatenate(list(raw.values()))) if raw else np.zeros(0, np.int64)
                 t1 = time.perf_counter()
@@ -77,15 +77,18 @@ class CandidatePool:
         return Pool(union, feats, main, {"candidates": (t1 - t0) * 1e3, "features": (t2 - t1) * 1e3})
 
     def _dense_first_stages(
-        self, q: QueryInput, rankers: list[Ranker], wanted: dict[str, int], exclude: RowFilter | None
+        self, q: QueryInput, rankers: list[Ranker], wanted: dict[str, int], exclude: RowFilter | None,
+        later=None,
     ) -> dict[str, np.ndarray]:
         """One batched faiss search per vector store for every ranker searching it (identical query vectors,
-        e.g. clip's text fallback and clip_text, are searched once)."""
+        e.g. clip's text fallback and clip_text, are searched once). With ``later`` (the helper thread), every
+        store but the costliest is searched there: faiss releases the GIL, so on 2 cores the stores are
+        searched side by side (the helper thread's text first stages are queued before them)."""
         by_store: dict[str, list[tuple[str, np.ndarray]]] = {}
         for r in rankers:
             store, vec = r.dense_query(q)
             by_store.setdefault(store, []).append((r.name, np.asarray(vec, np.float32)))
-        out: dict[str, np.ndarray] = {}
+        plans = []
         for store, items in by_store.items():
             uniq: list[np.ndarray] = []
             which = []
@@ -96,9 +99,16 @@ class CandidatePool:
                     j = len(uniq) - 1
                 which.append(j)
             n = max(wanted[name] for name, _ in items)
-            found = self.reader.search(store, np.stack(uniq), n, None if exclude is None else exclude.rows)
+            plans.append((store, items, which, np.stack(uniq), n))
+        rows = None if exclude is None else exclude.rows
+        plans.sort(key=lambda p: len(p[3]) * p[4] * p[3].shape[1])  # the costliest last: on this thread
+        found = [later(self.reader.search, store, vecs, n, rows) if later is not None and i < len(plans) - 1
+                 else None for i, (store, _, _, vecs, n) in enumerate(plans)]
+        out: dict[str, np.ndarray] = {}
+        for (store, items, which, vecs, n), fut in zip(reversed(plans), reversed(found)):
+            result = self.reader.search(store, vecs, n, rows) if fut is None else fut.result()
             for (name, _), j in zip(items, which):
-                out[name] = found[j][0][: wanted[name]]
+                out[name] = result[j][0][: wanted[name]]
         return out
 
     def features(self, q: QueryInput, rows: np.ndarray, later=None) -> dict[str, np.ndarray]:

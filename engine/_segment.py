@@ -211,7 +211,8 @@ class Segment:
             self.record_crc = np.load(self.path / path_of("record_crc"), mmap_mode="r")
             self.image_sums = np.load(self.path / path_of("image_sums"), mmap_mode="r")
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-            self.stores = {name: faiss.read_index(str(self.path / path_of(name)), flags) for name in STORES}
+            self.stores = {name: _no_prefetch(faiss.read_index(str(self.path / path_of(name)), flags))
+                           for name in STORES}
             self.refine = {name: self._map(f"{name}_refine", cb.stores[name].refine_dtype, (cb.stores[name].dim,))
                            for name in STORES}
             cells, width, dtype = cb.patch_code_shape
@@ -388,3 +389,19 @@ def segment_ids(index_dir: Path, entry: dict) -> tuple[np.ndarray, list]:
 
 def remove_segment(index_dir: Path, rel: str) -> None:
     shutil.rmtree(index_dir / rel, ignore_errors=True)
+
+
+def _no_prefetch(index: faiss.Index) -> faiss.Index:
+    """A memory-mapped IVF store reads its lists through ``OnDiskInvertedLists``, which by default starts 32
+    threads per search to touch the probed lists' pages ahead of the scan. With the index in the page cache
+    (a serving index) that is pure overhead: it doubled the scan time of 19 lists at 100k records on 2 cores.
+    The kernel's readahead still applies to cold pages."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # a flat store: no lists
+        return index
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if hasattr(lists, "prefetch_nthread"):
+        lists.prefetch_nthread = 0
+    return index
+

@@ -31,3 +31,16 @@ def blas_single(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_openmp_thread() -> None:
+    """``ThreadPoolExecutor`` initializer for the query helper thread. OpenMP's thread count is a per-thread
+    setting, so :func:`single_threaded_blas` on the calling thread does not reach a helper thread: faiss
+    searches there ran with an OpenMP team whose spinning workers then slowed the calling thread's next stage
+    (on 2 cores: a search's features stage took 20 ms instead of 16). OpenBLAS's setting is process-wide and
+    stays with the caller's context."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()
+    _controller.limit(limits=1, user_api="openmp")  # kept for the thread's life (not restored)
+

@@ -169,3 +169,22 @@ def test_excluded_rows_never_come_back(idx, tiny_index):
             assert len(r) == 5, name
     with pytest.raises(engine.QueryInputError, match="rows to exclude"):
         idx.search(q, exclude=[10_000])
+
+
+def test_dense_stores_searched_side_by_side_give_the_serial_answer(idx, tiny_index):
+    """The pool searches every vector store but the costliest on the helper thread: the same rows, in the same
+    order, as one store after the other, with and without excluded rows."""
+    from engine.rankers import RowFilter
+
+    q = idx.encode_query(source_image(tiny_index, 12), "a green cross on a red background")
+    firsts = [r for r in idx.rankers.values() if r.first_stage and r.available(q) and r.dense_query(q) is not None]
+    assert len({r.dense_query(q)[0] for r in firsts}) >= 2  # clip and dino: there is something to run side by side
+    wanted = {r.name: r.first_stage_depth(6) for r in firsts}
+    for exclude in (None, RowFilter(np.array([0, 3, 12], np.int64))):
+        serial = idx._pool._dense_first_stages(q, firsts, wanted, exclude, None)
+        side = idx._pool._dense_first_stages(q, firsts, wanted, exclude, lambda fn, *a: idx._worker.submit(fn, *a))
+        assert serial.keys() == side.keys() == wanted.keys()
+        for name in serial:
+            assert serial[name].tolist() == side[name].tolist(), name
+            if exclude is not None:
+                assert not {0, 3, 12} & set(side[name].tolist())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import faiss
 import numpy as np
 import polars as pl
 import pytest
@@ -153,6 +154,11 @@ def test_compaction_with_retrained_codebooks(tmp_path, tiny):
     r1 = IndexReader(tmp_path / "idx")
     top1 = r1.search("clip", clip[:5], 5)
     assert [a[0][0] for a in top0] == [b[0][0] for b in top1] == [0, 1, 2, 3, 4]
+    for reader in (r0, r1):  # memory-mapped lists start no prefetch threads per search (several segments or one)
+        for seg in reader.segments:
+            for store in seg.stores.values():
+                lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(store).invlists)
+                assert type(lists).__name__ == "OnDiskInvertedLists" and lists.prefetch_nthread == 0
     assert sorted(p.name for p in (tmp_path / "idx" / "codebooks").iterdir()) == ["cb-0002"]
 
 
