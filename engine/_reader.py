@@ -286,6 +286,12 @@ class IndexReader:
         has, v = self._per_image(rows, lambda s, li: s.vectors(store, li))
         return has, v if v is not None else np.zeros((0, self.codebooks.stores[store].dim), np.float32)
 
+    def scores(self, store: str, rows: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(has_image mask, inner products of ``q`` with the stored vectors of the rows that have an image, in
+        row order), checked: ``vectors(store, rows)[1] @ q`` without decoding the vectors."""
+        has, s = self._per_image(rows, lambda seg, li: seg.scores(store, li, q))
+        return has, s if s is not None else np.zeros(0, np.float32)
+
     def patch_cells(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, float32 patch cells (n, C, Dp) of the rows that have an image), checked."""
         has, c = self._per_image(rows, lambda s, li: s.patch_cells(li))
@@ -393,9 +399,9 @@ class IndexReader:
             r = rows[i][rows[i] >= 0]
             s = scores[i][rows[i] >= 0]
             if compressed and len(r):
-                has, v = self.vectors(store, r)
+                r = np.sort(r)  # the order is set below; in row order the codes are read page after page
+                has, s = self.scores(store, r, q[i])
                 r = r[has]
-                s = v @ q[i]
                 top = np.lexsort((r, -s))[:k]
                 r, s = r[top], s[top]
             out.append((r.astype(np.int64), s.astype(np.float32)))

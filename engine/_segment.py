@@ -324,6 +324,12 @@ class Segment:
         codes = np.asarray(self.refine[name][local])
         return self.cb.decode_refine(name, self._checked(codes, local, STORES.index(name), f"{name} vectors"))
 
+    def scores(self, name: str, local: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Inner products of ``q`` with the stored vectors of store ``name`` at local image positions (checked),
+        computed from the codes (``Codebooks.refine_scores``)."""
+        codes = np.asarray(self.refine[name][local])
+        return self.cb.refine_scores(name, self._checked(codes, local, STORES.index(name), f"{name} vectors"), q)
+
     def patch_cells(self, local: np.ndarray) -> np.ndarray:
         """float32 patch cells (n, C, Dp) for local image positions (checked)."""
         codes = np.asarray(self.patches[local])

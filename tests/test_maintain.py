@@ -264,3 +264,20 @@ def test_verify_names_damaged_components(idx_dir, tmp_path, capsys):
         assert main(["verify", str(d), "--no-progress", "--json"]) == 1
         assert json.loads(capsys.readouterr().out)["ok"] is False
     assert seg.exists()
+
+
+def test_scores_from_codes_equal_products_of_decoded_vectors(tmp_path, tiny):
+    """The re-scoring step computes inner products straight from the 8-bit codes (several segments here, and
+    rows given out of order, deleted ones among them); they equal the decoded vectors' products."""
+    _pq_index(tmp_path / "idx", tiny)
+    engine.delete_records(tmp_path / "idx", ids=["v5", "v401"])
+    r = IndexReader(tmp_path / "idx")
+    assert len(r.segments) == 3
+    rng = np.random.default_rng(3)
+    rows = rng.permutation(1200)[:300]
+    for store in ("clip", "dino"):
+        q = rng.standard_normal(r.codebooks.stores[store].dim).astype(np.float32)
+        has_v, v = r.vectors(store, rows)
+        has_s, s = r.scores(store, rows, q)
+        assert has_s.tolist() == has_v.tolist() and not has_s[rows == 5].any() and not has_s[rows == 401].any()
+        assert s.dtype == np.float32 and np.allclose(s, v @ q, rtol=0, atol=1e-5 * np.abs(v @ q).max())
