@@ -144,9 +144,18 @@ def _plan(out: Path, overwrite: bool, append: bool, src_info: dict) -> tuple[str
         if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]:
             return "overwrite", staged  # resume the interrupted replacement build
     if staged.exists():
-        with WriterLock(staged, "overwrite"):  # IndexBusyError while another --overwrite is building into it
-            remove(staged)
+        remove_staged(staged)
     return "overwrite", staged
+
+
+def remove_staged(staged: Path) -> None:
+    """Delete an abandoned replacement build beside an index. Its lock is taken first (IndexBusyError while
+    another --overwrite is building into it), and the folder is renamed away under that lock before it is
+    deleted, so that a build starting there meanwhile gets a fresh folder instead of losing files to the rmtree."""
+    trash = staged.parent / f"{staged.name}.removing-{os.getpid()}"
+    with WriterLock(staged, "overwrite"):
+        os.replace(staged, trash)
+    remove(trash)
 
 
 #: What the folder a build writes may hold once its lock is taken, for each planned mode.
@@ -154,21 +163,30 @@ _PLANNED_STATES = {"build": ("none",), "resume": ("unfinished",), "append": ("co
                    "overwrite": ("none", "unfinished")}
 
 
-def _confirm_plan(out: Path, mode: str, writer, overwrite: bool, append: bool, src_info: dict) -> None:
+def _confirm_plan(out: Path, mode: str, writer, overwrite: bool, append: bool, src_info: dict,
+                  engine: str = "local") -> None:
     """The plan was made before the models loaded (seconds to minutes), without the lock: another attrib process
     may have built into the same folder since. Now that this one holds the lock, the folder must still be in the
     state the plan saw; otherwise this run stops (with the message the plan would give now) instead of silently
-    turning into an append or a resume of someone else's work."""
+    turning into an append or a resume of someone else's work. An unfinished build is continued only if it is
+    this source's and, for ``engine="ray"``, one the Ray engine started (the local engine can finish both)."""
     m = writer.manifest
-    state = "none" if m is None else ("complete" if (m.get("build") or {}).get("complete") else "unfinished")
-    if state in _PLANNED_STATES[mode]:
+    b = (m or {}).get("build") or {}
+    state = "none" if m is None else ("complete" if b.get("complete") else "unfinished")
+    prev = b.get("source") or {}
+    ours = (prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]
+            and (engine == "local" or b.get("engine") == engine))  # the local engine finishes any build
+    if state in _PLANNED_STATES[mode] and (state != "unfinished" or ours):
         return
     writer.abort()
+    if m is None:
+        _drop_empty(writer.folder)  # what opening the writer created (its lock file, an empty caption index)
     if mode != "overwrite":
         _plan(out, overwrite, append, src_info)  # raises the message that fits the folder as it is now
-    raise AttribError(f"{writer.folder} was written by another attrib process while this one was loading its "
-                      f"models (it now holds {'a complete' if state == 'complete' else 'an unfinished'} build); "
-                      f"run the command again to see what to do")
+    now = {"none": "no index", "complete": "a complete index"}.get(
+        state, f"an unfinished build of {prev.get('path')} ({b.get('engine', 'local')} engine)")
+    raise AttribError(f"{writer.folder} was changed by another attrib process while this one was loading its "
+                      f"models (it now holds {now}); run the command again to see what to do")
 
 
 def build_index(

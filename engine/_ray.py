@@ -35,6 +35,7 @@ from ._build import (
     _is_ours,
     _plan,
     finish_build,
+    remove_staged,
 )
 from ._cluster import (
     ClusterSettings,
@@ -284,7 +285,7 @@ def build_index_ray(
             if mode == "resume":
                 raise AttribError(f"the unfinished build in {folder} was started with the local engine; finish it "
                                   f"with the same command without --engine ray, or pass --overwrite to start again")
-            remove(folder)  # an interrupted local --overwrite build beside the index: this one starts again
+            remove_staged(folder)  # an interrupted local --overwrite build beside the index: this one starts again
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Ray's driver prints cluster events ("(raylet) ... marked dead", "A worker died ...") to sys.stdout from its
     # own thread; stdout belongs to the caller (`attrib index --json`), so they go to stderr while Ray is ours.
@@ -305,7 +306,7 @@ def build_index_ray(
         recover_incoming(folder)
         writer = IndexWriter(folder, identity, settings, src.extra_columns, expected_images=src.count or 0,
                              source=src_info)
-        _confirm_plan(out, mode, writer, overwrite, append, src_info)
+        _confirm_plan(out, mode, writer, overwrite, append, src_info, engine="ray")
         m = writer.manifest
         resuming = m is not None and not m["build"].get("complete")
         if m is None:

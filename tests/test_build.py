@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from world import build
 import engine
 from engine._layout import MANIFEST
 from engine._lock import WriterLock
-from engine._manifest import read_manifest
+from engine._manifest import read_manifest, write_manifest
 from engine._reader import IndexReader
 from engine.cli import main
 
@@ -248,6 +249,45 @@ def test_a_build_planned_before_another_finished_there_stops_instead_of_appendin
         assert staged.exists()
     finally:
         holder.release()
+
+
+def test_an_overwrite_does_not_continue_another_sources_unfinished_replacement(tmp_path, tiny, monkeypatch):
+    """Between this --overwrite's plan and its lock, another --overwrite (of another source) leaves an unfinished
+    build in the staged folder: this one stops and leaves that folder alone, and the index stays as it was. An
+    --append whose index disappears meanwhile stops too and leaves nothing behind."""
+    import engine._build as b
+
+    for name in ("a", "c", "d"):
+        world.image_folder(tmp_path / name, 6, size=64)
+    out = tmp_path / "idx"
+    build(tmp_path / "a", out, tiny, calibrate=False)
+    staged = out.parent / f".{out.name}.next"
+    real_plan = b._plan
+
+    def plan_then_another_overwrite_starts(*args):
+        planned = real_plan(*args)
+        monkeypatch.setattr(b, "_plan", real_plan)
+        build(tmp_path / "c", staged, tiny, calibrate=False)  # stands for C's build, killed after a commit
+        m = read_manifest(staged)
+        m["build"]["complete"] = False
+        write_manifest(staged, m)
+        return planned
+
+    monkeypatch.setattr(b, "_plan", plan_then_another_overwrite_starts)
+    with pytest.raises(engine.AttribError, match=r"changed by another attrib process.*unfinished build of .*c "):
+        build(tmp_path / "d", out, tiny, calibrate=False, overwrite=True)
+    assert read_manifest(out)["build"]["source"]["path"] == str(tmp_path / "a")
+    assert read_manifest(staged)["build"]["source"]["path"] == str(tmp_path / "c")  # not taken over, not removed
+
+    def plan_then_the_index_goes(*args):
+        planned = real_plan(*args)
+        shutil.rmtree(out)
+        return planned
+
+    monkeypatch.setattr(b, "_plan", plan_then_the_index_goes)
+    with pytest.raises(engine.AttribError, match="--append needs an existing index"):
+        build(tmp_path / "d", out, tiny, calibrate=False, append=True)
+    assert not out.exists()  # no lock file, rejects or empty caption index left where the index was
 
 
 # ------------------------------------------------------------------------------------------- resume

@@ -281,3 +281,44 @@ def test_scores_from_codes_equal_products_of_decoded_vectors(tmp_path, tiny):
         has_s, s = r.scores(store, rows, q)
         assert has_s.tolist() == has_v.tolist() and not has_s[rows == 5].any() and not has_s[rows == 401].any()
         assert s.dtype == np.float32 and np.allclose(s, v @ q, rtol=0, atol=1e-5 * np.abs(v @ q).max())
+    # duplicates of one image (the same codes) score exactly alike wherever they sit, so row order breaks the tie
+    for store in ("clip", "dino"):
+        seg = r.segments[0]
+        codes = np.asarray(seg.refine[store][:7]).copy()
+        codes[[2, 6]] = codes[0]
+        q = rng.standard_normal(r.codebooks.stores[store].dim).astype(np.float32)
+        for n in (7, 5, 3):
+            s = r.codebooks.refine_scores(store, codes[:n], q)
+            assert len(set(s[[i for i in (0, 2, 6) if i < n]].tolist())) == 1
+
+
+def test_pool_searches_compressed_stores_side_by_side_with_the_serial_answer(tmp_path, tiny):
+    """On an IVF-PQ index of three segments with deletions, the pool's dense first stages searched side by side
+    (one store on the helper thread) return the rows of the stores searched one after the other."""
+    from engine.rankers import QueryInput, RowFilter
+
+    clip = _pq_index(tmp_path / "idx", tiny)
+    engine.delete_records(tmp_path / "idx", ids=["v8", "v650"])
+    idx = world.opened(tmp_path / "idx", tiny)
+    assert len(idx.reader.segments) == 3
+    _, dino = idx.reader.vectors("dino", np.array([7, 900]))
+    submitted = []
+
+    def later(fn, *args):
+        submitted.append(args[0])
+        return idx._worker.submit(fn, *args)
+
+    for i, row in enumerate((7, 900)):
+        q = QueryInput(f"q{row}", None, None, {"clip_image": clip[row], "dino_global": dino[i]})
+        firsts = [r for r in idx.rankers.values() if r.first_stage and r.available(q) and r.dense_query(q) is not None]
+        wanted = {r.name: r.first_stage_depth(20) for r in firsts}
+        for exclude in (None, RowFilter(np.array([row, 3], np.int64))):
+            submitted.clear()
+            serial = idx._pool._dense_first_stages(q, firsts, wanted, exclude, None)
+            side = idx._pool._dense_first_stages(q, firsts, wanted, exclude, later)
+            assert submitted == ["clip"]  # the cheaper store went to the helper thread, dino stayed here
+            assert {n: v.tolist() for n, v in serial.items()} == {n: v.tolist() for n, v in side.items()}
+            found = set().union(*(set(v.tolist()) for v in side.values()))
+            assert not found & {8, 650} and (exclude is None or not found & {row, 3})
+            if exclude is None:
+                assert side["clip"][0] == row
