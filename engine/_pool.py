@@ -83,7 +83,8 @@ class CandidatePool:
         """One batched faiss search per vector store for every ranker searching it (identical query vectors,
         e.g. clip's text fallback and clip_text, are searched once). With ``later`` (the helper thread), every
         store but the costliest is searched there: faiss releases the GIL, so on 2 cores the stores are
-        searched side by side (the helper thread's text first stages are queued before them)."""
+        searched side by side (the helper thread's text first stages are queued before them). A search the helper
+        has not started by the time this thread is free is taken back."""
         by_store: dict[str, list[tuple[str, np.ndarray]]] = {}
         for r in rankers:
             store, vec = r.dense_query(q)
@@ -106,7 +107,10 @@ class CandidatePool:
                  else None for i, (store, _, _, vecs, n) in enumerate(plans)]
         out: dict[str, np.ndarray] = {}
         for (store, items, which, vecs, n), fut in zip(reversed(plans), reversed(found)):
-            result = self.reader.search(store, vecs, n, rows) if fut is None else fut.result()
+            # a search the helper thread has not started yet (it is still busy with a slow BM25, say) is taken
+            # back and done here, so searching side by side is never slower than one store after the other
+            steal = fut is None or fut.cancel()
+            result = self.reader.search(store, vecs, n, rows) if steal else fut.result()
             for (name, _), j in zip(items, which):
                 out[name] = result[j][0][: wanted[name]]
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future
 
 import faiss
 import numpy as np
@@ -318,6 +319,10 @@ def test_pool_searches_compressed_stores_side_by_side_with_the_serial_answer(tmp
             side = idx._pool._dense_first_stages(q, firsts, wanted, exclude, later)
             assert submitted == ["clip"]  # the cheaper store went to the helper thread, dino stayed here
             assert {n: v.tolist() for n, v in serial.items()} == {n: v.tolist() for n, v in side.items()}
+            never_run = Future()  # a helper thread still busy elsewhere: the calling thread takes the search back
+            taken = idx._pool._dense_first_stages(q, firsts, wanted, exclude, lambda fn, *a, f=never_run: f)
+            assert never_run.cancelled()
+            assert {n: v.tolist() for n, v in taken.items()} == {n: v.tolist() for n, v in serial.items()}
             found = set().union(*(set(v.tolist()) for v in side.values()))
             assert not found & {8, 650} and (exclude is None or not found & {row, 3})
             if exclude is None:
