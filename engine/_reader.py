@@ -136,7 +136,7 @@ class IndexReader:
         self.nprobe = {name: self.codebooks.stores[name].nprobe for name in STORES}
         self.refine = {name: DEFAULT_REFINE for name in STORES}  # PQ candidates re-scored, as a multiple of k
         self._shells = {name: self._search_shell(name) for name in STORES}
-        self.search_stamp: tuple | None = None
+        self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
         try:
             self.text = TextStore(self.path / "text", (m.get("text") or {}).get("analyzer"), live=self.live)
@@ -194,8 +194,7 @@ class IndexReader:
             shell.replace_invlists(stacked, False)
             shell.ntotal = sum(p.ntotal for p in parts)
             self._ilv[name] = (vec, stacked, parts)  # keep the parts alive as long as the shell
-        faiss.extract_index_ivf(shell).nprobe = self.nprobe[name]
-        return shell
+        return shell  # its nprobe is set by reload_search
 
     def reload_search(self) -> bool:
         """Apply ``search.json`` (see engine._search_tune) if it changed since last read: the measured lists
@@ -205,7 +204,7 @@ class IndexReader:
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
             stamp = None
-        if stamp == self.search_stamp and hasattr(self, "search_settings"):
+        if stamp == self.search_stamp:
             return False
         self.search_stamp = stamp
         measured = read_search(self.path, int(self.manifest["codebooks"]["generation"])) or {}

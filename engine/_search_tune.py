@@ -81,8 +81,8 @@ def _recall(reader, store: str, q: np.ndarray, found: list[tuple[np.ndarray, np.
         if len(mine) == 0:
             got.append(0.0)
             continue
-        _, v = reader.vectors(store, mine)  # the stored codes the exhaustive scan scored
-        hits = int(np.count_nonzero(v @ q[i] >= kth[i] - TIE_TOLERANCE))
+        _, s = reader.scores(store, mine, q[i])  # the stored codes the exhaustive scan scored
+        hits = int(np.count_nonzero(s >= kth[i] - TIE_TOLERANCE))
         got.append(min(hits, k) / k)
     return float(np.mean(got)) if got else 1.0
 

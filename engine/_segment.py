@@ -319,16 +319,18 @@ class Segment:
             raise self._damaged(f"the {what} of rows {rows} do not match their checksums")
         return codes
 
+    def _refine_codes(self, name: str, local: np.ndarray) -> np.ndarray:
+        codes = np.asarray(self.refine[name][local])
+        return self._checked(codes, local, STORES.index(name), f"{name} vectors")
+
     def vectors(self, name: str, local: np.ndarray) -> np.ndarray:
         """float32 vectors of store ``name`` for local image positions (checked)."""
-        codes = np.asarray(self.refine[name][local])
-        return self.cb.decode_refine(name, self._checked(codes, local, STORES.index(name), f"{name} vectors"))
+        return self.cb.decode_refine(name, self._refine_codes(name, local))
 
     def scores(self, name: str, local: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Inner products of ``q`` with the stored vectors of store ``name`` at local image positions (checked),
         computed from the codes (``Codebooks.refine_scores``)."""
-        codes = np.asarray(self.refine[name][local])
-        return self.cb.refine_scores(name, self._checked(codes, local, STORES.index(name), f"{name} vectors"), q)
+        return self.cb.refine_scores(name, self._refine_codes(name, local), q)
 
     def patch_cells(self, local: np.ndarray) -> np.ndarray:
         """float32 patch cells (n, C, Dp) for local image positions (checked)."""
@@ -410,4 +412,3 @@ def _no_prefetch(index: faiss.Index) -> faiss.Index:
     if hasattr(lists, "prefetch_nthread"):
         lists.prefetch_nthread = 0
     return index
-

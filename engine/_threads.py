@@ -14,12 +14,16 @@ F = TypeVar("F", bound=Callable)
 _controller: ThreadpoolController | None = None
 
 
-def single_threaded_blas():
-    """Context manager: BLAS and OpenMP pools (numpy's and faiss's) limited to one thread inside."""
+def _threadpools() -> ThreadpoolController:
     global _controller
     if _controller is None:
         _controller = ThreadpoolController()
-    return _controller.limit(limits=1)
+    return _controller
+
+
+def single_threaded_blas():
+    """Context manager: BLAS and OpenMP pools (numpy's and faiss's) limited to one thread inside."""
+    return _threadpools().limit(limits=1)
 
 
 def blas_single(fn: F) -> F:
@@ -39,8 +43,4 @@ def one_openmp_thread() -> None:
     searches there ran with an OpenMP team whose spinning workers then slowed the calling thread's next stage
     (on 2 cores: a search's features stage took 20 ms instead of 16). OpenBLAS's setting is process-wide and
     stays with the caller's context."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    _controller.limit(limits=1, user_api="openmp")  # kept for the thread's life (not restored)
-
+    _threadpools().limit(limits=1, user_api="openmp")  # kept for the thread's life (not restored)
