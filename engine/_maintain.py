@@ -23,7 +23,7 @@ from ._lock import WriterLock
 from ._manifest import read_manifest, write_manifest
 from ._reader import IndexReader
 from ._search_tune import measure_after_write
-from ._segment import STORES, Chunk, EncodedChunk, encode_chunk, row_sums, write_segment
+from ._segment import STORES, Chunk, EncodedChunk, SegmentFiles, encode_chunk, row_sums, write_segment
 from ._stores import ROW_FIELD, TextSink
 from ._threads import blas_single
 from ._txn import recover
@@ -205,74 +205,38 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         cb = reader.codebooks
         before = len(reader.segments)
         purged = int(len(reader.live.deleted))
-        tables, image_rows, refine, patches, crcs, sums = [], [], {n: [] for n in STORES}, [], [], []
-        cap_keys, cap_vecs = [], []
         with_captions = reader.captions.has_vectors
+        seg_id = int(m["next_segment"])
+        m2 = json.loads(json.dumps(m))
+        new_cb = cb
         from .ui import progress_bar
 
         with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
-            for seg in reader.segments:
-                rows = np.asarray(seg.rows)
-                keep = reader.live.keep(rows)
-                t = pq.read_table(seg.path / path_of("records"))
-                tables.append(t.filter(pa.array(keep)))
-                crcs.append(np.asarray(seg.record_crc)[keep])
-                cap_keys.append(np.asarray(seg.caption_keys)[keep] if seg.caption_keys is not None else
-                                np.asarray([caption_key(c) for c in tables[-1].column("caption").to_pylist()],
-                                           np.uint64))
-                if with_captions:  # decoded (checked); a segment without embeddings contributes zeros
-                    cap_vecs.append(seg.caption_vectors(np.flatnonzero(keep)) if seg.caption_codes is not None
-                                    else np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32))
-                irows = np.asarray(seg.image_rows)
-                ikeep = reader.live.keep(irows)
-                image_rows.append(irows[ikeep])
-                li = np.flatnonzero(ikeep)
-                for n in STORES:
-                    refine[n].append(np.asarray(seg.refine[n][li]))
-                patches.append(np.asarray(seg.patches[li]))
-                sums.append(np.asarray(seg.image_sums)[li])
-                advance(1)
-        table = _concat_tables(tables)
-        image_rows_a = np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64)
-        refine_a = {n: np.concatenate(v) for n, v in refine.items()}
-        patches_a = np.concatenate(patches)
-        sums_a = np.concatenate(sums).astype(np.uint64)
-        keys_a = np.concatenate(cap_keys).astype(np.uint64)
-        captions_a = np.concatenate(cap_vecs) if with_captions else None
-        for j, (name, codes) in enumerate((("clip", refine_a["clip"]), ("dino", refine_a["dino"]), ("p", patches_a))):
-            if len(codes) and not np.array_equal(row_sums(codes), sums_a[:, j]):
-                raise IndexFormatError(f"index {folder} is damaged ({name} codes do not match their checksums); "
-                                       f"run `attrib verify` and rebuild it")
-        new_cb = cb
-        if retrain:
-            vecs = {n: cb.decode_refine(n, refine_a[n]) for n in STORES}
-            cells = cb.decode_patches(patches_a) if len(patches_a) else np.zeros((0, cb.patch_cells, cb.patch_dims))
-            settings = m["settings"]
-            new_cb = Codebooks.train(cb.generation + 1, cb.projection, vecs["clip"], vecs["dino"], cells,
-                                     ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
-                                     len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
-                                     int(settings.get("patch_pq_m", 8)))
-            chunk = Chunk(table, image_rows_a, vecs["clip"], vecs["dino"], cells, captions_a)
-            enc = encode_chunk(chunk, new_cb)
-            enc.caption_keys = keys_a
-        else:
-            stores = {}
-            for n in STORES:
-                merged = cb.new_store(n)
-                for seg in reader.segments:
-                    part = faiss.read_index(str(seg.path / path_of(n)))
-                    merged.merge_from(part, 0)
-                if purged:
-                    merged.remove_ids(faiss.IDSelectorBatch(reader.live.deleted))
-                stores[n] = merged
-            enc = EncodedChunk(table, image_rows_a, stores, refine_a, patches_a, np.concatenate(crcs), sums_a,
-                               None if captions_a is None else cb.encode_captions(captions_a), keys_a)
-        seg_id = int(m["next_segment"])
-        m2 = json.loads(json.dumps(m))
-        if retrain:
-            m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
-            m2["codebooks"]["path"] = codebook_dir(new_cb.generation)
-        entry = write_segment(folder, segment_dir(seg_id), seg_id, enc, new_cb)
+            if retrain:  # the codebooks are fitted on every live vector: they are gathered in memory
+                parts = []
+                for part in _live_parts(reader, folder, with_captions):
+                    parts.append(part)
+                    advance(1)
+                vecs = {n: cb.decode_refine(n, np.concatenate([p.refine[n] for p in parts])) for n in STORES}
+                patches_a = np.concatenate([p.patches for p in parts])
+                cells = (cb.decode_patches(patches_a) if len(patches_a)
+                         else np.zeros((0, cb.patch_cells, cb.patch_dims)))
+                del patches_a
+                settings = m["settings"]
+                new_cb = Codebooks.train(cb.generation + 1, cb.projection, vecs["clip"], vecs["dino"], cells,
+                                         ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
+                                         len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
+                                         int(settings.get("patch_pq_m", 8)))
+                chunk = Chunk(_concat_tables([p.table for p in parts]), np.concatenate([p.image_rows for p in parts]),
+                              vecs["clip"], vecs["dino"], cells,
+                              np.concatenate([p.caption_codes for p in parts]) if with_captions else None)
+                enc = encode_chunk(chunk, new_cb)
+                enc.caption_keys = np.concatenate([p.caption_keys for p in parts])
+                m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
+                m2["codebooks"]["path"] = codebook_dir(new_cb.generation)
+                entry = write_segment(folder, segment_dir(seg_id), seg_id, enc, new_cb)
+            else:  # streamed: one old segment's live records at a time; only the merged IVF lists are in memory
+                entry = _merge_segments(reader, folder, seg_id, with_captions, advance)
         old_segments = [s["path"] for s in m["segments"]]
         old_deletes = (m.get("deletes") or {}).get("path")
         reader.close()
@@ -296,6 +260,66 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         search = measure_after_write(folder) if measure_search else None
     return CompactSummary(before, 1, int(m2["counts"]["records"]), purged, retrain, time.perf_counter() - t0,
                           new_cb.describe(), search)
+
+
+def _live_parts(reader: IndexReader, folder: Path, with_captions: bool):
+    """Per segment, in row order: its live records as an :class:`EncodedChunk` without stores (table, record
+    CRCs, caption keys, image rows, refine codes, patch codes, image checksums and, with ``with_captions``,
+    decoded caption embeddings in ``caption_codes``: zeros for a segment without them). Codes are checked
+    against their checksums."""
+    cb = reader.codebooks
+    for seg in reader.segments:
+        keep = reader.live.keep(np.asarray(seg.rows))
+        table = pq.read_table(seg.path / path_of("records")).filter(pa.array(keep))
+        keys = (np.asarray(seg.caption_keys)[keep] if seg.caption_keys is not None else
+                np.asarray([caption_key(c) for c in table.column("caption").to_pylist()], np.uint64))
+        caps = None
+        if with_captions:  # decoded (checked); a segment without embeddings contributes zeros
+            caps = (seg.caption_vectors(np.flatnonzero(keep)) if seg.caption_codes is not None
+                    else np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32))
+        irows = np.asarray(seg.image_rows)
+        li = np.flatnonzero(reader.live.keep(irows))
+        part = EncodedChunk(table, irows[li], {}, {n: np.asarray(seg.refine[n][li]) for n in STORES},
+                            np.asarray(seg.patches[li]), np.asarray(seg.record_crc)[keep],
+                            np.asarray(seg.image_sums)[li].astype(np.uint64), caps, keys.astype(np.uint64))
+        for j, (name, codes) in enumerate((("clip", part.refine["clip"]), ("dino", part.refine["dino"]),
+                                           ("p", part.patches))):
+            if len(codes) and not np.array_equal(row_sums(codes), part.image_sums[:, j]):
+                raise IndexFormatError(f"index {folder} is damaged ({name} codes of segment {seg.path.name} do not "
+                                       f"match their checksums); run `attrib verify` and rebuild it")
+        yield part
+
+
+def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance) -> dict:
+    """Write the live records of every segment into one new segment, streaming a segment at a time (memory: one
+    segment's codes plus the merged IVF lists), with the codebooks unchanged; returns its manifest entry."""
+    cb = reader.codebooks
+    n_records = n_images = 0
+    schemas = []
+    for seg in reader.segments:
+        n_records += int(reader.live.keep(np.asarray(seg.rows)).sum())
+        n_images += int(reader.live.keep(np.asarray(seg.image_rows)).sum())
+        schemas.append(pq.read_schema(seg.path / path_of("records")))
+    schema = pa.unify_schemas(schemas, promote_options="default") if len(schemas) > 1 else schemas[0]
+    out = SegmentFiles(folder, segment_dir(seg_id), n_records, n_images, schema, with_captions)
+    try:
+        for part in _live_parts(reader, folder, with_captions):
+            if with_captions:
+                part.caption_codes = cb.encode_captions(part.caption_codes)
+            out.append(part)
+            advance(1)
+        stores = {}
+        for n in STORES:
+            merged = cb.new_store(n)
+            for seg in reader.segments:
+                merged.merge_from(faiss.read_index(str(seg.path / path_of(n))), 0)
+            if len(reader.live.deleted):
+                merged.remove_ids(faiss.IDSelectorBatch(reader.live.deleted))
+            stores[n] = merged
+        return out.commit(seg_id, stores)
+    except BaseException:
+        out.abort()
+        raise
 
 
 def _concat_tables(tables: list[pa.Table]) -> pa.Table:

@@ -78,20 +78,6 @@ class StringColumn:
         return str(self.data[self.offsets[i]: self.offsets[i + 1]], "utf-8")
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _save_bin(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        f.write(np.ascontiguousarray(arr).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-
-
 @dataclass
 class Chunk:
     """The records of one segment, as the writer collected them (rows ascending)."""
@@ -136,26 +122,75 @@ def encode_chunk(chunk: Chunk, cb: Codebooks) -> EncodedChunk:
 def write_segment(index_dir: Path, rel: str, seg_id: int, chunk: Chunk | EncodedChunk, cb: Codebooks) -> dict:
     """Write a segment folder (temporary name, fsynced, then renamed to ``rel``); returns its manifest entry."""
     enc = chunk if isinstance(chunk, EncodedChunk) else encode_chunk(chunk, cb)
-    final = index_dir / rel
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    remove(tmp)
-    tmp.mkdir(parents=True)
+    out = SegmentFiles(index_dir, rel, len(enc.table), len(enc.image_rows), enc.table.schema,
+                       enc.caption_codes is not None)
     try:
+        out.append(enc)
+        return out.commit(seg_id, enc.stores)
+    except BaseException:
+        out.abort()
+        raise
+
+
+class SegmentFiles:
+    """One segment's files written part by part, so that memory holds one part at a time: a build's chunk is a
+    single part; a compaction streams the live records of every old segment as parts of the merged one. Files go
+    to a temporary folder (the writer's pid in its name), fsynced and renamed to ``rel`` by :meth:`commit`;
+    :meth:`abort` removes it. The record and image counts and the table schema are known before the first part
+    (row-aligned ``.npy`` files are sized up front), parts come in ascending row order, and every part's table
+    is cast to ``schema`` (columns a part lacks are nulls)."""
+
+    def __init__(self, index_dir: Path, rel: str, n_records: int, n_images: int, schema: pa.Schema,
+                 with_captions: bool) -> None:
+        self.final = index_dir / rel
+        self.rel = rel
+        self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        self.n_records, self.n_images, self.schema = int(n_records), int(n_images), schema
+        self.with_captions = with_captions
+        self.done = {"records": 0, "images": 0}
+        self.first_row = self.last_row = None
+        remove(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self._records = pq.ParquetWriter(self.tmp / path_of("records"), schema, compression="zstd")
+        serving = pa.schema([schema.field(c) for c in SERVING_COLUMNS])
+        self._serving_sink = pa.OSFile(str(self.tmp / path_of("serving")), "wb")
+        self._serving = pa.ipc.new_file(self._serving_sink, serving)
+        per_record = {"rows": np.int64, "record_crc": np.uint32, "caption_keys": np.uint64}
+        if with_captions:
+            per_record["caption_sums"] = np.uint64
+        self._npy = {name: np.lib.format.open_memmap(self.tmp / path_of(name), "w+", dt, (self.n_records,))
+                     for name, dt in per_record.items()}
+        self._npy["image_rows"] = np.lib.format.open_memmap(self.tmp / path_of("image_rows"), "w+", np.int64,
+                                                            (self.n_images,))
+        self._npy["image_sums"] = np.lib.format.open_memmap(self.tmp / path_of("image_sums"), "w+", np.uint64,
+                                                            (self.n_images, 3))
+        self._bins = {name: open(self.tmp / path_of(name), "wb")
+                      for name in (*(f"{n}_refine" for n in STORES), "patches",
+                                   *(("caption_clip",) if with_captions else ()))}
+
+    def append(self, enc: EncodedChunk) -> None:
+        """Write one part: a table of records (rows ascending, after those of earlier parts) and their codes."""
         t = enc.table
+        if t.schema != self.schema:
+            t = _cast_table(t, self.schema)
         rows = np.asarray(t.column("row").to_numpy(), np.int64)
-        with pq.ParquetWriter(tmp / path_of("records"), t.schema, compression="zstd") as w:
-            w.write_table(t)
-        serving = t.select(list(SERVING_COLUMNS))
-        with pa.OSFile(str(tmp / path_of("serving")), "wb") as sink:
-            with pa.ipc.new_file(sink, serving.schema) as w:
-                w.write_table(serving, max_chunksize=8192)
-        _save_npy(tmp / path_of("rows"), rows)
-        _save_npy(tmp / path_of("image_rows"), enc.image_rows)
+        a, b = self.done["records"], self.done["records"] + len(rows)
+        ia, ib = self.done["images"], self.done["images"] + len(enc.image_rows)
+        if b > self.n_records or ib > self.n_images:
+            raise ValueError(f"segment {self.rel}: more records or images than the {self.n_records} / "
+                             f"{self.n_images} it was opened for")
+        if len(rows) and self.last_row is not None and rows[0] <= self.last_row:
+            raise ValueError(f"segment {self.rel}: rows of a part must follow those of the earlier parts")
+        if len(t):
+            self._records.write_table(t)
+            self._serving.write_table(t.select(list(SERVING_COLUMNS)), max_chunksize=8192)
+        self._npy["rows"][a:b] = rows
+        self._npy["image_rows"][ia:ib] = enc.image_rows
         crc = enc.record_crc
         if crc is None:
             ids, imgs, caps = (t.column(c).to_pylist() for c in SERVING_COLUMNS)
-            crc = np.asarray([record_crc(a, b, c) for a, b, c in zip(ids, imgs, caps)], np.uint32)
-        _save_npy(tmp / path_of("record_crc"), np.asarray(crc, np.uint32))
+            crc = np.asarray([record_crc(x, y, z) for x, y, z in zip(ids, imgs, caps)], np.uint32)
+        self._npy["record_crc"][a:b] = np.asarray(crc, np.uint32)
         sums = enc.image_sums
         if sums is None:
             sums = np.zeros((len(enc.image_rows), 3), np.uint64)
@@ -163,33 +198,73 @@ def write_segment(index_dir: Path, rel: str, seg_id: int, chunk: Chunk | Encoded
                 sums[:, 0] = row_sums(enc.refine["clip"])
                 sums[:, 1] = row_sums(enc.refine["dino"])
                 sums[:, 2] = row_sums(enc.patches)
-        for name in STORES:
-            faiss.write_index(enc.stores[name], str(tmp / path_of(name)))
-            _save_bin(tmp / path_of(f"{name}_refine"), enc.refine[name])
-        _save_bin(tmp / path_of("patches"), enc.patches)
-        _save_npy(tmp / path_of("image_sums"), np.asarray(sums, np.uint64))
+        self._npy["image_sums"][ia:ib] = np.asarray(sums, np.uint64)
         keys = enc.caption_keys
         if keys is None:
             keys = np.asarray([caption_key(c) for c in t.column("caption").to_pylist()], np.uint64)
-        _save_npy(tmp / path_of("caption_keys"), np.asarray(keys, np.uint64))
-        if enc.caption_codes is not None:
-            if len(enc.caption_codes) != len(rows):
-                raise ValueError(f"{len(enc.caption_codes)} caption embeddings for {len(rows)} records")
-            _save_bin(tmp / path_of("caption_clip"), enc.caption_codes)
-            _save_npy(tmp / path_of("caption_sums"), row_sums(enc.caption_codes) if len(rows)
-                      else np.zeros(0, np.uint64))
-        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        fsync_dir(tmp)
-        if final.exists():  # a leftover of a crashed writer that never reached the manifest
-            remove(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        remove(tmp)
-        raise
-    return {"id": seg_id, "path": rel, "records": int(len(rows)), "images": int(len(enc.image_rows)),
-            "first_row": int(rows[0]) if len(rows) else None, "last_row": int(rows[-1]) if len(rows) else None,
-            "files": files}
+        self._npy["caption_keys"][a:b] = np.asarray(keys, np.uint64)
+        for name in STORES:
+            self._bins[f"{name}_refine"].write(np.ascontiguousarray(enc.refine[name]).tobytes())
+        self._bins["patches"].write(np.ascontiguousarray(enc.patches).tobytes())
+        if self.with_captions:
+            if enc.caption_codes is None or len(enc.caption_codes) != len(rows):
+                got = 0 if enc.caption_codes is None else len(enc.caption_codes)
+                raise ValueError(f"{got} caption embeddings for {len(rows)} records")
+            self._bins["caption_clip"].write(np.ascontiguousarray(enc.caption_codes).tobytes())
+            if len(rows):
+                self._npy["caption_sums"][a:b] = row_sums(enc.caption_codes)
+        elif enc.caption_codes is not None:
+            raise ValueError(f"segment {self.rel} was opened without caption embeddings")
+        self.done = {"records": b, "images": ib}
+        if len(rows):
+            self.first_row = int(rows[0]) if self.first_row is None else self.first_row
+            self.last_row = int(rows[-1])
+
+    def _close_files(self) -> None:
+        for f in self._bins.values():
+            if not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        self._serving.close()
+        self._serving_sink.close()
+        self._records.close()
+        for name in list(self._npy):
+            self._npy.pop(name).flush()
+
+    def commit(self, seg_id: int, stores: dict) -> dict:
+        """Write the faiss stores, fsync everything and rename the folder into place; returns the manifest entry."""
+        if self.done != {"records": self.n_records, "images": self.n_images}:
+            raise ValueError(f"segment {self.rel}: {self.done} written, {self.n_records} records and "
+                             f"{self.n_images} images expected")
+        self._close_files()
+        for name in STORES:
+            faiss.write_index(stores[name], str(self.tmp / path_of(name)))
+        for p in self.tmp.iterdir():  # the memory-mapped and faiss files: data on disk before the rename
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        files = {p.name: file_entry(p) for p in sorted(self.tmp.iterdir()) if p.is_file()}
+        fsync_dir(self.tmp)
+        if self.final.exists():  # a leftover of a crashed writer that never reached the manifest
+            remove(self.final)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return {"id": seg_id, "path": self.rel, "records": self.n_records, "images": self.n_images,
+                "first_row": self.first_row, "last_row": self.last_row, "files": files}
+
+    def abort(self) -> None:
+        try:
+            self._close_files()
+        except Exception:  # noqa: BLE001 - the folder is removed whatever state its files are in
+            pass
+        remove(self.tmp)
+
+
+def _cast_table(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``t`` with the columns of ``schema``, in its order and types (a column ``t`` lacks: nulls)."""
+    cols = [t.column(f.name).cast(f.type) if f.name in t.schema.names else pa.nulls(len(t), f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 class Segment:

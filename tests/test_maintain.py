@@ -163,6 +163,69 @@ def test_compaction_with_retrained_codebooks(tmp_path, tiny):
     assert sorted(p.name for p in (tmp_path / "idx" / "codebooks").iterdir()) == ["cb-0002"]
 
 
+def _stored(reader: IndexReader) -> dict[str, np.ndarray]:
+    """Every live record's stored content, in row order: ids, captions, record CRCs, caption keys, and every
+    live image's refine codes, patch codes and checksums."""
+    out: dict[str, list] = {k: [] for k in ("rows", "ids", "captions", "crc", "keys", "image_rows", "clip", "dino",
+                                            "patches", "sums")}
+    for seg in reader.segments:
+        keep = reader.live.keep(np.asarray(seg.rows))
+        t = pl.read_parquet(seg.path / "records.parquet").filter(pl.Series(keep))
+        out["rows"].append(np.asarray(seg.rows)[keep])
+        out["ids"] += t["id"].to_list()
+        out["captions"] += t["caption"].to_list()
+        out["crc"].append(np.asarray(seg.record_crc)[keep])
+        out["keys"].append(np.asarray(seg.caption_keys)[keep])
+        li = reader.live.keep(np.asarray(seg.image_rows))
+        out["image_rows"].append(np.asarray(seg.image_rows)[li])
+        for n in ("clip", "dino"):
+            out[n].append(np.asarray(seg.refine[n])[li])
+        out["patches"].append(np.asarray(seg.patches)[li])
+        out["sums"].append(np.asarray(seg.image_sums)[li])
+    return {k: (v if k in ("ids", "captions") else np.concatenate(v)) for k, v in out.items()}
+
+
+def test_compaction_streams_a_segment_at_a_time_and_keeps_every_stored_byte(tmp_path, tiny, monkeypatch):
+    """Without --retrain, compaction writes the merged segment part by part (one old segment's live records at a
+    time: memory does not grow with the index) and stores exactly the live records' codes of before."""
+    from engine import _segment
+
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny)
+    engine.delete_records(folder, ids=["v3", "v17", "v1100", "v1199"])
+    r0 = IndexReader(folder)
+    before, top0 = _stored(r0), r0.search("clip", clip[[0, 500, 900]], 5)
+    parts, append = [], _segment.SegmentFiles.append
+    monkeypatch.setattr(_segment.SegmentFiles, "append",
+                        lambda self, enc: (parts.append(len(enc.table)), append(self, enc))[1])
+    s = engine.compact(folder, progress=False, measure_search=False)
+    assert parts == [398, 400, 398] and s.purged == 4 and s.segments_after == 1
+    r1 = IndexReader(folder)
+    after = _stored(r1)
+    for k, v in before.items():
+        assert (v == after[k]) if isinstance(v, list) else np.array_equal(v, after[k]), k
+    assert [a[0].tolist() for a in r1.search("clip", clip[[0, 500, 900]], 5)] == [a[0].tolist() for a in top0]
+    assert engine.verify(folder, progress=False).ok
+    assert not [p for p in (folder / "segments").iterdir() if p.name.startswith(".")]
+
+
+def test_a_compaction_that_finds_damage_leaves_the_index_as_it_was(tmp_path, tiny):
+    """A refine code damaged in the second of three segments (sizes intact): compaction names the segment, writes
+    no manifest generation and leaves no half-written segment folder behind."""
+    folder = tmp_path / "idx"
+    _pq_index(folder, tiny)
+    m = read_manifest(folder)
+    victim = folder / m["segments"][1]["path"] / "clip.refine"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(engine.IndexFormatError, match=m["segments"][1]["path"].split("/")[-1]):
+        engine.compact(folder, progress=False, measure_search=False)
+    assert read_manifest(folder) == m
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == sorted(
+        s["path"].split("/")[-1] for s in m["segments"])
+
+
 def test_search_settings_are_measured_for_a_recall_target(tmp_path, tiny, capsys):
     """Compaction measures, per IVF store, the cheapest (nprobe, refine) whose recall@100 against an exhaustive
     scan reaches 0.95 on the index's own records; readers use it, --nprobe overrides it, other codebooks and a
