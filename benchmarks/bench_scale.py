@@ -152,6 +152,19 @@ def generate(n: int, with_patches: bool, with_captions: bool, seed: int = 0):
         yield [f"r{s + i}" for i in range(m)], caps, clip, dino, cells, labels
 
 
+def synthetic_identity() -> dict:
+    """The model identity written into synthetic indexes (vectors come from the generator, not from models)."""
+    from engine import model_fingerprint
+
+    identity = {"profile": "offline", "pretrained": False,
+                "clip": {"arch": "ViT-B-32", "weights_tag": None, "weights_sha256": "synthetic", "dim": DC,
+                         "input": {}},
+                "dino": {"arch": "vit_small_patch14_dinov2", "weights_tag": None, "weights_sha256": "synthetic",
+                         "dim": DG // 2, "patch_grid": [16, 16], "input": {}, "kwargs": {}}}
+    identity["fingerprint"] = model_fingerprint(identity)
+    return identity
+
+
 def build(out: Path, n: int, identity: dict, full: bool) -> tuple[dict[str, np.ndarray], float]:
     import engine
 
@@ -336,14 +349,7 @@ def main() -> None:
 
         print(json.dumps(query_phase(Path(args.query_phase), Path(args.work), args.records, args.full)))
         return
-    identity = {"profile": "offline", "pretrained": False,
-                "clip": {"arch": "ViT-B-32", "weights_tag": None, "weights_sha256": "synthetic", "dim": DC,
-                         "input": {}},
-                "dino": {"arch": "vit_small_patch14_dinov2", "weights_tag": None, "weights_sha256": "synthetic",
-                         "dim": DG // 2, "patch_grid": [16, 16], "input": {}, "kwargs": {}}}
-    from engine import model_fingerprint
-
-    identity["fingerprint"] = model_fingerprint(identity)
+    identity = synthetic_identity()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes = []

@@ -23,7 +23,8 @@ from ._lock import WriterLock
 from ._manifest import read_manifest, write_manifest
 from ._reader import IndexReader
 from ._search_tune import measure_after_write
-from ._segment import STORES, Chunk, EncodedChunk, SegmentFiles, encode_chunk, row_sums, write_segment
+from ._segment import (STORES, Chunk, EncodedChunk, SegmentFiles, cast_table, encode_chunk,
+                       remove_unlisted_segments, row_sums, unified_schema, write_segment)
 from ._stores import ROW_FIELD, TextSink
 from ._threads import blas_single
 from ._txn import recover
@@ -202,6 +203,7 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
     with WriterLock(folder, "compact"):
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
+        remove_unlisted_segments(folder, m)  # what a killed compaction (or writer) left half-written
         cb = reader.codebooks
         before = len(reader.segments)
         purged = int(len(reader.live.deleted))
@@ -227,7 +229,9 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                                          ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
                                          len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
                                          int(settings.get("patch_pq_m", 8)))
-                chunk = Chunk(_concat_tables([p.table for p in parts]), np.concatenate([p.image_rows for p in parts]),
+                schema = unified_schema([p.table.schema for p in parts])
+                chunk = Chunk(pa.concat_tables([cast_table(p.table, schema) for p in parts]),
+                              np.concatenate([p.image_rows for p in parts]),
                               vecs["clip"], vecs["dino"], cells,
                               np.concatenate([p.caption_codes for p in parts]) if with_captions else None)
                 enc = encode_chunk(chunk, new_cb)
@@ -300,7 +304,7 @@ def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_caption
         n_records += int(reader.live.keep(np.asarray(seg.rows)).sum())
         n_images += int(reader.live.keep(np.asarray(seg.image_rows)).sum())
         schemas.append(pq.read_schema(seg.path / path_of("records")))
-    schema = pa.unify_schemas(schemas, promote_options="default") if len(schemas) > 1 else schemas[0]
+    schema = unified_schema(schemas)
     out = SegmentFiles(folder, segment_dir(seg_id), n_records, n_images, schema, with_captions)
     try:
         for part in _live_parts(reader, folder, with_captions):
@@ -320,13 +324,6 @@ def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_caption
     except BaseException:
         out.abort()
         raise
-
-
-def _concat_tables(tables: list[pa.Table]) -> pa.Table:
-    """Segments of different sources may carry different source columns: missing ones become nulls."""
-    if len({tuple(t.schema.names) for t in tables}) <= 1:
-        return pa.concat_tables(tables)
-    return pa.concat_tables(tables, promote_options="default")
 
 
 # --------------------------------------------------------------------------------------------- verify

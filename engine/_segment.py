@@ -149,30 +149,37 @@ class SegmentFiles:
         self.with_captions = with_captions
         self.done = {"records": 0, "images": 0}
         self.first_row = self.last_row = None
+        self._records = self._serving = self._serving_sink = None
+        self._npy: dict[str, np.memmap] = {}
+        self._bins: dict = {}
         remove(self.tmp)
         self.tmp.mkdir(parents=True)
+        try:
+            self._open(schema, with_captions)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, schema: pa.Schema, with_captions: bool) -> None:
         self._records = pq.ParquetWriter(self.tmp / path_of("records"), schema, compression="zstd")
         serving = pa.schema([schema.field(c) for c in SERVING_COLUMNS])
         self._serving_sink = pa.OSFile(str(self.tmp / path_of("serving")), "wb")
         self._serving = pa.ipc.new_file(self._serving_sink, serving)
-        per_record = {"rows": np.int64, "record_crc": np.uint32, "caption_keys": np.uint64}
+        shapes = {"rows": (np.int64, (self.n_records,)), "record_crc": (np.uint32, (self.n_records,)),
+                  "caption_keys": (np.uint64, (self.n_records,)), "image_rows": (np.int64, (self.n_images,)),
+                  "image_sums": (np.uint64, (self.n_images, 3))}
         if with_captions:
-            per_record["caption_sums"] = np.uint64
-        self._npy = {name: np.lib.format.open_memmap(self.tmp / path_of(name), "w+", dt, (self.n_records,))
-                     for name, dt in per_record.items()}
-        self._npy["image_rows"] = np.lib.format.open_memmap(self.tmp / path_of("image_rows"), "w+", np.int64,
-                                                            (self.n_images,))
-        self._npy["image_sums"] = np.lib.format.open_memmap(self.tmp / path_of("image_sums"), "w+", np.uint64,
-                                                            (self.n_images, 3))
-        self._bins = {name: open(self.tmp / path_of(name), "wb")
-                      for name in (*(f"{n}_refine" for n in STORES), "patches",
-                                   *(("caption_clip",) if with_captions else ()))}
+            shapes["caption_sums"] = (np.uint64, (self.n_records,))
+        for name, (dt, shape) in shapes.items():
+            self._npy[name] = np.lib.format.open_memmap(self.tmp / path_of(name), "w+", dt, shape)
+        for name in (*(f"{n}_refine" for n in STORES), "patches", *(("caption_clip",) if with_captions else ())):
+            self._bins[name] = open(self.tmp / path_of(name), "wb")
 
     def append(self, enc: EncodedChunk) -> None:
         """Write one part: a table of records (rows ascending, after those of earlier parts) and their codes."""
         t = enc.table
         if t.schema != self.schema:
-            t = _cast_table(t, self.schema)
+            t = cast_table(t, self.schema)
         rows = np.asarray(t.column("row").to_numpy(), np.int64)
         a, b = self.done["records"], self.done["records"] + len(rows)
         ia, ib = self.done["images"], self.done["images"] + len(enc.image_rows)
@@ -221,11 +228,9 @@ class SegmentFiles:
             self.last_row = int(rows[-1])
 
     def _close_files(self) -> None:
+        """Flush and close every file (data reaches the disk in ``commit``)."""
         for f in self._bins.values():
-            if not f.closed:
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
+            f.close()
         self._serving.close()
         self._serving_sink.close()
         self._records.close()
@@ -253,14 +258,40 @@ class SegmentFiles:
                 "first_row": self.first_row, "last_row": self.last_row, "files": files}
 
     def abort(self) -> None:
+        """Close whatever is open, each on its own (a failing one does not keep the others open), and remove the
+        temporary folder."""
         try:
-            self._close_files()
-        except Exception:  # noqa: BLE001 - the folder is removed whatever state its files are in
-            pass
-        remove(self.tmp)
+            handles = [*self._bins.values(), self._serving, self._serving_sink, self._records]
+            for h in handles:
+                try:
+                    if h is not None:
+                        h.close()
+                except Exception:  # noqa: BLE001 - the files are deleted below whatever their state
+                    pass
+            self._npy.clear()  # unmapped when collected; nothing is flushed into files about to be deleted
+        finally:
+            remove(self.tmp)
 
 
-def _cast_table(t: pa.Table, schema: pa.Schema) -> pa.Table:
+def remove_unlisted_segments(index_dir: Path, manifest: dict | None) -> None:
+    """Remove every entry of ``segments/`` that the committed generation does not list: what a killed writer
+    (a build, an append, a compaction) left, e.g. a half-written ``.seg-N.tmp-PID`` folder. Only a writer that
+    holds the index's lock may call it."""
+    listed = {e["path"] for e in manifest["segments"]} if manifest else set()
+    root = index_dir / "segments"
+    if root.is_dir():
+        for p in root.iterdir():
+            if f"segments/{p.name}" not in listed:
+                remove(p)
+
+
+def unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for record tables of several segments (sources may add different columns; a column that is
+    all nulls in one segment takes the other's type)."""
+    return pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 else schemas[0]
+
+
+def cast_table(t: pa.Table, schema: pa.Schema) -> pa.Table:
     """``t`` with the columns of ``schema``, in its order and types (a column ``t`` lacks: nulls)."""
     cols = [t.column(f.name).cast(f.type) if f.name in t.schema.names else pa.nulls(len(t), f.type)
             for f in schema]

@@ -226,6 +226,57 @@ def test_a_compaction_that_finds_damage_leaves_the_index_as_it_was(tmp_path, tin
         s["path"].split("/")[-1] for s in m["segments"])
 
 
+def test_a_killed_compaction_leaves_nothing_that_stays(tmp_path, tiny):
+    """A compaction killed midway leaves its half-written segment folder (named after the process); the next
+    compaction (or build) removes it."""
+    folder = tmp_path / "idx"
+    _pq_index(folder, tiny)
+    left = folder / "segments" / ".seg-000099.tmp-12345"
+    left.mkdir()
+    (left / "clip.refine").write_bytes(b"x" * 100)
+    engine.compact(folder, progress=False, measure_search=False)
+    m = read_manifest(folder)
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == [m["segments"][0]["path"].split("/")[-1]]
+
+
+def test_a_segment_writer_that_fails_leaves_no_folder_and_no_open_file(tmp_path, monkeypatch):
+    """A failure while opening the files (the third memory map) or while syncing them (a full disk): the
+    temporary folder is removed and every file closed, each on its own."""
+    import os
+
+    import pyarrow as pa
+
+    from engine import _segment
+
+    schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("image", pa.string()), ("caption", pa.string())])
+    real = np.lib.format.open_memmap
+    calls = []
+
+    def third_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", third_fails)
+    with pytest.raises(KeyboardInterrupt):
+        _segment.SegmentFiles(tmp_path, "segments/seg-000001", 0, 0, schema, False)
+    assert not list((tmp_path / "segments").iterdir())
+    monkeypatch.setattr(np.lib.format, "open_memmap", real)
+
+    out = _segment.SegmentFiles(tmp_path, "segments/seg-000001", 0, 0, schema, False)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        out.commit(1, {"clip": faiss.IndexFlatIP(4), "dino": faiss.IndexFlatIP(4)})
+    out.abort()
+    assert not list((tmp_path / "segments").iterdir())
+    assert not out._records.is_open and all(f.closed for f in out._bins.values()) and out._serving_sink.closed
+
+
 def test_search_settings_are_measured_for_a_recall_target(tmp_path, tiny, capsys):
     """Compaction measures, per IVF store, the cheapest (nprobe, refine) whose recall@100 against an exhaustive
     scan reaches 0.95 on the index's own records; readers use it, --nprobe overrides it, other codebooks and a
