@@ -23,8 +23,18 @@ from ._lock import WriterLock
 from ._manifest import read_manifest, write_manifest
 from ._reader import IndexReader
 from ._search_tune import measure_after_write
-from ._segment import (STORES, Chunk, EncodedChunk, SegmentFiles, cast_table, encode_chunk,
-                       remove_unlisted_segments, row_sums, unified_schema, write_segment)
+from ._segment import (
+    STORES,
+    Chunk,
+    EncodedChunk,
+    SegmentFiles,
+    cast_table,
+    encode_chunk,
+    remove_unlisted_segments,
+    row_sums,
+    unified_schema,
+    write_segment,
+)
 from ._stores import ROW_FIELD, TextSink
 from ._threads import blas_single
 from ._txn import recover
