@@ -281,7 +281,8 @@ def build_index(
         if writer.n_rows == 0 and (writer.manifest is None or mode == "append"):
             writer.rejects.flush()
             kept = " (the index was left as it was)" if mode == "append" else ""
-            raise EmptyCorpusError(_empty_message(src, folder) + kept)
+            start = int(writer.manifest.get("rejects_bytes", 0)) if writer.manifest else 0
+            raise EmptyCorpusError(_empty_message(src, folder, start) + kept)
         manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source, "engine": "local"})
         remove(folder / "incoming")  # what an interrupted distributed build (engine._cluster) had not committed
     except BaseException:
@@ -336,11 +337,14 @@ def _drop_empty(folder: Path) -> None:
         remove(folder)
 
 
-def _empty_message(src: Source, folder: Path) -> str:
+def _empty_message(src: Source, folder: Path, start: int = 0) -> str:
+    """Why a source gave no record, with its first rejects (those written from byte ``start`` of
+    ``rejects.jsonl`` on: an append's own, not the index's earlier ones)."""
     lines = []
     try:
-        with open(folder / path_of("rejects"), encoding="utf-8") as f:
-            lines = [json.loads(x) for x in f.read().splitlines()[:10]]
+        with open(folder / path_of("rejects"), "rb") as f:
+            f.seek(start)
+            lines = [json.loads(x) for x in f.read().decode("utf-8").splitlines()[:10]]
     except (OSError, json.JSONDecodeError):
         pass
     if not lines:

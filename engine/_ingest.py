@@ -139,10 +139,22 @@ def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> 
 
 
 # --------------------------------------------------------------------------------------------- sidecars
-def _sidecar_fields(obj: object) -> tuple[str | None, str | None, dict]:
-    """(caption, id, other scalar fields) from a JSON sidecar object."""
+def _json_sidecar(raw: bytes, name: str) -> tuple[str | None, str | None, dict]:
+    """(caption, id, other scalar fields) of a JSON sidecar's bytes. Not JSON, or JSON that is not an object,
+    raises _SidecarRejected: the record goes to the rejects rather than being indexed without its caption."""
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="replace"))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _SidecarRejected("unreadable sidecar", f"{name} is not valid JSON ({e}); fix or remove it, then "
+                               "index the record again (--append)") from None
     if not isinstance(obj, dict):
-        return None, None, {}
+        raise _SidecarRejected("unreadable sidecar", f"{name} holds a JSON {type(obj).__name__}, not an object with "
+                               "a caption or text field; fix or remove it, then index the record again (--append)")
+    return _sidecar_fields(obj)
+
+
+def _sidecar_fields(obj: dict) -> tuple[str | None, str | None, dict]:
+    """(caption, id, other scalar fields) from a JSON sidecar object."""
     caption = None
     for k in ("caption", "text", "TEXT"):
         if isinstance(obj.get(k), str):
@@ -303,14 +315,11 @@ def _image_record(root: Path, img: Path) -> Record:
     caption, rid, extra = "", None, {}
     try:
         js, txt = _read_sidecar(img.with_suffix(".json")), _read_sidecar(img.with_suffix(".txt"))
+        if js is not None:
+            c, rid, extra = _json_sidecar(js, img.with_suffix(".json").name)
+            caption = c if c is not None else caption
     except _SidecarRejected as e:
         return _rejected(rel, e.reason, e.detail)
-    if js is not None:
-        try:
-            c, rid, extra = _sidecar_fields(json.loads(js.decode("utf-8", errors="replace")))
-            caption = c if c is not None else caption
-        except (json.JSONDecodeError, RecursionError):
-            extra = {"sidecar_error": f"unreadable {img.with_suffix('.json').name}"}
     if txt is not None:
         caption = _decode_text(txt)
     return Record(rid, ref, caption, rel, rel, _meta_json(extra))
@@ -344,7 +353,12 @@ def _tar_image_members(shard: Path) -> int:
 
 
 _SIDECAR_MAX_BYTES = 1024 * 1024
-_TOO_LARGE = b""  # marks a sidecar member over the size limit (identity-compared)
+class _TooLarge:
+    """Marks a sidecar member over the size limit (compared by identity: an empty member reads as ``b""``,
+    which CPython shares between all empty bytes objects, so an empty bytes marker would match it)."""
+
+
+_TOO_LARGE = _TooLarge()
 
 
 def _member_kind(m: tarfile.TarInfo) -> str:
@@ -397,10 +411,11 @@ def _tar_records(shard: Path, rel: str, max_bytes: int, skip: int = 0):
                 continue
             if low.endswith(".json"):
                 try:
-                    c, rid, extra = _sidecar_fields(json.loads(raw.decode("utf-8", errors="replace")))
-                    caption = c if c is not None and not caption else caption
-                except (json.JSONDecodeError, RecursionError):
-                    extra = {"sidecar_error": f"unreadable {n}"}
+                    c, rid, extra = _json_sidecar(raw, n)
+                except _SidecarRejected as e:
+                    yield from emit(_rejected(where, e.reason, e.detail))
+                    return
+                caption = c if c is not None and not caption else caption
             elif low.endswith(".txt"):
                 caption = _decode_text(raw)
         yield from emit(Record(rid, f"{absolute}{TAR_SEP}{img_name}", caption, where, where, _meta_json(extra),
@@ -468,15 +483,43 @@ def _tar_source(shard: Path, max_bytes: int) -> Source:
 
 
 # --------------------------------------------------------------------------------------------- tables
+TEXT_LIKE_COLUMNS = (*IMAGE_COLUMNS, *CAPTION_COLUMNS, *ID_COLUMNS, "key", "url")  # read as text from CSV
+
+
 def _read_table(p: Path, fmt: str) -> pl.DataFrame:
+    """A source table. In CSV, ids, keys, paths, URLs and captions are read as the text they are (type inference
+    would turn the id ``007`` into ``7.0`` and the LAION key ``000000001`` into ``1``), and a row with more fields
+    than the header is an error naming its line (it would otherwise be cut, shifting values between columns)."""
     try:
         if fmt == "parquet":
             return pl.read_parquet(p)
         if fmt == "csv":
-            return pl.read_csv(p, infer_schema_length=10_000, truncate_ragged_lines=True)
+            header = pl.read_csv(p, n_rows=0).columns
+            text = {c for c in header if c.lower() in {t.lower() for t in TEXT_LIKE_COLUMNS}}
+            return pl.read_csv(p, infer_schema_length=10_000, schema_overrides={c: pl.String for c in text})
         return pl.read_ndjson(p, infer_schema_length=10_000)
     except Exception as e:  # noqa: BLE001 - polars raises many error types on bad files
+        more = _ragged_line(p) if fmt == "csv" else None
+        if more is not None:
+            raise SourceError(f"cannot read table {p} as csv: line {more[0]} has {more[1]} fields, the header "
+                              f"{more[2]}; quote fields that contain commas (\"a fox, in snow\")") from None
         raise SourceError(f"cannot read table {p} as {fmt}: {e.__class__.__name__}: {e}") from None
+
+
+def _ragged_line(p: Path) -> tuple[int, int, int] | None:
+    """(line number, fields, header fields) of the first CSV row with more fields than the header, if any."""
+    import csv
+
+    try:
+        with open(p, newline="", encoding="utf-8", errors="replace") as f:
+            rows = csv.reader(f)
+            width = len(next(rows, []))
+            for row in rows:
+                if len(row) > width:
+                    return rows.line_num, len(row), width
+    except (OSError, csv.Error):
+        return None
+    return None
 
 
 def _pick(columns: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -504,6 +547,10 @@ def _table_source(p: Path, fmt: str) -> Source:
             f"column {image_col!r} of {p} holds {df.schema[image_col]}, not file paths; export the images to files "
             f"and put their paths in that column"
         )
+    # every caption-like column, the chosen one first: a row whose caption is missing or empty takes the next
+    # one's text (JSONL rows of mixed schemas: some with "caption", some with "text" only)
+    caption_cols = [caption_col] + [c for c in cols if c != caption_col and _pick([c], CAPTION_COLUMNS)] \
+        if caption_col else []
     used = {c for c in (image_col, caption_col, id_col) if c}
     rename = _extra_names([c for c in cols if c not in used])
     extras = {rename[c]: df.schema[c] for c in rename}
@@ -520,7 +567,7 @@ def _table_source(p: Path, fmt: str) -> Source:
             if isinstance(raw_img, str) and raw_img.strip():
                 raw_img = raw_img.strip()
                 image = raw_img if TAR_SEP in raw_img and os.path.isabs(raw_img) else str((base / raw_img))
-            cap = row.get(caption_col) if caption_col else None
+            cap = next((row[c] for c in caption_cols if row.get(c) is not None and str(row[c]).strip()), None)
             caption = "" if cap is None else str(cap)
             rid = row.get(id_col) if id_col else None
             rid = None if rid is None or str(rid) == "" else str(rid)

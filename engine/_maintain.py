@@ -132,6 +132,7 @@ def delete_records(index: str | os.PathLike, ids: list[str] = (), urls: list[str
     """
     folder = Path(index).expanduser().absolute()
     recover(folder)
+    read_manifest(folder)  # a missing folder, a file or a folder that is no index: a clear error, no lock file left
     with WriterLock(folder, "delete"):
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
@@ -210,6 +211,7 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
     t0 = time.perf_counter()
     folder = Path(index).expanduser().absolute()
     recover(folder)
+    read_manifest(folder)  # a missing folder, a file or a folder that is no index: a clear error, no lock file left
     with WriterLock(folder, "compact"):
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
@@ -429,6 +431,23 @@ def verify(index: str | os.PathLike, progress: bool = True) -> VerifyReport:
     if len(reader.live.deleted):
         if len(np.setdiff1d(reader.live.deleted, np.concatenate([np.asarray(s.rows) for s in reader.segments]))):
             bad("deletes", m["deletes"]["path"], "lists rows that are in no segment")
+    try:
+        _check_text(reader, bad)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - tantivy panics (pyo3's PanicException is a BaseException)
+        bad("text", "text", f"reading the caption index failed ({e.__class__.__name__}: {e}); rebuild the index")
+    reader.close()
+    return VerifyReport(not problems, problems, checked)
+
+
+def _check_text(reader: IndexReader, bad) -> None:
+    """The caption index against the records: one document per live record, and every term of the live captions
+    in at least as many documents as live captions hold it (a damaged term dictionary or posting list changes
+    these counts, and with them every BM25 score). Documents of deleted records may linger until tantivy merges
+    its segments, so counts may be higher, never lower."""
+    from collections import Counter
+
     text_rows = _text_rows(reader)
     live_rows = reader.live_rows()
     missing = np.setdiff1d(live_rows, text_rows)
@@ -438,8 +457,19 @@ def verify(index: str | os.PathLike, progress: bool = True) -> VerifyReport:
     if len(stray):
         bad("text", "text", f"{len(stray)} caption documents belong to no live record (rows {stray[:5].tolist()}); "
                             f"an interrupted writer leaves these, the next write removes them")
-    reader.close()
-    return VerifyReport(not problems, problems, checked)
+    analyzer = reader.text.analysis.analyzer
+    df: Counter = Counter()
+    for seg in reader.segments:
+        caps = pq.read_table(seg.path / path_of("records"), columns=["caption"]).column("caption").to_pylist()
+        for cap, live in zip(caps, reader.live.keep(np.asarray(seg.rows))):
+            if live and cap:
+                df.update(set(analyzer.analyze(cap)))
+    short = [(t, n, reader.text.doc_freq(t)) for t, n in df.items()]
+    short = [x for x in short if x[2] < x[1]]
+    if short:
+        eg = ", ".join(f"{t!r} in {got} documents for {want} captions" for t, want, got in short[:3])
+        bad("text", "text", f"{len(short)} caption terms are in fewer documents than live captions hold them ({eg}): "
+                            "the caption index is damaged; rebuild the index")
 
 
 def _text_rows(reader: IndexReader) -> np.ndarray:

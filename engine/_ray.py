@@ -318,11 +318,12 @@ def build_index_ray(
         else:
             base_row, base_seg, bootstrap = writer.next_row, int(m["next_segment"]), False
         plan = plan_units(src, writer.settings.chunk, base_row, base_seg, bootstrap)
+        rejects_start = int(m.get("rejects_bytes", 0)) if m is not None and mode == "append" else 0
         committer = Committer.resume(writer, plan, src_info) if resuming else Committer(writer, plan, src_info)
         encoded, encode_s = _drive(ray, pool, cs, writer, plan, committer, identity, src, progress)
         total_records = int(writer.manifest["counts"]["records"]) if writer.manifest else 0
         if (total_records == 0 and mode != "append") or (committer.added == 0 and mode == "append"):
-            message = _empty_message(src, folder)
+            message = _empty_message(src, folder, rejects_start)
             if mode == "append":
                 writer.finalize(progress=committer.progress())
                 raise EmptyCorpusError(message + " (the index keeps its records; the rejects are in rejects.jsonl)")

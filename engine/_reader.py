@@ -140,7 +140,11 @@ class IndexReader:
         self.reload_search()
         try:
             self.text = TextStore(self.path / "text", (m.get("text") or {}).get("analyzer"), live=self.live)
-        except Exception as e:  # noqa: BLE001 - tantivy raises ValueError/OSError on damaged folders
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - tantivy raises ValueError/OSError, or panics, on damaged files
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
             raise IndexFormatError(f"index {self.path} is damaged: its caption index cannot be opened "
                                    f"({e.__class__.__name__}: {e}); rebuild it") from None
         if self.text.num_docs < self.n_records:

@@ -4,6 +4,7 @@ cells are encoded by ``engine._codebooks`` and stored in segments (``engine._seg
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +228,23 @@ def _open_text_index(path: Path) -> tuple["tantivy.Index", Path | None]:
     return tantivy.Index.open(str(tmp)), tmp
 
 
+@contextmanager
+def _text_damage():
+    """Tantivy reports damaged files when it reads them: as ValueError, or as a Rust panic (pyo3's
+    PanicException, a BaseException). Either becomes an IndexFormatError naming the caption index."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:
+        if not isinstance(e, ValueError) and type(e).__name__ != "PanicException":
+            raise
+        from ._errors import IndexFormatError
+
+        raise IndexFormatError(f"the caption index is damaged ({e.__class__.__name__}: {e}); run `attrib verify` on "
+                               "the index, then rebuild it") from None
+
+
 class TextStore:
     """BM25 over captions. The prompt is analysed into terms and the query built from them, never parsed:
     quotes, parentheses, ``field:``, AND/OR, ``~ ^ *`` are just characters, and cannot change the meaning.
@@ -269,22 +287,19 @@ class TextStore:
 
     def doc_freq(self, term: str) -> int:
         """Documents holding ``term`` (deleted records not yet compacted away included: an estimate)."""
-        return int(self.searcher.doc_freq(TEXT_FIELD, term))
+        with _text_damage():
+            return int(self.searcher.doc_freq(TEXT_FIELD, term))
 
     def _run(self, query, limit: int):
-        try:
+        with _text_damage():
             return self.searcher.search(query, limit=limit, count=False)
-        except ValueError as e:  # tantivy reports damaged files when it reads them
-            from ._errors import IndexFormatError
-
-            raise IndexFormatError(f"the caption index is damaged ({e}); run `attrib verify` on the index, then "
-                                   f"rebuild it") from None
 
     def _collect(self, result) -> tuple[np.ndarray, np.ndarray]:
         hits = result.hits
         if not hits:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        rows = self.searcher.fast_field_values(ROW_FIELD, [a for _, a in hits])
+        with _text_damage():
+            rows = self.searcher.fast_field_values(ROW_FIELD, [a for _, a in hits])
         return np.asarray(rows, np.int64), np.asarray([s for s, _ in hits], np.float32)
 
     def search(self, terms: list[str], k: int, fuzzy: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -383,8 +383,9 @@ class IndexWriter:
 
     def abort(self) -> None:
         """Release every open file, writer and lock after a failed build. What was committed stays (a rerun
-        resumes from it); the records collected since the last commit are dropped."""
-        for close in (self.text.abort, self.rejects.close, self.lock.release):
+        resumes from it); the records collected since the last commit are dropped, and so are their lines in
+        ``rejects.jsonl`` (the file keeps what the manifest counts)."""
+        for close in (self.text.abort, self.rejects.close, self._truncate_rejects, self.lock.release):
             try:
                 close()
             except Exception:  # noqa: BLE001 - best effort: nothing uncommitted is ever read

@@ -12,6 +12,7 @@ import math
 import re
 import signal
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 # Only the standard library and light engine modules at import time: the console script reaches main()'s
@@ -144,9 +145,21 @@ def cmd_index(a: argparse.Namespace) -> int:
     given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann",
                                          "codec", "chunk")}
     settings = IndexSettings(**{k: v for k, v in given.items() if v is not None})  # invalid values are named
-    a.interrupted = (f"interrupted: every committed segment of {a.out} is kept and nothing half-written is "
-                     f"visible; rerun the same command to resume the build"
-                     + (" (the previous index stays in place until the new one is complete)" if a.overwrite else ""))
+    def interrupted() -> str:  # said when the interrupt comes: whether anything was committed by then
+        from ._layout import MANIFEST
+        from ._txn import staging_path
+
+        out = Path(a.out).expanduser().absolute()
+        target = staging_path(out) if a.overwrite else out
+        if not (target / MANIFEST).is_file():
+            return ("interrupted before the first segment was committed: nothing of this build was kept"
+                    + (f"; {a.out} is as it was" if a.overwrite or a.append else "")
+                    + "; rerun the same command to start it again")
+        return (f"interrupted: every committed segment of {a.out} is kept and nothing half-written is "
+                f"visible; rerun the same command to resume the build"
+                + (" (the previous index stays in place until the new one is complete)" if a.overwrite else ""))
+
+    a.interrupted = interrupted
     kw = dict(models=a.models or "default", device=a.device, settings=settings, overwrite=a.overwrite,
               append=a.append, progress=not a.no_progress, clip_weights=a.clip_weights, dino_weights=a.dino_weights,
               calibrate=False if a.no_calibrate else None)
@@ -229,6 +242,8 @@ def cmd_delete(a: argparse.Namespace) -> int:
         ids += more_ids
         urls += more_urls
     if not ids and not urls:
+        if a.ids:
+            raise AttribError(f"{', '.join(a.ids)} lists no id or URL: nothing to delete")
         raise AttribError("give the records to delete with --id ID (repeatable) or --ids FILE")
     s = delete_records(a.index, ids, urls)
     out = {"index": a.index, "deleted": s.deleted, "not_found": len(s.not_found),
@@ -317,7 +332,7 @@ def cmd_query(a: argparse.Namespace) -> int:
     from ._encode import check_prompt
     from ._index import Index
     from ._settings import QuerySettings
-    from .files import check_output_file
+    from .files import check_output_file, refuse_clobbering
     from .report.text import print_attribution
 
     if a.image is None and not (a.prompt or "").strip():
@@ -325,6 +340,7 @@ def cmd_query(a: argparse.Namespace) -> int:
     check_prompt(a.prompt)
     if a.html:
         check_output_file(a.html)  # before the slow part; checked again when written
+        refuse_clobbering(a.html, inputs=[a.image])
     settings = QuerySettings(**({"depth": a.depth} if a.depth is not None else {}), nprobe=a.nprobe)
     idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,
                 dino_weights=a.dino_weights, settings=settings)
@@ -368,6 +384,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    if a.html:
+        from .files import refuse_clobbering
+
+        refuse_clobbering(a.html)
     return run_demo(cache=a.cache, models=a.models, fresh=a.fresh, json_out=a.json, html=a.html)
 
 
@@ -580,6 +600,11 @@ def _interrupted(args=None) -> int:
     """Ctrl-C (or SIGTERM): one line (the command's own, when it set ``args.interrupted``), exit code 130. A
     second Ctrl-C while saying so is ignored."""
     message = getattr(args, "interrupted", None) or INTERRUPTED
+    if callable(message):
+        try:
+            message = message()
+        except Exception:  # noqa: BLE001 - the generic line rather than none
+            message = INTERRUPTED
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread

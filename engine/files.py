@@ -10,7 +10,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ._errors import OutputError
 
@@ -110,6 +110,38 @@ def check_output_file(out_path: str | os.PathLike) -> Path:
     _refuse_target(out)
     _check_parent(out.parent, out)
     return out
+
+
+def _index_folder_of(path: Path) -> Path | None:
+    """The attrib index folder ``path`` is or lies in (a folder with a manifest and the writer lock or segments)."""
+    for a in (path, *path.parents):
+        if (a / "manifest.json").is_file() and ((a / ".attrib-lock").exists() or (a / "segments").is_dir()):
+            return a
+    return None
+
+
+def refuse_clobbering(out_path: str | os.PathLike, inputs: Iterable = (), folder: bool = False) -> None:
+    """Refuse, with :class:`OutputError`, a user-named output (a report, a weights file, a report folder) that
+    would overwrite what a command reads or an index: a path inside an attrib index folder (its files change only
+    through the index commands), or an existing file that is one of the command's ``inputs`` (the query image, a
+    benchmark's tables). Called before the work starts."""
+    out = Path(os.path.abspath(Path(out_path).expanduser()))
+    idx = _index_folder_of(out if folder else out.parent)
+    if idx is not None:
+        raise OutputError(f"refusing to write {out_path}: it is inside the index {idx}, whose files only attrib's "
+                          "index commands may change; choose a path outside it")
+    if folder or not os.path.lexists(out):
+        return
+    for inp in inputs:
+        if inp is None:
+            continue
+        try:
+            same = os.path.samefile(out, Path(inp).expanduser())
+        except OSError:
+            continue
+        if same:
+            raise OutputError(f"refusing to write {out_path}: it is an input of this command ({inp}); choose "
+                              "another path")
 
 
 def check_output_folder(out_path: str | os.PathLike) -> Path:

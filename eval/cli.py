@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
 from engine import PROFILES, AttribError, main_rankers
 from engine.cli import MAX_K, Parser, float_in, int_in, print_json, report_failed
-from engine.files import check_output_file, check_output_folder
+from engine.files import check_output_file, check_output_folder, refuse_clobbering
 from engine.report import fmt_number
 from engine.report.text import untrained_panel
 from engine.ui import stderr_console
 
+from .bench import CORPUS, QUERIES
 from .run import DEFAULT_TARGET_FAR, REPORT_METRICS, ranker_order
 
 
@@ -150,6 +152,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     if a.report:
         check_output_folder(a.report)  # before the slow part; each file is checked again when written
+        refuse_clobbering(a.report, folder=True)
     bench, idx = _open(a)
     ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress,
                   leave_source_out=a.leave_source_out)
@@ -171,6 +174,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from .tune import metric_by_ranker, tune
 
     check_output_file(a.out)  # before the slow part; checked again when written
+    refuse_clobbering(a.out, inputs=[Path(a.bench) / CORPUS, Path(a.bench) / QUERIES])
     bench, idx = _open(a)
     w, evals = tune(bench, idx, None, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)
     failed = None

@@ -525,6 +525,29 @@ def test_bad_output_paths_of_bench_and_tune_are_refused_before_any_work(bench, t
         one_line_error(capsys.readouterr().err)
 
 
+def test_outputs_never_overwrite_an_index_or_the_commands_inputs(tiny_index, bench, tmp_path, capsys, monkeypatch):
+    """A report or weights file named onto an index's own files (its manifest), into an index folder, onto the
+    query image or onto a benchmark's table is refused before any work; the file is unchanged."""
+    img = tmp_path / "gen.png"
+    world.scene(3)[0].save(img)
+    protected = [tiny_index / "manifest.json", img, bench / "corpus.parquet"]
+    before = [p.read_bytes() for p in protected]
+    monkeypatch.setattr(engine._index.Index, "__init__", lambda *a, **k: pytest.fail("the index was opened"))
+    monkeypatch.setattr("eval.bench.load_benchmark", lambda *a, **k: pytest.fail("work started"))
+    q = ["query", str(tiny_index), "--prompt", "a fox", "--html"]
+    for argv, needle in (
+            ([*q, str(tiny_index / "manifest.json")], "inside the index"),
+            ([*q, str(tiny_index / "new.html")], "inside the index"),
+            (["query", str(tiny_index), "--image", str(img), "--html", str(img)], "an input of this command"),
+            (["tune", str(bench), "--models", "tiny", "--out", str(bench / "corpus.parquet")], "an input"),
+            (["tune", str(bench), "--models", "tiny", "--out", str(tiny_index / "w.json")], "inside the index"),
+            (["bench", "run", str(bench), "--models", "tiny", "--report", str(tiny_index / "rep")],
+             "inside the index")):
+        assert main(argv) == 2, argv
+        one_line_error(capsys.readouterr().err, needle)
+    assert [p.read_bytes() for p in protected] == before
+
+
 def test_bench_synth_argument_checks_are_one_line(tmp_path):
     from eval.synth import generate
 
@@ -579,9 +602,13 @@ def test_ctrl_c_in_the_first_half_second_is_one_line(tmp_path):
         # before the command starts: the start-up line; once it has: the build's own line (resume advice), on one
         # line whatever the terminal width
         assert lines in (["interrupted: nothing half-written was left behind"],
+                         ["interrupted before the first segment was committed: nothing of this build was kept; rerun "
+                          "the same command to start it again"],
                          [f"interrupted: every committed segment of {tmp_path / 'idx'} is kept and nothing "
                           "half-written is visible; rerun the same command to resume the build"]), lines
         idx = tmp_path / "idx"
+        if "first segment" in lines[0]:  # what it says is so: no index there
+            assert not (idx / MANIFEST).exists()
         if (idx / MANIFEST).exists():  # a build that had started: what is there is a committed, resumable snapshot
             m = read_manifest(idx)
             assert not m["build"]["complete"]

@@ -182,3 +182,88 @@ def test_source_parts_read_exactly_what_the_whole_source_gives(tmp_path):
     assert [p.kind for p in folder_parts] == ["images"] * 3 + ["tar"] * 3
     assert [p.name for p in folder_parts[3:]] == ["shards/a.tar", "shards/b.tar", "shards/c.tar"]
     assert [p.max_records for p in folder_parts[:3]] == [3, 3, 2] and folder_parts[3].max_records == 3
+
+
+# ------------------------------------------------------------------------------------------- found by a hostile pass
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_an_empty_caption_member_in_a_shard_is_an_empty_caption_not_a_huge_one(tmp_path):
+    """img2dataset writes an empty KEY.txt for an empty caption: the record is read with caption "" (it was
+    rejected as a sidecar over 1 MiB); a zero-byte image member is left to the image decoder, not called huge."""
+    from engine._ingest import open_source
+
+    jpg = world.jpeg_bytes(world.scene(1)[0])
+    _tar(tmp_path / "s.tar", [("000.jpg", jpg), ("000.txt", b"a caption"), ("001.jpg", jpg), ("001.txt", b""),
+                              ("002.jpg", b""), ("002.txt", b"x")])
+    got = {r.where.split("::")[-1]: r for r in open_source(tmp_path / "s.tar").records()}
+    assert got["000.jpg"].reject is None and got["000.jpg"].caption == "a caption"
+    assert got["001.jpg"].reject is None and got["001.jpg"].caption == ""
+    assert got["002.jpg"].reject is None or "too large" not in got["002.jpg"].reject[0]
+
+
+def test_csv_ids_keys_and_paths_are_read_as_written(tmp_path):
+    """Type inference would turn the id 007 into 7.0 (and make 10 a duplicate of 0010) and the LAION key
+    000000001 into 1; other columns keep their inferred types."""
+    from engine._ingest import open_source
+
+    (tmp_path / "t.csv").write_text("image,caption,id,key,width\n,fox,007,000000001,12\n,car,0010,000000002,13\n"
+                                    ",owl,10,000000003,14\n")
+    recs = list(open_source(tmp_path / "t.csv").records())
+    assert [r.id for r in recs] == ["007", "0010", "10"]
+    assert [r.extra["key"] for r in recs] == ["000000001", "000000002", "000000003"]
+    assert [r.extra["width"] for r in recs] == [12, 13, 14]
+
+
+def test_a_csv_row_with_more_fields_than_its_header_is_an_error_naming_the_line(tmp_path):
+    from engine._ingest import open_source
+
+    (tmp_path / "t.csv").write_text("image,caption,id\n,a car,id1\n,a fox, in snow,id2\n")
+    with pytest.raises(engine.SourceError, match=r"line 3 has 4 fields, the header 3; quote fields"):
+        open_source(tmp_path / "t.csv")
+
+
+@pytest.mark.parametrize("content,why", [(b"{not json", "is not valid JSON"), (b"[1, 2, 3]", "holds a JSON list")])
+def test_a_json_sidecar_that_cannot_be_read_rejects_its_record_by_name(tmp_path, content, why):
+    """In a folder and in a shard: the record is listed with the reason, not indexed without its caption."""
+    from engine._ingest import open_source
+
+    (tmp_path / "f").mkdir()
+    world.scene(1)[0].save(tmp_path / "f" / "bad.png")
+    (tmp_path / "f" / "bad.json").write_bytes(content)
+    [r] = list(open_source(tmp_path / "f").records())
+    assert r.reject[0] == "unreadable sidecar" and "bad.json" in r.reject[1] and why in r.reject[1]
+    _tar(tmp_path / "s.tar", [("000.jpg", world.jpeg_bytes(world.scene(2)[0])), ("000.json", content)])
+    [r] = list(open_source(tmp_path / "s.tar").records())
+    assert r.reject[0] == "unreadable sidecar" and "000.json" in r.reject[1] and why in r.reject[1]
+
+
+def test_jsonl_rows_of_mixed_schemas_keep_their_captions(tmp_path):
+    """A row with only "text" keeps it as its caption although other rows have "caption"."""
+    from engine._ingest import open_source
+
+    rows = [{"text": "fox in snow", "id": "a"}, {"caption": "both", "text": "other", "id": "b"},
+            {"caption": "", "text": "owl", "id": "c"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.caption for r in open_source(tmp_path / "t.jsonl").records()] == ["fox in snow", "both", "owl"]
+
+
+def test_a_failed_append_names_its_own_rejects_and_keeps_the_rejects_file(tmp_path, tiny):
+    world.image_folder(tmp_path / "c1", 4, nested=False)
+    (tmp_path / "c1" / "zero.jpg").write_bytes(b"")
+    build(tmp_path / "c1", tmp_path / "idx", tiny)
+    before = (tmp_path / "idx" / "rejects.jsonl").read_bytes()
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2" / "only_broken.jpg").write_bytes(b"x")
+    with pytest.raises(engine.EmptyCorpusError) as e:
+        build(tmp_path / "c2", tmp_path / "idx", tiny, append=True)
+    assert "only_broken.jpg" in str(e.value) and "zero.jpg" not in str(e.value)
+    assert (tmp_path / "idx" / "rejects.jsonl").read_bytes() == before

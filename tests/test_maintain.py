@@ -441,3 +441,51 @@ def test_pool_searches_compressed_stores_side_by_side_with_the_serial_answer(tmp
             assert not found & {8, 650} and (exclude is None or not found & {row, 3})
             if exclude is None:
                 assert side["clip"][0] == row
+
+
+def test_compact_and_delete_outside_an_index_give_one_line_and_leave_nothing(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for argv in (["compact", str(tmp_path / "nope")], ["delete", str(tmp_path / "afile"), "--id", "x"],
+                 ["compact", str(tmp_path / "empty")], ["delete", str(tmp_path / "empty"), "--id", "x"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and ("does not exist" in err or "not an" in err), err
+    assert not list((tmp_path / "empty").iterdir()) and not (tmp_path / "nope").exists()
+
+
+def test_verify_finds_a_damaged_caption_index_and_queries_name_it(idx_dir, tiny):
+    """Damage to the term dictionary changes BM25 document counts: verify names the caption index. Damage
+    that makes tantivy panic is an IndexFormatError naming the caption index, not a Rust traceback."""
+    import shutil
+
+    term = next((idx_dir / "text").glob("*.term"))
+    data = bytearray(term.read_bytes())
+    copy = idx_dir.parent / "copy"
+    shutil.copytree(idx_dir, copy)
+    a, b = len(data) // 2, len(data) * 9 // 10  # term infos: document counts and posting offsets
+    data[a:b] = bytes(x ^ 0x55 for x in data[a:b])
+    term.write_bytes(bytes(data))
+    rep = engine.verify(idx_dir, progress=False)
+    assert not rep.ok and ("caption index" in json.dumps(rep.problems)), rep.problems
+    fast = next((copy / "text").glob("*.fast"))
+    data = bytearray(fast.read_bytes())
+    data[int(len(data) * 0.3)] ^= 0x55
+    fast.write_bytes(bytes(data))
+    rep = engine.verify(copy, progress=False)
+    assert not rep.ok and "caption index" in json.dumps(rep.problems)
+    with pytest.raises(engine.IndexFormatError, match="caption index"):
+        IndexReader(copy)
+
+
+def test_verify_compares_caption_term_counts_with_the_live_captions(tiny_index, monkeypatch):
+    """A term found in fewer caption documents than live captions hold it (what a damaged term dictionary
+    gives, silently changing BM25 scores) is reported by verify."""
+    from engine._stores import TextStore
+
+    assert engine.verify(tiny_index, progress=False).ok
+    real = TextStore.doc_freq
+    monkeypatch.setattr(TextStore, "doc_freq", lambda self, t: real(self, t) - (t == "red"))
+    rep = engine.verify(tiny_index, progress=False)
+    assert not rep.ok and [p["component"] for p in rep.problems] == ["text"]
+    assert "'red' in" in rep.problems[0]["problem"] and "fewer documents" in rep.problems[0]["problem"]
