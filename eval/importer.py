@@ -39,7 +39,7 @@ from engine.files import check_output_folder, is_nonempty, staged_folder
 from engine.images import DEFAULT_MAX_PIXELS
 from engine.scenes import seeded_rng
 
-from ._util import counts
+from ._util import counts, foreign_entries
 from .bench import CORPUS, QUERIES, SPLITS, BenchmarkError, load_benchmark
 
 VERSION = 1
@@ -456,6 +456,12 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
             f"{str(out)!r} is a non-empty folder that was not written by `attrib bench import-memorized` (no valid "
             f"import.json); refusing to replace it. Choose another output folder"
         )
+    other = foreign_entries(out, (CORPUS, QUERIES, "import.json", "images", "fetch_failures.jsonl",
+                                  "bm25_losses.json")) if is_nonempty(out) else []
+    if other:
+        raise BenchmarkError(f"{str(out)!r} also holds what `attrib bench import-memorized` did not write "
+                             f"({', '.join(other[:5])}); --overwrite would delete it: move it out first, or choose "
+                             "another output folder")
     check_output_folder(out)  # a path under a file, or a folder we may not write: one line, before any work
 
     skipped: list[dict] = []

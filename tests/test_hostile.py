@@ -68,10 +68,15 @@ def test_bench_synth_overwrite_replaces_only_a_synthetic_benchmark(tmp_path, cap
     assert (foreign / "src" / "bg.js").read_text() == "code"
     ours = tmp_path / "synth"
     assert main(["bench", "synth", str(ours), *small]) == 0
-    (ours / "stale.txt").write_text("left over")
+    (ours / "weights.json").write_text("from attrib tune --out")  # a user's file in the benchmark folder
     assert main(["bench", "synth", str(ours), *small]) == 2  # without --overwrite: refused
+    capsys.readouterr()
+    assert main(["bench", "synth", str(ours), "--overwrite", *small]) == 2  # it would be deleted: refused, named
+    one_line_error(capsys.readouterr().err, "weights.json", "move it out first")
+    assert (ours / "weights.json").read_text() == "from attrib tune --out"
+    (ours / "weights.json").unlink()
     assert main(["bench", "synth", str(ours), "--overwrite", *small]) == 0
-    assert not (ours / "stale.txt").exists() and (ours / "corpus.parquet").is_file()
+    assert (ours / "corpus.parquet").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -87,9 +92,13 @@ def test_bench_import_overwrite_replaces_only_an_imported_benchmark(tmp_path, ca
     assert (foreign / "keep.txt").read_text() == "precious"
     ours = tmp_path / "mem"
     assert main(["bench", "import-memorized", str(csv), "--out", str(ours), "--json"]) == 0
-    (ours / "stale.txt").write_text("left over")
+    (ours / "notes.txt").write_text("mine")
+    assert main(["bench", "import-memorized", str(csv), "--out", str(ours), "--overwrite", "--json"]) == 2
+    one_line_error(capsys.readouterr().err, "notes.txt", "move it out first")
+    assert (ours / "notes.txt").read_text() == "mine"
+    (ours / "notes.txt").unlink()
     assert main(["bench", "import-memorized", str(csv), "--out", str(ours), "--overwrite", "--json"]) == 0
-    assert not (ours / "stale.txt").exists() and (ours / "import.json").is_file()
+    assert (ours / "import.json").is_file()
 
 
 def _special(tmp_path: Path, kind: str) -> Path:

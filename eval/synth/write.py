@@ -16,7 +16,7 @@ from engine.files import check_output_folder, is_nonempty, staged_folder
 from engine.scenes import SceneSpec, caption_of, paraphrase_of, partial_of, random_scene, render, seeded_rng, signature
 from engine.ui import progress_bar
 
-from .._util import counts
+from .._util import counts, foreign_entries
 from .plan import (
     _P_DUP,
     _Q_CAPTION,
@@ -127,6 +127,9 @@ def check_options(train: int, queries: int, seed: int, image_size: int) -> tuple
             _check_int("seed", seed, 0, 2**63 - 1), _check_int("image_size", image_size, 32, 4096))
 
 
+SYNTH_ENTRIES = ("corpus.parquet", "queries.parquet", "synth.json", "train", "queries")  # what it writes
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse to write over anything that is not an empty folder or a benchmark this generator wrote."""
     if out.exists() and not out.is_dir():
@@ -141,6 +144,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not ours:
         raise SynthOptionError(f"{out} is a non-empty folder that was not written by `attrib bench synth` (no valid "
                                f"synth.json); refusing to replace it. Choose another output folder")
+    other = foreign_entries(out, SYNTH_ENTRIES)
+    if other:
+        raise SynthOptionError(f"{out} also holds what `attrib bench synth` did not write ({', '.join(other[:5])}); "
+                               "--overwrite would delete it: move it out first, or choose another output folder")
 
 
 def _is_synth_benchmark(folder: Path) -> bool:
