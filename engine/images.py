@@ -68,6 +68,8 @@ def read_bytes(ref: str, limits: ImageLimits = ImageLimits()) -> bytes:
         raise ImageRejected("unreadable file", str(e)) from None
     if os.path.isdir(ref):
         raise ImageRejected("not an image", "path is a folder")
+    if not os.path.isfile(ref):  # a device (/dev/zero), a FIFO, a socket: never read (it may never end)
+        raise ImageRejected("not an image", "not a regular file (a device, a pipe or a socket)")
     if size > limits.max_bytes:
         raise ImageRejected("file too large", f"{size} bytes > {limits.max_bytes}")
     if size == 0:

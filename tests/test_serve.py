@@ -181,6 +181,7 @@ def test_form_mistakes_get_one_line_json_errors(sw):
     with client(sw, max_prompt_chars=50, max_k=20) as c:
         cases = [
             (c.post("/v1/attribute", data={"k": "3"}), 400, "empty_query"),
+            (c.post("/v1/attribute", files={"image": ("gen.png", b"", "image/png")}), 400, "empty_image"),
             (c.post("/v1/attribute", data={"prompt": "a cat", "k": "0"}), 400, "bad_k"),
             (c.post("/v1/attribute", data={"prompt": "a cat", "k": "21"}), 400, "bad_k"),
             (c.post("/v1/attribute", data={"prompt": "a cat", "k": "ten"}), 400, "bad_k"),

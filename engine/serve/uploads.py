@@ -156,8 +156,11 @@ async def _checked(form, max_upload: int, max_k: int, max_prompt_chars: int,
         data = await up.read()
         if len(data) > max_upload:
             raise ApiError(413, "upload_too_large", f"the image is over the limit of {max_upload} bytes")
-        if data:  # a browser form with no file chosen sends an empty part
+        if data:
             image, filename = data, (up.filename or "upload")[:255]
+        elif up.filename:  # a file that is empty (a browser form with no file chosen sends an unnamed empty part)
+            raise ApiError(400, "empty_image", f"the uploaded image {up.filename[:255]!r} is empty (0 bytes); send "
+                                               "the image file itself")
     elif isinstance(up, str) and up:
         raise ApiError(400, "bad_form", "the field 'image' must be a file part (filename=...), not text")
     prompt = form.get("prompt")
