@@ -143,22 +143,31 @@ def _json_sidecar(raw: bytes, name: str) -> tuple[str | None, str | None, dict]:
     """(caption, id, other scalar fields) of a JSON sidecar's bytes. Not JSON, or JSON that is not an object,
     raises _SidecarRejected: the record goes to the rejects rather than being indexed without its caption."""
     try:
-        obj = json.loads(raw.decode("utf-8", errors="replace"))
+        obj = json.loads(raw.decode("utf-8-sig", errors="replace"))  # a leading byte-order mark is not an error
     except (json.JSONDecodeError, RecursionError) as e:
         raise _SidecarRejected("unreadable sidecar", f"{name} is not valid JSON ({e}); fix or remove it, then "
                                "index the record again (--append)") from None
     if not isinstance(obj, dict):
         raise _SidecarRejected("unreadable sidecar", f"{name} holds a JSON {type(obj).__name__}, not an object with "
                                "a caption or text field; fix or remove it, then index the record again (--append)")
+    for k in ("caption", "text", "TEXT"):
+        if obj.get(k) is not None and not _is_text_like(obj[k]):
+            raise _SidecarRejected("unreadable sidecar", f"the {k!r} of {name} is a JSON {type(obj[k]).__name__}, "
+                                   "not text; fix it, then index the record again (--append)")
     return _sidecar_fields(obj)
+
+
+def _is_text_like(v: object) -> bool:
+    """A caption value: text, or a number (a caption "1984" written as a JSON number); never true/false."""
+    return isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def _sidecar_fields(obj: dict) -> tuple[str | None, str | None, dict]:
     """(caption, id, other scalar fields) from a JSON sidecar object."""
     caption = None
     for k in ("caption", "text", "TEXT"):
-        if isinstance(obj.get(k), str):
-            caption = obj[k]
+        if _is_text_like(obj.get(k)):
+            caption = str(obj[k])
             break
     rid = obj.get("id")
     rid = str(rid) if isinstance(rid, (str, int)) and str(rid) else None

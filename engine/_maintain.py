@@ -35,13 +35,14 @@ from ._segment import (
     unified_schema,
     write_segment,
 )
-from ._stores import ROW_FIELD, TextSink
+from ._stores import ROW_FIELD, TEXT_FIELD, TextSink
 from ._threads import blas_single
 from ._txn import recover
 from .files import fsync_dir, remove
 from .text import caption_key
 
 URL_COLUMNS = ("url", "URL", "Url")
+VERIFY_TERM_SEARCHES = 2000  # caption terms searched by `attrib verify` (all of them on smaller indexes)
 ID_COLUMNS = ("id", "ID", "key")
 
 
@@ -470,6 +471,21 @@ def _check_text(reader: IndexReader, bad) -> None:
         eg = ", ".join(f"{t!r} in {got} documents for {want} captions" for t, want, got in short[:3])
         bad("text", "text", f"{len(short)} caption terms are in fewer documents than live captions hold them ({eg}): "
                             "the caption index is damaged; rebuild the index")
+        return
+    # the posting lists and row values: a search for each term (a fixed sample of them on large indexes) finds at
+    # least the live captions that hold it, each with its row
+    terms = sorted(df)
+    if len(terms) > VERIFY_TERM_SEARCHES:
+        terms = [terms[i] for i in np.random.default_rng(0).choice(len(terms), VERIFY_TERM_SEARCHES, replace=False)]
+    for t in terms:
+        import tantivy
+
+        q = tantivy.Query.term_query(reader.text.schema, TEXT_FIELD, t)
+        got, _ = reader.text._collect(reader.text._run(q, max(1, reader.text.doc_freq(t))))
+        if len(got) < df[t]:
+            bad("text", "text", f"a search for the caption term {t!r} finds {len(got)} documents for {df[t]} live "
+                                "captions that hold it: the caption index is damaged; rebuild the index")
+            return
 
 
 def _text_rows(reader: IndexReader) -> np.ndarray:

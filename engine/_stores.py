@@ -300,6 +300,8 @@ class TextStore:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         with _text_damage():
             rows = self.searcher.fast_field_values(ROW_FIELD, [a for _, a in hits])
+            if any(r is None for r in rows):  # a document without its row: the fast field file is damaged
+                raise ValueError("a caption document has no row value")
         return np.asarray(rows, np.int64), np.asarray([s for s, _ in hits], np.float32)
 
     def search(self, terms: list[str], k: int, fuzzy: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:

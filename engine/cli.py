@@ -340,7 +340,7 @@ def cmd_query(a: argparse.Namespace) -> int:
     check_prompt(a.prompt)
     if a.html:
         check_output_file(a.html)  # before the slow part; checked again when written
-        refuse_clobbering(a.html, inputs=[a.image])
+        refuse_clobbering(a.html, inputs=[a.image, a.weights], kind="html")
     settings = QuerySettings(**({"depth": a.depth} if a.depth is not None else {}), nprobe=a.nprobe)
     idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,
                 dino_weights=a.dino_weights, settings=settings)
@@ -387,7 +387,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.html:
         from .files import refuse_clobbering
 
-        refuse_clobbering(a.html)
+        refuse_clobbering(a.html, kind="html")
     return run_demo(cache=a.cache, models=a.models, fresh=a.fresh, json_out=a.json, html=a.html)
 
 

@@ -113,35 +113,83 @@ def check_output_file(out_path: str | os.PathLike) -> Path:
 
 
 def _index_folder_of(path: Path) -> Path | None:
-    """The attrib index folder ``path`` is or lies in (a folder with a manifest and the writer lock or segments)."""
+    """The attrib index folder ``path`` (a resolved path) is or lies in: a folder with a manifest and the writer
+    lock or segments."""
     for a in (path, *path.parents):
         if (a / "manifest.json").is_file() and ((a / ".attrib-lock").exists() or (a / "segments").is_dir()):
             return a
     return None
 
 
-def refuse_clobbering(out_path: str | os.PathLike, inputs: Iterable = (), folder: bool = False) -> None:
+def _head(path: Path, n: int = 1 << 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _is_html(head: bytes) -> bool:
+    h = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return h.startswith(b"<!doctype html") or h.startswith(b"<html")
+
+
+def _is_json_with(head: bytes, path: Path, keys: dict) -> bool:
+    import json
+
+    try:
+        d = json.loads(path.read_bytes()) if path.stat().st_size <= 64 << 20 else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(d, dict) and all((k in d) if v is None else d.get(k) == v for k, v in keys.items())
+
+
+#: What an existing file must already be for a user-named output of each kind to replace it.
+OUTPUT_KINDS = {
+    "html": ("an HTML report", lambda head, p: _is_html(head)),
+    "weights": ("an attrib weights file", lambda head, p: _is_json_with(head, p, {"format": "attrib-fusion-weights"})),
+    "bench.json": ("a benchmark result", lambda head, p: _is_json_with(head, p, {"benchmark": None, "metrics": None})),
+    "png": ("a PNG plot", lambda head, p: head.startswith(b"\x89PNG\r\n\x1a\n")),
+}
+REPORT_FILES = {"bench.json": "bench.json", "hard_cases.html": "html", "recall_at_k.png": "png"}  # bench run --report
+
+
+def refuse_clobbering(out_path: str | os.PathLike, inputs: Iterable = (), kind: str | None = None,
+                      folder: bool = False) -> None:
     """Refuse, with :class:`OutputError`, a user-named output (a report, a weights file, a report folder) that
-    would overwrite what a command reads or an index: a path inside an attrib index folder (its files change only
-    through the index commands), or an existing file that is one of the command's ``inputs`` (the query image, a
-    benchmark's tables). Called before the work starts."""
-    out = Path(os.path.abspath(Path(out_path).expanduser()))
+    would overwrite what a command reads or an index, before the work starts:
+
+    * a path inside an attrib index folder, symbolic links resolved (its files change only through the index
+      commands);
+    * an existing file that is one of the command's ``inputs`` (the query image, a weights file, a benchmark's
+      tables);
+    * an existing file that is not already an output of the same ``kind`` (``OUTPUT_KINDS``): a report replaces
+      a report, never a training image, a manifest or a weights file. For a report ``folder``, each file the
+      report writes (``REPORT_FILES``) is checked so."""
+    raw = Path(out_path).expanduser()
+    # symbolic links resolved before `..` is applied (as the kernel does): lnk/../x is in the folder lnk points into
+    out = Path(os.path.realpath(raw)) if folder else Path(os.path.realpath(raw.parent)) / raw.name
     idx = _index_folder_of(out if folder else out.parent)
     if idx is not None:
         raise OutputError(f"refusing to write {out_path}: it is inside the index {idx}, whose files only attrib's "
                           "index commands may change; choose a path outside it")
-    if folder or not os.path.lexists(out):
-        return
-    for inp in inputs:
-        if inp is None:
+    targets = [(out / name, k) for name, k in REPORT_FILES.items()] if folder else [(out, kind)]
+    for target, k in targets:
+        if not os.path.isfile(target):
             continue
-        try:
-            same = os.path.samefile(out, Path(inp).expanduser())
-        except OSError:
-            continue
-        if same:
-            raise OutputError(f"refusing to write {out_path}: it is an input of this command ({inp}); choose "
-                              "another path")
+        for inp in inputs:
+            try:
+                same = inp is not None and os.path.samefile(target, Path(inp).expanduser())
+            except OSError:
+                same = False
+            if same:
+                raise OutputError(f"refusing to write {target}: it is an input of this command ({inp}); choose "
+                                  "another path")
+        if k is not None:
+            what, ok = OUTPUT_KINDS[k]
+            if not ok(_head(target), target):
+                raise OutputError(f"refusing to replace {target}: it is not {what} (it would be lost); choose a new "
+                                  "file name, or move that file first")
 
 
 def check_output_folder(out_path: str | os.PathLike) -> Path:

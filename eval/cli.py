@@ -152,7 +152,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     if a.report:
         check_output_folder(a.report)  # before the slow part; each file is checked again when written
-        refuse_clobbering(a.report, folder=True)
+        refuse_clobbering(a.report, inputs=[a.weights, a.index], folder=True)
     bench, idx = _open(a)
     ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress,
                   leave_source_out=a.leave_source_out)
@@ -174,7 +174,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from .tune import metric_by_ranker, tune
 
     check_output_file(a.out)  # before the slow part; checked again when written
-    refuse_clobbering(a.out, inputs=[Path(a.bench) / CORPUS, Path(a.bench) / QUERIES])
+    refuse_clobbering(a.out, inputs=[Path(a.bench) / CORPUS, Path(a.bench) / QUERIES], kind="weights")
     bench, idx = _open(a)
     w, evals = tune(bench, idx, None, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)
     failed = None

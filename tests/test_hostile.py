@@ -557,6 +557,42 @@ def test_outputs_never_overwrite_an_index_or_the_commands_inputs(tiny_index, ben
     assert [p.read_bytes() for p in protected] == before
 
 
+def test_outputs_replace_only_their_own_kind_and_see_through_links(tiny_index, bench, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A symbolic link into an index plus `..` still lands in the index; an existing training image, a weights
+    file or a benchmark image is never replaced by a report or weights (a report replaces a report)."""
+    (tmp_path / "lnk").mkdir()
+    (tmp_path / "lnk" / "segs").symlink_to(tiny_index / "segments")
+    w = tmp_path / "w.json"
+    w.write_text(json.dumps(_weights_dict()))
+    img = bench / "train" / sorted(p.name for p in (bench / "train").iterdir())[0]
+    keep = [tiny_index / "manifest.json", w, img]
+    before = [p.read_bytes() for p in keep]
+    monkeypatch.setattr(engine._index.Index, "__init__", lambda *a, **k: pytest.fail("the index was opened"))
+    monkeypatch.setattr("eval.bench.load_benchmark", lambda *a, **k: pytest.fail("work started"))
+    q = ["query", str(tiny_index), "--prompt", "a fox"]
+    for argv, needle in (
+            ([*q, "--html", str(tmp_path / "lnk" / "segs" / ".." / "manifest.json")], "inside the index"),
+            (["tune", str(bench), "--models", "tiny", "--out", str(tmp_path / "lnk" / "segs" / ".." / "m.json")],
+             "inside the index"),
+            ([*q, "--html", str(img)], "not an HTML report"),
+            ([*q, "--weights", str(w), "--html", str(w)], "an input of this command"),
+            (["tune", str(bench), "--models", "tiny", "--out", str(img)], "not an attrib weights file")):
+        assert main(argv) == 2, argv
+        one_line_error(capsys.readouterr().err, needle)
+    assert [p.read_bytes() for p in keep] == before
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "bench.json").write_text(json.dumps(_weights_dict()))  # weights saved under the report's name
+    assert main(["bench", "run", str(bench), "--models", "tiny", "--report", str(rep)]) == 2
+    one_line_error(capsys.readouterr().err, "not a benchmark result")
+    from engine.files import refuse_clobbering
+
+    (tmp_path / "old.html").write_text("<!DOCTYPE html>\n<html>old report</html>")
+    refuse_clobbering(tmp_path / "old.html", kind="html")  # a report may replace a report
+    refuse_clobbering(w, kind="weights")  # and weights, weights
+
+
 def test_bench_synth_argument_checks_are_one_line(tmp_path):
     from eval.synth import generate
 

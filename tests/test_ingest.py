@@ -231,7 +231,9 @@ def test_a_csv_row_with_more_fields_than_its_header_is_an_error_naming_the_line(
         open_source(tmp_path / "t.csv")
 
 
-@pytest.mark.parametrize("content,why", [(b"{not json", "is not valid JSON"), (b"[1, 2, 3]", "holds a JSON list")])
+@pytest.mark.parametrize("content,why", [(b"{not json", "is not valid JSON"), (b"[1, 2, 3]", "holds a JSON list"),
+                                         (b'{"caption": ["a", "b"]}', "is a JSON list, not text"),
+                                         (b'{"caption": {"en": "x"}}', "is a JSON dict, not text")])
 def test_a_json_sidecar_that_cannot_be_read_rejects_its_record_by_name(tmp_path, content, why):
     """In a folder and in a shard: the record is listed with the reason, not indexed without its caption."""
     from engine._ingest import open_source
@@ -267,3 +269,13 @@ def test_a_failed_append_names_its_own_rejects_and_keeps_the_rejects_file(tmp_pa
         build(tmp_path / "c2", tmp_path / "idx", tiny, append=True)
     assert "only_broken.jpg" in str(e.value) and "zero.jpg" not in str(e.value)
     assert (tmp_path / "idx" / "rejects.jsonl").read_bytes() == before
+
+
+def test_json_sidecars_with_a_byte_order_mark_or_a_number_caption_are_read(tmp_path):
+    from engine._ingest import open_source
+
+    for name, raw in (("bom", b'\xef\xbb\xbf{"caption": "with a BOM"}'), ("num", b'{"caption": 1984}')):
+        world.scene(1)[0].save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.json").write_bytes(raw)
+    got = {r.where: r.caption for r in open_source(tmp_path).records()}
+    assert got == {"bom.png": "with a BOM", "num.png": "1984"}

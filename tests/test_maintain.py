@@ -489,3 +489,13 @@ def test_verify_compares_caption_term_counts_with_the_live_captions(tiny_index, 
     rep = engine.verify(tiny_index, progress=False)
     assert not rep.ok and [p["component"] for p in rep.problems] == ["text"]
     assert "'red' in" in rep.problems[0]["problem"] and "fewer documents" in rep.problems[0]["problem"]
+
+
+def test_verify_searches_caption_terms_and_finds_lost_postings(tiny_index, monkeypatch):
+    """A posting list that lost documents (a search for a term finds fewer captions than hold it) is reported."""
+    from engine._stores import TextStore
+
+    real = TextStore._collect
+    monkeypatch.setattr(TextStore, "_collect", lambda self, res: tuple(x[:-1] for x in real(self, res)))
+    rep = engine.verify(tiny_index, progress=False)
+    assert not rep.ok and "a search for the caption term" in json.dumps(rep.problems)
