@@ -145,13 +145,24 @@ def cmd_index(a: argparse.Namespace) -> int:
     given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann",
                                          "codec", "chunk")}
     settings = IndexSettings(**{k: v for k, v in given.items() if v is not None})  # invalid values are named
-    def interrupted() -> str:  # said when the interrupt comes: whether anything was committed by then
-        from ._layout import MANIFEST
-        from ._txn import staging_path
+    from ._layout import MANIFEST
+    from ._txn import staging_path
 
-        out = Path(a.out).expanduser().absolute()
-        target = staging_path(out) if a.overwrite else out
-        if not (target / MANIFEST).is_file():
+    out_path = Path(a.out).expanduser().absolute()
+    target = staging_path(out_path) if a.overwrite else out_path
+
+    def stamp() -> tuple | None:
+        try:
+            st = (target / MANIFEST).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    before = stamp()  # an append commits by replacing the manifest: unchanged means nothing of it was committed
+
+    def interrupted() -> str:  # said when the interrupt comes: whether anything was committed by then
+        now = stamp()
+        if now is None or (a.append and now == before):
             return ("interrupted before the first segment was committed: nothing of this build was kept"
                     + (f"; {a.out} is as it was" if a.overwrite or a.append else "")
                     + "; rerun the same command to start it again")
