@@ -139,9 +139,11 @@ def open_source(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> 
 
 
 # --------------------------------------------------------------------------------------------- sidecars
-def _json_sidecar(raw: bytes, name: str) -> tuple[str | None, str | None, dict]:
+def _json_sidecar(raw: bytes, name: str, has_text: bool = False) -> tuple[str | None, str | None, dict]:
     """(caption, id, other scalar fields) of a JSON sidecar's bytes. Not JSON, or JSON that is not an object,
-    raises _SidecarRejected: the record goes to the rejects rather than being indexed without its caption."""
+    raises _SidecarRejected: the record goes to the rejects rather than being indexed without its caption. So does
+    a sidecar whose only caption fields (caption, text, TEXT) hold lists, objects or booleans, unless a ``.txt``
+    sidecar gives the caption (``has_text``)."""
     try:
         obj = json.loads(raw.decode("utf-8-sig", errors="replace"))  # a leading byte-order mark is not an error
     except (json.JSONDecodeError, RecursionError) as e:
@@ -150,11 +152,12 @@ def _json_sidecar(raw: bytes, name: str) -> tuple[str | None, str | None, dict]:
     if not isinstance(obj, dict):
         raise _SidecarRejected("unreadable sidecar", f"{name} holds a JSON {type(obj).__name__}, not an object with "
                                "a caption or text field; fix or remove it, then index the record again (--append)")
-    for k in ("caption", "text", "TEXT"):
-        if obj.get(k) is not None and not _is_text_like(obj[k]):
-            raise _SidecarRejected("unreadable sidecar", f"the {k!r} of {name} is a JSON {type(obj[k]).__name__}, "
-                                   "not text; fix it, then index the record again (--append)")
-    return _sidecar_fields(obj)
+    caption, rid, extra = _sidecar_fields(obj)
+    odd = [k for k in ("caption", "text", "TEXT") if obj.get(k) is not None and not _is_text_like(obj[k])]
+    if caption is None and odd and not has_text:
+        raise _SidecarRejected("unreadable sidecar", f"the {odd[0]!r} of {name} is a JSON {type(obj[odd[0]]).__name__}"
+                               ", not text; fix it, then index the record again (--append)")
+    return caption, rid, extra
 
 
 def _is_text_like(v: object) -> bool:
@@ -325,7 +328,7 @@ def _image_record(root: Path, img: Path) -> Record:
     try:
         js, txt = _read_sidecar(img.with_suffix(".json")), _read_sidecar(img.with_suffix(".txt"))
         if js is not None:
-            c, rid, extra = _json_sidecar(js, img.with_suffix(".json").name)
+            c, rid, extra = _json_sidecar(js, img.with_suffix(".json").name, has_text=txt is not None)
             caption = c if c is not None else caption
     except _SidecarRejected as e:
         return _rejected(rel, e.reason, e.detail)
@@ -420,7 +423,8 @@ def _tar_records(shard: Path, rel: str, max_bytes: int, skip: int = 0):
                 continue
             if low.endswith(".json"):
                 try:
-                    c, rid, extra = _json_sidecar(raw, n)
+                    c, rid, extra = _json_sidecar(raw, n, has_text=any(
+                        m.lower().endswith(".txt") and v is not None for m, v in group.items()))
                 except _SidecarRejected as e:
                     yield from emit(_rejected(where, e.reason, e.detail))
                     return
@@ -503,20 +507,31 @@ def _read_table(p: Path, fmt: str) -> pl.DataFrame:
         if fmt == "parquet":
             return pl.read_parquet(p)
         if fmt == "csv":
-            header = pl.read_csv(p, n_rows=0).columns
-            text = {c for c in header if c.lower() in {t.lower() for t in TEXT_LIKE_COLUMNS}}
-            return pl.read_csv(p, infer_schema_length=10_000, schema_overrides={c: pl.String for c in text})
+            return _read_csv(p)
         return pl.read_ndjson(p, infer_schema_length=10_000)
+    except SourceError:
+        raise
     except Exception as e:  # noqa: BLE001 - polars raises many error types on bad files
-        more = _ragged_line(p) if fmt == "csv" else None
-        if more is not None:
-            raise SourceError(f"cannot read table {p} as csv: line {more[0]} has {more[1]} fields, the header "
-                              f"{more[2]}; quote fields that contain commas (\"a fox, in snow\")") from None
         raise SourceError(f"cannot read table {p} as {fmt}: {e.__class__.__name__}: {e}") from None
 
 
+def _read_csv(p: Path) -> pl.DataFrame:
+    header = pl.read_csv(p, n_rows=0).columns
+    text = {c for c in header if c.lower() in {t.lower() for t in TEXT_LIKE_COLUMNS}}
+    kw = dict(infer_schema_length=10_000, schema_overrides={c: pl.String for c in text})
+    try:
+        return pl.read_csv(p, **kw)
+    except Exception:  # noqa: BLE001 - a row with more fields than the header, or another error
+        more = _ragged_line(p)
+        if more is not None:
+            raise SourceError(f"cannot read table {p} as csv: line {more[0]} has {more[1]} fields, the header "
+                              f"{more[2]}; quote fields that contain commas (\"a fox, in snow\")") from None
+        return pl.read_csv(p, truncate_ragged_lines=True, **kw)  # only empty extra fields ("a.png,x,"): dropped
+
+
 def _ragged_line(p: Path) -> tuple[int, int, int] | None:
-    """(line number, fields, header fields) of the first CSV row with more fields than the header, if any."""
+    """(line number, fields, header fields) of the first CSV row with more non-empty fields than the header, if
+    any (a trailing comma, an empty field past the header, loses nothing)."""
     import csv
 
     try:
@@ -524,7 +539,7 @@ def _ragged_line(p: Path) -> tuple[int, int, int] | None:
             rows = csv.reader(f)
             width = len(next(rows, []))
             for row in rows:
-                if len(row) > width:
+                if len(row) > width and any(f.strip() for f in row[width:]):
                     return rows.line_num, len(row), width
     except (OSError, csv.Error):
         return None

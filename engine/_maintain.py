@@ -434,9 +434,11 @@ def verify(index: str | os.PathLike, progress: bool = True) -> VerifyReport:
             bad("deletes", m["deletes"]["path"], "lists rows that are in no segment")
     try:
         _check_text(reader, bad)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except BaseException as e:  # noqa: BLE001 - tantivy panics (pyo3's PanicException is a BaseException)
+        if not isinstance(e, (Exception, IndexFormatError)) and type(e).__name__ != "PanicException":
+            raise
         bad("text", "text", f"reading the caption index failed ({e.__class__.__name__}: {e}); rebuild the index")
     reader.close()
     return VerifyReport(not problems, problems, checked)

@@ -287,8 +287,26 @@ def remove_unlisted_segments(index_dir: Path, manifest: dict | None) -> None:
 
 def unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
     """One schema for record tables of several segments (sources may add different columns; a column that is
-    all nulls in one segment takes the other's type)."""
-    return pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 else schemas[0]
+    all nulls in one segment takes the other's type). A column whose types cannot be reconciled (an int64 ``key``
+    written by an older version that inferred CSV types, text now) becomes text."""
+    if len(schemas) <= 1:
+        return schemas[0]
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    names: dict[str, list[pa.DataType]] = {}
+    for sch in schemas:
+        for f in sch:
+            names.setdefault(f.name, []).append(f.type)
+    fields = []
+    for name, types in names.items():
+        try:
+            t = pa.unify_schemas([pa.schema([(name, x)]) for x in types], promote_options="permissive").field(0).type
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            t = pa.large_string()
+        fields.append(pa.field(name, t))
+    return pa.schema(fields)
 
 
 def cast_table(t: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -149,19 +149,23 @@ def cmd_index(a: argparse.Namespace) -> int:
     from ._txn import staging_path
 
     out_path = Path(a.out).expanduser().absolute()
-    target = staging_path(out_path) if a.overwrite else out_path
 
-    def stamp() -> tuple | None:
+    def stamp(folder: Path) -> tuple | None:
         try:
-            st = (target / MANIFEST).stat()
+            st = (folder / MANIFEST).stat()
         except OSError:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    before = stamp()  # an append commits by replacing the manifest: unchanged means nothing of it was committed
+    before = stamp(out_path)  # a commit replaces the manifest: unchanged means nothing of this run was committed
 
     def interrupted() -> str:  # said when the interrupt comes: whether anything was committed by then
-        now = stamp()
+        now = stamp(out_path)
+        if a.overwrite and stamp(staging_path(out_path)) is None and now is not None and now != before:
+            return (f"interrupted after the new index replaced the old one in {a.out}: it is complete and in use "
+                    "(run `attrib calibrate` on it if its calibration was cut short)")
+        if a.overwrite:
+            now = stamp(staging_path(out_path))
         if now is None or (a.append and now == before):
             return ("interrupted before the first segment was committed: nothing of this build was kept"
                     + (f"; {a.out} is as it was" if a.overwrite or a.append else "")

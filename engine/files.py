@@ -185,7 +185,7 @@ def refuse_clobbering(out_path: str | os.PathLike, inputs: Iterable = (), kind: 
             if same:
                 raise OutputError(f"refusing to write {target}: it is an input of this command ({inp}); choose "
                                   "another path")
-        if k is not None:
+        if k is not None and os.path.getsize(target) > 0:  # an empty file (`touch`, `mktemp`) may be filled
             what, ok = OUTPUT_KINDS[k]
             if not ok(_head(target), target):
                 raise OutputError(f"refusing to replace {target}: it is not {what} (it would be lost); choose a new "

@@ -591,6 +591,8 @@ def test_outputs_replace_only_their_own_kind_and_see_through_links(tiny_index, b
     (tmp_path / "old.html").write_text("<!DOCTYPE html>\n<html>old report</html>")
     refuse_clobbering(tmp_path / "old.html", kind="html")  # a report may replace a report
     refuse_clobbering(w, kind="weights")  # and weights, weights
+    (tmp_path / "empty.html").write_bytes(b"")
+    refuse_clobbering(tmp_path / "empty.html", kind="html")  # an empty file (`mktemp`) may be filled
 
 
 def test_bench_synth_argument_checks_are_one_line(tmp_path):

@@ -279,3 +279,23 @@ def test_json_sidecars_with_a_byte_order_mark_or_a_number_caption_are_read(tmp_p
         (tmp_path / f"{name}.json").write_bytes(raw)
     got = {r.where: r.caption for r in open_source(tmp_path).records()}
     assert got == {"bom.png": "with a BOM", "num.png": "1984"}
+
+
+def test_odd_fields_beside_a_good_caption_do_not_reject_a_record(tmp_path):
+    """Only the caption that is used must be text: an OCR list under "text" beside a "caption", or a JSON sidecar
+    with odd fields beside a .txt caption, keeps the record (in a folder and in a shard)."""
+    from engine._ingest import open_source
+
+    jpg = world.jpeg_bytes(world.scene(1)[0])
+    _tar(tmp_path / "s.tar", [("0.jpg", jpg), ("0.json", b'{"caption": "a cat", "text": ["ocr1", "ocr2"]}'),
+                              ("1.jpg", jpg), ("1.json", b'{"key": "3", "text": ["x"]}'), ("1.txt", b"a dog"),
+                              ("2.jpg", jpg), ("2.json", b'{"caption": false}'), ("2.txt", b"a bird")])
+    got = {r.where.split("::")[-1]: (r.reject, r.caption) for r in open_source(tmp_path / "s.tar").records()}
+    assert got == {"0.jpg": (None, "a cat"), "1.jpg": (None, "a dog"), "2.jpg": (None, "a bird")}
+
+
+def test_a_csv_whose_rows_end_with_a_comma_loads(tmp_path):
+    from engine._ingest import open_source
+
+    (tmp_path / "t.csv").write_text("image,caption\n,a fox,\n,a car,\n")
+    assert [r.caption for r in open_source(tmp_path / "t.csv").records()] == ["a fox", "a car"]

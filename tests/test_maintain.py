@@ -499,3 +499,17 @@ def test_verify_searches_caption_terms_and_finds_lost_postings(tiny_index, monke
     monkeypatch.setattr(TextStore, "_collect", lambda self, res: tuple(x[:-1] for x in real(self, res)))
     rep = engine.verify(tiny_index, progress=False)
     assert not rep.ok and "a search for the caption term" in json.dumps(rep.problems)
+
+
+def test_record_tables_of_irreconcilable_types_merge_as_text():
+    """An index whose older segments hold a CSV column as int64 (an older version inferred CSV types) and newer
+    ones as text still compacts: the column becomes text."""
+    import pyarrow as pa
+
+    from engine._segment import cast_table, unified_schema
+
+    old = pa.table({"row": [1], "id": ["a"], "key": pa.array([1], pa.int64())})
+    new = pa.table({"row": [2], "id": ["b"], "key": ["0001"], "score": [0.5]})
+    schema = unified_schema([old.schema, new.schema])
+    assert schema.field("key").type == pa.large_string() and schema.field("score").type == pa.float64()
+    assert [cast_table(t, schema).to_pylist()[0]["key"] for t in (old, new)] == ["1", "0001"]
