@@ -24,30 +24,20 @@ import time
 from pathlib import Path
 
 from _common import save, table
-from bench_scale import DP, generate, synthetic_identity
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) * 1024
-    return out
+from bench_scale import DP, generate, rss_parts, synthetic_identity
 
 
 def compact_phase(folder: Path) -> dict:
     """Compact ``folder`` in this process, sampling allocated and file-backed resident memory."""
     import engine
 
-    base = _status()
+    base = rss_parts()
     peak = dict(base)
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            for k, v in _status().items():
+            for k, v in rss_parts().items():
                 peak[k] = max(peak[k], v)
             time.sleep(0.02)
 
@@ -59,8 +49,8 @@ def compact_phase(folder: Path) -> dict:
     done.set()
     th.join()
     return {"seconds": round(seconds, 2), "segments_before": s.segments_before, "records_after": s.records,
-            "purged": s.purged, "peak_alloc_growth_bytes": peak["RssAnon"] - base["RssAnon"],
-            "peak_file_pages_bytes": peak["RssFile"]}
+            "purged": s.purged, "peak_alloc_growth_bytes": peak["anon"] - base["anon"],
+            "peak_file_pages_bytes": peak["file"]}
 
 
 def main() -> None:

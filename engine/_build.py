@@ -281,8 +281,7 @@ def build_index(
         if writer.n_rows == 0 and (writer.manifest is None or mode == "append"):
             writer.rejects.flush()
             kept = " (the index was left as it was)" if mode == "append" else ""
-            start = int(writer.manifest.get("rejects_bytes", 0)) if writer.manifest else 0
-            raise EmptyCorpusError(_empty_message(src, folder, start) + kept)
+            raise EmptyCorpusError(_empty_message(src, folder, writer.committed_rejects_bytes) + kept)
         manifest = writer.finalize(progress={"consumed": (src.count or 0), "source": writer.source, "engine": "local"})
         remove(folder / "incoming")  # what an interrupted distributed build (engine._cluster) had not committed
     except BaseException:

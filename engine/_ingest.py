@@ -517,7 +517,8 @@ def _read_table(p: Path, fmt: str) -> pl.DataFrame:
 
 def _read_csv(p: Path) -> pl.DataFrame:
     header = pl.read_csv(p, n_rows=0).columns
-    text = {c for c in header if c.lower() in {t.lower() for t in TEXT_LIKE_COLUMNS}}
+    text_like = {t.lower() for t in TEXT_LIKE_COLUMNS}
+    text = {c for c in header if c.lower() in text_like}
     kw = dict(infer_schema_length=10_000, schema_overrides={c: pl.String for c in text})
     try:
         return pl.read_csv(p, **kw)

@@ -35,7 +35,7 @@ from ._segment import (
     unified_schema,
     write_segment,
 )
-from ._stores import ROW_FIELD, TEXT_FIELD, TextSink
+from ._stores import ROW_FIELD, TextSink, is_panic
 from ._threads import blas_single
 from ._txn import recover
 from .files import fsync_dir, remove
@@ -228,9 +228,10 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
 
         with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
             if retrain:  # the codebooks are fitted on every live vector: they are gathered in memory
-                parts = []
-                for part in _live_parts(reader, folder, with_captions):
+                parts, caps = [], []
+                for part, cap in _live_parts(reader, folder, with_captions):
                     parts.append(part)
+                    caps.append(cap)
                     advance(1)
                 vecs = {n: cb.decode_refine(n, np.concatenate([p.refine[n] for p in parts])) for n in STORES}
                 patches_a = np.concatenate([p.patches for p in parts])
@@ -246,7 +247,7 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                 chunk = Chunk(pa.concat_tables([cast_table(p.table, schema) for p in parts]),
                               np.concatenate([p.image_rows for p in parts]),
                               vecs["clip"], vecs["dino"], cells,
-                              np.concatenate([p.caption_codes for p in parts]) if with_captions else None)
+                              np.concatenate(caps) if with_captions else None)
                 enc = encode_chunk(chunk, new_cb)
                 enc.caption_keys = np.concatenate([p.caption_keys for p in parts])
                 m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
@@ -280,10 +281,10 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
 
 
 def _live_parts(reader: IndexReader, folder: Path, with_captions: bool):
-    """Per segment, in row order: its live records as an :class:`EncodedChunk` without stores (table, record
-    CRCs, caption keys, image rows, refine codes, patch codes, image checksums and, with ``with_captions``,
-    decoded caption embeddings in ``caption_codes``: zeros for a segment without them). Codes are checked
-    against their checksums."""
+    """Per segment, in row order: its live records as an :class:`EncodedChunk` without stores or caption codes
+    (table, record CRCs, caption keys, image rows, refine codes, patch codes, image checksums), and, with
+    ``with_captions``, their decoded caption embeddings (zeros for a segment without them; else None). Codes are
+    checked against their checksums."""
     cb = reader.codebooks
     for seg in reader.segments:
         keep = reader.live.keep(np.asarray(seg.rows))
@@ -298,13 +299,13 @@ def _live_parts(reader: IndexReader, folder: Path, with_captions: bool):
         li = np.flatnonzero(reader.live.keep(irows))
         part = EncodedChunk(table, irows[li], {}, {n: np.asarray(seg.refine[n][li]) for n in STORES},
                             np.asarray(seg.patches[li]), np.asarray(seg.record_crc)[keep],
-                            np.asarray(seg.image_sums)[li].astype(np.uint64), caps, keys.astype(np.uint64))
+                            np.asarray(seg.image_sums)[li].astype(np.uint64), None, keys.astype(np.uint64))
         for j, (name, codes) in enumerate((("clip", part.refine["clip"]), ("dino", part.refine["dino"]),
                                            ("p", part.patches))):
             if len(codes) and not np.array_equal(row_sums(codes), part.image_sums[:, j]):
                 raise IndexFormatError(f"index {folder} is damaged ({name} codes of segment {seg.path.name} do not "
                                        f"match their checksums); run `attrib verify` and rebuild it")
-        yield part
+        yield part, caps
 
 
 def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance) -> dict:
@@ -320,9 +321,9 @@ def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_caption
     schema = unified_schema(schemas)
     out = SegmentFiles(folder, segment_dir(seg_id), n_records, n_images, schema, with_captions)
     try:
-        for part in _live_parts(reader, folder, with_captions):
+        for part, caps in _live_parts(reader, folder, with_captions):
             if with_captions:
-                part.caption_codes = cb.encode_captions(part.caption_codes)
+                part.caption_codes = cb.encode_captions(caps)
             out.append(part)
             advance(1)
         stores = {}
@@ -434,10 +435,10 @@ def verify(index: str | os.PathLike, progress: bool = True) -> VerifyReport:
             bad("deletes", m["deletes"]["path"], "lists rows that are in no segment")
     try:
         _check_text(reader, bad)
-    except (KeyboardInterrupt, SystemExit, MemoryError):
+    except MemoryError:
         raise
-    except BaseException as e:  # noqa: BLE001 - tantivy panics (pyo3's PanicException is a BaseException)
-        if not isinstance(e, (Exception, IndexFormatError)) and type(e).__name__ != "PanicException":
+    except BaseException as e:  # noqa: BLE001 - tantivy may panic (a BaseException) on damaged files
+        if not (isinstance(e, Exception) or is_panic(e)):
             raise
         bad("text", "text", f"reading the caption index failed ({e.__class__.__name__}: {e}); rebuild the index")
     reader.close()
@@ -467,8 +468,8 @@ def _check_text(reader: IndexReader, bad) -> None:
         for cap, live in zip(caps, reader.live.keep(np.asarray(seg.rows))):
             if live and cap:
                 df.update(set(analyzer.analyze(cap)))
-    short = [(t, n, reader.text.doc_freq(t)) for t, n in df.items()]
-    short = [x for x in short if x[2] < x[1]]
+    indexed = {t: reader.text.doc_freq(t) for t in df}
+    short = [(t, n, indexed[t]) for t, n in df.items() if indexed[t] < n]
     if short:
         eg = ", ".join(f"{t!r} in {got} documents for {want} captions" for t, want, got in short[:3])
         bad("text", "text", f"{len(short)} caption terms are in fewer documents than live captions hold them ({eg}): "
@@ -480,10 +481,7 @@ def _check_text(reader: IndexReader, bad) -> None:
     if len(terms) > VERIFY_TERM_SEARCHES:
         terms = [terms[i] for i in np.random.default_rng(0).choice(len(terms), VERIFY_TERM_SEARCHES, replace=False)]
     for t in terms:
-        import tantivy
-
-        q = tantivy.Query.term_query(reader.text.schema, TEXT_FIELD, t)
-        got, _ = reader.text._collect(reader.text._run(q, max(1, reader.text.doc_freq(t))))
+        got, _ = reader.text.search([t], max(1, indexed[t]))
         if len(got) < df[t]:
             bad("text", "text", f"a search for the caption term {t!r} finds {len(got)} documents for {df[t]} live "
                                 "captions that hold it: the caption index is damaged; rebuild the index")

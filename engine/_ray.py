@@ -318,7 +318,7 @@ def build_index_ray(
         else:
             base_row, base_seg, bootstrap = writer.next_row, int(m["next_segment"]), False
         plan = plan_units(src, writer.settings.chunk, base_row, base_seg, bootstrap)
-        rejects_start = int(m.get("rejects_bytes", 0)) if m is not None and mode == "append" else 0
+        rejects_start = writer.committed_rejects_bytes if mode == "append" else 0  # before this run commits
         committer = Committer.resume(writer, plan, src_info) if resuming else Committer(writer, plan, src_info)
         encoded, encode_s = _drive(ray, pool, cs, writer, plan, committer, identity, src, progress)
         total_records = int(writer.manifest["counts"]["records"]) if writer.manifest else 0

@@ -20,7 +20,7 @@ from ._errors import IndexFormatError
 from ._layout import MANIFEST, at_level, codebook_dir, path_of
 from ._manifest import dir_size, is_pretrained, read_manifest
 from ._segment import STORES, Segment
-from ._stores import TextStore
+from ._stores import TextStore, is_panic
 
 #: Indexes up to this size on disk have every file checked against its sha256 when opened (larger ones: sizes,
 #: headers and ranges at open, checksums of what each query reads, and everything with `attrib verify`).
@@ -140,10 +140,8 @@ class IndexReader:
         self.reload_search()
         try:
             self.text = TextStore(self.path / "text", (m.get("text") or {}).get("analyzer"), live=self.live)
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except BaseException as e:  # noqa: BLE001 - tantivy raises ValueError/OSError, or panics, on damaged files
-            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            if not (isinstance(e, Exception) or is_panic(e)):
                 raise
             raise IndexFormatError(f"index {self.path} is damaged: its caption index cannot be opened "
                                    f"({e.__class__.__name__}: {e}); rebuild it") from None

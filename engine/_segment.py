@@ -155,24 +155,24 @@ class SegmentFiles:
         remove(self.tmp)
         self.tmp.mkdir(parents=True)
         try:
-            self._open(schema, with_captions)
+            self._open()
         except BaseException:
             self.abort()
             raise
 
-    def _open(self, schema: pa.Schema, with_captions: bool) -> None:
-        self._records = pq.ParquetWriter(self.tmp / path_of("records"), schema, compression="zstd")
-        serving = pa.schema([schema.field(c) for c in SERVING_COLUMNS])
+    def _open(self) -> None:
+        self._records = pq.ParquetWriter(self.tmp / path_of("records"), self.schema, compression="zstd")
+        serving = pa.schema([self.schema.field(c) for c in SERVING_COLUMNS])
         self._serving_sink = pa.OSFile(str(self.tmp / path_of("serving")), "wb")
         self._serving = pa.ipc.new_file(self._serving_sink, serving)
         shapes = {"rows": (np.int64, (self.n_records,)), "record_crc": (np.uint32, (self.n_records,)),
                   "caption_keys": (np.uint64, (self.n_records,)), "image_rows": (np.int64, (self.n_images,)),
                   "image_sums": (np.uint64, (self.n_images, 3))}
-        if with_captions:
+        if self.with_captions:
             shapes["caption_sums"] = (np.uint64, (self.n_records,))
         for name, (dt, shape) in shapes.items():
             self._npy[name] = np.lib.format.open_memmap(self.tmp / path_of(name), "w+", dt, shape)
-        for name in (*(f"{n}_refine" for n in STORES), "patches", *(("caption_clip",) if with_captions else ())):
+        for name in (*(f"{n}_refine" for n in STORES), "patches", *(("caption_clip",) if self.with_captions else ())):
             self._bins[name] = open(self.tmp / path_of(name), "wb")
 
     def append(self, enc: EncodedChunk) -> None:
@@ -291,10 +291,6 @@ def unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
     written by an older version that inferred CSV types, text now) becomes text."""
     if len(schemas) <= 1:
         return schemas[0]
-    try:
-        return pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        pass
     names: dict[str, list[pa.DataType]] = {}
     for sch in schemas:
         for f in sch:
@@ -306,7 +302,7 @@ def unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
         except (pa.ArrowTypeError, pa.ArrowInvalid):
             t = pa.large_string()
         fields.append(pa.field(name, t))
-    return pa.schema(fields)
+    return pa.schema(fields, metadata=schemas[0].metadata)
 
 
 def cast_table(t: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -228,16 +228,20 @@ def _open_text_index(path: Path) -> tuple["tantivy.Index", Path | None]:
     return tantivy.Index.open(str(tmp)), tmp
 
 
+def is_panic(e: BaseException) -> bool:
+    """Whether ``e`` is a Rust panic inside tantivy: pyo3's PanicException, which derives from BaseException (like
+    Ctrl-C), so ``except Exception`` does not catch it; damaged caption index files can cause one."""
+    return type(e).__name__ == "PanicException"
+
+
 @contextmanager
 def _text_damage():
-    """Tantivy reports damaged files when it reads them: as ValueError, or as a Rust panic (pyo3's
-    PanicException, a BaseException). Either becomes an IndexFormatError naming the caption index."""
+    """Tantivy reports damaged files when it reads them: as ValueError, or as a Rust panic (:func:`is_panic`).
+    Either becomes an IndexFormatError naming the caption index."""
     try:
         yield
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
     except BaseException as e:
-        if not isinstance(e, ValueError) and type(e).__name__ != "PanicException":
+        if not (isinstance(e, ValueError) or is_panic(e)):
             raise
         from ._errors import IndexFormatError
 

@@ -135,8 +135,13 @@ class IndexWriter:
                 if f"codebooks/{p.name}" != cb_keep:
                     remove(p)
 
+    @property
+    def committed_rejects_bytes(self) -> int:
+        """Length of ``rejects.jsonl`` as of the last committed generation (lines after it are this run's)."""
+        return int(self.manifest.get("rejects_bytes", 0)) if self.manifest else 0
+
     def _truncate_rejects(self) -> None:
-        committed = int(self.manifest.get("rejects_bytes", 0)) if self.manifest else 0
+        committed = self.committed_rejects_bytes
         if self.rejects_path.exists() and self.rejects_path.stat().st_size > committed:
             with open(self.rejects_path, "r+b") as f:
                 f.truncate(committed)

@@ -347,14 +347,14 @@ def cmd_query(a: argparse.Namespace) -> int:
     from ._encode import check_prompt
     from ._index import Index
     from ._settings import QuerySettings
-    from .files import check_output_file, refuse_clobbering
+    from .files import refuse_clobbering
     from .report.text import print_attribution
 
     if a.image is None and not (a.prompt or "").strip():
         raise AttribError("give --image, --prompt, or both")
     check_prompt(a.prompt)
     if a.html:
-        check_output_file(a.html)  # before the slow part; checked again when written
+        # before the slow part; checked again (links, special files) when written
         refuse_clobbering(a.html, inputs=[a.image, a.weights], kind="html")
     settings = QuerySettings(**({"depth": a.depth} if a.depth is not None else {}), nprobe=a.nprobe)
     idx = Index(a.index, models=a.models, device=a.device, clip_weights=a.clip_weights,

@@ -156,8 +156,9 @@ REPORT_FILES = {"bench.json": "bench.json", "hard_cases.html": "html", "recall_a
 
 def refuse_clobbering(out_path: str | os.PathLike, inputs: Iterable = (), kind: str | None = None,
                       folder: bool = False) -> None:
-    """Refuse, with :class:`OutputError`, a user-named output (a report, a weights file, a report folder) that
-    would overwrite what a command reads or an index, before the work starts:
+    """Check a user-named output (a report, a weights file, a report folder) before the work starts: what
+    :func:`check_output_file` (or, for a ``folder``, :func:`check_output_folder`) checks, and then refuse, with
+    :class:`OutputError`, one that would overwrite what a command reads or an index:
 
     * a path inside an attrib index folder, symbolic links resolved (its files change only through the index
       commands);
@@ -166,6 +167,7 @@ def refuse_clobbering(out_path: str | os.PathLike, inputs: Iterable = (), kind: 
     * an existing file that is not already an output of the same ``kind`` (``OUTPUT_KINDS``): a report replaces
       a report, never a training image, a manifest or a weights file. For a report ``folder``, each file the
       report writes (``REPORT_FILES``) is checked so."""
+    (check_output_folder if folder else check_output_file)(out_path)
     raw = Path(out_path).expanduser()
     # symbolic links resolved before `..` is applied (as the kernel does): lnk/../x is in the folder lnk points into
     out = Path(os.path.realpath(raw)) if folder else Path(os.path.realpath(raw.parent)) / raw.name

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from engine import PROFILES, AttribError, main_rankers
 from engine.cli import MAX_K, Parser, float_in, int_in, print_json, report_failed
-from engine.files import check_output_file, check_output_folder, refuse_clobbering
+from engine.files import refuse_clobbering
 from engine.report import fmt_number
 from engine.report.text import untrained_panel
 from engine.ui import stderr_console
@@ -151,7 +151,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .run import evaluate, write_report
 
     if a.report:
-        check_output_folder(a.report)  # before the slow part; each file is checked again when written
+        # before the slow part; each file is checked again (links, special files) when written
         refuse_clobbering(a.report, inputs=[a.weights, a.index], folder=True)
     bench, idx = _open(a)
     ev = evaluate(bench, idx, a.split, weights=a.weights or "auto", target_far=a.target_far, progress=not a.no_progress,
@@ -173,7 +173,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_tune(a: argparse.Namespace) -> int:
     from .tune import metric_by_ranker, tune
 
-    check_output_file(a.out)  # before the slow part; checked again when written
+    # before the slow part; checked again (links, special files) when written
     refuse_clobbering(a.out, inputs=[Path(a.bench) / CORPUS, Path(a.bench) / QUERIES], kind="weights")
     bench, idx = _open(a)
     w, evals = tune(bench, idx, None, metric=a.metric, target_far=a.target_far, progress=not a.no_progress)

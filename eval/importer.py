@@ -43,6 +43,7 @@ from ._util import counts, foreign_entries
 from .bench import CORPUS, QUERIES, SPLITS, BenchmarkError, load_benchmark
 
 VERSION = 1
+IMPORT_ENTRIES = (CORPUS, QUERIES, "import.json", "images", "fetch_failures.jsonl", "bm25_losses.json")  # it writes
 IMPORT_FORMAT = "attrib-import-memorized"  # import.json names it: only such folders are replaced on --overwrite
 KINDS = ("VM", "TM")  # the memorization labels of the lists: verbatim / template memorization
 NOVEL = "novel"
@@ -456,12 +457,9 @@ def import_memorized(csv: str | os.PathLike, out: str | os.PathLike, unmemorized
             f"{str(out)!r} is a non-empty folder that was not written by `attrib bench import-memorized` (no valid "
             f"import.json); refusing to replace it. Choose another output folder"
         )
-    other = foreign_entries(out, (CORPUS, QUERIES, "import.json", "images", "fetch_failures.jsonl",
-                                  "bm25_losses.json")) if is_nonempty(out) else []
-    if other:
-        raise BenchmarkError(f"{str(out)!r} also holds what `attrib bench import-memorized` did not write "
-                             f"({', '.join(other[:5])}); --overwrite would delete it: move it out first, or choose "
-                             "another output folder")
+    why = foreign_entries(out, IMPORT_ENTRIES, "attrib bench import-memorized")
+    if why:
+        raise BenchmarkError(why)
     check_output_folder(out)  # a path under a file, or a folder we may not write: one line, before any work
 
     skipped: list[dict] = []

@@ -144,10 +144,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not ours:
         raise SynthOptionError(f"{out} is a non-empty folder that was not written by `attrib bench synth` (no valid "
                                f"synth.json); refusing to replace it. Choose another output folder")
-    other = foreign_entries(out, SYNTH_ENTRIES)
-    if other:
-        raise SynthOptionError(f"{out} also holds what `attrib bench synth` did not write ({', '.join(other[:5])}); "
-                               "--overwrite would delete it: move it out first, or choose another output folder")
+    why = foreign_entries(out, SYNTH_ENTRIES, "attrib bench synth")
+    if why:
+        raise SynthOptionError(why)
 
 
 def _is_synth_benchmark(folder: Path) -> bool:
