@@ -62,15 +62,17 @@ def index_info(path: str | os.PathLike) -> dict:
 
 def ram_bytes_per_record(r: IndexReader) -> dict:
     """What a query process keeps resident per record (the rest is memory-mapped and read on demand): the
-    faiss lists of compressed stores are memory-mapped too, so only the coarse quantizers, the deleted-row
-    list and the segment row tables count, plus the first-stage codes a full scan touches."""
+    coarse quantizers, the deleted-row list and the segment row tables, plus the first-stage lists: all of them
+    for fast-scan stores (packed in memory when the index opens), else the share of the memory-mapped lists that
+    a search touches."""
     n = max(1, r.n_records)
     out = {}
     for name in ("clip", "dino"):
         spec = r.codebooks.stores[name]
-        code = spec.m if spec.codec == "pq" else 2 * spec.dim
+        code = spec.code_bytes
         centroids = spec.nlist * spec.dim * 4
-        scanned = (code + 8) * r.n_images * min(1.0, r.nprobe[name] / max(spec.nlist, 1))
+        share = 1.0 if spec.fast_scan else min(1.0, r.nprobe[name] / max(spec.nlist, 1))
+        scanned = (code + 8) * r.n_images * share
         out[name] = round((centroids + scanned) / n, 1)
     out["row_tables"] = 8.0 * len(r.segments) / n + 8.0 * r.n_images / n  # first rows; image rows touched
     out["deleted"] = round(8.0 * int(r.manifest["counts"].get("deleted", 0)) / n, 1)

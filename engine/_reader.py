@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import threading
 from pathlib import Path
 
 import faiss
@@ -91,7 +92,12 @@ def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
     return ok
 
 
-DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting
+DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting (8-bit PQ)
+DEFAULT_REFINE_FAST_SCAN = 8  # the same for 4-bit (fast-scan) codes, coarser per byte
+
+
+def default_refine(spec) -> int:
+    return DEFAULT_REFINE_FAST_SCAN if spec.fast_scan else DEFAULT_REFINE
 
 
 class IndexReader:
@@ -134,8 +140,10 @@ class IndexReader:
                                    f"records than the manifest says ({self.n_records}); rebuild it")
         self._given = (nprobe, refine)  # explicit settings (--nprobe) win over measured ones
         self.nprobe = {name: self.codebooks.stores[name].nprobe for name in STORES}
-        self.refine = {name: DEFAULT_REFINE for name in STORES}  # PQ candidates re-scored, as a multiple of k
-        self._shells = {name: self._search_shell(name) for name in STORES}
+        # PQ candidates re-scored, as a multiple of k
+        self.refine = {name: default_refine(self.codebooks.stores[name]) for name in STORES}
+        self._shells: dict[str, faiss.Index] = {}  # built on a store's first search (see _shell)
+        self._shell_lock = threading.Lock()
         self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
         try:
@@ -181,8 +189,30 @@ class IndexReader:
             raise IndexFormatError(f"index {self.path} is damaged: {entry['path']} is not a sorted list of rows")
         return d
 
+    def _shell(self, name: str) -> faiss.Index:
+        """The searchable faiss index of store ``name``, built on first use: opening an index for ``info``,
+        ``delete`` or ``compact`` never packs fast-scan lists it will not search."""
+        shell = self._shells.get(name)
+        if shell is None:
+            with self._shell_lock:
+                shell = self._shells.get(name)
+                if shell is None:
+                    shell = self._search_shell(name)
+                    faiss.extract_index_ivf(shell).nprobe = self.nprobe[name]
+                    self._shells[name] = shell
+        return shell
+
+    def warm(self) -> None:
+        """Build every store's search index now (a service does this before its first request)."""
+        for name in STORES:
+            self._shell(name)
+
     def _search_shell(self, name: str) -> faiss.Index:
-        """One faiss index over the lists of every segment (HStackInvertedLists; a single segment directly)."""
+        """One faiss index over the lists of every segment: for 4-bit PQ stores a fast-scan index packed in
+        memory (``_fast_scan_shell``); else HStackInvertedLists over the memory-mapped lists (a single segment
+        directly)."""
+        if self.codebooks.stores[name].fast_scan:
+            return self._fast_scan_shell(name)
         parts = [s.stores[name] for s in self.segments]
         if len(parts) == 1:
             shell = parts[0]
@@ -197,6 +227,39 @@ class IndexReader:
             shell.ntotal = sum(p.ntotal for p in parts)
             self._ilv[name] = (vec, stacked, parts)  # keep the parts alive as long as the shell
         return shell  # its nprobe is set by reload_search
+
+    def _fast_scan_shell(self, name: str) -> faiss.Index:
+        """The live codes of every segment's lists, gathered list by list into one in-memory 4-bit IVF-PQ index
+        (deleted rows left out, so searches need no selector for them) and packed into a faiss
+        ``IndexIVFPQFastScan``, which keeps them in RAM: (code + 8) bytes per image. faiss packs only lists held
+        in memory (``ArrayInvertedLists``), hence the gathering; the gathered copy is emptied once packed."""
+        flat = self.codebooks.new_store(name)
+        into = faiss.downcast_InvertedLists(flat.invlists)
+        deleted = self.live.deleted
+        total = 0
+        for seg in self.segments:
+            lists = seg.stores[name].invlists
+            width = lists.code_size
+            for li in range(lists.nlist):
+                n = lists.list_size(li)
+                if not n:
+                    continue
+                ids = faiss.rev_swig_ptr(lists.get_ids(li), n)
+                codes = faiss.rev_swig_ptr(lists.get_codes(li), n * width).reshape(n, width)
+                if len(deleted):
+                    keep = self.live.keep(ids)
+                    ids, codes = ids[keep], codes[keep]
+                    n = len(ids)
+                if n:
+                    ids, codes = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(codes, np.uint8)
+                    into.add_entries(li, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                    total += n
+        flat.ntotal = total
+        shell = faiss.IndexIVFPQFastScan(flat)
+        flat.reset()  # the packed copy is the one searched; the quantizer stays shared with it
+        self._ilv = getattr(self, "_ilv", {})
+        self._ilv[name] = flat  # owns the coarse quantizer the fast-scan index points to
+        return shell
 
     def reload_search(self) -> bool:
         """Apply ``search.json`` (see engine._search_tune) if it changed since last read: the measured lists
@@ -215,14 +278,16 @@ class IndexReader:
         for name in STORES:
             spec = self.codebooks.stores[name]
             self.set_search(name, min(spec.nlist, int(nprobe or measured.get(name, {}).get("nprobe") or spec.nprobe)),
-                            int(refine or measured.get(name, {}).get("refine") or DEFAULT_REFINE))
+                            int(refine or measured.get(name, {}).get("refine") or default_refine(spec)))
         return True
 
     def set_search(self, store: str, nprobe: int | None = None, refine: int | None = None) -> None:
         """Change how ``store`` is searched from now on: IVF lists probed, PQ candidates re-scored per result."""
         if nprobe is not None:
             self.nprobe[store] = max(1, int(nprobe))
-            faiss.extract_index_ivf(self._shells[store]).nprobe = self.nprobe[store]
+            with self._shell_lock:
+                if store in self._shells:
+                    faiss.extract_index_ivf(self._shells[store]).nprobe = self.nprobe[store]
         if refine is not None:
             self.refine[store] = max(1, int(refine))
 
@@ -370,7 +435,8 @@ class IndexReader:
     def _params(self, name: str, exclude: np.ndarray | None) -> tuple[object, list]:
         """faiss search parameters skipping deleted and excluded rows, and the selector objects they point to
         (the caller keeps them alive while searching)."""
-        sel, refs = self._deleted_sel, []
+        # fast-scan stores hold no deleted rows (see _fast_scan_shell)
+        sel, refs = (None if self.codebooks.stores[name].fast_scan else self._deleted_sel), []
         if exclude is not None and len(exclude):
             ex = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
             refs.append(ex)
@@ -387,7 +453,7 @@ class IndexReader:
         """For each query vector: (rows, scores) of the k nearest live records, best first. Compressed stores
         search ``refine`` x k candidates in the product-quantized lists and re-score them with finer codes."""
         q = np.ascontiguousarray(np.atleast_2d(q), np.float32)
-        shell = self._shells[store]
+        shell = self._shell(store)
         if shell.ntotal == 0 or k <= 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
         compressed = self.codebooks.stores[store].codec == PQ

@@ -24,7 +24,7 @@ from .files import write_text_atomic
 TARGET_RECALL = 0.95
 TUNE_QUERIES = 100  # own records queried (recall@100 averages 100 neighbours each: its standard error is ~0.005)
 TUNE_K = 100
-REFINES = (4, 8, 16)  # refine factors tried, cheapest first
+REFINES = (4, 8, 16, 32)  # refine factors tried, cheapest first (32: 4-bit codes on spread-out data)
 RANDOM_READ_COST = 4  # a byte read at a random place costs this many read in sequence (the cost model)
 SCAN_BLOCK = 65_536  # stored vectors decoded per block of the exhaustive scan
 TIE_TOLERANCE = 1e-5  # scores this close to the k-th best count as tied with it (float rounding of two products)
@@ -65,7 +65,7 @@ def _work(spec, n_images: int, nprobe: int, refine: int, k: int) -> int:
     """The cost model that orders settings: bytes of the probed lists' codes (lists of average length, read in
     sequence) plus the finer codes of the re-scored candidates, each read at a random place (a page of its own
     when the index is not in the page cache), counted ``RANDOM_READ_COST`` times."""
-    code = spec.m if spec.codec == PQ else 2 * spec.dim
+    code = spec.code_bytes
     rescored = k * refine * spec.dim * RANDOM_READ_COST if spec.codec == PQ else 0
     return int(nprobe * n_images / max(spec.nlist, 1) * code + rescored)
 

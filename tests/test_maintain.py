@@ -329,7 +329,7 @@ def test_search_measurement_counts_duplicates_as_found_and_services_pick_it_up(t
     """300 copies of one image tie with each other: any 100 of them are a right top 100, so they must not count
     as misses (which would push the measurement to the slowest setting). A damaged or out-of-range search.json
     falls back to the defaults, and an open index picks up a new measurement between requests."""
-    from engine._reader import search_path
+    from engine._reader import default_refine, search_path
     from engine._search_tune import tune_search
 
     folder = tmp_path / "idx"
@@ -345,7 +345,8 @@ def test_search_measurement_counts_duplicates_as_found_and_services_pick_it_up(t
                                                                                                 "refine": 10**9}}})):
         search_path(folder).write_text(bad)
         r = IndexReader(folder)
-        assert r.nprobe == defaults and r.refine == {"clip": 4, "dino": 4}
+        assert r.nprobe == defaults and r.refine == {n: default_refine(st) for n, st in r.codebooks.stores.items()}
+        assert r.refine == {"clip": 8, "dino": 8}  # 4-bit (fast-scan) codes: twice the 8-bit PQ default
         r.close()
     search_path(folder).write_text(json.dumps({**saved, "stores": {**saved["stores"], "clip": {
         **saved["stores"]["clip"], "nprobe": 5, "refine": 8}}}))
@@ -513,3 +514,69 @@ def test_record_tables_of_irreconcilable_types_merge_as_text():
     schema = unified_schema([old.schema, new.schema])
     assert schema.field("key").type == pa.large_string() and schema.field("score").type == pa.float64()
     assert [cast_table(t, schema).to_pylist()[0]["key"] for t in (old, new)] == ["1", "0001"]
+
+
+def _exhaustive(r: IndexReader, store: str, q: np.ndarray, k: int) -> list[set]:
+    """Each query's top k live rows by the stored (refine) vectors, scanned in full."""
+    rows = np.concatenate([np.asarray(s.image_rows, np.int64) for s in r.segments])
+    rows = rows[r.live.keep(rows)]
+    _, v = r.vectors(store, rows)
+    return [set(rows[np.argsort(-(v @ qi), kind="stable")[:k]].tolist()) for qi in q]
+
+
+def test_fast_scan_lists_gather_every_segment_and_leave_deleted_rows_out(tmp_path, tiny):
+    """4-bit lists of three segments are packed into one fast-scan index when the index opens; deleted rows are
+    not in it (no search needs a selector for them), excluded rows still never come back, and probing every
+    list finds the exhaustive top 10 of the stored vectors."""
+    import faiss
+
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny)
+    engine.delete_records(folder, ids=[f"v{i}" for i in range(0, 1200, 3)])
+    r = IndexReader(folder, nprobe=10_000, refine=32)
+    spec = r.codebooks.stores["clip"]
+    assert spec.fast_scan and spec.nbits == 4 and spec.code_bytes == spec.m // 2
+    assert r._shells == {}  # packed on the first search, not when an index opens (info, delete, compact)
+    assert len(r.segments) == 3 and isinstance(r._shell("clip"), faiss.IndexIVFPQFastScan)
+    assert r._shell("clip").ntotal == 800 == r.n_images
+    assert faiss.extract_index_ivf(r._shell("clip")).nprobe == r.nprobe["clip"]
+    q = clip[1:40:3] + 0.05
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    want = _exhaustive(r, "clip", q, 10)
+    found = r.search("clip", q, 10)
+    assert all(int(x) % 3 for rows, _ in found for x in rows)  # deleted rows never come back
+    assert np.mean([len(set(rows.tolist()) & w) / 10 for (rows, _), w in zip(found, want)]) >= 0.95
+    top = np.array([rows[0] for rows, _ in found])
+    again = r.search("clip", q, 10, exclude=top)
+    assert all(t not in rows.tolist() for t, (rows, _) in zip(top, again))
+    r.close()
+
+
+def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny, monkeypatch):
+    """An index written before 4-bit codes (8-bit PQ lists, no ``nbits`` in its manifest) keeps its format: it
+    is searched through its memory-mapped lists, appended to and compacted with its own codebooks."""
+    import engine._codebooks as cbm
+    from engine._manifest import write_manifest
+
+    monkeypatch.setattr(cbm, "PQ_NBITS", 8)
+    monkeypatch.setattr(cbm, "SUBVECTOR_DIMS", 8)
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny)
+    m = read_manifest(folder)
+    for st in m["codebooks"]["stores"].values():
+        assert st.pop("nbits") == 8
+    write_manifest(folder, m)
+    monkeypatch.undo()  # the current code reads and writes it
+    r = IndexReader(folder, nprobe=10_000)
+    spec = r.codebooks.stores["clip"]
+    assert spec.nbits == 8 and not spec.fast_scan and r.refine["clip"] == 4
+    assert not isinstance(r._shell("clip"), faiss.IndexIVFPQFastScan)
+    q = clip[:20]
+    want = _exhaustive(r, "clip", q, 10)
+    assert np.mean([len(set(rows.tolist()) & w) / 10 for (rows, _), w in zip(r.search("clip", q, 10), want)]) >= 0.9
+    r.close()
+    engine.compact(folder, progress=False)
+    r = IndexReader(folder, nprobe=10_000)
+    assert r.codebooks.stores["clip"].nbits == 8 and len(r.segments) == 1
+    assert [rows[0] for rows, _ in r.search("clip", clip[:20], 1)] == list(range(20))
+    r.close()

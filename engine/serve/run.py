@@ -21,9 +21,11 @@ CONFIG_ENV = "ATTRIB_SERVE_CONFIG"  # JSON handed to worker processes (token inc
 def _open(config: dict) -> Any:
     from .._index import Index
 
-    return Index(config["index"], models=config.get("models"), device=config.get("device"),
-                 clip_weights=config.get("clip_weights"), dino_weights=config.get("dino_weights"),
-                 settings=QuerySettings(**config.get("query_settings", {})))
+    index = Index(config["index"], models=config.get("models"), device=config.get("device"),
+                  clip_weights=config.get("clip_weights"), dino_weights=config.get("dino_weights"),
+                  settings=QuerySettings(**config.get("query_settings", {})))
+    index.reader.warm()  # fast-scan lists packed before the first request, not during it
+    return index
 
 
 def app_from_env():
