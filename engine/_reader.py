@@ -229,36 +229,26 @@ class IndexReader:
         return shell  # its nprobe is set by reload_search
 
     def _fast_scan_shell(self, name: str) -> faiss.Index:
-        """The live codes of every segment's lists, gathered list by list into one in-memory 4-bit IVF-PQ index
-        (deleted rows left out, so searches need no selector for them) and packed into a faiss
-        ``IndexIVFPQFastScan``, which keeps them in RAM: (code + 8) bytes per image. faiss packs only lists held
-        in memory (``ArrayInvertedLists``), hence the gathering; the gathered copy is emptied once packed."""
-        flat = self.codebooks.new_store(name)
-        into = faiss.downcast_InvertedLists(flat.invlists)
-        deleted = self.live.deleted
-        total = 0
+        """The live codes of every segment's lists in one in-memory faiss ``IndexIVFPQFastScan`` ((code + 8)
+        bytes per image). faiss packs the first segment's memory-mapped lists itself; each further segment is
+        packed the same way and its lists appended (faiss re-packs them behind the codes already there), one
+        segment at a time, so the only extra memory is one segment's packed lists. Deleted rows are then removed,
+        so searches need no selector for them."""
+        shell = None
         for seg in self.segments:
-            lists = seg.stores[name].invlists
-            width = lists.code_size
-            for li in range(lists.nlist):
+            part = faiss.IndexIVFPQFastScan(seg.stores[name])
+            if shell is None:
+                shell = part
+                continue
+            into, lists = faiss.downcast_InvertedLists(shell.invlists), part.invlists
+            for li in range(part.nlist):
                 n = lists.list_size(li)
-                if not n:
-                    continue
-                ids = faiss.rev_swig_ptr(lists.get_ids(li), n)
-                codes = faiss.rev_swig_ptr(lists.get_codes(li), n * width).reshape(n, width)
-                if len(deleted):
-                    keep = self.live.keep(ids)
-                    ids, codes = ids[keep], codes[keep]
-                    n = len(ids)
                 if n:
-                    ids, codes = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(codes, np.uint8)
-                    into.add_entries(li, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-                    total += n
-        flat.ntotal = total
-        shell = faiss.IndexIVFPQFastScan(flat)
-        flat.reset()  # the packed copy is the one searched; the quantizer stays shared with it
-        self._ilv = getattr(self, "_ilv", {})
-        self._ilv[name] = flat  # owns the coarse quantizer the fast-scan index points to
+                    into.add_entries(li, n, lists.get_ids(li), lists.get_codes(li))
+            shell.ntotal += part.ntotal
+            del part
+        if len(self.live.deleted):
+            shell.remove_ids(faiss.IDSelectorBatch(self.live.deleted))
         return shell
 
     def reload_search(self) -> bool:
