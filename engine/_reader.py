@@ -249,6 +249,12 @@ class IndexReader:
             del part
         if len(self.live.deleted):
             shell.remove_ids(faiss.IDSelectorBatch(self.live.deleted))
+        # The packed copy is all a search reads: the shell takes the codebooks' coarse quantizer (the same
+        # centroids; alive as long as this reader) and the segments' memory-mapped lists are closed, so their pages
+        # stop counting in this process's resident memory (about half of it at 10M records otherwise).
+        shell.quantizer = self.codebooks.templates[name].quantizer
+        for seg in self.segments:
+            seg.stores.pop(name, None)
         return shell
 
     def reload_search(self) -> bool:
