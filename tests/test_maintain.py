@@ -2,6 +2,7 @@
 them physically; `attrib verify` names damaged components."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from concurrent.futures import Future
@@ -540,6 +541,9 @@ def test_fast_scan_lists_gather_every_segment_and_leave_deleted_rows_out(tmp_pat
     assert len(r.segments) == 3 and isinstance(r._shell("clip"), faiss.IndexIVFPQFastScan)
     assert r._shell("clip").ntotal == 800 == r.n_images
     assert faiss.extract_index_ivf(r._shell("clip")).nprobe == r.nprobe["clip"]
+    # the packed copy is what searches read: the segments' memory-mapped lists of that store are closed
+    assert all("clip" not in seg.stores and "dino" in seg.stores for seg in r.segments)
+    gc.collect()  # nothing of the closed lists is still needed
     q = clip[1:40:3] + 0.05
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     want = _exhaustive(r, "clip", q, 10)
