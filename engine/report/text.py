@@ -99,7 +99,7 @@ def print_info(info: dict) -> None:
                       f"(sha256 {mod['clip']['weights_sha256'][:12]}..., {mod['clip']['dim']} dims)")
     t.add_row("dino", f"{mod['dino']['arch']} / {mod['dino'].get('weights_tag') or 'random init'} "
                       f"(sha256 {mod['dino']['weights_sha256'][:12]}..., {mod['dino']['dim']} dims, "
-                      f"{mod['dino']['input']['size']}px)")
+                      f"{mod['dino'].get('input', {}).get('size', '?')}px)")  # vectors written without images: none
     t.add_row("fingerprint", mod["fingerprint"])
     cnt = m["counts"]
     t.add_row("records", f"{info['live']} live ({info['images']} with images, {cnt['caption_only']} caption-only "
@@ -121,7 +121,13 @@ def print_info(info: dict) -> None:
         rec = f", recall@100 {s['recall_at_100']:.3f}" if "recall_at_100" in s else ""
         return f" nlist {v['nlist']} nprobe {s['nprobe']} refine {s['refine']}x (measured{rec})"
 
-    t.add_row("stores", ", ".join(f"{k}: {v['ann']} {v['codec']}" + probe(k, v) for k, v in cb["stores"].items()))
+    def codec(v: dict) -> str:
+        if v["codec"] != "pq":
+            return v["codec"]
+        bits = v.get("nbits", 8)  # indexes of older versions: 8-bit codes, no "nbits"
+        return f"pq {v['m']}x{bits}-bit" + (" fast-scan" if bits == 4 else "")
+
+    t.add_row("stores", ", ".join(f"{k}: {v['ann']} {codec(v)}" + probe(k, v) for k, v in cb["stores"].items()))
     t.add_row("segments", str(info["segments"]) + ("  [yellow](many: `attrib compact` merges them)[/yellow]"
                                                    if info["segments"] > 16 else ""))
     src = m["build"].get("source") or {}
