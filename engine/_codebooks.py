@@ -186,6 +186,8 @@ class Codebooks:
         x = np.ascontiguousarray(x, np.float32)
         if self.stores[name].codec == FP16:
             return x.astype(np.float16)
+        if len(x) == 0:  # a segment of caption-only records
+            return np.zeros((0, self.sq[name].code_size), np.uint8)
         return self.sq[name].compute_codes(x).reshape(len(x), -1)
 
     def decode_refine(self, name: str, codes: np.ndarray) -> np.ndarray:

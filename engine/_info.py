@@ -63,7 +63,7 @@ def index_info(path: str | os.PathLike) -> dict:
 def ram_bytes_per_record(r: IndexReader) -> dict:
     """What a query process keeps resident per record (the rest is memory-mapped and read on demand): the
     coarse quantizers, the deleted-row list and the segment row tables, plus the first-stage lists: all of them
-    for fast-scan stores (packed in memory when the index opens), else the share of the memory-mapped lists that
+    for fast-scan stores (packed in memory at their first search), else the share of the memory-mapped lists that
     a search touches."""
     n = max(1, r.n_records)
     out = {}

@@ -20,8 +20,8 @@ from ._layout import MANIFEST
 from .files import write_text_atomic
 
 FORMAT_NAME = "attrib-index"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+FORMAT_VERSION = 3  # 3: first-stage product codes may be 4-bit (codebooks "nbits"), which version 2 readers lack
+SUPPORTED_VERSIONS = (2, 3)
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 UNTRAINED_BANNER = (
@@ -78,9 +78,21 @@ def write_manifest(index_dir: Path, m: dict) -> dict:
     """Commit ``m`` as the index's current generation (the one atomic step of every change)."""
     m = dict(m)
     m["updated"] = now_iso()
+    m["format_version"] = format_version_of(m)
     m["manifest_sha256"] = _checksum(m)
     write_json_atomic(Path(index_dir) / MANIFEST, m)
     return m
+
+
+def format_version_of(m: dict) -> int:
+    """The format version a manifest is written with: 3 once its codebooks name their codes' bits (``nbits``,
+    which engines of version 2 refuse as damaged codebooks), else the version it has. An index made by an older
+    version stays version 2, readable by the engines that made it, until ``attrib compact --retrain``."""
+    version = m.get("format_version", FORMAT_VERSION)
+    stores = ((m.get("codebooks") or {}).get("stores") or {}).values()
+    if version == 2 and any(isinstance(st, dict) and "nbits" in st for st in stores):
+        return 3
+    return version
 
 
 def _rebuild_hint(d: Path) -> str:

@@ -93,6 +93,7 @@ def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
 
 
 DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting (8-bit PQ)
+FAST_SCAN_BATCH_BYTES = 64 << 20  # codes gathered per batch of lists while packing a fast-scan store
 DEFAULT_REFINE_FAST_SCAN = 8  # the same for 4-bit (fast-scan) codes, coarser per byte
 
 
@@ -143,7 +144,7 @@ class IndexReader:
         # PQ candidates re-scored, as a multiple of k
         self.refine = {name: default_refine(self.codebooks.stores[name]) for name in STORES}
         self._shells: dict[str, faiss.Index] = {}  # built on a store's first search (see _shell)
-        self._shell_lock = threading.Lock()
+        self._shell_locks = {name: threading.Lock() for name in STORES}  # one store packs while the other searches
         self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
         try:
@@ -194,7 +195,7 @@ class IndexReader:
         ``delete`` or ``compact`` never packs fast-scan lists it will not search."""
         shell = self._shells.get(name)
         if shell is None:
-            with self._shell_lock:
+            with self._shell_locks[name]:
                 shell = self._shells.get(name)
                 if shell is None:
                     shell = self._search_shell(name)
@@ -230,29 +231,53 @@ class IndexReader:
 
     def _fast_scan_shell(self, name: str) -> faiss.Index:
         """The live codes of every segment's lists in one in-memory faiss ``IndexIVFPQFastScan`` ((code + 8)
-        bytes per image). faiss packs the first segment's memory-mapped lists itself; each further segment is
-        packed the same way and its lists appended (faiss re-packs them behind the codes already there), one
-        segment at a time, so the only extra memory is one segment's packed lists. Deleted rows are then removed,
-        so searches need no selector for them."""
-        shell = None
-        for seg in self.segments:
-            part = faiss.IndexIVFPQFastScan(seg.stores[name])
-            if shell is None:
-                shell = part
-                continue
-            into, lists = faiss.downcast_InvertedLists(shell.invlists), part.invlists
-            for li in range(part.nlist):
-                n = lists.list_size(li)
-                if n:
-                    into.add_entries(li, n, lists.get_ids(li), lists.get_codes(li))
-            shell.ntotal += part.ntotal
-            del part
-        if len(self.live.deleted):
-            shell.remove_ids(faiss.IDSelectorBatch(self.live.deleted))
-        # The packed copy is all a search reads: the shell takes the codebooks' coarse quantizer (the same
-        # centroids; alive as long as this reader) and the segments' memory-mapped lists are closed, so their pages
-        # stop counting in this process's resident memory (about half of it at 10M records otherwise).
-        shell.quantizer = self.codebooks.templates[name].quantizer
+        bytes per image, deleted rows left out, so searches need no selector for them).
+
+        faiss packs codes into its blocks of 32 only from lists held in memory, and appending to a packed list
+        that already holds entries is unsafe in faiss 1.15 (a fast path copies past the end of the list when
+        the entries already there are a multiple of the block's byte size). So each list is filled exactly once:
+        for a batch of lists, the codes of every segment are gathered into an in-memory IVF-PQ index, faiss packs
+        it, and the packed lists are moved into the empty lists of the shell. The extra memory is one batch."""
+        shell = faiss.IndexIVFPQFastScan(self.codebooks.templates[name])  # empty; the codebooks' quantizer
+        into = faiss.downcast_InvertedLists(shell.invlists)
+        sources = [seg.stores[name].invlists for seg in self.segments]
+        width = self.codebooks.stores[name].code_bytes
+        deleted = len(self.live.deleted) > 0
+        total, li, nlist = 0, 0, shell.nlist
+        while li < nlist:
+            batch = self.codebooks.new_store(name)  # in-memory lists (ArrayInvertedLists)
+            lists = faiss.downcast_InvertedLists(batch.invlists)
+            first, size = li, 0
+            while li < nlist and size < FAST_SCAN_BATCH_BYTES:
+                ids_parts, code_parts = [], []
+                for src in sources:
+                    n = src.list_size(li)
+                    if n:
+                        ids_parts.append(faiss.rev_swig_ptr(src.get_ids(li), n))
+                        code_parts.append(faiss.rev_swig_ptr(src.get_codes(li), n * width))
+                if ids_parts:
+                    ids = np.concatenate(ids_parts) if len(ids_parts) > 1 else np.array(ids_parts[0])
+                    codes = (np.concatenate(code_parts) if len(code_parts) > 1
+                             else np.array(code_parts[0])).reshape(len(ids), width)
+                    if deleted:
+                        keep = self.live.keep(ids)
+                        ids, codes = np.ascontiguousarray(ids[keep]), np.ascontiguousarray(codes[keep])
+                    if len(ids):
+                        lists.add_entries(li, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                        size += codes.nbytes
+                li += 1
+            packed = faiss.IndexIVFPQFastScan(batch)
+            del batch
+            plists = packed.invlists
+            for j in range(first, li):
+                n = plists.list_size(j)
+                if n:  # the shell's list is empty: faiss copies whole blocks
+                    into.add_entries(j, n, plists.get_ids(j), plists.get_codes(j))
+                    total += n
+            del packed
+        shell.ntotal = total
+        # The packed copy is all a search reads: the segments' memory-mapped lists of this store are closed, so
+        # their pages stop counting in this process's resident memory (about half of it at 10M records otherwise).
         for seg in self.segments:
             seg.stores.pop(name, None)
         return shell
@@ -281,7 +306,7 @@ class IndexReader:
         """Change how ``store`` is searched from now on: IVF lists probed, PQ candidates re-scored per result."""
         if nprobe is not None:
             self.nprobe[store] = max(1, int(nprobe))
-            with self._shell_lock:
+            with self._shell_locks[store]:
                 if store in self._shells:
                     faiss.extract_index_ivf(self._shells[store]).nprobe = self.nprobe[store]
         if refine is not None:

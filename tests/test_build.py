@@ -427,7 +427,7 @@ def test_manifest_round_trip_and_info(tmp_path, tiny, capsys):
     s = build(tmp_path / "src", tmp_path / "idx", tiny)
     m = read_manifest(tmp_path / "idx")
     assert m == json.loads(json.dumps(s.manifest))
-    assert m["models"]["profile"] == "tiny" and m["format_version"] == 2 and m["build"]["complete"]
+    assert m["models"]["profile"] == "tiny" and m["format_version"] == 3 and m["build"]["complete"]
     assert m["models"]["fingerprint"] == tiny.identity["fingerprint"]
     assert len(m["models"]["clip"]["weights_sha256"]) == 64
     assert m["dims"] == {"clip": 64, "dino": 64, "dino_global": 128, "patch_grid": 8, "patch_cells": 64,

@@ -567,9 +567,11 @@ def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny,
     folder = tmp_path / "idx"
     clip = _pq_index(folder, tiny)
     m = read_manifest(folder)
+    assert m["format_version"] == 3
     for st in m["codebooks"]["stores"].values():
         assert st.pop("nbits") == 8
-    write_manifest(folder, m)
+    write_manifest(folder, {**m, "format_version": 2})
+    assert read_manifest(folder)["format_version"] == 2  # as older versions wrote it
     monkeypatch.undo()  # the current code reads and writes it
     r = IndexReader(folder, nprobe=10_000)
     spec = r.codebooks.stores["clip"]
@@ -580,7 +582,61 @@ def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny,
     assert np.mean([len(set(rows.tolist()) & w) / 10 for (rows, _), w in zip(r.search("clip", q, 10), want)]) >= 0.9
     r.close()
     engine.compact(folder, progress=False)
+    assert read_manifest(folder)["format_version"] == 2  # still readable by the versions that made it
     r = IndexReader(folder, nprobe=10_000)
     assert r.codebooks.stores["clip"].nbits == 8 and len(r.segments) == 1
     assert [rows[0] for rows, _ in r.search("clip", clip[:20], 1)] == list(range(20))
+    r.close()
+    engine.compact(folder, retrain=True, progress=False)  # new codebooks: 4-bit codes, format version 3
+    m = read_manifest(folder)
+    assert m["format_version"] == 3 and all(st["nbits"] == 4 for st in m["codebooks"]["stores"].values())
+    r = IndexReader(folder, nprobe=10_000, refine=32)
+    assert [rows[0] for rows, _ in r.search("clip", clip[:20], 1)] == list(range(20))
+    r.close()
+
+
+def test_fast_scan_packs_segments_whose_lists_fill_whole_blocks(tmp_path, tiny):
+    """Three 512-image segments of a one-list (flat) pq store: each list reaches a multiple of faiss's block size
+    in bytes at a segment boundary, where appending packed lists in faiss 1.15 writes past the end of the list
+    (the process aborted). Lists are filled once each, so the search answers like an exhaustive scan."""
+    rng = np.random.default_rng(5)
+    n, d = 1536, tiny.dino_dim
+    w = engine.IndexWriter(tmp_path / "idx", tiny.identity, engine.IndexSettings(codec="pq", ann="flat", chunk=512,
+                                                                                  pca_sample=64))
+    clip = rng.standard_normal((n, 64)).astype(np.float32)
+    clip /= np.linalg.norm(clip, axis=1, keepdims=True)
+    for s in range(0, n, 512):
+        w.add_images([f"v{i}" for i in range(s, s + 512)], [None] * 512, [""] * 512, [{}] * 512, clip[s:s + 512],
+                     rng.standard_normal((512, d)).astype(np.float32), rng.standard_normal((512, d)).astype(np.float32),
+                     rng.standard_normal((512, 64, d)).astype(np.float32))
+    w.finalize({"path": "synthetic", "kind": "test"})
+    r = IndexReader(tmp_path / "idx", refine=32)
+    shell = r._shell("clip")
+    assert len(r.segments) == 3 and r.codebooks.stores["clip"].nlist == 1 and shell.ntotal == n
+    block = faiss.downcast_InvertedLists(shell.invlists).block_size
+    assert 512 % block == 0  # the list held a multiple of the block size after each segment
+    want = _exhaustive(r, "clip", clip[:30], 10)
+    found = r.search("clip", clip[:30], 10)
+    assert np.mean([len(set(rows.tolist()) & w_) / 10 for (rows, _), w_ in zip(found, want)]) >= 0.95
+    r.close()
+
+
+def test_a_pq_index_takes_a_segment_of_caption_only_records(tmp_path, tiny):
+    """Records without an image appended to a pq index make a segment without codes (its commit failed on
+    reshaping zero refine codes); searches, the text rankers and compaction go on."""
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny)
+    w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=400,
+                                                                       pca_sample=64))  # an existing index: appends
+    for j in range(5):
+        w.add_caption_only(f"t{j}", f"only text {j}")
+    w.finalize({"path": "captions", "kind": "test"})
+    r = IndexReader(folder)
+    assert len(r.segments) == 4 and r.segments[-1].n_images == 0 and r.n_records == 1205
+    assert r.search("clip", clip[:3], 1)[0][0].tolist() == [0]
+    assert r.rows_of(["t3"]).tolist() == [1203] and r.text.search(["text"], 10)[0].tolist()[:1] != []
+    r.close()
+    engine.compact(folder, progress=False)
+    r = IndexReader(folder)
+    assert len(r.segments) == 1 and r.n_records == 1205 and r.search("clip", clip[:3], 1)[0][0].tolist() == [0]
     r.close()

@@ -12,6 +12,7 @@ job already queued finish, then stops the thread.
 """
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -144,7 +145,13 @@ class QueryWorker:
 
     def _run_batch(self, batch: list[_Job]) -> None:
         try:  # an append, a deletion or a rebuild committed since the last batch: answer from it from now on
-            self.index = self.index.reopen_if_changed()
+            fresh = self.index.reopen_if_changed()
+            if fresh is not self.index:
+                self.index = fresh
+                # the generation replaced holds its packed fast-scan lists in memory ((code + 8) B per image) and
+                # sits in reference cycles: collect it now rather than whenever the cyclic collector runs (a
+                # request still holding it keeps it alive)
+                gc.collect()
         except Exception:  # noqa: BLE001 - a folder that cannot be read now: keep the generation already open
             pass
         queries = []
