@@ -645,7 +645,9 @@ def test_ctrl_c_in_the_first_half_second_is_one_line(tmp_path):
                 break
         assert "Traceback" not in text, (delay, text)
         assert rc == 130, (delay, rc, text)
-        lines = [x for x in text.splitlines() if x.strip()]
+        # CPython's own C warning when the interrupt lands inside the decimal module's initialisation (it is then
+        # initialised again): the interpreter's, printed before any of our code can run
+        lines = [x for x in text.splitlines() if x.strip() and "mpd_setminalloc" not in x]
         # before the command starts: the start-up line; once it has: the build's own line (resume advice), on one
         # line whatever the terminal width
         assert lines in (["interrupted: nothing half-written was left behind"],
