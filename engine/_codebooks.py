@@ -31,6 +31,7 @@ from ._stores import DinoProjection
 FP16, PQ = "fp16", "pq"
 FLAT, IVF = "flat", "ivf"
 PATCH_ENCODE_BLOCK = 4096  # images whose patch cells are converted and product-quantized at a time
+REFINE_BLOCK = 1024  # re-scored candidates whose 8-bit codes are converted to float32 at a time
 PQ_MIN_TRAIN = 256  # images the first chunk needs for product quantizers with 256 centroids
 IVF_MIN_PER_LIST = 39  # faiss wants this many training points per list
 SUBVECTOR_DIMS = 4  # dims per (4-bit) PQ sub-quantizer of the first stage: as many bytes as 8-bit PQ over 8
@@ -209,8 +210,11 @@ class Codebooks:
             return np.einsum("ij,j->i", _fp16_to_f32(codes), q)
         vmin, vdiff = self._sq_affine(name)
         w = (q * vdiff / np.float32(255.0)).astype(np.float32)
-        x = np.asarray(codes, np.uint8).astype(np.float32)
-        return (np.einsum("ij,j->i", x, w) + np.float32(q @ vmin + 0.5 * w.sum())).astype(np.float32)
+        codes = np.asarray(codes, np.uint8)
+        out = np.empty(len(codes), np.float32)
+        for a in range(0, len(codes), REFINE_BLOCK):  # float32 copies of a block at a time: cache-sized temporaries
+            out[a:a + REFINE_BLOCK] = np.einsum("ij,j->i", codes[a:a + REFINE_BLOCK].astype(np.float32), w)
+        return (out + np.float32(q @ vmin + 0.5 * w.sum())).astype(np.float32)
 
     def _sq_affine(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(vmin, vdiff) of store ``name``'s 8-bit scalar quantizer (its trained array holds both)."""
