@@ -118,6 +118,7 @@ def tune_search(index_dir: Path, target: float = TARGET_RECALL, n_queries: int =
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(image_rows), min(n_queries, len(image_rows)), replace=False))
         own = image_rows[pick]
+        reader.warm()  # fast-scan stores are packed now, not inside the first timed search
         out = {"format": SEARCH_FORMAT, "codebooks": int(reader.manifest["codebooks"]["generation"]),
                "target_recall_at_100": target, "queries": int(len(own)), "k": k, "stores": {}}
         for name, spec in stores.items():
