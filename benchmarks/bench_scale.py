@@ -21,8 +21,8 @@ does except the encoders: ``Index.search`` on an encoded query - pool, every fea
 set ranked by the patch score from stored codes, against the same ranking from float16 cells), bytes per record on
 disk and resident in RAM (measured: the growth of the process's resident set while opening the index and
 answering the queries, per record), the peak RSS, and the time the first search of an opened index takes to pack
-the fast-scan lists in memory (``first_search_pack_seconds``, not in the latencies). The 10M size measures the dense first stage alone (no
-patches, no captions). Results go to benchmarks/results/bench_scale.json.
+the fast-scan lists in memory (``first_search_pack_seconds``, not in the latencies). The 10M size measures the
+dense first stage alone (no patches, no captions). Results go to benchmarks/results/bench_scale.json.
 """
 from __future__ import annotations
 
