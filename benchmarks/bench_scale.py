@@ -354,7 +354,10 @@ def main() -> None:
     if args.query_phase:
         import json
 
-        print(json.dumps(query_phase(Path(args.query_phase), Path(args.work), args.records, args.full)))
+        result = query_phase(Path(args.query_phase), Path(args.work), args.records, args.full)
+        # kept in the work folder too: the compaction measured after it takes minutes at 10M records
+        (Path(args.work) / f"query_phase-{args.records}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
         return
     identity = synthetic_identity()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
