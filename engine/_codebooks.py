@@ -67,7 +67,7 @@ class StoreSpec:
 
     @property
     def fast_scan(self) -> bool:
-        """Searched through a fast-scan index (4-bit PQ lists packed in blocks when a reader opens them)."""
+        """Searched through a fast-scan index (4-bit PQ lists packed in blocks at a reader's first search)."""
         return self.codec == PQ and self.nbits == 4
 
     @property

@@ -440,7 +440,7 @@ class Segment:
         return codes
 
     def _refine_codes(self, name: str, local: np.ndarray) -> np.ndarray:
-        codes = np.asarray(np.take(self.refine[name], local, axis=0))  # take: about 3x fancy indexing of a memmap
+        codes = np.asarray(np.take(self.refine[name], local, axis=0))  # take: faster than fancy indexing of a memmap
         return self._checked(codes, local, STORES.index(name), f"{name} vectors")
 
     def vectors(self, name: str, local: np.ndarray) -> np.ndarray:
