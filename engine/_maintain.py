@@ -229,10 +229,10 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
             if retrain:  # the codebooks are fitted on every live vector: they are gathered in memory
                 parts, caps = [], []
-                for part, cap in _live_parts(reader, folder, with_captions):
+                for part, cap, last in _live_parts(reader, folder, with_captions):
                     parts.append(part)
                     caps.append(cap)
-                    advance(1)
+                    advance(int(last))
                 vecs = {n: cb.decode_refine(n, np.concatenate([p.refine[n] for p in parts])) for n in STORES}
                 patches_a = np.concatenate([p.patches for p in parts])
                 cells = (cb.decode_patches(patches_a) if len(patches_a)
@@ -280,32 +280,44 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                           new_cb.describe(), search)
 
 
+LIVE_PART_RECORDS = 131_072  # records of a segment read, checked and written at a time by a compaction
+
+
 def _live_parts(reader: IndexReader, folder: Path, with_captions: bool):
-    """Per segment, in row order: its live records as an :class:`EncodedChunk` without stores or caption codes
-    (table, record CRCs, caption keys, image rows, refine codes, patch codes, image checksums), and, with
-    ``with_captions``, their decoded caption embeddings (zeros for a segment without them; else None). Codes are
-    checked against their checksums."""
+    """Per segment, in row order, blocks of at most ``LIVE_PART_RECORDS`` records: their live records as an
+    :class:`EncodedChunk` without stores or caption codes (table, record CRCs, caption keys, image rows, refine
+    codes, patch codes, image checksums), with ``with_captions`` their decoded caption embeddings (zeros for a
+    segment without them; else None), and whether the block ends its segment. Codes are checked against their
+    checksums. Blocks, not whole segments: a compacted 10M-record index is one segment, whose codes alone are
+    13 GB."""
     cb = reader.codebooks
     for seg in reader.segments:
-        keep = reader.live.keep(np.asarray(seg.rows))
-        table = pq.read_table(seg.path / path_of("records")).filter(pa.array(keep))
-        keys = (np.asarray(seg.caption_keys)[keep] if seg.caption_keys is not None else
-                np.asarray([caption_key(c) for c in table.column("caption").to_pylist()], np.uint64))
-        caps = None
-        if with_captions:  # decoded (checked); a segment without embeddings contributes zeros
-            caps = (seg.caption_vectors(np.flatnonzero(keep)) if seg.caption_codes is not None
-                    else np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32))
-        irows = np.asarray(seg.image_rows)
-        li = np.flatnonzero(reader.live.keep(irows))
-        part = EncodedChunk(table, irows[li], {}, {n: np.asarray(seg.refine[n][li]) for n in STORES},
-                            np.asarray(seg.patches[li]), np.asarray(seg.record_crc)[keep],
-                            np.asarray(seg.image_sums)[li].astype(np.uint64), None, keys.astype(np.uint64))
-        for j, (name, codes) in enumerate((("clip", part.refine["clip"]), ("dino", part.refine["dino"]),
-                                           ("p", part.patches))):
-            if len(codes) and not np.array_equal(row_sums(codes), part.image_sums[:, j]):
-                raise IndexFormatError(f"index {folder} is damaged ({name} codes of segment {seg.path.name} do not "
-                                       f"match their checksums); run `attrib verify` and rebuild it")
-        yield part, caps
+        table_all = pq.read_table(seg.path / path_of("records"))
+        rows_all, irows_all = np.asarray(seg.rows), np.asarray(seg.image_rows)
+        n = seg.n_records
+        for a in range(0, max(n, 1), LIVE_PART_RECORDS):  # a segment without records: one empty part
+            b = min(a + LIVE_PART_RECORDS, n)
+            rows = rows_all[a:b]
+            keep = reader.live.keep(rows)
+            table = table_all.slice(a, b - a).filter(pa.array(keep))
+            keys = (np.asarray(seg.caption_keys[a:b])[keep] if seg.caption_keys is not None else
+                    np.asarray([caption_key(c) for c in table.column("caption").to_pylist()], np.uint64))
+            caps = None
+            if with_captions:  # decoded (checked); a segment without embeddings contributes zeros
+                caps = (seg.caption_vectors(a + np.flatnonzero(keep)) if seg.caption_codes is not None
+                        else np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32))
+            ia, ib = ((int(np.searchsorted(irows_all, rows[0])), int(np.searchsorted(irows_all, rows[-1], "right")))
+                      if len(rows) else (0, 0))  # the images of this block's records
+            li = ia + np.flatnonzero(reader.live.keep(irows_all[ia:ib]))
+            part = EncodedChunk(table, irows_all[li], {}, {n_: np.asarray(seg.refine[n_][li]) for n_ in STORES},
+                                np.asarray(seg.patches[li]), np.asarray(seg.record_crc[a:b])[keep],
+                                np.asarray(seg.image_sums[li]).astype(np.uint64), None, keys.astype(np.uint64))
+            for j, (name, codes) in enumerate((("clip", part.refine["clip"]), ("dino", part.refine["dino"]),
+                                               ("p", part.patches))):
+                if len(codes) and not np.array_equal(row_sums(codes), part.image_sums[:, j]):
+                    raise IndexFormatError(f"index {folder} is damaged ({name} codes of segment {seg.path.name} do "
+                                           f"not match their checksums); run `attrib verify` and rebuild it")
+            yield part, caps, b >= n
 
 
 def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance) -> dict:
@@ -321,11 +333,11 @@ def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_caption
     schema = unified_schema(schemas)
     out = SegmentFiles(folder, segment_dir(seg_id), n_records, n_images, schema, with_captions)
     try:
-        for part, caps in _live_parts(reader, folder, with_captions):
+        for part, caps, last in _live_parts(reader, folder, with_captions):
             if with_captions:
                 part.caption_codes = cb.encode_captions(caps)
             out.append(part)
-            advance(1)
+            advance(int(last))
         stores = {}
         for n in STORES:
             merged = cb.new_store(n)

@@ -186,10 +186,18 @@ def _stored(reader: IndexReader) -> dict[str, np.ndarray]:
     return {k: (v if k in ("ids", "captions") else np.concatenate(v)) for k, v in out.items()}
 
 
-def test_compaction_streams_a_segment_at_a_time_and_keeps_every_stored_byte(tmp_path, tiny, monkeypatch):
-    """Without --retrain, compaction writes the merged segment part by part (one old segment's live records at a
-    time: memory does not grow with the index) and stores exactly the live records' codes of before."""
-    from engine import _segment
+@pytest.mark.parametrize("block,parts", [(None, [398, 400, 398]),
+                                          (150, [148, 150, 100, 150, 150, 100, 150, 150, 98])])
+def test_compaction_streams_a_segment_at_a_time_and_keeps_every_stored_byte(tmp_path, tiny, monkeypatch, block,
+                                                                             parts):
+    """Without --retrain, compaction writes the merged segment part by part (a block of an old segment's live
+    records at a time: memory grows neither with the index nor with one big segment; here 400-record segments in
+    blocks of 150) and stores exactly the live records' codes of before."""
+    from engine import _maintain, _segment
+
+    if block:
+        monkeypatch.setattr(_maintain, "LIVE_PART_RECORDS", block)
+    expected = parts
 
     folder = tmp_path / "idx"
     clip = _pq_index(folder, tiny)
@@ -200,7 +208,7 @@ def test_compaction_streams_a_segment_at_a_time_and_keeps_every_stored_byte(tmp_
     monkeypatch.setattr(_segment.SegmentFiles, "append",
                         lambda self, enc: (parts.append(len(enc.table)), append(self, enc))[1])
     s = engine.compact(folder, progress=False, measure_search=False)
-    assert parts == [398, 400, 398] and s.purged == 4 and s.segments_after == 1
+    assert parts == expected and s.purged == 4 and s.segments_after == 1
     r1 = IndexReader(folder)
     after = _stored(r1)
     for k, v in before.items():
