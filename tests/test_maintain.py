@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 from concurrent.futures import Future
 
@@ -648,3 +649,70 @@ def test_a_pq_index_takes_a_segment_of_caption_only_records(tmp_path, tiny):
     r = IndexReader(folder)
     assert len(r.segments) == 1 and r.n_records == 1205 and r.search("clip", clip[:3], 1)[0][0].tolist() == [0]
     r.close()
+
+
+def _mapped_rss(path) -> int:
+    """Bytes of ``path`` this process has mapped and resident (/proc/self/smaps)."""
+    total, mine = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line: address range, ..., its file
+            mine = len(head) >= 6 and head[5] == str(path)
+        elif mine and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_large_code_files_stay_mapped_within_a_budget(tmp_path, monkeypatch):
+    """Scattered reads of a code file larger than the budget: the rows read are the file's, and the pages the
+    process keeps mapped stay near the budget, where the same reads without one leave most of the file mapped."""
+    from engine import _segment
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (65536, 256), dtype=np.uint8)  # 16 MiB, just written: in the page cache
+    p = tmp_path / "codes.bin"
+    p.write_bytes(data.tobytes())
+    mapped = {}
+    for budget in (1 << 20, 1 << 40):
+        monkeypatch.setattr(_segment, "MAPPED_BUDGET_BYTES", budget)
+        mm = np.memmap(p, dtype=np.uint8, mode="r", shape=data.shape)
+        codes = _segment.MappedCodes(mm)
+        for _ in range(300):
+            rows = rng.integers(0, len(data), 16)
+            assert np.array_equal(codes.take(rows), data[rows])
+        mapped[budget] = _mapped_rss(p)
+        del codes, mm
+        gc.collect()
+    assert mapped[1 << 40] > 8 << 20  # without a budget, most of the 16 MiB stays mapped
+    assert mapped[1 << 20] <= 2 << 20  # with one: the budget, plus the rows of the last read
+
+
+def test_answers_are_the_same_when_every_read_drops_the_mapped_pages(tmp_path, tiny, monkeypatch):
+    """Re-scoring, patch cells and caption embeddings read through maps whose pages are dropped after every
+    read (a budget of 0 bytes) give the same answers as maps that keep them."""
+    from engine import _segment
+    from engine.rankers import QueryInput
+
+    clip = _pq_index(tmp_path / "idx", tiny)
+    answers = []
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(_segment, "MAPPED_BUDGET_BYTES", budget)
+        idx = world.opened(tmp_path / "idx", tiny)
+        maps = [m for s in idx.reader.segments for m in (*s._refine_maps.values(), s._patch_map, s._caption_map)
+                if m is not None]
+        assert len(maps) >= 9 and all((m._mm is not None) == (budget == 0) for m in maps)
+        got = []
+        for row in (3, 450, 1100):
+            _, dino = idx.reader.vectors("dino", np.array([row]))
+            q = idx.with_terms(QueryInput(f"q{row}", None, f"caption {row}",
+                                          {"clip_image": clip[row], "clip_text": clip[row], "dino_global": dino[0],
+                                           "dino_cells": np.ones((64, tiny.dino_dim), np.float32)}))
+            res = idx.search(q, k=10)
+            d = res.to_dict()
+            assert len(d["results"]) == 10
+            got.append({k: v for k, v in d.items() if k != "timings_ms"})  # every score and feature of each result
+            _, cells = idx.reader.patch_cells(np.array([row, 7]))
+            got.append(np.round(cells, 6).tolist())
+        answers.append(got)
+        idx.close()
+    assert answers[0] == answers[1]
