@@ -73,7 +73,7 @@ def main() -> None:
         t = time.perf_counter()
         settings = engine.IndexSettings(chunk=per, codec="auto", ann="auto", patch_grid=8, patch_dims=DP)
         w = engine.IndexWriter(folder, synthetic_identity(), settings, expected_images=n)
-        for ids, caps, clip, dino, cells, _ in generate(n, True, True):
+        for ids, caps, clip, dino, cells, _, _ in generate(n, True, True):
             for a in range(0, len(ids), per):  # the writer commits a segment every `per` images
                 b = slice(a, a + per)
                 w.add_projected(ids[b], [None] * len(ids[b]), caps[b], [{}] * len(ids[b]), clip[b], dino[b], cells[b])

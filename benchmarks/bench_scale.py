@@ -6,7 +6,9 @@ Usage: python benchmarks/bench_scale.py [--sizes 100000,1000000,10000000] [--que
 Vectors are written through the library's writer (``IndexWriter.add_projected``: no image decoding) on clustered
 synthetic embeddings: a mixture of 2,000 anisotropic Gaussian clusters (each cluster stretched along its own
 random directions), 512-d CLIP-like and 768-d DINO-like vectors, plus 8x8 patch cells of 64 dims that share their
-record's cluster, and generated LAION-like captions for BM25. Ground truth is exact brute force over float32.
+record's cluster, generated LAION-like captions for BM25, and 512-d CLIP-text-like caption embeddings drawn from a
+mixture of their own (text embeddings lie apart from image embeddings in CLIP space) in the record's cluster.
+Ground truth is exact brute force over float32.
 
 Two data models (``--data``): ``cone`` (default) puts the clusters in a cone around a common direction, as CLIP
 embeddings are (random pairs at cosine ~0.4, near neighbours at ~0.8); ``isotropic`` spreads each cluster so
@@ -19,7 +21,10 @@ near, not in, the training set.
 Per size it reports ``records``, ``build_seconds``, ``search_ms_p50/p95`` (one query at a time, everything a query
 does except the encoders: ``Index.search`` on an encoded query - pool, every feature, fusion, metadata),
 ``recall_at_100`` of each dense first stage against exact, ``patch_top100_overlap`` (the top 100 of a candidate
-set ranked by the patch score from stored codes, against the same ranking from float16 cells), bytes per record on
+set ranked by the patch score from stored codes, against the same ranking from float16 cells),
+``caption_top100_overlap`` and ``caption_cosine_error`` (the same candidate sets ranked by the cosine between the
+prompt's text embedding and the stored caption embeddings, against float32; the mean absolute error of those
+cosines), bytes per record on
 disk and resident in RAM (measured: the growth of the process's resident set while opening the index and
 answering the queries, per record), the peak RSS, and the time the first search of an opened index takes to pack
 the fast-scan lists in memory (``first_search_pack_seconds``, not in the latencies). The 10M size measures the
@@ -129,14 +134,17 @@ def fresh_queries(n_queries: int) -> dict[str, np.ndarray]:
     out = {"clip": Clusters(DC, 1).sample(labels, rng), "dino": Clusters(DG, 2).sample(labels, rng)}
     cells = (labels[:, None] * 7 + rng.integers(0, 12, (n_queries, CELLS))) % CLUSTERS
     out["cells"] = Clusters(DP, 3).sample(cells.reshape(-1), rng).reshape(n_queries, CELLS, DP)
+    out["text"] = Clusters(DC, 4).sample(labels, rng)  # the prompt's CLIP text embedding
     return out
 
 
 def generate(n: int, with_patches: bool, with_captions: bool, seed: int = 0):
-    """Chunks of (ids, captions, clip, dino, cells, labels), deterministic for a seed."""
+    """Chunks of (ids, captions, clip, dino, cells, labels, caption embeddings or None), deterministic for a
+    seed (the caption embeddings come from a generator of their own: the other values do not depend on them)."""
     from engine.scenes import caption_of, random_scene
 
     clip_c, dino_c, cell_c = Clusters(DC, seed + 1), Clusters(DG, seed + 2), Clusters(DP, seed + 3)
+    text_c = Clusters(DC, seed + 4) if with_captions else None
     chunk = 50_000
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
@@ -151,7 +159,8 @@ def generate(n: int, with_patches: bool, with_captions: bool, seed: int = 0):
             cells = np.zeros((m, 1, 8), np.float32)
         caps = ([caption_of(random_scene(np.random.default_rng([3, s + i])), np.random.default_rng([4, s + i]))
                  for i in range(m)] if with_captions else [""] * m)
-        yield [f"r{s + i}" for i in range(m)], caps, clip, dino, cells, labels
+        text = text_c.sample(labels, np.random.default_rng([seed, s, 4])) if with_captions else None
+        yield [f"r{s + i}" for i in range(m)], caps, clip, dino, cells, labels, text
 
 
 def synthetic_identity() -> dict:
@@ -174,8 +183,8 @@ def build(out: Path, n: int, identity: dict, full: bool) -> tuple[dict[str, np.n
                                     patch_grid=8 if full else 1, patch_dims=DP if full else 8)
     w = engine.IndexWriter(out, identity, settings, expected_images=n)
     sample = {"clip": [], "dino": [], "cells": []}
-    for ids, caps, clip, dino, cells, _ in generate(n, full, full):
-        w.add_projected(ids, [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells)
+    for ids, caps, clip, dino, cells, _, text in generate(n, full, full):
+        w.add_projected(ids, [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells, caption_clip=text)
         if sum(len(x) for x in sample["clip"]) < 2000:
             sample["clip"].append(clip[:200].copy())  # copies: a view would keep the whole chunk alive
             sample["dino"].append(dino[:200].copy())
@@ -193,7 +202,7 @@ def exact_top(n: int, queries: dict[str, np.ndarray], k: int, full: bool) -> dic
     best = {name: (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
             for name, q in queries.items()}
     start = 0
-    for _, _, clip, dino, _, _ in generate(n, False, False):
+    for _, _, clip, dino, _, _, _ in generate(n, False, False):
         for name, x in (("clip", clip), ("dino", dino)):
             s = queries[name] @ x.T
             scores, rows = best[name]
@@ -216,6 +225,15 @@ def patch_overlap(reader, q_cells: np.ndarray, rows: np.ndarray, cells_f16: np.n
     return len(ta & tb) / 100
 
 
+def caption_fidelity(reader, q_text: np.ndarray, rows: np.ndarray, text_f32: np.ndarray) -> tuple[float, float]:
+    """Cosines of the prompt's text embedding with the stored caption embeddings of ``rows`` against float32: the
+    mean absolute error, and the overlap of the two top-100 rankings of ``rows``."""
+    a = reader.captions.cosines(rows, q_text)
+    b = text_f32 @ q_text
+    ta, tb = set(rows[np.argsort(-a)[:100]].tolist()), set(rows[np.argsort(-b)[:100]].tolist())
+    return float(np.abs(a - b).mean()), len(ta & tb) / 100
+
+
 def run_size(work: Path, n: int, n_queries: int, identity: dict, full: bool) -> dict:
     """Build in this process; measure the queries in a fresh one (its memory is the query's alone)."""
     import subprocess
@@ -236,7 +254,7 @@ def run_size(work: Path, n: int, n_queries: int, identity: dict, full: bool) -> 
     first = next(generate(min(n, 50_000), False, False))
     profile = {"clip": neighbour_profile(first[2], qs["clip"]), "dino": neighbour_profile(first[3], qs["dino"]),
                "over_records": min(n, 50_000)}
-    np.savez(work / "queries.npz", clip=qs["clip"], dino=qs["dino"], cells=q_cells, pick=pick,
+    np.savez(work / "queries.npz", clip=qs["clip"], dino=qs["dino"], cells=q_cells, text=fresh["text"], pick=pick,
              truth_clip=truth["clip"], truth_dino=truth["dino"])
     del sample, truth, first
     gc.collect()
@@ -301,7 +319,7 @@ def query_phase(out: Path, work: Path, n: int, full: bool) -> dict:
         for i in range(n_queries):
             prompt = caption_of(random_scene(np.random.default_rng([3, int(pick[i])])),
                                 np.random.default_rng([4, int(pick[i])]))
-            q = QueryInput(f"q{i}", None, prompt, {"clip_image": qs["clip"][i], "clip_text": qs["clip"][i],
+            q = QueryInput(f"q{i}", None, prompt, {"clip_image": qs["clip"][i], "clip_text": z["text"][i],
                                                    "dino_global": qs["dino"][i], "dino_cells": q_cells[i]})
             encoded.append(idx.with_terms(q))
         fus = idx.resolve_fusion("rrf")
@@ -332,15 +350,21 @@ def query_phase(out: Path, work: Path, n: int, full: bool) -> dict:
     result["search_settings"] = {name: {"nprobe": reader.nprobe[name], "refine": reader.refine[name],
                                         "measured": name in reader.search_settings} for name in ("clip", "dino")}
     result["peak_rss_bytes"] = peak_rss_bytes()
-    if full:  # stored patch codes against float16 cells, on rows of the first generated chunk
-        _, _, _, _, cells, _ = next(generate(min(n, 50_000), True, False))
-        overlaps = []
+    if full:  # stored codes against float16 cells and float32 caption embeddings, on rows of the first chunk
+        _, _, _, _, cells, _, text = next(generate(min(n, 50_000), True, True))
+        overlaps, cap_overlaps, cap_errors = [], [], []
         for i in range(min(20, n_queries)):
             rows = np.unique(np.concatenate([truth["clip"][i], truth["dino"][i],
                                              np.random.default_rng(i).integers(0, len(cells), 300)]))
             rows = rows[rows < len(cells)]
             overlaps.append(patch_overlap(reader, q_cells[i], rows, cells[rows].astype(np.float16), 8))
+            err, overlap = caption_fidelity(reader, z["text"][i], rows, text[rows])
+            cap_errors.append(err)
+            cap_overlaps.append(overlap)
         result["patch_top100_overlap"] = round(float(np.mean(overlaps)), 4)
+        result["caption_top100_overlap"] = round(float(np.mean(cap_overlaps)), 4)
+        result["caption_cosine_error"] = round(float(np.mean(cap_errors)), 5)
+        result["caption_codec"] = reader.codebooks.caption_codec
     info = engine.index_info(out)
     result["disk_bytes_per_record"] = info["disk_bytes_per_record"]
     result["codebooks"] = info["codebooks"]
@@ -436,6 +460,8 @@ def main() -> None:
             rows.append((f"search-only p50 / p95 at {n}", f"{r['search_ms_p50']} / {r['search_ms_p95']} ms",
                          "<= 5 ms (100k), <= 10 ms (1M)"))
             rows.append((f"patch top-100 overlap at {n}", f"{r['patch_top100_overlap']}", ">= 0.95"))
+            rows.append((f"caption embeddings ({r['caption_codec']}): top-100 overlap / cosine error at {n}",
+                         f"{r['caption_top100_overlap']} / {r['caption_cosine_error']}", ""))
         else:
             rows.append((f"dense first stage p50 at {n}", f"{r['ann_ms_p50']} ms", ""))
         st = r["search_settings"]

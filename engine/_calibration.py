@@ -42,6 +42,8 @@ def store_codecs(manifest: dict) -> dict:
     out = {k: v.get("codec") for k, v in (cb.get("stores") or {}).items() if isinstance(v, dict)}
     if cb.get("patch_codec") is not None:
         out["patches"] = cb.get("patch_codec")
+    if cb.get("caption_codec") is not None:  # only product codes are named (older manifests: int8 or fp16)
+        out["captions"] = cb.get("caption_codec")
     return out
 
 

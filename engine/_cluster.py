@@ -239,11 +239,12 @@ class _UnitWriter(IndexWriter):
         if self.projection is None and (self._pending or self.codebooks is None):
             self._fit_projection()
         clip, dino, cells = self._chunk_arrays()
+        captions = self._caption_vectors() if self._records else None
         if self.codebooks is None:
-            self._train_codebooks(clip, dino, cells)
+            self._train_codebooks(clip, dino, cells, captions)
         if self._records:
             self.chunks.append(Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells,
-                                     self._caption_vectors()))
+                                     captions))
         self._reset_chunk()
         return {}
 

@@ -59,6 +59,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("clip_sq", "clip.sq", "codebook", False, "index", "8-bit scalar quantizer of CLIP refine codes"),
     Component("dino_sq", "dino.sq", "codebook", False, "index", "8-bit scalar quantizer of DINO refine codes"),
     Component("patch_pq", "patches.pq", "codebook", False, "index", "product quantizer of patch cells"),
+    Component("caption_pq", "captions.pq", "codebook", False, "index",
+              "product quantizer of caption embeddings (pq codec, when the first chunk had enough captions)"),
     # segment level
     Component("records", "records.parquet", "segment", True, "record",
               "row, id, image reference, caption and source columns"),
@@ -83,7 +85,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("patches", "patches.bin", "segment", True, "image",
               "pooled DINOv2 patch cells: float16, or product-quantized codes"),
     Component("caption_clip", "caption_clip.bin", "segment", False, "record",
-              "CLIP text embedding of each caption: float16, or int8 with a per-record scale (pq); zeros: no caption"),
+              "CLIP text embedding of each caption: float16, product codes (pq) or int8 with a per-record scale; "
+              "zeros: no caption"),
     Component("caption_sums", "caption_sums.npy", "segment", False, "record",
               "checksum of each record's caption embedding codes (checked whenever read)", _npy("records", 8)),
     Component("caption_keys", "caption_keys.npy", "segment", False, "record",

@@ -200,15 +200,19 @@ class CompactSummary:
 
 @blas_single
 def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = True, codec: str | None = None,
-            ann: str | None = None, keep_old_for_tests=None, measure_search: bool = True) -> CompactSummary:
+            ann: str | None = None, keep_old_for_tests=None, measure_search: bool = True,
+            caption_codec: str | None = None) -> CompactSummary:
     """Merge every segment into one, dropping deleted records physically; ``retrain`` refits the codebooks
     (IVF, PQ and refine quantizers) on the live records first, for an index that has grown or drifted since
-    its first chunk, and may change the ``codec`` (fp16 / pq) and ``ann`` (flat / ivf) of the stores (the
-    vectors are decoded from the finest stored codes; fp16 ones are exact). Queries keep answering from the
+    its first chunk, and may change the ``codec`` (fp16 / pq) and ``ann`` (flat / ivf) of the stores and the
+    ``caption_codec`` (pq / int8) of the caption embeddings (the vectors are decoded from the finest stored codes;
+    fp16 ones are exact). Queries keep answering from the
     previous generation while this runs. Afterwards the search settings are measured again
     (``engine._search_tune``; ``measure_search=False`` leaves that to the caller)."""
-    if (codec or ann) and not retrain:
-        raise AttribError("--codec and --ann change the codebooks: give --retrain too")
+    if (codec or ann or caption_codec) and not retrain:
+        raise AttribError("--codec, --ann and --caption-codec change the codebooks: give --retrain too")
+    if caption_codec not in (None, "auto", "pq", "int8"):
+        raise AttribError(f"unknown caption codec {caption_codec!r}; valid choices: auto, pq, int8")
     t0 = time.perf_counter()
     folder = Path(index).expanduser().absolute()
     recover(folder)
@@ -228,11 +232,11 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
 
         with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
             if retrain:  # the codebooks are fitted on every live vector: they are gathered in memory
-                parts, caps = [], []
-                for part, cap, last in _live_parts(reader, folder, with_captions):
+                parts = []
+                for part, last in _live_parts(reader, folder, with_captions):
                     parts.append(part)
-                    caps.append(cap)
                     advance(int(last))
+                caps = cb.decode_captions(np.concatenate([p.caption_codes for p in parts])) if with_captions else None
                 vecs = {n: cb.decode_refine(n, np.concatenate([p.refine[n] for p in parts])) for n in STORES}
                 patches_a = np.concatenate([p.patches for p in parts])
                 cells = (cb.decode_patches(patches_a) if len(patches_a)
@@ -242,14 +246,17 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                 new_cb = Codebooks.train(cb.generation + 1, cb.projection, vecs["clip"], vecs["dino"], cells,
                                          ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
                                          len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
-                                         int(settings.get("patch_pq_m", 8)))
+                                         int(settings.get("patch_pq_m", 8)),
+                                         caps, caption_codec or settings.get("caption_codec", "auto"))
                 schema = unified_schema([p.table.schema for p in parts])
                 chunk = Chunk(pa.concat_tables([cast_table(p.table, schema) for p in parts]),
                               np.concatenate([p.image_rows for p in parts]),
                               vecs["clip"], vecs["dino"], cells,
-                              np.concatenate(caps) if with_captions else None)
+                              caps)
                 enc = encode_chunk(chunk, new_cb)
                 enc.caption_keys = np.concatenate([p.caption_keys for p in parts])
+                chosen = (("codec", codec), ("ann", ann), ("caption_codec", caption_codec))
+                m2["settings"].update({k: v for k, v in chosen if v})  # the choices hold for later retrainings too
                 m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
                 m2["codebooks"]["path"] = codebook_dir(new_cb.generation)
                 entry = write_segment(folder, segment_dir(seg_id), seg_id, enc, new_cb)
@@ -283,41 +290,62 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
 LIVE_PART_RECORDS = 131_072  # records of a segment read, checked and written at a time by a compaction
 
 
+def _record_blocks(path: Path, size: int):
+    """Consecutive blocks of ``size`` records (the last one shorter; one empty table for an empty file) of a
+    segment's record table, read a row group at a time: a segment's records (1.7 GB of real captions and URLs
+    at 10M records) are never in memory at once."""
+    f = pq.ParquetFile(path)
+    buf, have = [], 0
+    for batch in f.iter_batches(batch_size=size):
+        buf.append(batch)
+        have += batch.num_rows
+        while have >= size:
+            t = pa.Table.from_batches(buf, schema=batch.schema)
+            yield t.slice(0, size)
+            rest = t.slice(size)
+            buf, have = rest.to_batches(), rest.num_rows
+    if have or not f.metadata.num_rows:
+        yield pa.Table.from_batches(buf, schema=f.schema_arrow)
+
+
 def _live_parts(reader: IndexReader, folder: Path, with_captions: bool):
     """Per segment, in row order, blocks of at most ``LIVE_PART_RECORDS`` records: their live records as an
-    :class:`EncodedChunk` without stores or caption codes (table, record CRCs, caption keys, image rows, refine
-    codes, patch codes, image checksums), with ``with_captions`` their decoded caption embeddings (zeros for a
-    segment without them; else None), and whether the block ends its segment. Codes are checked against their
-    checksums. Blocks, not whole segments: a compacted 10M-record index is one segment, whose codes alone are
-    13 GB."""
+    :class:`EncodedChunk` without stores (table, record CRCs, caption keys, image rows, refine codes, patch codes,
+    image checksums; with ``with_captions`` the caption codes, copied: those of a segment without embeddings
+    encode zeros), and whether the block ends its segment. Codes are checked against their checksums. Blocks,
+    not whole segments: a compacted 10M-record index is one segment, whose codes alone are 13 GB."""
     cb = reader.codebooks
     for seg in reader.segments:
-        table_all = pq.read_table(seg.path / path_of("records"))
+        tables = _record_blocks(seg.path / path_of("records"), LIVE_PART_RECORDS)
         rows_all, irows_all = np.asarray(seg.rows), np.asarray(seg.image_rows)
         n = seg.n_records
         for a in range(0, max(n, 1), LIVE_PART_RECORDS):  # a segment without records: one empty part
             b = min(a + LIVE_PART_RECORDS, n)
             rows = rows_all[a:b]
             keep = reader.live.keep(rows)
-            table = table_all.slice(a, b - a).filter(pa.array(keep))
+            block = next(tables)
+            if block.num_rows != b - a or (len(rows) and block.column("row")[0].as_py() != rows[0]):
+                raise IndexFormatError(f"index {folder} is damaged (the record table of segment {seg.path.name} "
+                                       f"does not match its rows); run `attrib verify` and rebuild it")
+            table = block.filter(pa.array(keep))
             keys = (np.asarray(seg.caption_keys[a:b])[keep] if seg.caption_keys is not None else
                     np.asarray([caption_key(c) for c in table.column("caption").to_pylist()], np.uint64))
             caps = None
-            if with_captions:  # decoded (checked); a segment without embeddings contributes zeros
-                caps = (seg.caption_vectors(a + np.flatnonzero(keep)) if seg.caption_codes is not None
-                        else np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32))
+            if with_captions:  # the stored codes (checked), not decoded and coded again: a copy loses nothing
+                caps = (seg.caption_code_rows(a + np.flatnonzero(keep)) if seg.caption_codes is not None
+                        else cb.encode_captions(np.zeros((int(keep.sum()), cb.stores["clip"].dim), np.float32)))
             ia, ib = ((int(np.searchsorted(irows_all, rows[0])), int(np.searchsorted(irows_all, rows[-1], "right")))
                       if len(rows) else (0, 0))  # the images of this block's records
             li = ia + np.flatnonzero(reader.live.keep(irows_all[ia:ib]))
             part = EncodedChunk(table, irows_all[li], {}, {n_: np.asarray(seg.refine[n_][li]) for n_ in STORES},
                                 np.asarray(seg.patches[li]), np.asarray(seg.record_crc[a:b])[keep],
-                                np.asarray(seg.image_sums[li]).astype(np.uint64), None, keys.astype(np.uint64))
+                                np.asarray(seg.image_sums[li]).astype(np.uint64), caps, keys.astype(np.uint64))
             for j, (name, codes) in enumerate((("clip", part.refine["clip"]), ("dino", part.refine["dino"]),
                                                ("p", part.patches))):
                 if len(codes) and not np.array_equal(row_sums(codes), part.image_sums[:, j]):
                     raise IndexFormatError(f"index {folder} is damaged ({name} codes of segment {seg.path.name} do "
                                            f"not match their checksums); run `attrib verify` and rebuild it")
-            yield part, caps, b >= n
+            yield part, b >= n
 
 
 def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance) -> dict:
@@ -333,9 +361,7 @@ def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_caption
     schema = unified_schema(schemas)
     out = SegmentFiles(folder, segment_dir(seg_id), n_records, n_images, schema, with_captions)
     try:
-        for part, caps, last in _live_parts(reader, folder, with_captions):
-            if with_captions:
-                part.caption_codes = cb.encode_captions(caps)
+        for part, last in _live_parts(reader, folder, with_captions):
             out.append(part)
             advance(int(last))
         stores = {}

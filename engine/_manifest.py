@@ -21,7 +21,8 @@ from .files import write_text_atomic
 
 FORMAT_NAME = "attrib-index"
 FORMAT_VERSION = 3  # 3: first-stage product codes may be 4-bit (codebooks "nbits"), which version 2 readers lack
-SUPPORTED_VERSIONS = (2, 3)
+CAPTION_PQ_VERSION = 4  # 4: caption embeddings may be product codes (codebooks "caption_codec"), unknown to 3
+SUPPORTED_VERSIONS = (2, 3, 4)
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 UNTRAINED_BANNER = (
@@ -85,12 +86,16 @@ def write_manifest(index_dir: Path, m: dict) -> dict:
 
 
 def format_version_of(m: dict) -> int:
-    """The format version a manifest is written with: 3 once its codebooks name their codes' bits (``nbits``,
-    which engines of version 2 refuse as damaged codebooks), else the version it has. An index made by an older
-    version stays version 2, readable by the engines that made it, until ``attrib compact --retrain``."""
+    """The format version a manifest is written with: the oldest that can read it. 3 once its codebooks name
+    their codes' bits (``nbits``, which engines of version 2 refuse as damaged codebooks), 4 once they product-
+    quantize caption embeddings (``caption_codec``, which version 3 would decode as int8), else the version it
+    has. An index made by an older version stays readable by the engines that made it until
+    ``attrib compact --retrain``."""
     version = m.get("format_version", FORMAT_VERSION)
-    stores = ((m.get("codebooks") or {}).get("stores") or {}).values()
-    if version == 2 and any(isinstance(st, dict) and "nbits" in st for st in stores):
+    cb = m.get("codebooks") or {}
+    if cb.get("caption_codec") == "pq":
+        return max(version, CAPTION_PQ_VERSION)
+    if version == 2 and any(isinstance(st, dict) and "nbits" in st for st in (cb.get("stores") or {}).values()):
         return 3
     return version
 

@@ -507,14 +507,18 @@ class Segment:
         codes = self._patch_map.take(local)
         return self.cb.decode_patches(self._checked(codes, local, 2, "patch cells"))
 
-    def caption_vectors(self, local: np.ndarray) -> np.ndarray:
-        """float32 caption embeddings (n, Dc) of local record positions (checked; zeros: no caption)."""
+    def caption_code_rows(self, local: np.ndarray) -> np.ndarray:
+        """Stored caption-embedding codes of local record positions (checked)."""
         codes = self._caption_map.take(local)
         if len(local) and not np.array_equal(row_sums(codes), self.caption_sums[local]):
             bad = local[row_sums(codes) != self.caption_sums[local]]
             raise self._damaged(f"the caption embeddings of rows {np.asarray(self.rows[bad[:5]]).tolist()} do not "
                                 f"match their checksums")
-        return self.cb.decode_captions(codes)
+        return codes
+
+    def caption_vectors(self, local: np.ndarray) -> np.ndarray:
+        """float32 caption embeddings (n, Dc) of local record positions (checked; zeros: no caption)."""
+        return self.cb.decode_captions(self.caption_code_rows(local))
 
     def serving(self, local: np.ndarray) -> tuple[list, list, list]:
         """(ids, images, captions) of local record positions, in that order, checked against their CRCs."""

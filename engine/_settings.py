@@ -24,6 +24,7 @@ class IndexSettings:
     ann_flat_max: int = 50_000  # with auto, corpora up to this many images are flat + fp16, larger ones ivf + pq
     chunk: int = 2000  # images per committed segment: a killed build re-encodes at most this many on resume
     patch_pq_m: int = 8  # sub-quantizers per patch cell with the pq codec (bytes per cell)
+    caption_codec: str = "auto"  # caption embeddings with the pq codec: pq (128 B), int8 (516 B, finer), auto (pq)
 
     def __post_init__(self) -> None:
         _check_ints(self, "index setting", {
@@ -35,6 +36,8 @@ class IndexSettings:
             raise AttribError(f"unknown ann kind {self.ann!r}; valid choices: auto, flat, ivf")
         if self.codec not in ("auto", "fp16", "pq"):
             raise AttribError(f"unknown codec {self.codec!r}; valid choices: auto, fp16, pq")
+        if self.caption_codec not in ("auto", "pq", "int8"):
+            raise AttribError(f"unknown caption codec {self.caption_codec!r}; valid choices: auto, pq, int8")
 
     def to_dict(self) -> dict:
         return asdict(self)

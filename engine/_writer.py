@@ -256,7 +256,8 @@ class IndexWriter:
         return clip, dino, cells
 
     @blas_single
-    def _train_codebooks(self, clip: np.ndarray, dino: np.ndarray, cells: np.ndarray) -> None:
+    def _train_codebooks(self, clip: np.ndarray, dino: np.ndarray, cells: np.ndarray,
+                         captions: np.ndarray | None) -> None:
         if len(clip) == 0:  # no image yet (caption-only so far): exact fp16 stores, trained on a placeholder
             clip = np.zeros((1, self.clip_dim), np.float32)
             dino = np.zeros((1, 2 * self.dino_dim), np.float32)
@@ -264,7 +265,7 @@ class IndexWriter:
         expected = max(self.expected_images, len(clip))
         self.codebooks = Codebooks.train(1, self.projection, clip, dino, cells, self.settings.ann,
                                          self.settings.codec, expected, self.settings.ann_flat_max,
-                                         self.settings.patch_pq_m)
+                                         self.settings.patch_pq_m, captions, self.settings.caption_codec)
 
     def _caption_vectors(self) -> np.ndarray | None:
         """(n_records, Dc) caption embeddings of the chunk (zeros for empty captions), or None when there is no
@@ -300,17 +301,17 @@ class IndexWriter:
         if self.projection is None and (self._pending or self.codebooks is None):
             self._fit_projection()
         clip, dino, cells = self._chunk_arrays()
+        captions = self._caption_vectors() if self._records else None
         new_codebooks = self.codebooks is None
         if new_codebooks:
-            self._train_codebooks(clip, dino, cells)
+            self._train_codebooks(clip, dino, cells, captions)
         m = self._next_manifest()
         if new_codebooks:
             m["codebooks"] = self.codebooks.save(self.folder / codebook_dir(self.codebooks.generation))
             m["codebooks"]["path"] = codebook_dir(self.codebooks.generation)
         if self._records:
             seg_id = int(m["next_segment"])
-            chunk = Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells,
-                          self._caption_vectors())
+            chunk = Chunk(self._table(), np.asarray(self._image_rows, np.int64), clip, dino, cells, captions)
             entry = write_segment(self.folder, segment_dir(seg_id), seg_id, chunk, self.codebooks)
             for rec in self._records:
                 self.text.add(rec["row"], rec["caption"], seg_id)

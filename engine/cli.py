@@ -143,7 +143,7 @@ def cmd_index(a: argparse.Namespace) -> int:
     from .report.text import print_build_summary
 
     given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann",
-                                         "codec", "chunk")}
+                                         "codec", "chunk", "caption_codec")}
     settings = IndexSettings(**{k: v for k, v in given.items() if v is not None})  # invalid values are named
     from ._layout import MANIFEST
     from ._txn import staging_path
@@ -279,7 +279,8 @@ def cmd_delete(a: argparse.Namespace) -> int:
 def cmd_compact(a: argparse.Namespace) -> int:
     from ._maintain import compact
 
-    s = compact(a.index, retrain=a.retrain, progress=not a.no_progress, codec=a.codec, ann=a.ann)
+    s = compact(a.index, retrain=a.retrain, progress=not a.no_progress, codec=a.codec, ann=a.ann,
+                caption_codec=a.caption_codec)
     out = {"index": a.index, "segments_before": s.segments_before, "segments_after": s.segments_after,
            "records": s.records, "purged": s.purged, "retrained": s.retrained, "seconds": round(s.seconds, 3),
            "codebooks": s.codebooks, "search": s.search}
@@ -423,6 +424,9 @@ def add_commands(sub) -> None:
     s.add_argument("--codec", choices=("auto", "fp16", "pq"), default=None,
                    help="stored vectors: fp16 (exact), pq (compressed: IVF-PQ + 8-bit refine + PQ patches); "
                         "default auto (pq above 50,000 images)")
+    s.add_argument("--caption-codec", choices=("auto", "pq", "int8"), default=None,
+                   help="caption embeddings with the pq codec: pq (128 B per record, cosines within about 0.01), "
+                        "int8 (516 B, within 0.001); default auto (pq)")
     s.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=None,
                    help="images per forward pass (default 32)")
     s.add_argument("--workers", type=int_in(0, MAX_WORKERS), default=None, help="image decoding threads (default 2)")
@@ -487,6 +491,8 @@ def add_commands(sub) -> None:
                    help="with --retrain: store the vectors with this codec from now on")
     s.add_argument("--ann", choices=("flat", "ivf"), default=None,
                    help="with --retrain: first-stage structure from now on")
+    s.add_argument("--caption-codec", choices=("pq", "int8"), default=None,
+                   help="with --retrain: caption embeddings as product codes or int8 from now on")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_compact)

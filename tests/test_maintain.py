@@ -716,3 +716,113 @@ def test_answers_are_the_same_when_every_read_drops_the_mapped_pages(tmp_path, t
         answers.append(got)
         idx.close()
     assert answers[0] == answers[1]
+
+
+def _captioned_pq_index(folder, tiny, n: int, chunk: int, empty_every: int = 10, caption_codec: str = "auto"):
+    """An IVF-PQ index of n random images whose captions have clustered CLIP text embeddings (every
+    ``empty_every``-th caption empty), written in ``chunk``-image segments; returns the embeddings by record."""
+    rng = np.random.default_rng(7)
+    d = tiny.clip_dim
+    centres = rng.standard_normal((12, d)).astype(np.float32)
+    emb = centres[rng.integers(0, 12, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    caps = ["" if i % empty_every == 0 else f"caption {i}" for i in range(n)]
+    emb[[i for i, c in enumerate(caps) if not c]] = 0
+    by_text = {c: emb[i] for i, c in enumerate(caps) if c}
+    w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=chunk,
+                                                                       pca_sample=64, caption_codec=caption_codec),
+                           caption_encoder=lambda texts: np.stack([by_text[t] for t in texts]))
+    dd = tiny.dino_dim
+    clip = rng.standard_normal((n, d)).astype(np.float32)
+    clip /= np.linalg.norm(clip, axis=1, keepdims=True)
+    for s in range(0, n, 100):
+        b = slice(s, min(s + 100, n))
+        k = b.stop - b.start
+        w.add_images([f"v{i}" for i in range(b.start, b.stop)], [None] * k, caps[b], [{}] * k, clip[b],
+                     rng.standard_normal((k, dd)).astype(np.float32), rng.standard_normal((k, dd)).astype(np.float32),
+                     rng.standard_normal((k, 64, dd)).astype(np.float32))
+    w.finalize({"path": "synthetic", "kind": "test"})
+    return emb
+
+
+def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_captions(tmp_path, tiny, capsys):
+    """With the pq codec and at least CAPTION_PQ_MIN_TRAIN captions in the first chunk, caption embeddings are
+    4-bit product codes plus a presence byte (format version 4): cosines stay close to the exact ones, empty
+    captions stay empty, a compaction copies the codes byte for byte, and a retraining fits new ones. With fewer
+    captions they are int8 with a per-record scale (format version 3), as before."""
+    from engine import _codebooks
+
+    folder = tmp_path / "idx"
+    emb = _captioned_pq_index(folder, tiny, 1500, 1200)  # segments of 1,200 and 300 records
+    m = read_manifest(folder)
+    assert m["codebooks"]["caption_codec"] == "pq" and m["format_version"] == 4
+    r = IndexReader(folder)
+    d = tiny.clip_dim
+    width = d // _codebooks.CAPTION_PQ_DIMS * _codebooks.CAPTION_PQ_NBITS // 8 + 1
+    assert r.codebooks.caption_code_shape == (width, np.uint8) and len(r.segments) == 2
+    assert all(s.caption_codes.shape == (s.n_records, width) for s in r.segments)
+    assert engine.index_info(folder)["codebooks"]["caption_codec"] == "pq"
+
+    gone = np.zeros(1500, bool)
+
+    def fidelity(reader):
+        rng = np.random.default_rng(1)
+        errs, overlaps = [], []
+        for i in rng.choice(np.flatnonzero(emb.any(axis=1)), 20, replace=False):
+            p = emb[i]
+            got = reader.captions.cosines(np.arange(1500), p)
+            want = emb @ p
+            assert np.array_equal(np.isnan(got), ~emb.any(axis=1) | gone)  # empty captions, deleted rows: none
+            ok = ~np.isnan(got)
+            errs.append(np.abs(got[ok] - want[ok]).mean())
+            top = set(reader.captions.top(p, 50).tolist())
+            exact = set(np.argsort(-np.where(ok, want, -np.inf))[:50].tolist())
+            overlaps.append(len(top & exact) / 50)
+        return float(np.mean(errs)), float(np.mean(overlaps))
+
+    err, overlap = fidelity(r)
+    assert err < 0.03 and overlap >= 0.8, (err, overlap)
+    before = np.concatenate([s.caption_code_rows(np.arange(s.n_records)) for s in r.segments])
+    r.close()
+    engine.delete_records(folder, ids=["v3", "v1250"])
+    gone[[3, 1250]] = True
+    engine.compact(folder, progress=False)
+    r = IndexReader(folder)
+    live = np.setdiff1d(np.arange(1500), [3, 1250])
+    assert len(r.segments) == 1 and r.codebooks.caption_codec == "pq"
+    assert np.array_equal(r.segments[0].caption_code_rows(np.arange(len(live))), before[live])
+    r.close()
+    engine.compact(folder, retrain=True, progress=False)
+    r = IndexReader(folder)
+    assert r.codebooks.generation == 2 and r.codebooks.caption_codec == "pq"
+    err2, overlap2 = fidelity(r)
+    assert err2 < 0.03 and overlap2 >= 0.8, (err2, overlap2)
+    coded = r.captions.cosines(np.arange(1500), emb[5])
+    r.close()
+    assert engine.verify(folder, progress=False).ok
+    assert main(["compact", str(folder), "--caption-codec", "int8"]) == 2  # a codebook change needs --retrain
+    assert "--retrain" in capsys.readouterr().err
+    assert main(["compact", str(folder), "--retrain", "--caption-codec", "int8", "--no-progress"]) == 0
+    m = read_manifest(folder)
+    assert "caption_codec" not in m["codebooks"] and m["settings"]["caption_codec"] == "int8"
+    r = IndexReader(folder)
+    assert r.codebooks.caption_code_shape == (d + 4, np.uint8)
+    # retrained from the stored product codes: int8 keeps what they held (it cannot restore what they lost)
+    np.testing.assert_allclose(r.captions.cosines(np.arange(1500), emb[5]), coded, atol=5e-3)
+    r.close()
+    engine.compact(folder, retrain=True, progress=False)  # the choice holds for later retrainings
+    assert IndexReader(folder).codebooks.caption_codec == "int8"
+
+    chosen = tmp_path / "chosen"  # enough captions, but int8 asked for
+    _captioned_pq_index(chosen, tiny, 1200, 1200, caption_codec="int8")
+    assert IndexReader(chosen).codebooks.caption_codec == "int8" and read_manifest(chosen)["format_version"] == 3
+    with pytest.raises(engine.AttribError, match="caption codec"):
+        engine.IndexSettings(caption_codec="pq4")
+
+    few = tmp_path / "few"  # 900 captions in the first chunk: too few to train on
+    _captioned_pq_index(few, tiny, 1000, 1000)
+    m = read_manifest(few)
+    assert "caption_codec" not in m["codebooks"] and m["format_version"] == 3
+    r = IndexReader(few)
+    assert r.codebooks.caption_codec == "int8" and r.codebooks.caption_code_shape == (d + 4, np.uint8)
+    r.close()

@@ -109,7 +109,8 @@ def print_info(info: dict) -> None:
     d = m["dims"]
     cb = info["codebooks"]
     t.add_row("dims", f"clip {d['clip']}, dino global {d['dino_global']}, patches {d['patch_grid']}x{d['patch_grid']} "
-                      f"cells x {d['patch_dims']} dims ({cb['patch_codec']})")
+                      f"cells x {d['patch_dims']} dims ({cb['patch_codec']}), caption embeddings "
+                      f"{cb.get('caption_codec', '?')}")
     search = info.get("search") or {}
 
     def probe(k: str, v: dict) -> str:
