@@ -29,6 +29,16 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def quiet_unraisable(unraisable) -> None:
+    """``sys.unraisablehook`` while the CLI runs: a Ctrl-C that Python dropped in a finaliser (an import lock's
+    weakref callback, on a loaded machine) is remembered and raised again (:func:`check_interrupt`, and the
+    next bytecode the handler interrupts), so printing it as "Exception ignored in ... Traceback" would only put
+    a traceback before the one-line message. Anything else goes to Python's own hook."""
+    if _pending and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def check_interrupt() -> None:
     """Raise KeyboardInterrupt if a Ctrl-C came and was swallowed (see :func:`raise_interrupt`); a no-op
     otherwise, and always outside the CLI (which is the only place the handler is installed)."""

@@ -30,7 +30,14 @@ from ._limits import (
     MAX_WORKERS,
 )
 from ._profiles import PROFILES
-from ._startup import EXIT_INTERRUPTED, INTERRUPTED, clear_interrupt, interrupted_at_start_up, raise_interrupt
+from ._startup import (
+    EXIT_INTERRUPTED,
+    INTERRUPTED,
+    clear_interrupt,
+    interrupted_at_start_up,
+    quiet_unraisable,
+    raise_interrupt,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -644,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     here, inside the handlers: Ctrl-C at any moment, the first half second included, ends with one line and exit
     code 130, and user errors with one line and exit code 2."""
     old_term = old_int = None
+    old_hook, sys.unraisablehook = sys.unraisablehook, quiet_unraisable
     try:
         try:
             old_int = signal.getsignal(signal.SIGINT)
@@ -673,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         clear_interrupt()
+        sys.unraisablehook = old_hook
         for signum, old in ((signal.SIGTERM, old_term), (signal.SIGINT, old_int)):
             if old is not None:
                 try:

@@ -812,3 +812,26 @@ def test_json_output_with_undecodable_text_is_valid_utf8(capsys):
     assert json.loads(text) == {"k\\xff": ["/data/\\xe9t\\xe9.png", "\\ud800 lone", "ok ☕"], "n": math.pi}
     print_json(obj)
     assert json.loads(capsys.readouterr().out) == json.loads(text)
+
+
+def test_a_ctrl_c_dropped_in_a_finaliser_prints_no_traceback(capsys, monkeypatch):
+    """Python drops an exception raised in a finaliser and prints it ("Exception ignored in ... Traceback"): the
+    CLI's hook keeps quiet about a Ctrl-C it has remembered (it is raised again), and passes anything else on."""
+    from engine import _startup
+
+    class Finaliser:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", _startup.quiet_unraisable)
+    monkeypatch.setattr(_startup, "_pending", True)
+    Finaliser(KeyboardInterrupt())
+    assert capsys.readouterr().err == ""
+    Finaliser(ValueError("a real problem"))
+    assert "a real problem" in capsys.readouterr().err
+    monkeypatch.setattr(_startup, "_pending", False)  # a KeyboardInterrupt the handler did not raise: shown
+    Finaliser(KeyboardInterrupt())
+    assert "KeyboardInterrupt" in capsys.readouterr().err
