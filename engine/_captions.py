@@ -1,7 +1,8 @@
 """Per-record caption signals stored at index time (issue 9), read across the segments of one generation:
 
 * caption embeddings: the CLIP text embedding of each record's caption (segment component ``caption_clip``,
-  coded by the codebooks: float16, or per-record-scaled int8 with the pq codec; all zeros for an empty caption),
+  coded by the codebooks: float16; with the pq codec, 8-bit product codes or per-record-scaled int8; all zeros
+  for an empty caption),
   written when the writer has a text encoder (``attrib index`` always has one);
 * caption keys: a 64-bit key of each caption's words (``engine.text.caption_key``, segment component
   ``caption_keys``). How many *live* records share a key is counted when first asked (one ``np.unique`` over the

@@ -147,6 +147,12 @@ class Codebooks:
             pick = np.sort(rng.choice(len(flat), size=min(len(flat), 65536), replace=False))
             pq.train(np.ascontiguousarray(flat[pick], np.float32))
         cap_pq = _train_caption_pq(captions) if codec == PQ and caption_codec != INT8 else None
+        if caption_codec == PQ and cap_pq is None:
+            have = 0 if captions is None else int(np.count_nonzero(np.asarray(captions).any(axis=1)))
+            why = ("caption embeddings are product codes only with --codec pq" if codec != PQ else
+                   f"--caption-codec pq needs at least {CAPTION_PQ_MIN_TRAIN} captions in the first chunk to train "
+                   f"its quantizer (this one has {have}); use a larger --chunk")
+            raise AttribError(f"{why}, or --caption-codec auto")
         return cls(generation, projection, stores, templates, sq, codec if pq is not None else FP16, pq, C, Dp,
                    cap_pq)
 

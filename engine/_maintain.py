@@ -206,8 +206,9 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
     (IVF, PQ and refine quantizers) on the live records first, for an index that has grown or drifted since
     its first chunk, and may change the ``codec`` (fp16 / pq) and ``ann`` (flat / ivf) of the stores and the
     ``caption_codec`` (pq / int8) of the caption embeddings (the vectors are decoded from the finest stored codes;
-    fp16 ones are exact). Queries keep answering from the
-    previous generation while this runs. Afterwards the search settings are measured again
+    fp16 ones are exact). An index made before caption product codes (no ``caption_codec`` in its settings) keeps
+    int8 caption codes, and the index format its engine reads, unless ``caption_codec="pq"`` is given. Queries
+    keep answering from the previous generation while this runs. Afterwards the search settings are measured again
     (``engine._search_tune``; ``measure_search=False`` leaves that to the caller)."""
     if (codec or ann or caption_codec) and not retrain:
         raise AttribError("--codec, --ann and --caption-codec change the codebooks: give --retrain too")
@@ -247,7 +248,7 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                                          ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
                                          len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
                                          int(settings.get("patch_pq_m", 8)),
-                                         caps, caption_codec or settings.get("caption_codec", "auto"))
+                                         caps, caption_codec or settings.get("caption_codec", "int8"))
                 schema = unified_schema([p.table.schema for p in parts])
                 chunk = Chunk(pa.concat_tables([cast_table(p.table, schema) for p in parts]),
                               np.concatenate([p.image_rows for p in parts]),

@@ -95,6 +95,8 @@ def format_version_of(m: dict) -> int:
     cb = m.get("codebooks") or {}
     if cb.get("caption_codec") == "pq":
         return max(version, CAPTION_PQ_VERSION)
+    if version == CAPTION_PQ_VERSION:  # retrained to int8 caption codes: version 3 engines read it again
+        return FORMAT_VERSION
     if version == 2 and any(isinstance(st, dict) and "nbits" in st for st in (cb.get("stores") or {}).values()):
         return 3
     return version

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import threading
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,49 +49,74 @@ def row_sums(codes: np.ndarray) -> np.ndarray:
         return (words * _WEIGHTS[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
 
 
-# How much of a large code file one process keeps mapped. Reading a row of a memory-mapped file makes the kernel map
-# the pages around it that are already in the page cache too ("fault-around", 64 KiB by default), and they stay
-# mapped and counted in the process's resident set until it unmaps them. At 10M records, scattered re-scoring reads
-# of the 12.8 GB of re-scoring codes left 10.5 GB mapped after 100 queries, although the process had allocated 1.9 GB.
+# How much of the index's code files one process keeps mapped. Reading a row of a memory-mapped file makes the
+# kernel map the pages around it that are already in the page cache too ("fault-around", 64 KiB by default), and
+# they stay mapped and counted in the process's resident set until it unmaps them. At 10M records, scattered
+# re-scoring reads of the 12.8 GB of re-scoring codes left 10.5 GB mapped after 100 queries, although the process
+# had allocated 1.9 GB.
 MAPPED_BUDGET_BYTES = 256 << 20
 FAULT_AROUND_BYTES = 64 << 10  # the kernel's default fault_around_bytes, counted per row read
 
 
+class _MappedBudget:
+    """One budget for every :class:`MappedCodes` of the process (all segments, all readers): each read counts
+    ``FAULT_AROUND_BYTES`` per row, and once the count passes ``MAPPED_BUDGET_BYTES`` the pages of every map are
+    dropped, unless the maps are smaller than the budget altogether. Many small segments are bounded as one
+    large one is."""
+
+    def __init__(self) -> None:
+        self.maps: weakref.WeakSet = weakref.WeakSet()
+        self.due = 0
+        self.drops = 0  # times the maps' pages were dropped (tests, benchmarks)
+        self.lock = threading.Lock()
+
+    def count(self, rows: int) -> None:
+        with self.lock:
+            self.due += rows * FAULT_AROUND_BYTES
+            if self.due <= MAPPED_BUDGET_BYTES:
+                return
+            self.due = 0
+            maps = list(self.maps)
+            if sum(m.nbytes for m in maps) <= MAPPED_BUDGET_BYTES:
+                return
+            self.drops += 1
+        for m in maps:
+            m.drop()
+
+
+MAPPED = _MappedBudget()
+
+
 class MappedCodes:
-    """A headerless code file (one row per image or record) read through a memory map, whose pages mapped by this
-    process stay within ``MAPPED_BUDGET_BYTES``: each read counts ``FAULT_AROUND_BYTES`` per row, and once the
-    count passes the budget the mapping's pages are dropped (``madvise(MADV_DONTNEED)``: for a read-only shared
-    file mapping the pages stay in the page cache and the next read maps them again, so no data changes; only
-    the process's resident set shrinks). Files smaller than the budget are never dropped. ``codes`` is the
+    """A headerless code file (one row per image or record) read through a memory map whose pages count against
+    the process's mapped budget (``MAPPED``): when it is spent, the pages are dropped with
+    ``madvise(MADV_DONTNEED)``. For a read-only shared file mapping the pages stay in the page cache and the next
+    read maps them again, so no data changes; only the process's resident set shrinks. ``codes`` is the
     ``np.memmap`` itself (for whole-file scans that need no budget: compaction, verification)."""
 
-    __slots__ = ("codes", "_mm", "_due", "_lock")
+    __slots__ = ("codes", "nbytes", "_mm", "__weakref__")
 
     def __init__(self, codes: np.ndarray) -> None:
         self.codes = codes
+        self.nbytes = int(codes.nbytes)
         mm = getattr(codes, "_mmap", None)
-        big = mm is not None and codes.nbytes > MAPPED_BUDGET_BYTES and hasattr(mmap, "MADV_DONTNEED")
-        self._mm = mm if big else None
-        self._due = 0
-        self._lock = threading.Lock()
+        self._mm = mm if mm is not None and hasattr(mmap, "MADV_DONTNEED") else None
+        if self._mm is not None:
+            MAPPED.maps.add(self)
 
     def take(self, local: np.ndarray) -> np.ndarray:
         """The rows at ``local``, copied out of the map."""
         out = np.asarray(np.take(self.codes, local, axis=0))  # take: faster than fancy indexing of a memmap
         if self._mm is not None:
-            self._count(len(local))
+            MAPPED.count(len(local))
         return out
 
-    def _count(self, rows: int) -> None:
-        with self._lock:
-            self._due += rows * FAULT_AROUND_BYTES
-            if self._due <= MAPPED_BUDGET_BYTES:
-                return
-            self._due = 0
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):  # a closed map (the segment was closed meanwhile): nothing is mapped
-                pass
+    def drop(self) -> None:
+        """Unmap this map's resident pages (they stay in the page cache)."""
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed map (the segment was closed meanwhile): nothing is mapped
+            pass
 
 
 def record_crc(rid: str, image: str | None, caption: str | None) -> int:

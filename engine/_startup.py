@@ -18,6 +18,7 @@ def interrupted_at_start_up(signum, frame):  # pragma: no cover - exercised by t
 
 
 _pending = False  # a Ctrl-C (or SIGTERM) has arrived and was not handled yet
+_dropped = False  # ... and Python dropped the KeyboardInterrupt it raised (in a finaliser)
 
 
 def raise_interrupt(signum, frame):
@@ -31,12 +32,20 @@ def raise_interrupt(signum, frame):
 
 def quiet_unraisable(unraisable) -> None:
     """``sys.unraisablehook`` while the CLI runs: a Ctrl-C that Python dropped in a finaliser (an import lock's
-    weakref callback, on a loaded machine) is remembered and raised again (:func:`check_interrupt`, and the
-    next bytecode the handler interrupts), so printing it as "Exception ignored in ... Traceback" would only put
-    a traceback before the one-line message. Anything else goes to Python's own hook."""
+    weakref callback, on a loaded machine) is remembered: long loops raise it again (:func:`check_interrupt`),
+    and a command that returns without noticing it ends as interrupted (:func:`was_dropped`, ``engine.cli``).
+    Printing it as "Exception ignored in ... Traceback" would only put a traceback before the one-line
+    message. Anything else goes to Python's own hook."""
+    global _dropped
     if _pending and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _dropped = True
         return
     sys.__unraisablehook__(unraisable)
+
+
+def was_dropped() -> bool:
+    """Whether a Ctrl-C came while a finaliser ran and Python dropped it (see :func:`quiet_unraisable`)."""
+    return _dropped
 
 
 def check_interrupt() -> None:
@@ -47,8 +56,8 @@ def check_interrupt() -> None:
 
 
 def clear_interrupt() -> None:
-    global _pending
-    _pending = False
+    global _pending, _dropped
+    _pending = _dropped = False
 
 
 def is_console_script() -> bool:

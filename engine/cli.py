@@ -37,6 +37,7 @@ from ._startup import (
     interrupted_at_start_up,
     quiet_unraisable,
     raise_interrupt,
+    was_dropped,
 )
 
 EXIT_USER_ERROR = 2
@@ -669,7 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help, or a one-line argument error already printed
             return int(e.code or 0)
         func: Callable[[argparse.Namespace], int] = a.func
-        return func(a)
+        rc = func(a)
+        if rc != EXIT_INTERRUPTED and was_dropped():  # a Ctrl-C Python dropped in a finaliser, never raised again
+            return _interrupted(a)
+        return rc
     except AttribError as e:
         print_error(str(e))
         return EXIT_USER_ERROR

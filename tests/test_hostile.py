@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -835,3 +836,33 @@ def test_a_ctrl_c_dropped_in_a_finaliser_prints_no_traceback(capsys, monkeypatch
     monkeypatch.setattr(_startup, "_pending", False)  # a KeyboardInterrupt the handler did not raise: shown
     Finaliser(KeyboardInterrupt())
     assert "KeyboardInterrupt" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_dropped_in_a_finaliser_ends_the_command_as_interrupted(tiny_index, tmp_path):
+    """A Ctrl-C that lands while a finaliser runs during `attrib info` (Python drops the KeyboardInterrupt it
+    raises there) is not lost: the command ends with the one-line message and exit code 130, no traceback."""
+    script = tmp_path / "dropped.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        import engine._info as info
+        from engine.cli import main
+
+        real = info.index_info
+
+        class Finaliser:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C arrives while __del__ runs
+                for _ in range(1000):
+                    time.sleep(0)  # the handler raises KeyboardInterrupt here, inside the finaliser
+
+        def index_info(path, *a, **k):
+            Finaliser()  # dropped at once: its __del__ runs
+            return real(path, *a, **k)
+
+        info.index_info = index_info
+        sys.exit(main(["info", sys.argv[1], "--json"]))
+    """))
+    p = subprocess.run([sys.executable, str(script), str(tiny_index)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 130, p.stderr
+    assert "interrupted" in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr

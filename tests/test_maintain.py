@@ -663,28 +663,34 @@ def _mapped_rss(path) -> int:
     return total
 
 
-def test_large_code_files_stay_mapped_within_a_budget(tmp_path, monkeypatch):
-    """Scattered reads of a code file larger than the budget: the rows read are the file's, and the pages the
-    process keeps mapped stay near the budget, where the same reads without one leave most of the file mapped."""
+def test_code_files_stay_mapped_within_a_budget(tmp_path, monkeypatch):
+    """Scattered reads of code files larger than the budget together: the rows read are the files', and the pages
+    the process keeps mapped stay near the budget, where the same reads without one leave most of them mapped.
+    Eight files of 2 MiB are bounded as one of 16 MiB is."""
     from engine import _segment
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (65536, 256), dtype=np.uint8)  # 16 MiB, just written: in the page cache
-    p = tmp_path / "codes.bin"
-    p.write_bytes(data.tobytes())
-    mapped = {}
-    for budget in (1 << 20, 1 << 40):
-        monkeypatch.setattr(_segment, "MAPPED_BUDGET_BYTES", budget)
-        mm = np.memmap(p, dtype=np.uint8, mode="r", shape=data.shape)
-        codes = _segment.MappedCodes(mm)
-        for _ in range(300):
-            rows = rng.integers(0, len(data), 16)
-            assert np.array_equal(codes.take(rows), data[rows])
-        mapped[budget] = _mapped_rss(p)
-        del codes, mm
-        gc.collect()
-    assert mapped[1 << 40] > 8 << 20  # without a budget, most of the 16 MiB stays mapped
-    assert mapped[1 << 20] <= 2 << 20  # with one: the budget, plus the rows of the last read
+    layouts = {"one file": [data], "eight files": np.split(data, 8)}
+    for name, parts in layouts.items():
+        paths = []
+        for i, part in enumerate(parts):
+            paths.append(tmp_path / f"{name.replace(' ', '-')}-{i}.bin")
+            paths[-1].write_bytes(part.tobytes())
+        mapped = {}
+        for budget in (1 << 20, 1 << 40):
+            monkeypatch.setattr(_segment, "MAPPED_BUDGET_BYTES", budget)
+            maps = [_segment.MappedCodes(np.memmap(p, dtype=np.uint8, mode="r", shape=part.shape))
+                    for p, part in zip(paths, parts)]
+            for _ in range(300):
+                f = int(rng.integers(0, len(parts)))
+                rows = rng.integers(0, len(parts[f]), 16)
+                assert np.array_equal(maps[f].take(rows), parts[f][rows])
+            mapped[budget] = sum(_mapped_rss(p) for p in paths)
+            del maps
+            gc.collect()
+        assert mapped[1 << 40] > 8 << 20, name  # without a budget, most of the 16 MiB stays mapped
+        assert mapped[1 << 20] <= 2 << 20, name  # with one: the budget, plus the rows of the last read
 
 
 def test_answers_are_the_same_when_every_read_drops_the_mapped_pages(tmp_path, tiny, monkeypatch):
@@ -700,7 +706,8 @@ def test_answers_are_the_same_when_every_read_drops_the_mapped_pages(tmp_path, t
         idx = world.opened(tmp_path / "idx", tiny)
         maps = [m for s in idx.reader.segments for m in (*s._refine_maps.values(), s._patch_map, s._caption_map)
                 if m is not None]
-        assert len(maps) >= 9 and all((m._mm is not None) == (budget == 0) for m in maps)
+        assert len(maps) >= 9 and all(m in _segment.MAPPED.maps for m in maps)
+        drops = _segment.MAPPED.drops
         got = []
         for row in (3, 450, 1100):
             _, dino = idx.reader.vectors("dino", np.array([row]))
@@ -714,6 +721,7 @@ def test_answers_are_the_same_when_every_read_drops_the_mapped_pages(tmp_path, t
             _, cells = idx.reader.patch_cells(np.array([row, 7]))
             got.append(np.round(cells, 6).tolist())
         answers.append(got)
+        assert (_segment.MAPPED.drops > drops) == (budget == 0)  # every read dropped the pages of every map
         idx.close()
     assert answers[0] == answers[1]
 
@@ -747,7 +755,7 @@ def _captioned_pq_index(folder, tiny, n: int, chunk: int, empty_every: int = 10,
 
 def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_captions(tmp_path, tiny, capsys):
     """With the pq codec and at least CAPTION_PQ_MIN_TRAIN captions in the first chunk, caption embeddings are
-    4-bit product codes plus a presence byte (format version 4): cosines stay close to the exact ones, empty
+    8-bit product codes plus a presence byte (format version 4): cosines stay close to the exact ones, empty
     captions stay empty, a compaction copies the codes byte for byte, and a retraining fits new ones. With fewer
     captions they are int8 with a per-record scale (format version 3), as before."""
     from engine import _codebooks
@@ -805,6 +813,7 @@ def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_ca
     assert main(["compact", str(folder), "--retrain", "--caption-codec", "int8", "--no-progress"]) == 0
     m = read_manifest(folder)
     assert "caption_codec" not in m["codebooks"] and m["settings"]["caption_codec"] == "int8"
+    assert m["format_version"] == 3  # engines of version 3 read it again
     r = IndexReader(folder)
     assert r.codebooks.caption_code_shape == (d + 4, np.uint8)
     # retrained from the stored product codes: int8 keeps what they held (it cannot restore what they lost)
@@ -826,3 +835,24 @@ def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_ca
     r = IndexReader(few)
     assert r.codebooks.caption_codec == "int8" and r.codebooks.caption_code_shape == (d + 4, np.uint8)
     r.close()
+    with pytest.raises(engine.AttribError, match="at least 1000 captions in the first chunk"):  # asked for: said
+        _captioned_pq_index(tmp_path / "few-pq", tiny, 1000, 1000, caption_codec="pq")
+
+
+def test_an_index_made_before_caption_product_codes_keeps_int8_codes_through_a_retraining(tmp_path, tiny):
+    """Its settings name no caption codec: ``compact --retrain`` keeps int8 caption codes and format version 3
+    (readable by the engine that made it); ``--caption-codec pq`` converts it."""
+    from engine._manifest import write_manifest
+
+    folder = tmp_path / "idx"
+    _captioned_pq_index(folder, tiny, 1200, 1200, caption_codec="int8")
+    m = read_manifest(folder)
+    del m["settings"]["caption_codec"]  # as versions before caption product codes wrote it
+    write_manifest(folder, m)
+    engine.compact(folder, retrain=True, progress=False)
+    m = read_manifest(folder)
+    assert "caption_codec" not in m["codebooks"] and m["format_version"] == 3
+    engine.compact(folder, retrain=True, progress=False, caption_codec="pq")
+    m = read_manifest(folder)
+    assert m["codebooks"]["caption_codec"] == "pq" and m["format_version"] == 4
+    assert m["settings"]["caption_codec"] == "pq"
