@@ -110,7 +110,7 @@ def print_info(info: dict) -> None:
     cb = info["codebooks"]
     t.add_row("dims", f"clip {d['clip']}, dino global {d['dino_global']}, patches {d['patch_grid']}x{d['patch_grid']} "
                       f"cells x {d['patch_dims']} dims ({cb['patch_codec']}), caption embeddings "
-                      f"{cb.get('caption_codec', '?')}")
+                      f"{cb.get('caption_codec', '?') if 'caption_clip' in info['sizes'] else 'none stored'}")
     search = info.get("search") or {}
 
     def probe(k: str, v: dict) -> str:
