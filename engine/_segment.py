@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import sys
 import threading
 import weakref
 import zlib
@@ -50,38 +51,80 @@ def row_sums(codes: np.ndarray) -> np.ndarray:
 
 
 # How much of the index's code files one process keeps mapped. Reading a row of a memory-mapped file makes the
-# kernel map the pages around it that are already in the page cache too ("fault-around", 64 KiB by default), and
-# they stay mapped and counted in the process's resident set until it unmaps them. At 10M records, scattered
-# re-scoring reads of the 12.8 GB of re-scoring codes left 10.5 GB mapped after 100 queries, although the process
-# had allocated 1.9 GB.
-MAPPED_BUDGET_BYTES = 256 << 20
-FAULT_AROUND_BYTES = 64 << 10  # the kernel's default fault_around_bytes, counted per row read
+# kernel map more than the row: the pages around it that are in the page cache ("fault-around") and, with large
+# page-cache folios, the whole folio (about 1 MB per scattered read of a 5 GB file, measured at 10M records). They
+# stay mapped and counted in the process's resident set until it unmaps them: at 10M records, 100 queries' scattered
+# re-scoring reads left 10.5 GB of the 12.8 GB of re-scoring codes mapped, where the process had allocated 1.9 GB.
+MAPPED_BUDGET_ENV = "ATTRIB_MAPPED_BUDGET_MB"  # MiB; 0 turns the budget off (faster re-scoring, larger RSS)
+
+
+def _budget_from_env() -> int:
+    raw = os.environ.get(MAPPED_BUDGET_ENV, "").strip()
+    try:
+        mib = int(raw) if raw else 256
+    except ValueError:
+        sys.stderr.write(f"warning: {MAPPED_BUDGET_ENV}={raw!r} is not a whole number of MiB (0: no budget); "
+                         f"using 256\n")
+        mib = 256
+    return (mib << 20) if mib > 0 else 1 << 62
+
+
+MAPPED_BUDGET_BYTES = _budget_from_env()
+TAKE_BLOCK = 256  # rows read between two looks at the process's mapped pages, when the maps are larger than the budget
+
+
+def _file_resident_bytes() -> int | None:
+    """Resident file-backed (and shared) bytes of this process (/proc/self/statm), or None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _MappedBudget:
-    """One budget for every :class:`MappedCodes` of the process (all segments, all readers): each read counts
-    ``FAULT_AROUND_BYTES`` per row, and once the count passes ``MAPPED_BUDGET_BYTES`` the pages of every map are
-    dropped, unless the maps are smaller than the budget altogether. Many small segments are bounded as one
-    large one is."""
+    """One budget for every :class:`MappedCodes` of the process (all segments, all readers). When the maps are
+    larger than ``MAPPED_BUDGET_BYTES`` altogether, reads look at the process's resident file-backed bytes every
+    ``TAKE_BLOCK`` rows, and once they have grown by more than the budget since the last drop, the pages of every
+    map are dropped. Many small segments are bounded as one large one is. Without /proc (not Linux) nothing is
+    dropped."""
 
     def __init__(self) -> None:
         self.maps: weakref.WeakSet = weakref.WeakSet()
-        self.due = 0
+        self.total = 0  # bytes of the live maps
+        self.base: int | None = None  # resident file-backed bytes after the last drop
         self.drops = 0  # times the maps' pages were dropped (tests, benchmarks)
         self.lock = threading.Lock()
+        self.available = _file_resident_bytes() is not None and hasattr(mmap, "MADV_DONTNEED")
 
-    def count(self, rows: int) -> None:
+    def add(self, m: "MappedCodes") -> None:
         with self.lock:
-            self.due += rows * FAULT_AROUND_BYTES
-            if self.due <= MAPPED_BUDGET_BYTES:
+            self.maps.add(m)
+            self.total += m.nbytes
+            now = _file_resident_bytes() or 0
+            if self.base is None or now < self.base:  # before any page of the new map is read
+                self.base = now
+        weakref.finalize(m, self._gone, m.nbytes)
+
+    def _gone(self, nbytes: int) -> None:
+        with self.lock:
+            self.total -= nbytes
+
+    @property
+    def active(self) -> bool:
+        return self.available and self.total > MAPPED_BUDGET_BYTES
+
+    def check(self) -> None:
+        with self.lock:
+            now = _file_resident_bytes() or 0
+            if now - (self.base or 0) <= MAPPED_BUDGET_BYTES:
                 return
-            self.due = 0
             maps = list(self.maps)
-            if sum(m.nbytes for m in maps) <= MAPPED_BUDGET_BYTES:
-                return
             self.drops += 1
         for m in maps:
             m.drop()
+        with self.lock:
+            self.base = _file_resident_bytes() or 0  # what stays: libraries, row tables, other files
 
 
 MAPPED = _MappedBudget()
@@ -99,16 +142,18 @@ class MappedCodes:
     def __init__(self, codes: np.ndarray) -> None:
         self.codes = codes
         self.nbytes = int(codes.nbytes)
-        mm = getattr(codes, "_mmap", None)
-        self._mm = mm if mm is not None and hasattr(mmap, "MADV_DONTNEED") else None
+        self._mm = getattr(codes, "_mmap", None) if MAPPED.available else None
         if self._mm is not None:
-            MAPPED.maps.add(self)
+            MAPPED.add(self)
 
     def take(self, local: np.ndarray) -> np.ndarray:
-        """The rows at ``local``, copied out of the map."""
-        out = np.asarray(np.take(self.codes, local, axis=0))  # take: faster than fancy indexing of a memmap
-        if self._mm is not None:
-            MAPPED.count(len(local))
+        """The rows at ``local``, copied out of the map (a block of rows at a time when the budget is active)."""
+        if self._mm is None or not MAPPED.active or len(local) == 0:
+            return np.asarray(np.take(self.codes, local, axis=0))  # take: faster than fancy indexing of a memmap
+        out = np.empty((len(local), *self.codes.shape[1:]), self.codes.dtype)
+        for a in range(0, len(local), TAKE_BLOCK):
+            np.take(self.codes, local[a:a + TAKE_BLOCK], axis=0, out=out[a:a + TAKE_BLOCK])
+            MAPPED.check()
         return out
 
     def drop(self) -> None:
