@@ -62,6 +62,8 @@ def _budget_from_env() -> int:
     raw = os.environ.get(MAPPED_BUDGET_ENV, "").strip()
     try:
         mib = int(raw) if raw else 256
+        if mib < 0:
+            raise ValueError
     except ValueError:
         sys.stderr.write(f"warning: {MAPPED_BUDGET_ENV}={raw!r} is not a whole number of MiB (0: no budget); "
                          f"using 256\n")
@@ -94,7 +96,9 @@ class _MappedBudget:
         self.total = 0  # bytes of the live maps
         self.base: int | None = None  # resident file-backed bytes after the last drop
         self.drops = 0  # times the maps' pages were dropped (tests, benchmarks)
-        self.lock = threading.Lock()
+        # reentrant: a map's finaliser (_gone) can run in this thread while it holds the lock (a garbage collection
+        # of an old reader's reference cycles, triggered by an allocation in add or check)
+        self.lock = threading.RLock()
         self.available = _file_resident_bytes() is not None and hasattr(mmap, "MADV_DONTNEED")
 
     def add(self, m: "MappedCodes") -> None:
@@ -121,6 +125,7 @@ class _MappedBudget:
                 return
             maps = list(self.maps)
             self.drops += 1
+            self.base = now  # other threads checking meanwhile: this overshoot is being dropped already
         for m in maps:
             m.drop()
         with self.lock:

@@ -861,7 +861,7 @@ def test_an_index_made_before_caption_product_codes_keeps_int8_codes_through_a_r
 def test_the_mapped_budget_is_set_in_mib_by_the_environment(monkeypatch, capsys):
     from engine import _segment
 
-    for raw, want in (("", 256 << 20), ("64", 64 << 20), ("0", 1 << 62), ("lots", 256 << 20)):
+    for raw, want in (("", 256 << 20), ("64", 64 << 20), ("0", 1 << 62), ("-5", 256 << 20), ("lots", 256 << 20)):
         monkeypatch.setenv(_segment.MAPPED_BUDGET_ENV, raw)
         assert _segment._budget_from_env() == want
     assert "'lots' is not a whole number of MiB" in capsys.readouterr().err
