@@ -865,3 +865,38 @@ def test_the_mapped_budget_is_set_in_mib_by_the_environment(monkeypatch, capsys)
         monkeypatch.setenv(_segment.MAPPED_BUDGET_ENV, raw)
         assert _segment._budget_from_env() == want
     assert "'lots' is not a whole number of MiB" in capsys.readouterr().err
+
+
+def test_a_map_collected_while_the_budget_is_checked_does_not_deadlock(tmp_path, monkeypatch):
+    """An old reader's maps sit in reference cycles and are freed by a garbage collection, which can run while the
+    budget's lock is held (an allocation in ``check``): the map's finaliser takes the same lock."""
+    import threading
+
+    from engine import _segment
+
+    p = tmp_path / "a.bin"
+    p.write_bytes(bytes(1 << 16))
+    monkeypatch.setattr(_segment, "MAPPED_BUDGET_BYTES", 1)
+    keep = _segment.MappedCodes(np.memmap(p, dtype=np.uint8, mode="r", shape=(256, 256)))
+    real = _segment._file_resident_bytes
+
+    def collecting():  # a collection at the worst moment: under the lock
+        gc.collect()
+        return real()
+
+    class Reader:
+        pass
+
+    gc.disable()  # the cycle must survive until the collection inside check
+    try:
+        r = Reader()
+        r.cycle = [r]
+        r.codes = _segment.MappedCodes(np.memmap(p, dtype=np.uint8, mode="r", shape=(256, 256)))
+        del r
+        monkeypatch.setattr(_segment, "_file_resident_bytes", collecting)
+        t = threading.Thread(target=keep.take, args=(np.arange(256),), daemon=True)
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive(), "deadlock: the finaliser waited for the lock its own thread held"
+    finally:
+        gc.enable()
