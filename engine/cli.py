@@ -652,6 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     here, inside the handlers: Ctrl-C at any moment, the first half second included, ends with one line and exit
     code 130, and user errors with one line and exit code 2."""
     old_term = old_int = None
+    clear_interrupt()  # nothing of an earlier in-process run carries over
     old_hook, sys.unraisablehook = sys.unraisablehook, quiet_unraisable
     try:
         try:

@@ -829,6 +829,7 @@ def test_a_ctrl_c_dropped_in_a_finaliser_prints_no_traceback(capsys, monkeypatch
 
     monkeypatch.setattr(sys, "unraisablehook", _startup.quiet_unraisable)
     monkeypatch.setattr(_startup, "_pending", True)
+    monkeypatch.setattr(_startup, "_dropped", False)  # restored afterwards: nothing leaks into later tests
     Finaliser(KeyboardInterrupt())
     assert capsys.readouterr().err == ""
     Finaliser(ValueError("a real problem"))
@@ -866,3 +867,14 @@ def test_a_ctrl_c_dropped_in_a_finaliser_ends_the_command_as_interrupted(tiny_in
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 130, p.stderr
     assert "interrupted" in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in p.stderr
+
+
+def test_an_interrupt_left_over_from_an_earlier_in_process_run_does_not_end_the_next_one(tiny_index, monkeypatch,
+                                                                                         capsys):
+    from engine import _startup
+    from engine.cli import main
+
+    monkeypatch.setattr(_startup, "_pending", True)
+    monkeypatch.setattr(_startup, "_dropped", True)
+    assert main(["info", str(tiny_index), "--json"]) == 0
+    assert "interrupted" not in capsys.readouterr().err
