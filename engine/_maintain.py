@@ -35,6 +35,7 @@ from ._segment import (
     unified_schema,
     write_segment,
 )
+from ._settings import check_caption_codec
 from ._stores import ROW_FIELD, TextSink, is_panic
 from ._threads import blas_single
 from ._txn import recover
@@ -212,8 +213,8 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
     (``engine._search_tune``; ``measure_search=False`` leaves that to the caller)."""
     if (codec or ann or caption_codec) and not retrain:
         raise AttribError("--codec, --ann and --caption-codec change the codebooks: give --retrain too")
-    if caption_codec not in (None, "auto", "pq", "int8"):
-        raise AttribError(f"unknown caption codec {caption_codec!r}; valid choices: auto, pq, int8")
+    if caption_codec is not None:
+        check_caption_codec(caption_codec)
     t0 = time.perf_counter()
     folder = Path(index).expanduser().absolute()
     recover(folder)

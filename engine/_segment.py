@@ -486,7 +486,7 @@ class Segment:
         # The serving table is read by row too (captions of pool candidates, 1 MB mapped per scattered read): its
         # pages count and are dropped with the codes'. The row tables are not: every query reads the same few pages
         # of them (binary searches), and dropping those made searches at 10M records 2-3 times slower.
-        self._tables = [MappedCodes(self.batches, serving_map)]
+        self._serving_map = MappedCodes(self.batches, serving_map)
         self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])[:-1].astype(np.int64)
         self._columns: list[list[StringColumn]] | None = None  # made on the first read of the serving table
         self._check_shapes()
@@ -642,8 +642,7 @@ class Segment:
         self.stores.clear()
         self.refine.clear()
         self._refine_maps.clear()
-        self._patch_map = self._caption_map = None
-        self._tables = []
+        self._patch_map = self._caption_map = self._serving_map = None
         self.batches = []
         self._columns = None
         self.caption_codes = self.caption_sums = self.caption_keys = None

@@ -36,8 +36,7 @@ class IndexSettings:
             raise AttribError(f"unknown ann kind {self.ann!r}; valid choices: auto, flat, ivf")
         if self.codec not in ("auto", "fp16", "pq"):
             raise AttribError(f"unknown codec {self.codec!r}; valid choices: auto, fp16, pq")
-        if self.caption_codec not in ("auto", "pq", "int8"):
-            raise AttribError(f"unknown caption codec {self.caption_codec!r}; valid choices: auto, pq, int8")
+        check_caption_codec(self.caption_codec)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +61,12 @@ class QuerySettings:
         if self.nprobe is not None:
             bounds["nprobe"] = (1, L.MAX_NPROBE)
         _check_ints(self, "query setting", bounds)
+
+
+def check_caption_codec(value: str) -> None:
+    """AttribError unless ``value`` names a caption codec (the setting, and ``attrib compact --caption-codec``)."""
+    if value not in ("auto", "pq", "int8"):
+        raise AttribError(f"unknown caption codec {value!r}; valid choices: auto, pq, int8")
 
 
 def _check_ints(obj, what: str, bounds: dict[str, tuple[int, int]]) -> None:
