@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ._rows import by_segment
+
 SCAN_CHUNK = 65536  # records per block when every caption embedding is scanned
 
 
@@ -37,11 +39,10 @@ class CaptionSignals:
         out = np.full(len(rows), np.nan, np.float32)
         seg, local = self.reader._locate(rows)
         v = np.asarray(vec, np.float32)
-        for s in np.unique(seg[seg >= 0]):
+        for s, sel in by_segment(seg):
             segment = self.reader.segments[s]
             if segment.caption_codes is None:
                 continue
-            sel = np.flatnonzero(seg == s)
             emb = segment.caption_vectors(local[sel])
             sc = emb @ v
             sc[~emb.any(axis=1)] = np.nan
@@ -101,9 +102,7 @@ class CaptionSignals:
         out = np.full(len(rows), np.nan, np.float32)
         counts = self._segment_counts()
         seg, local = self.reader._locate(rows)
-        ok = seg >= 0
-        for s in np.unique(seg[ok]):
-            sel = np.flatnonzero(seg == s)
+        for s, sel in by_segment(seg):
             out[sel] = counts[s][local[sel]].astype(np.float32) - 1.0
         return out
 

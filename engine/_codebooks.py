@@ -110,12 +110,20 @@ class Codebooks:
     @classmethod
     def train(cls, generation: int, projection: DinoProjection, clip: np.ndarray, dino: np.ndarray,
               cells: np.ndarray, ann: str, codec: str, expected_images: int, flat_max: int,
-              patch_m: int, captions: np.ndarray | None = None, caption_codec: str = "auto") -> "Codebooks":
+              patch_m: int, captions: np.ndarray | None = None, caption_codec: str = "auto",
+              keep: "Codebooks | None" = None, ranges: dict | None = None) -> "Codebooks":
         """Train on a sample: ``clip`` (n, Dc), ``dino`` (n, Dg) global descriptors and projected ``cells``
         (n, C, Dp), and the records' caption embeddings ``captions`` (zeros: no caption; None: none encoded).
         ``ann``/``codec`` may be "auto": decided from ``expected_images`` and ``flat_max``. With the pq codec,
         ``caption_codec`` "auto" or "pq" product-quantizes caption embeddings (when there are enough to train
-        on), "int8" keeps them as int8 with a per-record scale."""
+        on), "int8" keeps them as int8 with a per-record scale.
+
+        A retraining passes the codebooks it replaces as ``keep``: where both use the pq codec, their 8-bit refine
+        quantizers and their patch and caption product quantizers (the finest codes an index holds) are kept, not
+        fitted again, since fitting them on their own decoded values learns nothing and coding those values again
+        only adds error; the caller then copies those codes as they are. Only the first stage (IVF centroids and
+        the fast-scan codes) is refitted. ``ranges``: store -> (min, max) per dimension over every vector, for
+        refine quantizers fitted here on a sample (their range is then that of all the data, as if fitted on it)."""
         n = clip.shape[0]
         big = expected_images > flat_max
         if codec == "auto":
@@ -125,18 +133,26 @@ class Codebooks:
                               f"quantizers (this one has {n}); use a larger --chunk or --codec fp16")
         if ann == "auto":
             ann = IVF if big else FLAT
+        kept = keep if keep is not None and codec == PQ and keep.stores["clip"].codec == PQ else None
         stores, templates, sq = {}, {}, {}
         for name, x in (("clip", clip), ("dino", dino)):
             spec = _store_spec(x.shape[1], ann, codec, n, expected_images)
             stores[name] = spec
             templates[name] = _train_template(spec, x)
-            if codec == PQ:
+            if kept is not None:
+                sq[name] = kept.sq[name]
+            elif codec == PQ:
                 q = faiss.ScalarQuantizer(spec.dim, faiss.ScalarQuantizer.QT_8bit)
                 q.train(np.ascontiguousarray(x, np.float32))
+                if ranges and name in ranges:  # faiss's 8-bit range: the min and max of each dimension
+                    lo, hi = (np.asarray(v, np.float32) for v in ranges[name])
+                    faiss.copy_array_to_vector(np.concatenate([lo, hi - lo]).astype(np.float32), q.trained)
                 sq[name] = q
         C, Dp = cells.shape[1], cells.shape[2]
         pq = None
-        if codec == PQ:
+        if kept is not None and kept.patch_pq is not None:
+            pq = kept.patch_pq
+        elif codec == PQ:
             m = max(1, min(patch_m, Dp))
             while Dp % m:
                 m -= 1
@@ -146,7 +162,12 @@ class Codebooks:
             rng = np.random.default_rng(0)
             pick = np.sort(rng.choice(len(flat), size=min(len(flat), 65536), replace=False))
             pq.train(np.ascontiguousarray(flat[pick], np.float32))
-        cap_pq = _train_caption_pq(captions) if codec == PQ and caption_codec != INT8 else None
+        if codec != PQ or caption_codec == INT8:
+            cap_pq = None
+        elif kept is not None and kept.caption_pq is not None:
+            cap_pq = kept.caption_pq
+        else:
+            cap_pq = _train_caption_pq(captions)
         if caption_codec == PQ and cap_pq is None:
             have = 0 if captions is None else int(np.count_nonzero(np.asarray(captions).any(axis=1)))
             why = ("caption embeddings are product codes only with --codec pq" if codec != PQ else

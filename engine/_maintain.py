@@ -5,6 +5,7 @@ what the new generation no longer lists. Readers that opened an older generation
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._codebooks import Codebooks, sha256_file
+from ._codebooks import CAPTION_PQ_MAX_TRAIN, PATCH_ENCODE_BLOCK, Codebooks, sha256_file
 from ._errors import AttribError, IndexFormatError
 from ._layout import codebook_dir, deletes_file, path_of, segment_dir
 from ._lock import WriterLock
@@ -25,15 +26,11 @@ from ._reader import IndexReader
 from ._search_tune import measure_after_write
 from ._segment import (
     STORES,
-    Chunk,
     EncodedChunk,
     SegmentFiles,
-    cast_table,
-    encode_chunk,
-    remove_unlisted_segments,
+    remove_uncommitted,
     row_sums,
     unified_schema,
-    write_segment,
 )
 from ._settings import check_caption_codec
 from ._stores import ROW_FIELD, TextSink, is_panic
@@ -222,7 +219,7 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
     with WriterLock(folder, "compact"):
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
-        remove_unlisted_segments(folder, m)  # what a killed compaction (or writer) left half-written
+        remove_uncommitted(folder, m)  # what a killed compaction (or writer) left half-written
         cb = reader.codebooks
         before = len(reader.segments)
         purged = int(len(reader.live.deleted))
@@ -232,38 +229,25 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
         new_cb = cb
         from .ui import progress_bar
 
-        with progress_bar("compacting", before, enabled=progress, unit="seg") as advance:
-            if retrain:  # the codebooks are fitted on every live vector: they are gathered in memory
-                parts = []
-                for part, last in _live_parts(reader, folder, with_captions):
-                    parts.append(part)
-                    advance(int(last))
-                caps = cb.decode_captions(np.concatenate([p.caption_codes for p in parts])) if with_captions else None
-                vecs = {n: cb.decode_refine(n, np.concatenate([p.refine[n] for p in parts])) for n in STORES}
-                patches_a = np.concatenate([p.patches for p in parts])
-                cells = (cb.decode_patches(patches_a) if len(patches_a)
-                         else np.zeros((0, cb.patch_cells, cb.patch_dims)))
-                del patches_a
+        passes = 2 if retrain else 1  # a retraining reads the segments twice: a sample to fit on, then everything
+        with progress_bar("compacting", before * passes, enabled=progress, unit="seg") as advance:
+            if retrain:
                 settings = m["settings"]
-                new_cb = Codebooks.train(cb.generation + 1, cb.projection, vecs["clip"], vecs["dino"], cells,
-                                         ann or settings.get("ann", "auto"), codec or settings.get("codec", "auto"),
-                                         len(vecs["clip"]), int(settings.get("ann_flat_max", 50_000)),
-                                         int(settings.get("patch_pq_m", 8)),
-                                         caps, caption_codec or settings.get("caption_codec", "int8"))
-                schema = unified_schema([p.table.schema for p in parts])
-                chunk = Chunk(pa.concat_tables([cast_table(p.table, schema) for p in parts]),
-                              np.concatenate([p.image_rows for p in parts]),
-                              vecs["clip"], vecs["dino"], cells,
-                              caps)
-                enc = encode_chunk(chunk, new_cb)
-                enc.caption_keys = np.concatenate([p.caption_keys for p in parts])
+                sample = _training_sample(reader, folder, with_captions, advance)
+                new_cb = Codebooks.train(cb.generation + 1, cb.projection, sample["clip"], sample["dino"],
+                                         sample["cells"], ann or settings.get("ann", "auto"),
+                                         codec or settings.get("codec", "auto"), sample["images"],
+                                         int(settings.get("ann_flat_max", 50_000)), int(settings.get("patch_pq_m", 8)),
+                                         sample["captions"], caption_codec or settings.get("caption_codec", "int8"),
+                                         keep=cb, ranges=sample["ranges"])
+                del sample
                 chosen = (("codec", codec), ("ann", ann), ("caption_codec", caption_codec))
                 m2["settings"].update({k: v for k, v in chosen if v})  # the choices hold for later retrainings too
                 m2["codebooks"] = new_cb.save(folder / codebook_dir(new_cb.generation))
                 m2["codebooks"]["path"] = codebook_dir(new_cb.generation)
-                entry = write_segment(folder, segment_dir(seg_id), seg_id, enc, new_cb)
+                entry = _write_live(reader, folder, seg_id, with_captions, advance, new_cb)
             else:  # streamed: one old segment's live records at a time; only the merged IVF lists are in memory
-                entry = _merge_segments(reader, folder, seg_id, with_captions, advance)
+                entry = _write_live(reader, folder, seg_id, with_captions, advance)
         old_segments = [s["path"] for s in m["segments"]]
         old_deletes = (m.get("deletes") or {}).get("path")
         reader.close()
@@ -350,34 +334,133 @@ def _live_parts(reader: IndexReader, folder: Path, with_captions: bool):
             yield part, b >= n
 
 
-def _merge_segments(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance) -> dict:
-    """Write the live records of every segment into one new segment, streaming a segment at a time (memory: one
-    segment's codes plus the merged IVF lists), with the codebooks unchanged; returns its manifest entry."""
-    cb = reader.codebooks
+def _live_layout(reader: IndexReader) -> tuple[int, int, pa.Schema]:
+    """(live records, live images, unified record schema) of every segment: what a merged segment holds."""
     n_records = n_images = 0
     schemas = []
     for seg in reader.segments:
         n_records += int(reader.live.keep(np.asarray(seg.rows)).sum())
         n_images += int(reader.live.keep(np.asarray(seg.image_rows)).sum())
         schemas.append(pq.read_schema(seg.path / path_of("records")))
-    schema = unified_schema(schemas)
+    return n_records, n_images, unified_schema(schemas)
+
+
+RETRAIN_SAMPLE_MIN = 65_536  # images whose vectors a retraining fits the first stage on, at least (all, when fewer)
+RETRAIN_PER_LIST = 64  # ... and per IVF list the retrained stores can have (as many as a fit on everything samples)
+PATCH_SAMPLE_IMAGES = 4_096  # images whose decoded cells fit a new patch quantizer (65,536 of their cells are used)
+CAPTION_SAMPLE_RECORDS = 4 * CAPTION_PQ_MAX_TRAIN  # records whose caption embeddings fit a new caption quantizer
+
+
+def _training_sample(reader: IndexReader, folder: Path, with_captions: bool, advance) -> dict:
+    """The first pass of a retraining, streamed a block of records at a time: decoded vectors of a random sample of
+    the live images (64 per IVF list the retrained stores can have, 65,536 at least: every image of a smaller
+    index, so that its codebooks are those a fit on everything gives), decoded patch cells and caption embeddings
+    of smaller samples, and the min and max of every dimension over all live vectors (the range of refine
+    quantizers fitted on the sample). Memory: the samples and one block, however large the index."""
+    cb = reader.codebooks
+    n_records, n_images, _ = _live_layout(reader)
+    rng = np.random.default_rng(0)
+    nlist = min(65_536, int(2 * math.sqrt(max(n_images, 1))))  # the most lists a store of this size gets
+
+    def pick(n: int, size: int) -> np.ndarray:
+        return np.sort(rng.choice(n, size=min(n, size), replace=False)) if n else np.zeros(0, np.int64)
+
+    images = pick(n_images, max(RETRAIN_SAMPLE_MIN, RETRAIN_PER_LIST * nlist))
+    cell_images = pick(n_images, PATCH_SAMPLE_IMAGES)
+    records = pick(n_records, CAPTION_SAMPLE_RECORDS)
+    dims = {n: cb.stores[n].dim for n in STORES}
+    vecs = {n: [np.zeros((0, d), np.float32)] for n, d in dims.items()}
+    lo = {n: np.full(d, np.inf, np.float32) for n, d in dims.items()}
+    hi = {n: np.full(d, -np.inf, np.float32) for n, d in dims.items()}
+    cells = [np.zeros((0, cb.patch_cells, cb.patch_dims), np.float32)]
+    caps = [np.zeros((0, dims["clip"]), np.float32)]
+    ia = ra = 0
+
+    def within(sample: np.ndarray, start: int, n: int) -> np.ndarray:
+        return sample[(sample >= start) & (sample < start + n)] - start
+
+    for part, last in _live_parts(reader, folder, with_captions):
+        ni, nr = len(part.image_rows), len(part.table)
+        sel = within(images, ia, ni)
+        for n in STORES:
+            for a in range(0, ni, RANGE_BLOCK):  # every vector counts in the range, a block of them at a time
+                x = cb.decode_refine(n, part.refine[n][a:a + RANGE_BLOCK])
+                np.minimum(lo[n], x.min(axis=0), out=lo[n])
+                np.maximum(hi[n], x.max(axis=0), out=hi[n])
+            if len(sel):
+                vecs[n].append(cb.decode_refine(n, part.refine[n][sel]))
+        sel = within(cell_images, ia, ni)
+        if len(sel):
+            cells.append(cb.decode_patches(part.patches[sel]))
+        sel = within(records, ra, nr)
+        if with_captions and len(sel):
+            caps.append(cb.decode_captions(part.caption_codes[sel]))
+        ia, ra = ia + ni, ra + nr
+        advance(int(last))
+    return {"clip": np.concatenate(vecs["clip"]), "dino": np.concatenate(vecs["dino"]),
+            "cells": np.concatenate(cells), "captions": np.concatenate(caps) if with_captions else None,
+            "images": n_images, "ranges": {n: (lo[n], hi[n]) for n in STORES} if n_images else None}
+
+
+RANGE_BLOCK = 65_536  # images decoded at a time for the ranges of a retraining
+
+
+def _write_live(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance,
+                new_cb: Codebooks | None = None) -> dict:
+    """Write the live records of every segment into one new segment, streamed a block of records at a time;
+    returns its manifest entry. Memory: one block's codes plus the merged IVF lists.
+
+    With the codebooks unchanged (``new_cb`` None) every code is copied and the old stores' lists are merged. With
+    retrained codebooks the stores are filled again from the decoded refine vectors, and the refine, patch and
+    caption codes are copied where their quantizer was kept (``Codebooks.train(keep=...)``), else decoded and coded
+    with the new one, a block of images at a time."""
+    cb = reader.codebooks
+    n_records, n_images, schema = _live_layout(reader)
     out = SegmentFiles(folder, segment_dir(seg_id), n_records, n_images, schema, with_captions)
     try:
+        stores = {n: new_cb.new_store(n) for n in STORES} if new_cb is not None else {}
         for part, last in _live_parts(reader, folder, with_captions):
+            if new_cb is not None:
+                part = _recoded(part, cb, new_cb, stores, with_captions)
             out.append(part)
             advance(int(last))
-        stores = {}
-        for n in STORES:
-            merged = cb.new_store(n)
-            for seg in reader.segments:
-                merged.merge_from(faiss.read_index(str(seg.path / path_of(n))), 0)
-            if len(reader.live.deleted):
-                merged.remove_ids(faiss.IDSelectorBatch(reader.live.deleted))
-            stores[n] = merged
+        if new_cb is None:
+            for n in STORES:
+                merged = cb.new_store(n)
+                for seg in reader.segments:
+                    merged.merge_from(faiss.read_index(str(seg.path / path_of(n))), 0)
+                if len(reader.live.deleted):
+                    merged.remove_ids(faiss.IDSelectorBatch(reader.live.deleted))
+                stores[n] = merged
         return out.commit(seg_id, stores)
     except BaseException:
         out.abort()
         raise
+
+
+def _recoded(part: EncodedChunk, cb: Codebooks, new_cb: Codebooks, stores: dict,
+             with_captions: bool) -> EncodedChunk:
+    """One block of live records for codebooks ``new_cb``: its decoded vectors added to the new ``stores``, and its
+    codes copied where their quantizer is the same, else coded again (image checksums then computed anew)."""
+    refine = {}
+    for n in STORES:
+        x = cb.decode_refine(n, part.refine[n]) if len(part.image_rows) else np.zeros((0, cb.stores[n].dim), np.float32)
+        if len(x):
+            stores[n].add_with_ids(np.ascontiguousarray(x, np.float32), np.asarray(part.image_rows, np.int64))
+        same = cb.stores[n].codec == new_cb.stores[n].codec and cb.sq.get(n) is new_cb.sq.get(n)
+        refine[n] = part.refine[n] if same else new_cb.refine_codes(n, x)
+    same_patches = cb.patch_codec == new_cb.patch_codec and cb.patch_pq is new_cb.patch_pq
+    patches = part.patches
+    if not same_patches:
+        patches = np.concatenate([new_cb.encode_patches(cb.decode_patches(part.patches[a:a + PATCH_ENCODE_BLOCK]))
+                                  for a in range(0, len(part.patches), PATCH_ENCODE_BLOCK)] or
+                                 [np.zeros((0, *new_cb.patch_code_shape[:2]), new_cb.patch_code_shape[2])])
+    caps = part.caption_codes
+    if with_captions and not (cb.caption_codec == new_cb.caption_codec and cb.caption_pq is new_cb.caption_pq):
+        caps = new_cb.encode_captions(cb.decode_captions(caps))
+    copied = same_patches and all(refine[n] is part.refine[n] for n in STORES)
+    return EncodedChunk(part.table, part.image_rows, {}, refine, patches, part.record_crc,
+                        part.image_sums if copied else None, caps, part.caption_keys)
 
 
 # --------------------------------------------------------------------------------------------- verify

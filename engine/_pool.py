@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._reader import IndexReader
+from ._rows import distinct
 from ._threads import single_threaded_blas
 from .rankers import Candidates, QueryInput, Ranker, RowFilter, nan_array, ranking_order
 
@@ -57,7 +58,7 @@ class CandidatePool:
                 raw: dict[str, np.ndarray] = self._dense_first_stages(q, [r for r in firsts if r.name not in side],
                                                                       wanted, exclude, later)
                 raw.update({n: f.result() for n, f in side.items()})
-                union = np.unique(np.concatenate(list(raw.values()))) if raw else np.zeros(0, np.int64)
+                union = distinct(np.concatenate(list(raw.values()))) if raw else np.zeros(0, np.int64)
                 t1 = time.perf_counter()
                 feats = self.features(q, union, later)
                 scores = {n: self._score(r, q, feats, len(union)) for n, r in self.rankers.items()
@@ -123,13 +124,18 @@ class CandidatePool:
         for r in self.rankers.values():
             if r not in able:
                 feats.update({f: nan_array(len(rows)) for f in r.feature_names()})
-        # the helper thread's work is queued first, so that it runs while this thread computes the rest
+        # the helper thread's work is queued first, so that it runs while this thread computes the rest; what the
+        # helper has not started by the time this thread is free is taken back, the last queued first
         background = [(r, later(r.featurize, q, cands)) for r in able if r.background and later is not None]
         for r in able:
             if not (r.background and later is not None):
                 feats.update(_owned(r, r.featurize(q, cands)))
+        for r, fut in reversed(background):
+            if fut.cancel():
+                feats.update(_owned(r, r.featurize(q, cands)))
         for r, fut in background:
-            feats.update(_owned(r, fut.result()))
+            if not fut.cancelled():
+                feats.update(_owned(r, fut.result()))
         return {f: feats[f] for r in self.rankers.values() for f in r.feature_names()}  # registry order
 
     @staticmethod

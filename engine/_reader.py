@@ -21,6 +21,7 @@ from ._codebooks import PQ, Codebooks, sha256_file
 from ._errors import IndexFormatError
 from ._layout import MANIFEST, at_level, codebook_dir, path_of
 from ._manifest import dir_size, is_pretrained, read_manifest
+from ._rows import by_segment
 from ._segment import STORES, Segment
 from ._stores import TextStore, is_panic
 
@@ -339,8 +340,7 @@ class IndexReader:
         rows = np.asarray(rows, np.int64)
         seg = np.searchsorted(self._firsts, rows, side="right") - 1
         local = np.full(len(rows), -1, np.int64)
-        for s in np.unique(seg[seg >= 0]):
-            sel = np.flatnonzero(seg == s)
+        for s, sel in by_segment(seg):
             segment = self.segments[s]
             pos = np.minimum(segment.local_records(rows[sel]), max(segment.n_records - 1, 0))
             ok = segment.n_records > 0
@@ -354,8 +354,7 @@ class IndexReader:
         rows = np.asarray(rows, np.int64)
         seg, _ = self._locate(rows)
         out = np.zeros(len(rows), bool)
-        for s in np.unique(seg[seg >= 0]):
-            sel = np.flatnonzero(seg == s)
+        for s, sel in by_segment(seg):
             out[sel] = self.segments[s].local_images(rows[sel]) >= 0
         return out
 
@@ -365,8 +364,7 @@ class IndexReader:
         seg, _ = self._locate(rows)
         has = np.zeros(len(rows), bool)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
-        for s in np.unique(seg[seg >= 0]):
-            sel = np.flatnonzero(seg == s)
+        for s, sel in by_segment(seg):
             li = self.segments[s].local_images(rows[sel])
             ok = li >= 0
             if ok.any():
@@ -420,8 +418,7 @@ class IndexReader:
         if len(self.segments) == 1 or np.all(seg == seg[0]):  # one segment: it keeps the order given
             return self.segments[int(seg[0])].serving(local)
         out: tuple[list, list, list] = ([None] * len(rows), [None] * len(rows), [None] * len(rows))
-        for s in np.unique(seg):
-            sel = np.flatnonzero(seg == s)
+        for s, sel in by_segment(seg):
             for column, values in zip(out, self.segments[s].serving(local[sel])):
                 for i, v in zip(sel.tolist(), values):
                     column[i] = v

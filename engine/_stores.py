@@ -3,7 +3,6 @@ patch-level scoring, and the tantivy caption index. numpy / faiss / tantivy only
 cells are encoded by ``engine._codebooks`` and stored in segments (``engine._segment``)."""
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,21 +94,21 @@ def cell_similarities(q_cells: np.ndarray, c_cells: np.ndarray) -> np.ndarray:
     return (c_cells.reshape(n * cc, d) @ q_cells.T.astype(np.float32)).reshape(n, cc, -1)
 
 
-@functools.lru_cache(maxsize=8)
-def _layout_index(grid: int) -> np.ndarray:
-    """(C, 9) flat indices into a row of (Cc * Cq) similarities: candidate cell dst in the 3x3 neighbourhood of
-    query cell src, as dst * C + src. Out-of-grid neighbours repeat the cell itself, which is in every
-    neighbourhood anyway, so the max over the 9 is unchanged."""
-    C = grid * grid
-    idx = np.arange(C)
-    r, c = idx // grid, idx % grid
-    cols = []
+def _best_neighbour(sims: np.ndarray, grid: int) -> np.ndarray:
+    """(n, C): for each query cell, the best cosine of the candidate cells in its 3x3 neighbourhood (cells outside
+    the grid do not count). Each of the 9 offsets is a diagonal of the (candidate cell, query cell) grid, read as
+    a strided view: no gather of n x C x 9 values."""
+    n, C, _ = sims.shape
+    s5 = sims.reshape(n, grid, grid, grid, grid)  # (n, candidate row, candidate col, query row, query col)
+    best = np.einsum("nabab->nab", s5).copy()  # the same cell
     for dr in (-1, 0, 1):
+        r0, r1 = max(0, -dr), grid - max(0, dr)  # query rows whose neighbour row r + dr is in the grid
         for dc in (-1, 0, 1):
-            rr, cc = r + dr, c + dc
-            ok = (rr >= 0) & (rr < grid) & (cc >= 0) & (cc < grid)
-            cols.append(np.where(ok, rr * grid + cc, idx) * C + idx)
-    return np.stack(cols, axis=1)
+            if dr or dc:
+                c0, c1 = max(0, -dc), grid - max(0, dc)
+                shifted = np.einsum("nabab->nab", s5[:, r0 + dr:r1 + dr, c0 + dc:c1 + dc, r0:r1, c0:c1])
+                np.maximum(best[:, r0:r1, c0:c1], shifted, out=best[:, r0:r1, c0:c1])
+    return best.reshape(n, C)
 
 
 def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +124,10 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
         z = np.zeros(0, np.float32)
         return z, z
     sims = cell_similarities(q_cells, c_cells)  # (n, Cc, Cq)
-    n, C, _ = sims.shape
     chamfer = sims.max(axis=1).mean(axis=1)
-    layout = sims.reshape(n, C * C)[:, _layout_index(grid)].max(axis=2).mean(axis=1)  # (n, C, 9): best neighbour
+    # the mean is taken over a column-major copy: the order of the sum (and so every bit of the scores, which
+    # calibrated thresholds were learned on) stays that of the gather this replaced
+    layout = np.asfortranarray(_best_neighbour(sims, grid)).mean(axis=1)
     return chamfer.astype(np.float32), layout.astype(np.float32)
 
 
@@ -335,9 +335,12 @@ class TextStore:
         q = tantivy.Query.boolean_query(
             [(tantivy.Occur.Must, restrict), (tantivy.Occur.Should, self._terms_query(terms))])
         got_rows, got = self._collect(self._run(q, len(rows)))
-        pos = {int(r): i for i, r in enumerate(rows)}
-        for r, s in zip(got_rows.tolist(), got.tolist()):
-            out[pos[r]] = s
+        if len(got_rows):
+            order = np.argsort(got_rows, kind="stable")
+            hits, got = got_rows[order], got[order]
+            pos = np.minimum(np.searchsorted(hits, rows), len(hits) - 1)
+            found = hits[pos] == rows
+            out[found] = got[pos[found]]
         return out
 
     @property

@@ -21,7 +21,7 @@ from ._errors import AttribError, IndexFormatError
 from ._layout import MANIFEST, codebook_dir, path_of, segment_dir
 from ._lock import WriterLock
 from ._manifest import FORMAT_NAME, FORMAT_VERSION, library_versions, now_iso, read_manifest, write_manifest
-from ._segment import Chunk, remove_segment, remove_unlisted_segments, segment_ids, write_segment
+from ._segment import Chunk, remove_segment, remove_uncommitted, segment_ids, write_segment
 from ._settings import IndexSettings
 from ._stores import ANALYZER_DESC, DinoProjection, TextSink
 from ._threads import blas_single
@@ -126,14 +126,7 @@ class IndexWriter:
 
     def _cleanup_uncommitted(self) -> None:
         """Remove what a crashed writer left that no committed generation lists (segments, codebooks, temps)."""
-        remove_unlisted_segments(self.folder, self.manifest)
-        cb_keep = codebook_dir(int(self.manifest["codebooks"]["generation"])) if self.manifest and \
-            self.manifest.get("codebooks") else None
-        cb_root = self.folder / "codebooks"
-        if cb_root.is_dir():
-            for p in cb_root.iterdir():
-                if f"codebooks/{p.name}" != cb_keep:
-                    remove(p)
+        remove_uncommitted(self.folder, self.manifest)
 
     @property
     def committed_rejects_bytes(self) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import tantivy
 
 from ._registry import Registry
+from ._rows import distinct
 
 # The English stop words of tantivy's (and Lucene's) stop-word filter.
 STOPWORDS = frozenset("""a an and are as at be but by for if in into is it no not of on or such that the their then
@@ -203,12 +204,6 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return p, q
 
 
-def _unique(a: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (``np.unique`` without its overhead, which is 30x a sort on this numpy)."""
-    a = np.sort(a)
-    return a[np.concatenate([[True], a[1:] != a[:-1]])] if len(a) else a
-
-
 def _member(a: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """Boolean mask: which values of ``a`` are in ``sorted_set`` (sorted, distinct)."""
     if len(sorted_set) == 0:
@@ -311,7 +306,7 @@ def _light_stem(b: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _stop_hashes() -> np.ndarray:
-    return _unique(TextBatch([" ".join(sorted(STOPWORDS))])._words[0])
+    return distinct(TextBatch([" ".join(sorted(STOPWORDS))])._words[0])
 
 
 DENSE_TRIGRAM_CELLS = 1 << 22  # trigram overlap counts (captions x prompt trigrams) up to this via a dense table
@@ -333,7 +328,7 @@ def phrase_similarity(prompt: TextBatch, captions: TextBatch) -> tuple[np.ndarra
     if len(ph) < 2:
         nan = np.full(n, np.nan, np.float32)
         return nan, nan.copy()
-    vocab = _unique(ph)
+    vocab = distinct(ph)
     v = len(vocab)
     pid = np.searchsorted(vocab, ph)
     wanted = np.zeros(v * v, bool)  # the prompt's bigrams as (first word, second word) cells of a v x v table
@@ -358,9 +353,9 @@ def phrase_similarity(prompt: TextBatch, captions: TextBatch) -> tuple[np.ndarra
     key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
     sg = np.concatenate(segs) if segs else np.zeros(0, np.int64)
     gp = np.concatenate(gaps) if gaps else np.zeros(0, np.int64)
-    both = _unique(sg * (v * v) + key)
+    both = distinct(sg * (v * v) + key)
     order = np.bincount(both // (v * v), minlength=n) / n_p
-    adjacent = _unique(sg[gp == 1] * (v * v) + key[gp == 1])
+    adjacent = distinct(sg[gp == 1] * (v * v) + key[gp == 1])
     inter = np.bincount(adjacent // (v * v), minlength=n)
     dice = 2.0 * inter / (n_p + n_bigrams)
     return dice.astype(np.float32), order.astype(np.float32)
@@ -373,7 +368,7 @@ def trigram_similarity(prompt: TextBatch, captions: TextBatch) -> tuple[np.ndarr
     |Q ∩ C| / |Q| (a prompt that leaves words out is still covered). Both NaN for every caption when the prompt
     has no trigram."""
     n = captions.n
-    qset = _unique(prompt.trigrams()[0])
+    qset = distinct(prompt.trigrams()[0])
     if len(qset) == 0 or n == 0:
         nan = np.full(n, np.nan if len(qset) == 0 else 0.0, np.float32)
         return nan, nan.copy()
@@ -387,7 +382,7 @@ def trigram_similarity(prompt: TextBatch, captions: TextBatch) -> tuple[np.ndarr
         inter = np.count_nonzero(seen[:-1].reshape(n, q), axis=1)
     else:  # very many captions: the distinct (caption, trigram) pairs by a sort instead
         hit = idx >= 0
-        pairs = _unique(seg[hit] * q + idx[hit])
+        pairs = distinct(seg[hit] * q + idx[hit])
         inter = np.bincount(pairs // q, minlength=n)
     return (2.0 * inter / (len(qset) + n_cap)).astype(np.float32), (inter / len(qset)).astype(np.float32)
 
@@ -397,7 +392,7 @@ def _trigram_index(qset: np.ndarray, codes: np.ndarray) -> np.ndarray:
     two table lookups: the first two bytes pick a row (a 65,536-entry table; absent ones an all -1 row), the
     third byte a column of it."""
     lead = (qset >> 8).astype(np.intp)
-    leads = _unique(lead)
+    leads = distinct(lead)
     rows = np.full(1 << 16, len(leads), np.intp)  # the last row of the table stands for every absent lead
     rows[leads] = np.arange(len(leads))
     table = np.full((len(leads) + 1, 256), -1, np.int32)

@@ -16,6 +16,7 @@ import world
 from world import build
 
 import engine
+from engine._layout import path_of
 from engine._manifest import read_manifest
 from engine._reader import IndexReader
 from engine.cli import main
@@ -756,7 +757,7 @@ def _captioned_pq_index(folder, tiny, n: int, chunk: int, empty_every: int = 10,
 def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_captions(tmp_path, tiny, capsys):
     """With the pq codec and at least CAPTION_PQ_MIN_TRAIN captions in the first chunk, caption embeddings are
     8-bit product codes plus a presence byte (format version 4): cosines stay close to the exact ones, empty
-    captions stay empty, a compaction copies the codes byte for byte, and a retraining fits new ones. With fewer
+    captions stay empty, and a compaction (a retraining too) copies the codes byte for byte. With fewer
     captions they are int8 with a per-record scale (format version 3), as before."""
     from engine import _codebooks
 
@@ -837,6 +838,97 @@ def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_ca
     r.close()
     with pytest.raises(engine.AttribError, match="at least 1000 captions in the first chunk"):  # asked for: said
         _captioned_pq_index(tmp_path / "few-pq", tiny, 1000, 1000, caption_codec="pq")
+
+
+def test_a_retraining_keeps_the_finest_codes_and_refits_the_first_stage(tmp_path, tiny):
+    """Refine, patch and caption codes are the finest an index holds: fitting their quantizers again on their own
+    decoded values learns nothing, and coding them again only adds error (repeated retrainings compounded it).
+    A retraining keeps those quantizers and copies the codes byte for byte, however often it runs; only the IVF
+    lists and fast-scan codes are refitted, and every stored vector still finds itself."""
+    folder = tmp_path / "idx"
+    emb = _captioned_pq_index(folder, tiny, 1500, 1200)
+    r = IndexReader(folder)
+    before, caps = _stored(r), np.concatenate([s.caption_code_rows(np.arange(s.n_records)) for s in r.segments])
+    vecs = r.vectors("clip", np.arange(1500))[1]
+    files = {n: r.codebooks.sq[n] for n in ("clip", "dino")}
+    r.close()
+    engine.delete_records(folder, ids=["v7", "v1300"])
+    live = np.setdiff1d(np.arange(1500), [7, 1300])
+    m0 = read_manifest(folder)["codebooks"]
+    (folder / "codebooks" / "cb-0009").mkdir()  # what a retraining killed before its commit left
+    (folder / "codebooks" / "cb-0009" / "clip.ivf").write_bytes(b"half")
+    for generation in (2, 3):
+        engine.compact(folder, retrain=True, progress=False)
+        r = IndexReader(folder)
+        assert r.codebooks.generation == generation and r.codebooks.caption_codec == "pq"
+        after = _stored(r)
+        for k in ("clip", "dino", "patches", "sums"):
+            assert np.array_equal(after[k], before[k][live]), k
+        assert np.array_equal(r.segments[0].caption_code_rows(np.arange(len(live))), caps[live])
+        for n in ("clip", "dino"):  # the same quantizer: the same range of every dimension
+            assert np.array_equal(faiss.vector_to_array(r.codebooks.sq[n].trained),
+                                  faiss.vector_to_array(files[n].trained))
+        found = [rows[0] for rows, _ in r.search("clip", vecs[live[:40]], 1)]
+        assert np.mean(np.asarray(found) == live[:40]) >= 0.95
+        np.testing.assert_allclose(r.captions.cosines(live[:50], emb[5]),
+                                   IndexReader(folder).captions.cosines(live[:50], emb[5]))
+        r.close()
+    m = read_manifest(folder)["codebooks"]
+    for c in ("clip_sq", "dino_sq", "patch_pq", "caption_pq"):  # kept: the same files
+        assert m["files"][path_of(c)] == m0["files"][path_of(c)], c
+    assert m["files"][path_of("clip_ivf")] != m0["files"][path_of("clip_ivf")]  # the first stage: refitted
+    assert [p.name for p in (folder / "codebooks").iterdir()] == ["cb-0003"]
+    assert engine.verify(folder, progress=False).ok
+
+
+def test_a_retraining_reads_a_block_at_a_time_and_fits_refine_ranges_on_every_vector(tmp_path, tiny, monkeypatch):
+    """From float16 to product codes: the first stage is fitted on a sample of the images, read in a first
+    pass, and nothing decodes every vector or patch cell of the index at once (a 1M-image index's cells alone
+    are 16 GB as float32); the 8-bit refine quantizers still span every vector's values, as a fit on all of
+    them would."""
+    from engine import _codebooks, _maintain
+
+    folder = tmp_path / "idx"
+    rng = np.random.default_rng(3)
+    n, d = 1200, tiny.dino_dim
+    w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings(codec="fp16", ann="flat", chunk=400,
+                                                                       pca_sample=64))
+    clip = rng.standard_normal((n, 64)).astype(np.float32)
+    clip /= np.linalg.norm(clip, axis=1, keepdims=True)
+    for s in range(0, n, 400):
+        b = slice(s, s + 400)
+        w.add_images([f"v{i}" for i in range(s, s + 400)], [None] * 400, [f"caption {i}" for i in range(s, s + 400)],
+                     [{}] * 400, clip[b], rng.standard_normal((400, d)).astype(np.float32),
+                     rng.standard_normal((400, d)).astype(np.float32),
+                     rng.standard_normal((400, 64, d)).astype(np.float32))
+    w.finalize({"path": "synthetic", "kind": "test"})
+    r = IndexReader(folder)
+    stored = {k: r.vectors(k, np.arange(n))[1] for k in ("clip", "dino")}
+    r.close()
+    monkeypatch.setattr(_maintain, "LIVE_PART_RECORDS", 150)
+    monkeypatch.setattr(_maintain, "RETRAIN_SAMPLE_MIN", 300)
+    monkeypatch.setattr(_maintain, "RETRAIN_PER_LIST", 2)
+    monkeypatch.setattr(_maintain, "PATCH_SAMPLE_IMAGES", 100)
+    decoded = []
+    for name in ("decode_refine", "decode_patches"):
+        real = getattr(_codebooks.Codebooks, name)
+
+        def spy(self, *args, _real=real):
+            decoded.append(len(args[-1]))
+            return _real(self, *args)
+        monkeypatch.setattr(_codebooks.Codebooks, name, spy)
+    engine.compact(folder, retrain=True, codec="pq", ann="ivf", progress=False, measure_search=False)
+    assert decoded and max(decoded) <= 300  # a block of records, or the sample
+    r = IndexReader(folder)
+    assert r.codebooks.stores["clip"].codec == "pq" and r.codebooks.stores["clip"].nlist == 300 // 39
+    for k in ("clip", "dino"):
+        t = faiss.vector_to_array(r.codebooks.sq[k].trained)
+        lo, hi = stored[k].min(axis=0), stored[k].max(axis=0)
+        assert np.array_equal(t[:len(lo)], lo) and np.allclose(t[len(lo):], hi - lo)
+    found = [rows[0] for rows, _ in r.search("clip", clip[:40], 1)]
+    assert np.mean(np.asarray(found) == np.arange(40)) >= 0.95
+    r.close()
+    assert engine.verify(folder, progress=False).ok
 
 
 def test_an_index_made_before_caption_product_codes_keeps_int8_codes_through_a_retraining(tmp_path, tiny):
