@@ -46,6 +46,27 @@ def _everything(idx, q, k=30) -> set[str]:
     return ids
 
 
+def test_ids_are_found_by_hash_and_confirmed_against_the_stored_ids(idx_dir, monkeypatch):
+    """``rows_of`` keeps a sorted 64-bit hash per live record (a dictionary of id strings took gigabytes at 10M
+    records) and confirms every match against the stored id: ids that share a hash still find their own rows."""
+    from engine import _reader
+
+    r = IndexReader(idx_dir)
+    rows, ids = r.all_ids()
+    assert len(r.segments) == 2 and len(ids) == 30
+    assert r.rows_of(list(ids[::-1])).tolist() == rows[::-1].tolist()
+    assert r.rows_of(["nope", ids[0] + "x", "", ids[0][:-1]]).tolist() == [-1] * 4
+    assert r.ids_of(rows[::-1]).tolist() == ids[::-1].tolist() and r.rows_of([]).tolist() == []
+    with pytest.raises(engine.IndexFormatError, match="not live records"):
+        r.ids_of([10_000])
+    monkeypatch.setattr(_reader, "id_hashes", lambda values: np.zeros(len(values), np.uint64))  # all collide
+    r = IndexReader(idx_dir)
+    assert r.rows_of(list(ids[::-1]) + ["nope"]).tolist() == rows[::-1].tolist() + [-1]
+    monkeypatch.undo()
+    engine.delete_records(idx_dir, ids=[ids[3]])
+    assert IndexReader(idx_dir).rows_of([ids[3], ids[4]]).tolist() == [-1, rows[4]]
+
+
 def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
     idx = world.opened(idx_dir, tiny)
     victim = "img0004.png"
