@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._codebooks import CAPTION_PQ_MAX_TRAIN, PATCH_ENCODE_BLOCK, Codebooks, sha256_file
@@ -84,35 +85,29 @@ def read_id_list(path: str | os.PathLike) -> tuple[list[str], list[str]]:
 
 def _rows_of_urls(reader: IndexReader, urls: list[str]) -> dict[str, list[int]]:
     """Rows whose source URL (a url column of a table source, or the url of a sidecar's metadata) is in
-    ``urls``."""
-    wanted = set(urls)
+    ``urls``. Each record table is read a row group at a time, only its row, URL and metadata columns, and matched
+    in Arrow and polars: the captions of 10M records are never in memory, and no record costs Python work."""
+    wanted = pa.array(sorted(set(urls)), pa.string())
     found: dict[str, list[int]] = {}
     for seg in reader.segments:
-        table = pq.read_table(seg.path / path_of("records"))
-        cols = set(table.column_names)
-        rows = table.column("row").to_numpy()
-        candidates = []
-        for c in URL_COLUMNS:
-            if c in cols:
-                candidates.append(table.column(c).cast(pa.string()).to_pylist())
-        if "meta" in cols:
-            metas = table.column("meta").to_pylist()
-            candidates.append([_meta_url(x) for x in metas])
-        for values in candidates:
-            for r, u in zip(rows.tolist(), values):
-                if u is not None and u in wanted:
+        f = pq.ParquetFile(seg.path / path_of("records"))
+        names = f.schema_arrow.names
+        url_cols = [c for c in URL_COLUMNS if c in names]
+        if not url_cols and "meta" not in names:
+            continue
+        for batch in f.iter_batches(batch_size=LIVE_PART_RECORDS,
+                                    columns=["row", *url_cols, *(["meta"] if "meta" in names else [])]):
+            values = [batch.column(c).cast(pa.string()) for c in url_cols]
+            if "meta" in names:  # the first url key of the JSON object (invalid JSON: none)
+                meta = pl.DataFrame({"m": pl.from_arrow(batch.column("meta")).cast(pl.String)})
+                values.append(meta.select(pl.coalesce([pl.col("m").str.json_path_match(f"$.{k}")
+                                                       for k in URL_COLUMNS])).to_series().to_arrow())
+            rows = batch.column("row").to_numpy()
+            for v in values:
+                hit = np.flatnonzero(pc.is_in(v, value_set=wanted).fill_null(False).to_numpy(zero_copy_only=False))
+                for r, u in zip(rows[hit].tolist(), v.take(pa.array(hit)).to_pylist()):
                     found.setdefault(u, []).append(int(r))
     return found
-
-
-def _meta_url(meta: str | None) -> str | None:
-    if not meta:
-        return None
-    try:
-        d = json.loads(meta)
-    except ValueError:
-        return None
-    return next((str(d[c]) for c in URL_COLUMNS if isinstance(d, dict) and c in d), None)
 
 
 def delete_records(index: str | os.PathLike, ids: list[str] = (), urls: list[str] = ()) -> DeleteSummary:

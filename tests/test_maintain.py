@@ -105,6 +105,26 @@ def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
     assert "--id ID" in capsys.readouterr().err
 
 
+def test_removal_list_urls_are_matched_in_url_columns_and_sidecar_metadata(tmp_path, monkeypatch):
+    """URLs are matched a row group at a time in Arrow (a LAION-size record table is never read whole): in a
+    URL column of any of its spellings and type, and in the metadata's JSON (invalid JSON matches nothing)."""
+    from types import SimpleNamespace
+
+    from engine import _maintain
+
+    monkeypatch.setattr(_maintain, "LIVE_PART_RECORDS", 2)  # row groups of two records
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    pl.DataFrame({"row": [0, 1, 2, 3, 4], "caption": ["x"] * 5, "URL": ["http://u/0", None, "http://u/2", "", "u3"],
+                  "meta": ['{"url": "http://m/0"}', "not json", None, '{"Url": "http://u/2"}', '{"URL": 5}']}
+                 ).write_parquet(a / "records.parquet", row_group_size=2)
+    pl.DataFrame({"row": [7, 8], "caption": ["y", "z"]}).write_parquet(b / "records.parquet")  # no URL at all
+    reader = SimpleNamespace(segments=[SimpleNamespace(path=a), SimpleNamespace(path=b)])
+    monkeypatch.setattr(_maintain.pq, "read_table", None)  # never the whole table
+    found = _maintain._rows_of_urls(reader, ["http://u/0", "http://m/0", "http://u/2", "not json", "5", "nope"])
+    assert found == {"http://u/0": [0], "http://m/0": [0], "http://u/2": [2, 3], "5": [4]}
+
+
 def test_deleted_records_leave_benchmarks_too(tmp_path, tiny, cache):
     from eval.bench import load_benchmark
     from eval.run import ensure_index, run_queries
