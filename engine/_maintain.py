@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._codebooks import CAPTION_PQ_MAX_TRAIN, PATCH_ENCODE_BLOCK, Codebooks, sha256_file
+from ._codebooks import CAPTION_PQ_MAX_TRAIN, CAPTION_PQ_MIN_TRAIN, PATCH_ENCODE_BLOCK, PQ, Codebooks, sha256_file
 from ._errors import AttribError, IndexFormatError
 from ._layout import codebook_dir, deletes_file, path_of, segment_dir
 from ._lock import WriterLock
@@ -229,6 +229,12 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
             if retrain:
                 settings = m["settings"]
                 sample = _training_sample(reader, folder, with_captions, advance)
+                want_pq = (caption_codec or settings.get("caption_codec")) == "pq"
+                have = len(sample["captions"]) if sample["captions"] is not None else None
+                if want_pq and have is not None and have < CAPTION_PQ_MIN_TRAIN:
+                    raise AttribError(f"--caption-codec pq needs at least {CAPTION_PQ_MIN_TRAIN} captions to train "
+                                      f"its quantizer, and index {folder} holds {have} live ones; retrain with "
+                                      "--caption-codec int8 (or auto)")
                 new_cb = Codebooks.train(cb.generation + 1, cb.projection, sample["clip"], sample["dino"],
                                          sample["cells"], ann or settings.get("ann", "auto"),
                                          codec or settings.get("codec", "auto"), sample["images"],
@@ -343,15 +349,22 @@ def _live_layout(reader: IndexReader) -> tuple[int, int, pa.Schema]:
 RETRAIN_SAMPLE_MIN = 65_536  # images whose vectors a retraining fits the first stage on, at least (all, when fewer)
 RETRAIN_PER_LIST = 64  # ... and per IVF list the retrained stores can have (as many as a fit on everything samples)
 PATCH_SAMPLE_IMAGES = 4_096  # images whose decoded cells fit a new patch quantizer (65,536 of their cells are used)
-CAPTION_SAMPLE_RECORDS = 4 * CAPTION_PQ_MAX_TRAIN  # records whose caption embeddings fit a new caption quantizer
+RANGE_BLOCK = 65_536  # images decoded at a time for the ranges of a retraining
 
 
 def _training_sample(reader: IndexReader, folder: Path, with_captions: bool, advance) -> dict:
-    """The first pass of a retraining, streamed a block of records at a time: decoded vectors of a random sample of
-    the live images (64 per IVF list the retrained stores can have, 65,536 at least: every image of a smaller
-    index, so that its codebooks are those a fit on everything gives), decoded patch cells and caption embeddings
-    of smaller samples, and the min and max of every dimension over all live vectors (the range of refine
-    quantizers fitted on the sample). Memory: the samples and one block, however large the index."""
+    """The first pass of a retraining, streamed a block of records at a time. It gathers:
+
+    * decoded vectors of a random sample of the live images: 64 per IVF list the retrained stores can have,
+      65,536 at least, so every image of a smaller index (whose codebooks are then those a fit on everything
+      gives);
+    * decoded patch cells of a smaller sample of images (every image below ``PATCH_SAMPLE_IMAGES``);
+    * where no caption quantizer is there to keep, up to ``CAPTION_PQ_MAX_TRAIN`` non-empty caption embeddings,
+      a uniform sample of all of them (however few records have a caption);
+    * where the refine quantizers are fitted anew (from the fp16 codec), the min and max of every dimension over
+      all live vectors: their range, as if fitted on everything.
+
+    Memory: the samples (allocated once at their final size) and one block, however large the index."""
     cb = reader.codebooks
     n_records, n_images, _ = _live_layout(reader)
     rng = np.random.default_rng(0)
@@ -362,42 +375,45 @@ def _training_sample(reader: IndexReader, folder: Path, with_captions: bool, adv
 
     images = pick(n_images, max(RETRAIN_SAMPLE_MIN, RETRAIN_PER_LIST * nlist))
     cell_images = pick(n_images, PATCH_SAMPLE_IMAGES)
-    records = pick(n_records, CAPTION_SAMPLE_RECORDS)
     dims = {n: cb.stores[n].dim for n in STORES}
-    vecs = {n: [np.zeros((0, d), np.float32)] for n, d in dims.items()}
-    lo = {n: np.full(d, np.inf, np.float32) for n, d in dims.items()}
-    hi = {n: np.full(d, -np.inf, np.float32) for n, d in dims.items()}
-    cells = [np.zeros((0, cb.patch_cells, cb.patch_dims), np.float32)]
-    caps = [np.zeros((0, dims["clip"]), np.float32)]
-    ia = ra = 0
+    vecs = {n: np.empty((len(images), d), np.float32) for n, d in dims.items()}
+    cells = np.empty((len(cell_images), cb.patch_cells, cb.patch_dims), np.float32)
+    ranges = {n: (np.full(d, np.inf, np.float32), np.full(d, -np.inf, np.float32)) for n, d in dims.items()}
+    with_ranges = n_images > 0 and cb.stores["clip"].codec != PQ  # pq refine quantizers are kept, or dropped
+    fit_captions = with_captions and cb.caption_pq is None
+    caps = np.zeros((0, dims["clip"]), np.float32)
+    cap_keys = np.zeros(0, np.float64)  # a random key per kept caption: the smallest keys form a uniform sample
+    ia = filled = filled_cells = 0
 
     def within(sample: np.ndarray, start: int, n: int) -> np.ndarray:
         return sample[(sample >= start) & (sample < start + n)] - start
 
     for part, last in _live_parts(reader, folder, with_captions):
-        ni, nr = len(part.image_rows), len(part.table)
+        ni = len(part.image_rows)
         sel = within(images, ia, ni)
         for n in STORES:
-            for a in range(0, ni, RANGE_BLOCK):  # every vector counts in the range, a block of them at a time
+            for a in range(0, ni if with_ranges else 0, RANGE_BLOCK):  # every vector, a block at a time
                 x = cb.decode_refine(n, part.refine[n][a:a + RANGE_BLOCK])
-                np.minimum(lo[n], x.min(axis=0), out=lo[n])
-                np.maximum(hi[n], x.max(axis=0), out=hi[n])
+                np.minimum(ranges[n][0], x.min(axis=0), out=ranges[n][0])
+                np.maximum(ranges[n][1], x.max(axis=0), out=ranges[n][1])
             if len(sel):
-                vecs[n].append(cb.decode_refine(n, part.refine[n][sel]))
+                vecs[n][filled:filled + len(sel)] = cb.decode_refine(n, part.refine[n][sel])
+        filled += len(sel)
         sel = within(cell_images, ia, ni)
         if len(sel):
-            cells.append(cb.decode_patches(part.patches[sel]))
-        sel = within(records, ra, nr)
-        if with_captions and len(sel):
-            caps.append(cb.decode_captions(part.caption_codes[sel]))
-        ia, ra = ia + ni, ra + nr
+            cells[filled_cells:filled_cells + len(sel)] = cb.decode_patches(part.patches[sel])
+            filled_cells += len(sel)
+        if fit_captions and len(part.table):
+            x = cb.decode_captions(part.caption_codes)
+            x = x[x.any(axis=1)]
+            caps, cap_keys = np.concatenate([caps, x]), np.concatenate([cap_keys, rng.random(len(x))])
+            if len(caps) > CAPTION_PQ_MAX_TRAIN:  # keep the smallest keys, in record order
+                keep = np.sort(np.argpartition(cap_keys, CAPTION_PQ_MAX_TRAIN - 1)[:CAPTION_PQ_MAX_TRAIN])
+                caps, cap_keys = caps[keep], cap_keys[keep]
+        ia += ni
         advance(int(last))
-    return {"clip": np.concatenate(vecs["clip"]), "dino": np.concatenate(vecs["dino"]),
-            "cells": np.concatenate(cells), "captions": np.concatenate(caps) if with_captions else None,
-            "images": n_images, "ranges": {n: (lo[n], hi[n]) for n in STORES} if n_images else None}
-
-
-RANGE_BLOCK = 65_536  # images decoded at a time for the ranges of a retraining
+    return {"clip": vecs["clip"], "dino": vecs["dino"], "cells": cells, "images": n_images,
+            "captions": caps if fit_captions else None, "ranges": ranges if with_ranges else None}
 
 
 def _write_live(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance,

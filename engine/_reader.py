@@ -453,7 +453,7 @@ class IndexReader:
             if self._ids is None:
                 self._ids = self._id_hashes()
         hashes, rows = self._ids
-        q = id_hashes(ids)
+        q = id_hashes([i.encode("utf-8", "replace").decode("utf-8") for i in ids])  # lone surrogates: no stored id
         lo, hi = np.searchsorted(hashes, q, "left"), np.searchsorted(hashes, q, "right")
         one = np.flatnonzero(hi - lo == 1)  # the usual case: read every candidate's stored id at once
         for i, r, rid in zip(one.tolist(), rows[lo[one]].tolist(), self._serving(rows[lo[one]])[0]):
@@ -470,7 +470,7 @@ class IndexReader:
         """(hashes, rows) of every live record, by hash."""
         hashes = [id_hashes(b.column(0)) for s in self.segments for b in s.batches]
         rows = [np.asarray(s.rows) for s in self.segments]
-        if not rows:
+        if not hashes:  # no segment, or only segments without records
             return np.zeros(0, np.uint64), np.zeros(0, np.int64)
         h, r = np.concatenate(hashes), np.concatenate(rows).astype(np.int64)
         keep = self.live.keep(r)

@@ -63,8 +63,12 @@ def test_ids_are_found_by_hash_and_confirmed_against_the_stored_ids(idx_dir, mon
     r = IndexReader(idx_dir)
     assert r.rows_of(list(ids[::-1]) + ["nope"]).tolist() == rows[::-1].tolist() + [-1]
     monkeypatch.undo()
+    assert IndexReader(idx_dir).rows_of(["img\udcff.png", ids[1]]).tolist() == [-1, rows[1]]  # not UTF-8
     engine.delete_records(idx_dir, ids=[ids[3]])
     assert IndexReader(idx_dir).rows_of([ids[3], ids[4]]).tolist() == [-1, rows[4]]
+    engine.delete_records(idx_dir, ids=list(ids))
+    engine.compact(idx_dir, progress=False)  # one segment without records
+    assert IndexReader(idx_dir).rows_of([ids[4]]).tolist() == [-1]
 
 
 def test_deleted_records_never_come_back(idx_dir, tiny, tmp_path, capsys):
@@ -879,6 +883,25 @@ def test_caption_embeddings_are_product_coded_when_the_first_chunk_has_enough_ca
     r.close()
     with pytest.raises(engine.AttribError, match="at least 1000 captions in the first chunk"):  # asked for: said
         _captioned_pq_index(tmp_path / "few-pq", tiny, 1000, 1000, caption_codec="pq")
+    with pytest.raises(engine.AttribError, match="holds 900 live ones"):  # a retraining says what the index holds
+        engine.compact(few, retrain=True, progress=False, caption_codec="pq")
+
+
+def test_a_retraining_fits_product_codes_on_a_sample_of_the_captions_not_of_the_records(tmp_path, tiny, monkeypatch):
+    """The caption quantizer of a retraining is fitted on a uniform sample of the non-empty captions, however few
+    records have one (a sample of records could hold too few captions to fit on)."""
+    from engine import _maintain
+
+    folder = tmp_path / "idx"
+    emb2 = _captioned_pq_index(folder, tiny, 1500, 1500, empty_every=3, caption_codec="int8")  # 1,000 captions
+    assert IndexReader(folder).codebooks.caption_codec == "int8" and emb2.any(axis=1).sum() == 1000
+    monkeypatch.setattr(_maintain, "CAPTION_PQ_MAX_TRAIN", 1010)  # a sample of 1,010 records would hold 673
+    engine.compact(folder, retrain=True, progress=False, caption_codec="pq")
+    r = IndexReader(folder)
+    assert r.codebooks.caption_codec == "pq"
+    got = r.captions.cosines(np.arange(1500), emb2[1])
+    ok = emb2.any(axis=1)
+    assert np.array_equal(np.isnan(got), ~ok) and np.abs(got[ok] - emb2[ok] @ emb2[1]).mean() < 0.03
 
 
 def test_a_retraining_keeps_the_finest_codes_and_refits_the_first_stage(tmp_path, tiny):

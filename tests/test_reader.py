@@ -213,3 +213,16 @@ def _read_only_index_answers_queries(small: Path, tmp_path: Path) -> None:
     d = subprocess.run([*user, sys.executable, "-m", "engine.cli", "delete", str(ro), "--id", "img0001.jpg"],
                        env=env, capture_output=True, timeout=300)
     assert d.returncode == 2 and b"read-only" in d.stderr, d.stderr.decode()[-2000:]
+
+
+def test_rows_are_grouped_by_segment_and_made_distinct_like_numpy():
+    from engine._rows import by_segment, distinct
+
+    rng = np.random.default_rng(0)
+    for seg in (np.zeros(5, np.int64), np.array([2, -1, 0, 2, 0, -1]), np.array([-1, -1]), np.zeros(0, np.int64),
+                rng.integers(-1, 4, 50)):
+        got = [(s, sel.tolist()) for s, sel in by_segment(seg)]
+        want = [(int(s), np.flatnonzero(seg == s).tolist()) for s in np.unique(seg[seg >= 0])]
+        assert got == want
+    for a in (np.zeros(0, np.int64), np.array([3, 1, 3, 2, 1]), rng.integers(0, 30, 200)):
+        assert np.array_equal(distinct(a), np.unique(a))

@@ -44,6 +44,29 @@ def test_patch_scores_match_brute_force():
     assert patch_scores(base.reshape(-1, 8), np.zeros((0, 16, 8), np.float32), grid)[0].shape == (0,)
 
 
+def test_layout_scores_keep_every_bit_of_the_gather_they_replaced():
+    """Calibrated thresholds were learned on layout scores computed by gathering each query cell's 9 neighbours
+    and averaging column-major: the strided-diagonal version keeps every bit of them."""
+    rng = np.random.default_rng(2)
+    for grid in (1, 2, 3, 5, 8, 16):
+        C = grid * grid
+        idx = np.arange(C)
+        r, c = idx // grid, idx % grid
+        cols = []
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                rr, cc = r + dr, c + dc
+                ok = (rr >= 0) & (rr < grid) & (cc >= 0) & (cc < grid)
+                cols.append(np.where(ok, rr * grid + cc, idx) * C + idx)
+        gather = np.stack(cols, axis=1)
+        for n in (1, 7, 300):
+            q = l2n(rng.standard_normal((C, 16))).astype(np.float32)
+            cells = l2n(rng.standard_normal((n, C, 16))).astype(np.float32)
+            sims = cell_similarities(q, cells)
+            want = sims.reshape(n, C * C)[:, gather].max(axis=2).mean(axis=1).astype(np.float32)
+            assert np.array_equal(patch_scores(q, cells, grid)[1], want), (grid, n)
+
+
 def test_codebook_codecs_round_trip_and_checksums_catch_any_byte():
     from engine._codebooks import Codebooks
     from engine._segment import row_sums
