@@ -920,6 +920,19 @@ def test_a_retraining_keeps_the_finest_codes_and_refits_the_first_stage(tmp_path
     live = np.setdiff1d(np.arange(1500), [7, 1300])
     m0 = read_manifest(folder)["codebooks"]
     (folder / "codebooks" / "cb-0009").mkdir()  # what a retraining killed before its commit left
+    with pytest.MonkeyPatch.context() as mp:  # samples read where they lie = those of the stream of every record
+        from engine import _maintain
+
+        for name, value in (("RETRAIN_SAMPLE_MIN", 100), ("RETRAIN_PER_LIST", 1), ("PATCH_SAMPLE_IMAGES", 40),
+                            ("RANGE_BLOCK", 128)):
+            mp.setattr(_maintain, name, value)
+        r = IndexReader(folder)
+        assert len(r.segments) == 2
+        a, b = (_maintain._training_sample(r, folder, True, lambda n: None, stream=s) for s in (False, True))
+        assert a["captions"] is None and a["ranges"] is None and len(a["clip"]) == 100 and len(a["cells"]) == 40
+        for k in ("clip", "dino", "cells"):
+            assert np.array_equal(a[k], b[k]), k
+        r.close()
     (folder / "codebooks" / "cb-0009" / "clip.ivf").write_bytes(b"half")
     for generation in (2, 3):
         engine.compact(folder, retrain=True, progress=False)
