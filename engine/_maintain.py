@@ -87,7 +87,8 @@ def _rows_of_urls(reader: IndexReader, urls: list[str]) -> dict[str, list[int]]:
     """Rows whose source URL (a url column of a table source, or the url of a sidecar's metadata) is in
     ``urls``. Each record table is read a row group at a time, only its row, URL and metadata columns, and matched
     in Arrow and polars: the captions of 10M records are never in memory, and no record costs Python work."""
-    wanted = pa.array(sorted(set(urls)), pa.string())
+    # a URL that is not UTF-8 (a removal list's bad line) matches no stored URL: it is not found, the others are
+    wanted = pa.array(sorted({u.encode("utf-8", "replace").decode("utf-8") for u in urls}), pa.string())
     found: dict[str, list[int]] = {}
     for seg in reader.segments:
         f = pq.ParquetFile(seg.path / path_of("records"))
@@ -367,8 +368,7 @@ def _training_sample(reader: IndexReader, folder: Path, with_captions: bool, adv
 
     Ranges and captions need every record, read a block at a time (or ``stream``, which gives the same samples);
     the samples alone are read where they lie, checked against their checksums (of a 10M-image index, 405,000
-    images). Memory: the samples
-    (allocated once at their final size) and one block, however large the index."""
+    images). Memory: the samples (allocated once at their final size) and one block, however large the index."""
     cb = reader.codebooks
     n_records, n_images, _ = _live_layout(reader)
     rng = np.random.default_rng(0)

@@ -125,7 +125,8 @@ def test_removal_list_urls_are_matched_in_url_columns_and_sidecar_metadata(tmp_p
     pl.DataFrame({"row": [7, 8], "caption": ["y", "z"]}).write_parquet(b / "records.parquet")  # no URL at all
     reader = SimpleNamespace(segments=[SimpleNamespace(path=a), SimpleNamespace(path=b)])
     monkeypatch.setattr(_maintain.pq, "read_table", None)  # never the whole table
-    found = _maintain._rows_of_urls(reader, ["http://u/0", "http://m/0", "http://u/2", "not json", "5", "nope"])
+    found = _maintain._rows_of_urls(reader, ["http://u/0", "http://m/0", "http://u/2", "not json", "5", "nope",
+                                             "http://u/\udcff"])  # a removal list's line that is not UTF-8
     assert found == {"http://u/0": [0], "http://m/0": [0], "http://u/2": [2, 3], "5": [4]}
 
 
