@@ -39,8 +39,49 @@ def quiet_unraisable(unraisable) -> None:
     global _dropped
     if _pending and isinstance(unraisable.exc_value, KeyboardInterrupt):
         _dropped = True
+        release_import_lock_left_by(unraisable.exc_traceback)
         return
     sys.__unraisablehook__(unraisable)
+
+
+def release_import_lock_left_by(tb) -> None:
+    """importlib's weakref callback (``cb`` in ``_get_module_lock``) takes Python's global import lock and gives it
+    back in a ``finally`` that begins after the call: a Ctrl-C raised as that call returns leaves the lock taken for
+    ever, and every later import, in any thread, waits on it (a build's decode threads, importing an image plugin,
+    hung so, and the build with them). The traceback tells: the callback's frame (the signal handler's is below
+    it), on the line of that call. Then the lock is given back once, here, in the thread that took it."""
+    import _imp
+
+    last = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "cb" and "importlib._bootstrap" in code.co_filename:
+            last = tb
+        tb = tb.tb_next
+    if last is not None and last.tb_lineno in _acquire_lines(last.tb_frame.f_code) and _imp.lock_held():
+        try:
+            _imp.release_lock()
+        except RuntimeError:  # held by another thread: not the one this callback took
+            pass
+
+
+def _acquire_lines(code) -> set[int]:
+    import dis
+
+    return {i.positions.lineno for i in dis.get_instructions(code) if i.argval == "acquire_lock" and i.positions}
+
+
+def release_import_locks() -> None:
+    """Give back every hold of Python's global import lock by this thread: called where a command ends on a Ctrl-C,
+    where no import of ours is running any more, so a hold that is left is one an interrupt stranded (see
+    :func:`release_import_lock_left_by`), and the exit (which joins worker threads that import) would wait for it."""
+    import _imp
+
+    while _imp.lock_held():
+        try:
+            _imp.release_lock()
+        except RuntimeError:  # held by another thread
+            return
 
 
 def was_dropped() -> bool:

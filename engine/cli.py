@@ -37,6 +37,7 @@ from ._startup import (
     interrupted_at_start_up,
     quiet_unraisable,
     raise_interrupt,
+    release_import_locks,
     was_dropped,
 )
 
@@ -628,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(args=None) -> int:
     """Ctrl-C (or SIGTERM): one line (the command's own, when it set ``args.interrupted``), exit code 130. A
     second Ctrl-C while saying so is ignored."""
+    release_import_locks()  # one an interrupt stranded would hang the message's imports and the exit
     message = getattr(args, "interrupted", None) or INTERRUPTED
     if callable(message):
         try:

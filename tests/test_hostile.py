@@ -839,6 +839,52 @@ def test_a_ctrl_c_dropped_in_a_finaliser_prints_no_traceback(capsys, monkeypatch
     assert "KeyboardInterrupt" in capsys.readouterr().err
 
 
+def test_an_import_lock_a_dropped_ctrl_c_stranded_is_given_back(monkeypatch):
+    """importlib's weakref callback takes the global import lock and gives it back in a ``finally`` that begins
+    after the call: a Ctrl-C raised as the call returns strands the lock, and every later import waits for ever (a
+    CI run saw a build hang so, its decode threads importing an image plugin). Reproduced here to the opcode: the
+    KeyboardInterrupt is raised on the instruction right after the lock is taken. The CLI's hook gives it back,
+    and so does the end of an interrupted command (for a lock an interrupt stranded in the main thread)."""
+    import _imp
+    import importlib._bootstrap as bootstrap
+    import types
+
+    from engine import _startup
+
+    cb_code = next(c for c in bootstrap._get_module_lock.__code__.co_consts if getattr(c, "co_name", "") == "cb")
+    cb = types.FunctionType(cb_code, bootstrap.__dict__, "cb", ("no-such-module",))
+    taken = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not cb_code:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode" and _imp.lock_held() and not taken:
+            taken.append(frame.f_lasti)
+            raise KeyboardInterrupt  # the Ctrl-C, as the acquiring call returns
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            cb(None)
+    finally:
+        sys.settrace(None)
+    assert taken and _imp.lock_held()  # stranded: nothing would ever give it back
+    monkeypatch.setattr(_startup, "_pending", True)
+    monkeypatch.setattr(_startup, "_dropped", False)
+    _startup.quiet_unraisable(types.SimpleNamespace(exc_value=caught.value, exc_traceback=caught.value.__traceback__,
+                                                    exc_type=KeyboardInterrupt, err_msg=None, object=cb))
+    assert not _imp.lock_held()
+    _startup.quiet_unraisable(types.SimpleNamespace(exc_value=caught.value, exc_traceback=caught.value.__traceback__,
+                                                    exc_type=KeyboardInterrupt, err_msg=None, object=cb))
+    assert not _imp.lock_held()  # a second report gives back nothing it does not hold
+    _imp.acquire_lock()
+    _imp.acquire_lock()  # stranded twice in the main thread
+    _startup.release_import_locks()
+    assert not _imp.lock_held()
+
+
 def test_a_ctrl_c_dropped_in_a_finaliser_ends_the_command_as_interrupted(tiny_index, tmp_path):
     """A Ctrl-C that lands while a finaliser runs during `attrib info` (Python drops the KeyboardInterrupt it
     raises there) is not lost: the command ends with the one-line message and exit code 130, no traceback."""
