@@ -455,15 +455,12 @@ class IndexReader:
         hashes, rows = self._ids
         q = id_hashes([i.encode("utf-8", "replace").decode("utf-8") for i in ids])  # lone surrogates: no stored id
         lo, hi = np.searchsorted(hashes, q, "left"), np.searchsorted(hashes, q, "right")
-        one = np.flatnonzero(hi - lo == 1)  # the usual case: read every candidate's stored id at once
-        for i, r, rid in zip(one.tolist(), rows[lo[one]].tolist(), self._serving(rows[lo[one]])[0]):
+        n = hi - lo  # records whose id has the query's hash: one, unless two ids share a hash
+        which = np.repeat(np.arange(len(ids)), n)
+        pos = np.repeat(lo, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        for i, r, rid in zip(which.tolist(), rows[pos].tolist(), self._serving(rows[pos])[0]):  # one read for all
             if rid == ids[i]:
                 out[i] = r
-        for i in np.flatnonzero(hi - lo > 1):  # two live ids share a hash
-            cand = rows[lo[i]:hi[i]]
-            for r, rid in zip(cand.tolist(), self._serving(cand)[0]):
-                if rid == ids[i]:
-                    out[i] = r
         return out
 
     def _id_hashes(self) -> tuple[np.ndarray, np.ndarray]:
