@@ -387,53 +387,54 @@ def _training_sample(reader: IndexReader, folder: Path, with_captions: bool, adv
     fit_captions = with_captions and cb.caption_pq is None
     caps = np.zeros((0, dims["clip"]), np.float32)
     cap_keys = np.zeros(0, np.float64)  # a random key per kept caption: the smallest keys form a uniform sample
-    ia = filled = filled_cells = 0
+    ia = 0
+    filled = {"vecs": 0, "cells": 0}
 
     def within(sample: np.ndarray, start: int, n: int) -> np.ndarray:
         return sample[(sample >= start) & (sample < start + n)] - start
 
-    if not (stream or with_ranges or fit_captions):
+    def gather(start: int, count: int, vectors, patch_cells) -> None:
+        """Fill the samples with the sampled images among live images ``start .. start + count``:
+        ``vectors(store, i)`` and ``patch_cells(i)`` decode those at positions ``i`` of that run."""
+        for sample, key in ((images, "vecs"), (cell_images, "cells")):
+            sel = within(sample, start, count)
+            if len(sel):
+                a, b = filled[key], filled[key] + len(sel)
+                if key == "vecs":
+                    for n in STORES:
+                        vecs[n][a:b] = vectors(n, sel)
+                else:
+                    cells[a:b] = patch_cells(sel)
+                filled[key] = b
+
+    if not (stream or with_ranges or fit_captions):  # the samples alone: read where they lie
         for seg in reader.segments:  # the live images in the order the stream gives them: segment, then position
             live = np.flatnonzero(reader.live.keep(np.asarray(seg.image_rows)))
             for a in range(0, len(live), RANGE_BLOCK):
                 block = live[a:a + RANGE_BLOCK]
-                local = block[within(images, ia + a, len(block))]
-                if len(local):
-                    for n in STORES:
-                        vecs[n][filled:filled + len(local)] = seg.vectors(n, local)
-                    filled += len(local)
-                local = block[within(cell_images, ia + a, len(block))]
-                if len(local):
-                    cells[filled_cells:filled_cells + len(local)] = seg.patch_cells(local)
-                    filled_cells += len(local)
+                gather(ia + a, len(block), lambda n, i, s=seg, b=block: s.vectors(n, b[i]),
+                       lambda i, s=seg, b=block: s.patch_cells(b[i]))
             ia += len(live)
             advance(1)
-        return {"clip": vecs["clip"], "dino": vecs["dino"], "cells": cells, "images": n_images, "captions": None,
-                "ranges": None}
-    for part, last in _live_parts(reader, folder, with_captions):
-        ni = len(part.image_rows)
-        sel = within(images, ia, ni)
-        for n in STORES:
-            for a in range(0, ni if with_ranges else 0, RANGE_BLOCK):  # every vector, a block at a time
-                x = cb.decode_refine(n, part.refine[n][a:a + RANGE_BLOCK])
-                np.minimum(ranges[n][0], x.min(axis=0), out=ranges[n][0])
-                np.maximum(ranges[n][1], x.max(axis=0), out=ranges[n][1])
-            if len(sel):
-                vecs[n][filled:filled + len(sel)] = cb.decode_refine(n, part.refine[n][sel])
-        filled += len(sel)
-        sel = within(cell_images, ia, ni)
-        if len(sel):
-            cells[filled_cells:filled_cells + len(sel)] = cb.decode_patches(part.patches[sel])
-            filled_cells += len(sel)
-        if fit_captions and len(part.table):
-            x = cb.decode_captions(part.caption_codes)
-            x = x[x.any(axis=1)]
-            caps, cap_keys = np.concatenate([caps, x]), np.concatenate([cap_keys, rng.random(len(x))])
-            if len(caps) > CAPTION_PQ_MAX_TRAIN:  # keep the smallest keys, in record order
-                keep = np.sort(np.argpartition(cap_keys, CAPTION_PQ_MAX_TRAIN - 1)[:CAPTION_PQ_MAX_TRAIN])
-                caps, cap_keys = caps[keep], cap_keys[keep]
-        ia += ni
-        advance(int(last))
+    else:
+        for part, last in _live_parts(reader, folder, with_captions):
+            ni = len(part.image_rows)
+            for n in STORES:
+                for a in range(0, ni if with_ranges else 0, RANGE_BLOCK):  # every vector, a block at a time
+                    x = cb.decode_refine(n, part.refine[n][a:a + RANGE_BLOCK])
+                    np.minimum(ranges[n][0], x.min(axis=0), out=ranges[n][0])
+                    np.maximum(ranges[n][1], x.max(axis=0), out=ranges[n][1])
+            gather(ia, ni, lambda n, i, p=part: cb.decode_refine(n, p.refine[n][i]),
+                   lambda i, p=part: cb.decode_patches(p.patches[i]))
+            if fit_captions and len(part.table):
+                x = cb.decode_captions(part.caption_codes)
+                x = x[x.any(axis=1)]
+                caps, cap_keys = np.concatenate([caps, x]), np.concatenate([cap_keys, rng.random(len(x))])
+                if len(caps) > CAPTION_PQ_MAX_TRAIN:  # keep the smallest keys, in record order
+                    keep = np.sort(np.argpartition(cap_keys, CAPTION_PQ_MAX_TRAIN - 1)[:CAPTION_PQ_MAX_TRAIN])
+                    caps, cap_keys = caps[keep], cap_keys[keep]
+            ia += ni
+            advance(int(last))
     return {"clip": vecs["clip"], "dino": vecs["dino"], "cells": cells, "images": n_images,
             "captions": caps if fit_captions else None, "ranges": ranges if with_ranges else None}
 
