@@ -8,9 +8,9 @@ Two codecs:
   the first stage scans them (``flat``: one list) or an IVF over them.
 * ``pq`` (large corpora): the first stage is IVF + product quantization with 4-bit sub-quantizers (one per 4
   dimensions: 64 B per CLIP vector, 96 B per DINO descriptor). The lists are stored in faiss's ordinary IVF
-  format (memory-mapped, merged and pruned like any IVF index); a reader packs them once into a faiss fast-scan
-  index (``IndexIVFPQFastScan``: SIMD lookups in registers, about 8x faster than 8-bit PQ at the same bytes per
-  vector). Its top candidates are re-scored with 8-bit scalar codes (``refine``: one byte per dimension); patch
+  format (memory-mapped, merged and pruned like any IVF index); a reader packs each segment's once into a faiss
+  fast-scan index (``IndexIVFPQFastScan``: SIMD lookups in registers, about 8x faster than 8-bit PQ at the same bytes
+  per vector). Its top candidates are re-scored with 8-bit scalar codes (``refine``: one byte per dimension); patch
   cells are product-quantized (8 B per cell by default), and so are caption embeddings when the first chunk
   has enough captions to train on (``caption_codec`` "pq": 8-bit codes, one per 4 dimensions, 128 B per 512-d
   embedding; otherwise, or with the setting ``caption_codec="int8"``, int8 with a per-record scale, 516 B).

@@ -36,6 +36,8 @@ class Index:
         device: ``cpu``, ``cuda`` or ``cuda:N`` for the encoders (default: CUDA when available).
         clip_weights, dino_weights: local weights files or folders for pretrained profiles.
         settings: query settings (pool depth, dino rerank depth, RRF k, IVF nprobe).
+        previous: an opened older generation of the same index, whose packed search lists of unchanged segments
+            are taken over instead of packed again (``reopen_if_changed``).
     Raises:
         IndexFormatError: the folder is missing, not an index, damaged or of an unsupported version.
         ModelMismatchError: ``models`` differs from the profile the index was built with.
@@ -46,10 +48,11 @@ class Index:
 
     def __init__(self, path: str | os.PathLike, *, models: str | None = None, device: str | None = None,
                  clip_weights: str | None = None, dino_weights: str | None = None,
-                 settings: QuerySettings | None = None) -> None:
+                 settings: QuerySettings | None = None, previous: "Index | None" = None) -> None:
         self.settings = settings or QuerySettings()
         require_utf8_path(Path(path).expanduser().absolute(), "the index folder", IndexFormatError)
-        self.reader = IndexReader(path, nprobe=self.settings.nprobe)
+        self.reader = IndexReader(path, nprobe=self.settings.nprobe,
+                                  previous=previous.reader if previous is not None else None)
         self.path = self.reader.path
         self.manifest = self.reader.manifest
         built_with = self.manifest["models"]["profile"]
@@ -88,7 +91,7 @@ class Index:
             self._manifest_stamp = stamp
             return self
         fresh = Index(self.path, device=self._device, clip_weights=self._clip_w, dino_weights=self._dino_w,
-                      settings=self.settings)
+                      settings=self.settings, previous=self)
         if self._encoders is not None and fresh.fingerprint == self.fingerprint:
             fresh.use_encoders(self._encoders)
         return fresh

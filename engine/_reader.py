@@ -63,6 +63,19 @@ def _raise_fd_limit() -> None:
 SEARCH_FORMAT = "attrib-search"
 
 
+def _live_selector(deleted: np.ndarray, next_row: int) -> faiss.IDSelector:
+    """A faiss selector of the rows below ``next_row`` that are not deleted: one bit per row (1.25 MB at 10M
+    rows), one bit test per candidate. Searching with it costs less than testing candidates against a set of
+    the deleted rows (an IDSelectorBatch: a hash lookup per candidate), which the lists of a fast-scan store
+    need until a compaction drops them (``IndexReader._fast_scan_shell``)."""
+    live = np.ones(next_row, bool)
+    live[deleted[(deleted >= 0) & (deleted < next_row)]] = False
+    bits = np.packbits(live, bitorder="little")
+    sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+    sel.referenced_objects = [bits]  # the selector reads the array: it lives as long as the selector
+    return sel
+
+
 def search_path(index_dir: Path) -> Path:
     return Path(index_dir) / path_of("search")
 
@@ -96,7 +109,6 @@ def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
 
 
 DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting (8-bit PQ)
-FAST_SCAN_BATCH_BYTES = 64 << 20  # codes gathered per batch of lists while packing a fast-scan store
 DEFAULT_REFINE_FAST_SCAN = 8  # the same for 4-bit (fast-scan) codes, coarser per byte
 
 
@@ -114,12 +126,62 @@ def default_refine(spec) -> int:
     return DEFAULT_REFINE_FAST_SCAN if spec.fast_scan else DEFAULT_REFINE
 
 
+class PackedLists:
+    """A fast-scan store of several segments searched as one: each segment's lists packed into its own faiss
+    ``IndexIVFPQFastScan`` (``parts``: (key, index) pairs). The query is assigned to its nearest lists once, each
+    part scans those lists, and the best ``k`` of all parts are kept. Fast-scan distances depend on the query and
+    the codes only, so every candidate gets the distance one index over all segments would give; where candidates
+    tie at the k-th distance, the lower rows are kept."""
+
+    def __init__(self, quantizer: faiss.Index, parts: list[tuple[tuple, faiss.Index]]) -> None:
+        self.quantizer = quantizer
+        self.parts = parts
+        self.ntotal = sum(p.ntotal for _, p in parts)
+        self.sign = -1.0 if quantizer.metric_type == faiss.METRIC_INNER_PRODUCT else 1.0  # smaller: better
+
+    def search(self, q: np.ndarray, k: int, params: faiss.SearchParametersIVF) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, rows) of each query's best ``k``, as faiss returns them (-1: no result). With several parts
+        they are not in order: callers re-score them."""
+        if len(self.parts) == 1:
+            return self.parts[0][1].search(q, k, params=params)
+        q = np.ascontiguousarray(q, np.float32)
+        coarse_d, coarse_i = self.quantizer.search(q, params.nprobe)
+        n = len(q)
+        found = []
+        for _, p in self.parts:  # faiss's Python wrapper of this call takes no search parameters
+            kp = max(1, min(k, p.ntotal))
+            d, i = np.empty((n, kp), np.float32), np.empty((n, kp), np.int64)
+            p.search_preassigned_c(n, faiss.swig_ptr(q), kp, faiss.swig_ptr(coarse_i), faiss.swig_ptr(coarse_d),
+                                   faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
+            found.append((d, i))
+        d_out, i_out = np.full((n, k), -self.sign * np.inf, np.float32), np.full((n, k), -1, np.int64)
+        for j in range(n):
+            d = np.concatenate([f[0][j] for f in found])
+            i = np.concatenate([f[1][j] for f in found])
+            d, i = d[i >= 0], i[i >= 0]
+            if len(i) > k:
+                d, i = _best(self.sign * d, i, k)
+                d *= self.sign
+            d_out[j, :len(i)], i_out[j, :len(i)] = d, i
+        return d_out, i_out
+
+
+def _best(key: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest keys and their rows, not in order; at the k-th key, the lower rows."""
+    kth = np.partition(key, k - 1)[k - 1]
+    better = np.flatnonzero(key < kth)
+    tied = np.flatnonzero(key == kth)
+    tied = tied[np.argsort(rows[tied], kind="stable")[:k - len(better)]]
+    keep = np.concatenate([better, tied])
+    return key[keep], rows[keep]
+
+
 class IndexReader:
     """The stores of one index generation (see the module docstring). Rows are global record ids (int64,
     stable across appends and compactions)."""
 
     def __init__(self, path: str | Path, nprobe: int | None = None, refine: int | None = None,
-                 hash_files: bool | None = None) -> None:
+                 hash_files: bool | None = None, previous: "IndexReader | None" = None) -> None:
         from ._txn import recover
 
         self.path = Path(path).expanduser().absolute()
@@ -146,7 +208,7 @@ class IndexReader:
         self.next_row = int(m["next_row"])
         deleted = self._load_deletes(m.get("deletes"))
         self.live = LiveRows(deleted, self.next_row)
-        self._deleted_sel = faiss.IDSelectorBatch(deleted) if len(deleted) else None
+        self._live_sel = _live_selector(deleted, self.next_row) if len(deleted) else None
         self.n_records = int(m["counts"]["records"])
         self.n_images = int(m["counts"]["images"])
         if sum(s.n_records for s in self.segments) - len(deleted) != self.n_records:
@@ -157,6 +219,8 @@ class IndexReader:
         # PQ candidates re-scored, as a multiple of k
         self.refine = {name: default_refine(self.codebooks.stores[name]) for name in STORES}
         self._shells: dict[str, faiss.Index] = {}  # built on a store's first search (see _shell)
+        # packed segment stores of an older reader of this index, taken over by _fast_scan_shell
+        self._reusable = previous.packed_segments() if previous is not None and previous.path == self.path else {}
         self._shell_locks = {name: threading.Lock() for name in STORES}  # one store packs while the other searches
         self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
@@ -214,7 +278,6 @@ class IndexReader:
                 shell = self._shells.get(name)
                 if shell is None:
                     shell = self._search_shell(name)
-                    faiss.extract_index_ivf(shell).nprobe = self.nprobe[name]
                     self._shells[name] = shell
         return shell
 
@@ -242,61 +305,47 @@ class IndexReader:
             shell.replace_invlists(stacked, False)
             shell.ntotal = sum(p.ntotal for p in parts)
             self._ilv[name] = (vec, stacked, parts)  # keep the parts alive as long as the shell
-        return shell  # its nprobe is set by reload_search
+        return shell  # searched with its nprobe given (_params)
 
-    def _fast_scan_shell(self, name: str) -> faiss.Index:
-        """The live codes of every segment's lists in one in-memory faiss ``IndexIVFPQFastScan`` ((code + 8)
-        bytes per image, deleted rows left out, so searches need no selector for them).
-
-        faiss packs codes into its blocks of 32 only from lists held in memory, and appending to a packed list
-        that already holds entries is unsafe in faiss 1.15 (a fast path copies past the end of the list when
-        the entries already there are a multiple of the block's byte size). So each list is filled exactly once:
-        for a batch of lists, the codes of every segment are gathered into an in-memory IVF-PQ index, faiss packs
-        it, and the packed lists are moved into the empty lists of the shell. The extra memory is one batch."""
-        shell = faiss.IndexIVFPQFastScan(self.codebooks.templates[name])  # empty; the codebooks' quantizer
-        into = faiss.downcast_InvertedLists(shell.invlists)
-        sources = [seg.stores[name].invlists for seg in self.segments]
-        width = self.codebooks.stores[name].code_bytes
-        deleted = len(self.live.deleted) > 0
-        total, li, nlist = 0, 0, shell.nlist
-        while li < nlist:
-            batch = self.codebooks.new_store(name)  # in-memory lists (ArrayInvertedLists)
-            lists = faiss.downcast_InvertedLists(batch.invlists)
-            first, size = li, 0
-            while li < nlist and size < FAST_SCAN_BATCH_BYTES:
-                ids_parts, code_parts = [], []
-                for src in sources:
-                    n = src.list_size(li)
-                    if n:
-                        ids_parts.append(faiss.rev_swig_ptr(src.get_ids(li), n))
-                        code_parts.append(faiss.rev_swig_ptr(src.get_codes(li), n * width))
-                if ids_parts:
-                    ids = np.concatenate(ids_parts) if len(ids_parts) > 1 else np.array(ids_parts[0])
-                    codes = (np.concatenate(code_parts) if len(code_parts) > 1
-                             else np.array(code_parts[0])).reshape(len(ids), width)
-                    if deleted:
-                        keep = self.live.keep(ids)
-                        ids, codes = np.ascontiguousarray(ids[keep]), np.ascontiguousarray(codes[keep])
-                    if len(ids):
-                        lists.add_entries(li, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-                        size += codes.nbytes
-                li += 1
-            packed = faiss.IndexIVFPQFastScan(batch)
-            del batch
-            plists = packed.invlists
-            for j in range(first, li):
-                n = plists.list_size(j)
-                if n:  # the shell's list is empty: faiss copies whole blocks
-                    into.add_entries(j, n, plists.get_ids(j), plists.get_codes(j))
-                    total += n
-            del packed
-        shell.ntotal = total
-        release_free_heap()  # the batches' lists were many small blocks: hand the freed pages back to the system
-        # The packed copy is all a search reads: the segments' memory-mapped lists of this store are closed, so
-        # their pages stop counting in this process's resident memory (about half of it at 10M records otherwise).
+    def _fast_scan_shell(self, name: str) -> "PackedLists":
+        """The lists of store ``name``, each segment's packed by faiss into an in-memory ``IndexIVFPQFastScan``
+        ((code + 8) bytes per image) and searched as one (``PackedLists``). faiss packs a segment's memory-mapped
+        lists directly, on every thread (10,000,000 images: about 2 s). A segment another generation of this index
+        already packed (``previous`` when opening: an append or a deletion leaves the older segments as they
+        are) is not packed again, so a service moves to a new generation without stalling its queries. Rows deleted
+        since the last compaction stay in the packed lists and are skipped while searching (``_params``), which
+        gives exactly the answers of lists without them."""
+        template = self.codebooks.templates[name]
+        parts = []
         for seg in self.segments:
+            key = self._packed_key(seg, name)
+            packed = self._reusable.get(key)
+            if packed is None:
+                packed = faiss.IndexIVFPQFastScan(seg.stores[name])
+                # the packed index points at the segment's coarse quantizer and lists (and faiss's wrapper keeps
+                # the segment's index alive): it gets the codebooks' quantizer instead (the same centroids: the
+                # segment was encoded with it) and no source lists, so that the memory-mapped lists can be closed
+                packed.quantizer = template.quantizer
+                packed.orig_invlists = None
+                packed.referenced_objects = [template]
+            parts.append((key, packed))
+            # The packed copy is all a search reads: the segment's memory-mapped lists of this store are closed, so
+            # their pages stop counting in this process's resident memory (about half of it at 10M records).
             seg.stores.pop(name, None)
-        return shell
+        release_free_heap()  # the packing's temporaries were many small blocks: hand the pages back to the system
+        return PackedLists(template.quantizer, parts)
+
+    def _packed_key(self, seg: Segment, name: str) -> tuple:
+        """What a packed segment store depends on: the segment's lists file and the codebooks coding it."""
+        cb = self.manifest["codebooks"]
+        return (str(seg.path), name, seg.entry["files"][path_of(name)]["sha256"], int(cb["generation"]),
+                json.dumps(cb.get("files", {}), sort_keys=True))
+
+    def packed_segments(self) -> dict[tuple, faiss.Index]:
+        """The segment stores this reader has packed so far, by ``_packed_key`` (a newer reader of the same index
+        takes them over instead of packing them again: see ``previous``)."""
+        return {key: packed for shell in list(self._shells.values()) if isinstance(shell, PackedLists)
+                for key, packed in shell.parts}
 
     def reload_search(self) -> bool:
         """Apply ``search.json`` (see engine._search_tune) if it changed since last read: the measured lists
@@ -321,10 +370,7 @@ class IndexReader:
     def set_search(self, store: str, nprobe: int | None = None, refine: int | None = None) -> None:
         """Change how ``store`` is searched from now on: IVF lists probed, PQ candidates re-scored per result."""
         if nprobe is not None:
-            self.nprobe[store] = max(1, int(nprobe))
-            with self._shell_locks[store]:
-                if store in self._shells:
-                    faiss.extract_index_ivf(self._shells[store]).nprobe = self.nprobe[store]
+            self.nprobe[store] = max(1, int(nprobe))  # given to every search (_params)
         if refine is not None:
             self.refine[store] = max(1, int(refine))
 
@@ -483,18 +529,16 @@ class IndexReader:
     def _params(self, name: str, exclude: np.ndarray | None) -> tuple[object, list]:
         """faiss search parameters skipping deleted and excluded rows, and the selector objects they point to
         (the caller keeps them alive while searching)."""
-        # fast-scan stores hold no deleted rows (see _fast_scan_shell)
-        sel, refs = (None if self.codebooks.stores[name].fast_scan else self._deleted_sel), []
+        sel, refs = self._live_sel, []
         if exclude is not None and len(exclude):
             ex = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, np.int64))
-            refs.append(ex)
-            sel = ex if sel is None else faiss.IDSelectorOr(sel, ex)
+            not_ex = faiss.IDSelectorNot(ex)
+            refs += [ex, not_ex]
+            sel = not_ex if sel is None else faiss.IDSelectorAnd(sel, not_ex)
         if sel is None:
-            return None, refs
+            return faiss.SearchParametersIVF(nprobe=self.nprobe[name]), refs
         refs.append(sel)
-        not_sel = faiss.IDSelectorNot(sel)
-        refs.append(not_sel)
-        return faiss.SearchParametersIVF(sel=not_sel, nprobe=self.nprobe[name]), refs
+        return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe[name]), refs
 
     def search(self, store: str, q: np.ndarray, k: int,
                exclude: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -507,7 +551,7 @@ class IndexReader:
         compressed = self.codebooks.stores[store].codec == PQ
         kk = min(shell.ntotal, k * self.refine[store] if compressed else k)
         params, refs = self._params(store, exclude)
-        scores, rows = shell.search(q, kk, params=params) if params is not None else shell.search(q, kk)
+        scores, rows = shell.search(q, kk, params=params)
         del refs
         out = []
         for i in range(len(q)):

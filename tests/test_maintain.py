@@ -581,22 +581,37 @@ def _exhaustive(r: IndexReader, store: str, q: np.ndarray, k: int) -> list[set]:
     return [set(rows[np.argsort(-(v @ qi), kind="stable")[:k]].tolist()) for qi in q]
 
 
-def test_fast_scan_lists_gather_every_segment_and_leave_deleted_rows_out(tmp_path, tiny):
-    """4-bit lists of three segments are packed into one fast-scan index when the index opens; deleted rows are
-    not in it (no search needs a selector for them), excluded rows still never come back, and probing every
-    list finds the exhaustive top 10 of the stored vectors."""
+def _dense_answers(folder, q: np.ndarray, k: int, exclude=None) -> list:
+    """(rows, scores) of both dense stores for queries ``q`` (CLIP vectors; DINO: the same values, padded)."""
+    r = IndexReader(folder, nprobe=10_000, refine=32)
+    qd = np.resize(q, (len(q), r.codebooks.stores["dino"].dim)).astype(np.float32)
+    out = [(rows.tolist(), s.tolist()) for store, x in (("clip", q), ("dino", qd))
+           for rows, s in r.search(store, x, k, exclude)]
+    r.close()
+    return out
+
+
+@pytest.mark.parametrize("segments", [3, 1])
+def test_fast_scan_lists_answer_like_lists_without_the_deleted_rows(tmp_path, tiny, segments):
+    """4-bit lists are packed on the first search, each segment's into its own fast-scan index, and searched as
+    one (three segments, or one). Deleted rows stay in the packed lists and never come back: every answer, rows
+    and scores, is the one of the index compacted into one segment without them. Excluded rows never come back,
+    and probing every list finds the exhaustive top 10."""
     import faiss
 
     folder = tmp_path / "idx"
     clip = _pq_index(folder, tiny)
+    if segments == 1:
+        engine.compact(folder, progress=False)
     engine.delete_records(folder, ids=[f"v{i}" for i in range(0, 1200, 3)])
     r = IndexReader(folder, nprobe=10_000, refine=32)
     spec = r.codebooks.stores["clip"]
     assert spec.fast_scan and spec.nbits == 4 and spec.code_bytes == spec.m // 2
     assert r._shells == {}  # packed on the first search, not when an index opens (info, delete, compact)
-    assert len(r.segments) == 3 and isinstance(r._shell("clip"), faiss.IndexIVFPQFastScan)
-    assert r._shell("clip").ntotal == 800 == r.n_images
-    assert faiss.extract_index_ivf(r._shell("clip")).nprobe == r.nprobe["clip"]
+    shell = r._shell("clip")
+    assert len(r.segments) == segments == len(shell.parts)
+    assert all(isinstance(p, faiss.IndexIVFPQFastScan) for _, p in shell.parts)
+    assert shell.ntotal == 1200 and r.n_images == 800  # the deleted rows are still in the lists
     # the packed copy is what searches read: the segments' memory-mapped lists of that store are closed
     assert all("clip" not in seg.stores and "dino" in seg.stores for seg in r.segments)
     gc.collect()  # nothing of the closed lists is still needed
@@ -610,6 +625,58 @@ def test_fast_scan_lists_gather_every_segment_and_leave_deleted_rows_out(tmp_pat
     again = r.search("clip", q, 10, exclude=top)
     assert all(t not in rows.tolist() for t, (rows, _) in zip(top, again))
     r.close()
+    before = [_dense_answers(folder, q, k) for k in (1, 10, 200)] + [_dense_answers(folder, q, 10, top)]
+    engine.compact(folder, progress=False)  # the same codes, without the deleted rows
+    r = IndexReader(folder)
+    assert r._shell("clip").ntotal == 800
+    r.close()
+    assert [_dense_answers(folder, q, k) for k in (1, 10, 200)] + [_dense_answers(folder, q, 10, top)] == before
+
+
+def test_a_new_generation_takes_over_the_packed_lists_of_unchanged_segments(tmp_path, tiny):
+    """Reopening an index after an append packs only the appended segment, and after a deletion nothing: the
+    segments it shares with the generation already open are taken over. Answers are those of the index opened
+    afresh, and deleted rows never come back from the lists taken over."""
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny, n=800)
+    q = clip[:30]
+    index = engine.open_index(folder)
+    first = index.reader.search("clip", q, 10)
+    old = {key: p for key, p in index.reader._shell("clip").parts}
+    assert len(old) == 2
+    w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings(codec="pq", ann="ivf", chunk=400,
+                                                                       pca_sample=64))
+    rng = np.random.default_rng(9)
+    more = rng.standard_normal((50, 64)).astype(np.float32)
+    more /= np.linalg.norm(more, axis=1, keepdims=True)
+    d = tiny.dino_dim
+    w.add_images([f"n{i}" for i in range(50)], [None] * 50, [""] * 50, [{}] * 50, more,
+                 rng.standard_normal((50, d)).astype(np.float32), rng.standard_normal((50, d)).astype(np.float32),
+                 rng.standard_normal((50, 64, d)).astype(np.float32))
+    w.finalize({"path": "more", "kind": "test"})
+    appended = index.reopen_if_changed()
+    assert appended is not index
+    parts = appended.reader._shell("clip").parts
+    assert len(parts) == 3 and [p for _, p in parts[:2]] == list(old.values())  # the same objects: not packed again
+    assert parts[2][0] not in old
+    fresh = engine.open_index(folder)
+    both = np.concatenate([q, more[:5]])
+    assert [(r.tolist(), s.tolist()) for r, s in appended.reader.search("clip", both, 10)] == \
+        [(r.tolist(), s.tolist()) for r, s in fresh.reader.search("clip", both, 10)]
+    assert [r[0] for r, _ in appended.reader.search("clip", more[:5], 1)] == list(range(800, 805))
+    fresh.close()
+    engine.delete_records(folder, ids=[f"v{i}" for i in range(0, 800, 2)] + ["n1"])
+    deleted = appended.reopen_if_changed()
+    assert [p for _, p in deleted.reader._shell("clip").parts] == [p for _, p in parts]  # nothing packed
+    found = deleted.reader.search("clip", both, 10)
+    gone = set(range(0, 800, 2)) | {801}
+    assert not gone & {int(x) for rows, _ in found for x in rows}
+    fresh = engine.open_index(folder)
+    assert [(r.tolist(), s.tolist()) for r, s in found] == \
+        [(r.tolist(), s.tolist()) for r, s in fresh.reader.search("clip", both, 10)]
+    assert [r.tolist() for r, _ in first] != [r.tolist() for r, _ in found]
+    for i in (fresh, deleted, appended, index):
+        i.close()
 
 
 def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny, monkeypatch):
@@ -654,7 +721,7 @@ def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny,
 def test_fast_scan_packs_segments_whose_lists_fill_whole_blocks(tmp_path, tiny):
     """Three 512-image segments of a one-list (flat) pq store: each list reaches a multiple of faiss's block size
     in bytes at a segment boundary, where appending packed lists in faiss 1.15 writes past the end of the list
-    (the process aborted). Lists are filled once each, so the search answers like an exhaustive scan."""
+    (the process aborted). Each segment is packed on its own, so the search answers like an exhaustive scan."""
     rng = np.random.default_rng(5)
     n, d = 1536, tiny.dino_dim
     w = engine.IndexWriter(tmp_path / "idx", tiny.identity, engine.IndexSettings(codec="pq", ann="flat", chunk=512,
@@ -669,7 +736,7 @@ def test_fast_scan_packs_segments_whose_lists_fill_whole_blocks(tmp_path, tiny):
     r = IndexReader(tmp_path / "idx", refine=32)
     shell = r._shell("clip")
     assert len(r.segments) == 3 and r.codebooks.stores["clip"].nlist == 1 and shell.ntotal == n
-    block = faiss.downcast_InvertedLists(shell.invlists).block_size
+    block = faiss.downcast_InvertedLists(shell.parts[0][1].invlists).block_size
     assert 512 % block == 0  # the list held a multiple of the block size after each segment
     want = _exhaustive(r, "clip", clip[:30], 10)
     found = r.search("clip", clip[:30], 10)
