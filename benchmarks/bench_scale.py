@@ -27,8 +27,11 @@ prompt's text embedding and the stored caption embeddings, against float32; the 
 cosines), bytes per record on
 disk and resident in RAM (measured: the growth of the process's resident set while opening the index and
 answering the queries, per record), the peak RSS, and the time the first search of an opened index takes to pack
-the fast-scan lists in memory (``first_search_pack_seconds``, not in the latencies). The 10M size measures the
-dense first stage alone (no patches, no captions). Results go to benchmarks/results/bench_scale.json.
+the fast-scan lists in memory (``first_search_pack_seconds``, not in the latencies). After its compactions, a
+served index is reopened as ``attrib serve`` does after an append and a deletion of 1,000 records each
+(``reopen_after_append_seconds``, ``reopen_after_delete_seconds``: the reopen and what the first search packs, beside
+``reopen_baseline_pack_seconds``, the packing of the whole index). The 10M size measures the dense first stage
+alone (no patches, no captions). Results go to benchmarks/results/bench_scale.json.
 """
 from __future__ import annotations
 
@@ -279,7 +282,37 @@ def run_size(work: Path, n: int, n_queries: int, identity: dict, full: bool) -> 
     t = time.perf_counter()
     engine.compact(out, retrain=True, progress=False, measure_search=False)
     result["compact_retrain_seconds"] = round(time.perf_counter() - t, 1)
+    result.update(reopen_seconds(out, n, identity, full))
     shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def reopen_seconds(out: Path, n: int, identity: dict, full: bool) -> dict:
+    """A running service moves to the newest generation (``Index.reopen_if_changed``, then what its first search
+    packs): after appending 1,000 records, then after deleting 1,000, beside the packing of the whole index when
+    it was opened (the baseline)."""
+    import engine
+
+    served = engine.open_index(out)
+    result = {"reopen_baseline_pack_seconds": pack_seconds(served.reader)}
+    ids, caps, clip, dino, cells, _, text = next(generate(1000, full, full, seed=7))
+    w = engine.IndexWriter(out, identity, engine.IndexSettings(chunk=1000, patch_grid=8 if full else 1,
+                                                               patch_dims=DP if full else 8))
+    w.add_projected([f"a{i}" for i in range(len(ids))], [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells,
+                    caption_clip=text)
+    w.finalize({"path": "synthetic", "kind": "bench_scale append"})
+    for step, change in (("append", None), ("delete", lambda: engine.delete_records(
+            out, ids=[f"r{i}" for i in range(min(n, 1000), min(n, 2000))]))):
+        if change is not None:
+            change()
+        t = time.perf_counter()
+        fresh = served.reopen_if_changed()
+        fresh.reader.warm()
+        result[f"reopen_after_{step}_seconds"] = round(time.perf_counter() - t, 2)
+        assert fresh is not served
+        served.close()
+        served = fresh
+    served.close()
     return result
 
 
@@ -482,6 +515,10 @@ def main() -> None:
         rows.append((f"compact after deleting 1,000, at {n}", f"{r['compact_seconds']} s", ""))
         if "compact_retrain_seconds" in r:
             rows.append((f"compact --retrain, at {n}", f"{r['compact_retrain_seconds']} s", ""))
+        if "reopen_after_append_seconds" in r:
+            rows.append((f"a service moves on after appending / deleting 1,000, at {n}",
+                         f"{r['reopen_after_append_seconds']} / {r['reopen_after_delete_seconds']} s (packing all: "
+                         f"{r['reopen_baseline_pack_seconds']} s)", ""))
     prof = sizes[0]["neighbour_profile"]["clip"] if sizes else {}
     table(f"bench_scale (synthetic {DATA} data: clip neighbours at cosine {prof.get('top1')} / {prof.get('top10')} / "
           f"{prof.get('top100')} (1st / 10th / 100th), median pair {prof.get('median')})", rows)

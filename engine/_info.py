@@ -62,20 +62,22 @@ def index_info(path: str | os.PathLike) -> dict:
 
 def ram_bytes_per_record(r: IndexReader) -> dict:
     """What a query process keeps resident per record (the rest is memory-mapped and read on demand): the
-    coarse quantizers, the deleted-row list and the segment row tables, plus the first-stage lists: all of them
-    for fast-scan stores (packed in memory at their first search), else the share of the memory-mapped lists that
-    a search touches."""
+    coarse quantizers, the deleted-row list with its bitmap of live rows and the segment row tables, plus the
+    first-stage lists: all of them for fast-scan stores (packed in memory at their first search), else the share
+    of the memory-mapped lists that a search touches. Lists hold the images of deleted records until a compaction."""
     n = max(1, r.n_records)
+    stored = sum(s.n_images for s in r.segments)  # deleted images included
     out = {}
     for name in ("clip", "dino"):
         spec = r.codebooks.stores[name]
         code = spec.code_bytes
         centroids = spec.nlist * spec.dim * 4
         share = 1.0 if spec.fast_scan else min(1.0, r.nprobe[name] / max(spec.nlist, 1))
-        scanned = (code + 8) * r.n_images * share
+        scanned = (code + 8) * stored * share
         out[name] = round((centroids + scanned) / n, 1)
     out["row_tables"] = 8.0 * len(r.segments) / n + 8.0 * r.n_images / n  # first rows; image rows touched
-    out["deleted"] = round(8.0 * int(r.manifest["counts"].get("deleted", 0)) / n, 1)
+    deleted = int(r.manifest["counts"].get("deleted", 0))
+    out["deleted"] = round((8.0 * deleted + (r.next_row / 8 if deleted else 0)) / n, 1)
     out["total"] = round(sum(out.values()), 1)
     return out
 
