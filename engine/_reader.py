@@ -127,11 +127,13 @@ def default_refine(spec) -> int:
 
 
 class PackedLists:
-    """A fast-scan store of several segments searched as one: each segment's lists packed into its own faiss
+    """A fast-scan store searched as one index: each segment's lists packed into its own faiss
     ``IndexIVFPQFastScan`` (``parts``: (key, index) pairs). The query is assigned to its nearest lists once, each
     part scans those lists, and the best ``k`` of all parts are kept. Fast-scan distances depend on the query and
-    the codes only, so every candidate gets the distance one index over all segments would give; where candidates
-    tie at the k-th distance, the lower rows are kept."""
+    the codes only, so every candidate gets the distance one index over all segments would give. They are coarse
+    (quantized lookup tables): many candidates can tie at the k-th distance, and faiss keeps whichever it meets
+    first. Here the lower rows are kept, always, so an answer does not depend on how the records are split into
+    segments: compacting an index never changes it."""
 
     def __init__(self, quantizer: faiss.Index, parts: list[tuple[tuple, faiss.Index]]) -> None:
         self.quantizer = quantizer
@@ -140,35 +142,49 @@ class PackedLists:
         self.sign = -1.0 if quantizer.metric_type == faiss.METRIC_INNER_PRODUCT else 1.0  # smaller: better
 
     def search(self, q: np.ndarray, k: int, params: faiss.SearchParametersIVF) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, rows) of each query's best ``k``, as faiss returns them (-1: no result). With several parts
-        they are not in order: callers re-score them."""
-        if len(self.parts) == 1:
-            return self.parts[0][1].search(q, k, params=params)
+        """(distances, rows) of each query's best ``k`` (-1: no result), not in order: callers re-score them.
+        Each part is asked for some more than ``k``, and for twice as many again while one of them may hold more
+        candidates at the k-th distance than it returned."""
         q = np.ascontiguousarray(q, np.float32)
-        coarse_d, coarse_i = self.quantizer.search(q, params.nprobe)
         n = len(q)
-        found = []
-        for _, p in self.parts:  # faiss's Python wrapper of this call takes no search parameters
-            kp = max(1, min(k, p.ntotal))
-            d, i = np.empty((n, kp), np.float32), np.empty((n, kp), np.int64)
-            p.search_preassigned_c(n, faiss.swig_ptr(q), kp, faiss.swig_ptr(coarse_i), faiss.swig_ptr(coarse_d),
-                                   faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
-            found.append((d, i))
-        d_out, i_out = np.full((n, k), -self.sign * np.inf, np.float32), np.full((n, k), -1, np.int64)
-        for j in range(n):
-            d = np.concatenate([f[0][j] for f in found])
-            i = np.concatenate([f[1][j] for f in found])
-            d, i = d[i >= 0], i[i >= 0]
-            if len(i) > k:
-                d, i = _best(self.sign * d, i, k)
-                d *= self.sign
-            d_out[j, :len(i)], i_out[j, :len(i)] = d, i
+        coarse = self.quantizer.search(q, params.nprobe) if len(self.parts) > 1 else None
+        d_out, i_out = np.full((n, k), self.sign * np.inf, np.float32), np.full((n, k), -1, np.int64)  # as faiss
+        todo, want = np.arange(n), k + max(16, k // 8)
+        while len(todo):
+            found = [self._part(p, q[todo], want, params, None if coarse is None else (coarse[0][todo],
+                                                                                      coarse[1][todo]))
+                     for _, p in self.parts]
+            again = []
+            for j, qi in enumerate(todo):
+                key = np.concatenate([self.sign * f[0][j] for f in found])
+                rows = np.concatenate([f[1][j] for f in found])
+                key, rows = key[rows >= 0], rows[rows >= 0]
+                if len(rows) > k:
+                    kth = np.partition(key, k - 1)[k - 1]
+                    if any(f[2] and f[1][j][-1] >= 0 and self.sign * f[0][j][-1] == kth for f in found):
+                        again.append(qi)  # a part stopped at the k-th distance: it may hold more such rows
+                        continue
+                    key, rows = _best(key, rows, k, kth)
+                d_out[qi, :len(rows)], i_out[qi, :len(rows)] = self.sign * key, rows
+            todo, want = np.asarray(again, np.int64), want * 2
         return d_out, i_out
 
+    @staticmethod
+    def _part(p: faiss.Index, q: np.ndarray, want: int, params, coarse) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One part's best ``want`` (best first), and whether it may hold more rows than it returned."""
+        kp = max(1, min(want, p.ntotal))
+        if coarse is None:
+            d, i = p.search(q, kp, params=params)
+        else:  # faiss's Python wrapper of this call takes no search parameters
+            d, i = np.empty((len(q), kp), np.float32), np.empty((len(q), kp), np.int64)
+            p.search_preassigned_c(len(q), faiss.swig_ptr(q), kp, faiss.swig_ptr(coarse[1]),
+                                   faiss.swig_ptr(coarse[0]), faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
+        return d, i, kp < p.ntotal
 
-def _best(key: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k smallest keys and their rows, not in order; at the k-th key, the lower rows."""
-    kth = np.partition(key, k - 1)[k - 1]
+
+def _best(key: np.ndarray, rows: np.ndarray, k: int, kth: float) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest keys (the k-th of which is ``kth``) and their rows, not in order; at ``kth``, the lower
+    rows."""
     better = np.flatnonzero(key < kth)
     tied = np.flatnonzero(key == kth)
     tied = tied[np.argsort(rows[tied], kind="stable")[:k - len(better)]]
@@ -198,7 +214,9 @@ class IndexReader:
         cb_entry = m["codebooks"]
         cb_dir = self.path / codebook_dir(int(cb_entry["generation"]))
         self._check_codebook_files(cb_dir, cb_entry)
-        self.codebooks = Codebooks.load(cb_dir, cb_entry)
+        same_cb = previous is not None and previous.path == self.path and previous.manifest["codebooks"] == cb_entry
+        # the same codebooks: shared, so that packed lists taken over keep no older copy of them alive
+        self.codebooks = previous.codebooks if same_cb else Codebooks.load(cb_dir, cb_entry)
         self.projection = self.codebooks.projection
         _raise_fd_limit()
         self.segments = [Segment(self.path, e, self.codebooks, hash_files) for e in m["segments"]]
@@ -220,7 +238,9 @@ class IndexReader:
         self.refine = {name: default_refine(self.codebooks.stores[name]) for name in STORES}
         self._shells: dict[str, faiss.Index] = {}  # built on a store's first search (see _shell)
         # packed segment stores of an older reader of this index, taken over by _fast_scan_shell
-        self._reusable = previous.packed_segments() if previous is not None and previous.path == self.path else {}
+        offered = previous.packed_segments() if same_cb else {}
+        self._reusable = {name: {k: offered[k] for k in (self._packed_key(seg, name) for seg in self.segments)
+                                 if k in offered} for name in STORES}  # only this generation's segments
         self._shell_locks = {name: threading.Lock() for name in STORES}  # one store packs while the other searches
         self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
@@ -316,10 +336,11 @@ class IndexReader:
         since the last compaction stay in the packed lists and are skipped while searching (``_params``), which
         gives exactly the answers of lists without them."""
         template = self.codebooks.templates[name]
+        reusable = self._reusable.pop(name, {})
         parts = []
         for seg in self.segments:
             key = self._packed_key(seg, name)
-            packed = self._reusable.get(key)
+            packed = reusable.get(key)
             if packed is None:
                 packed = faiss.IndexIVFPQFastScan(seg.stores[name])
                 # the packed index points at the segment's coarse quantizer and lists (and faiss's wrapper keeps
@@ -344,8 +365,10 @@ class IndexReader:
     def packed_segments(self) -> dict[tuple, faiss.Index]:
         """The segment stores this reader has packed so far, by ``_packed_key`` (a newer reader of the same index
         takes them over instead of packing them again: see ``previous``)."""
-        return {key: packed for shell in list(self._shells.values()) if isinstance(shell, PackedLists)
-                for key, packed in shell.parts}
+        out = {key: packed for r in list(self._reusable.values()) for key, packed in r.items()}
+        out.update({key: packed for shell in list(self._shells.values()) if isinstance(shell, PackedLists)
+                    for key, packed in shell.parts})
+        return out
 
     def reload_search(self) -> bool:
         """Apply ``search.json`` (see engine._search_tune) if it changed since last read: the measured lists
@@ -370,7 +393,7 @@ class IndexReader:
     def set_search(self, store: str, nprobe: int | None = None, refine: int | None = None) -> None:
         """Change how ``store`` is searched from now on: IVF lists probed, PQ candidates re-scored per result."""
         if nprobe is not None:
-            self.nprobe[store] = max(1, int(nprobe))  # given to every search (_params)
+            self.nprobe[store] = max(1, min(int(nprobe), self.codebooks.stores[store].nlist))  # (_params)
         if refine is not None:
             self.refine[store] = max(1, int(refine))
 
