@@ -110,6 +110,9 @@ def read_search(index_dir: Path, codebook_generation: int) -> dict | None:
 
 DEFAULT_REFINE = 4  # PQ candidates re-scored per wanted result when the index has no measured setting (8-bit PQ)
 DEFAULT_REFINE_FAST_SCAN = 8  # the same for 4-bit (fast-scan) codes, coarser per byte
+SMALL_SEGMENT_IMAGES = 262_144  # segments with fewer images are packed together with their small neighbours
+MAX_SMALL_PARTS = 4  # packed parts of small segments taken over from older generations, at most; beyond, one
+GATHER_BATCH_BYTES = 64 << 20  # codes gathered per batch of lists while packing several segments together
 
 
 def release_free_heap() -> None:
@@ -182,6 +185,20 @@ class PackedLists:
         return d, i, kp < p.ntotal
 
 
+def _merge_small_runs(plan: list, small: list[bool]) -> list:
+    """``plan`` with every run of two or more consecutive entries made only of small segments joined into one
+    entry to pack."""
+    runs: list[list] = []
+    for entry in plan:
+        is_small = all(small[i] for i in entry[0])
+        if is_small and runs and runs[-1][0] and runs[-1][1]:
+            runs[-1][1].append(entry)
+        else:
+            runs.append([is_small, [entry]])
+    return [entries[0] if len(entries) == 1 else ([i for segs, _ in entries for i in segs], None)
+            for _, entries in runs]
+
+
 def _best(key: np.ndarray, rows: np.ndarray, k: int, kth: float) -> tuple[np.ndarray, np.ndarray]:
     """The k smallest keys (the k-th of which is ``kth``) and their rows, not in order; at ``kth``, the lower
     rows."""
@@ -239,8 +256,9 @@ class IndexReader:
         self._shells: dict[str, faiss.Index] = {}  # built on a store's first search (see _shell)
         # packed segment stores of an older reader of this index, taken over by _fast_scan_shell
         offered = previous.packed_segments() if same_cb else {}
-        self._reusable = {name: {k: offered[k] for k in (self._packed_key(seg, name) for seg in self.segments)
-                                 if k in offered} for name in STORES}  # only this generation's segments
+        self._reusable = {name: {k: p for k, p in offered.items()
+                                 if set(k) <= {self._packed_key(seg, name) for seg in self.segments}}
+                          for name in STORES}  # only parts of this generation's segments
         self._shell_locks = {name: threading.Lock() for name in STORES}  # one store packs while the other searches
         self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
@@ -328,33 +346,105 @@ class IndexReader:
         return shell  # searched with its nprobe given (_params)
 
     def _fast_scan_shell(self, name: str) -> "PackedLists":
-        """The lists of store ``name``, each segment's packed by faiss into an in-memory ``IndexIVFPQFastScan``
-        ((code + 8) bytes per image) and searched as one (``PackedLists``). faiss packs a segment's memory-mapped
-        lists directly, on every thread (10,000,000 images: about 2 s). A segment another generation of this index
-        already packed (``previous`` when opening: an append or a deletion leaves the older segments as they
-        are) is not packed again, so a service moves to a new generation without stalling its queries. Rows deleted
-        since the last compaction stay in the packed lists and are skipped while searching (``_params``), which
-        gives exactly the answers of lists without them."""
+        """The lists of store ``name`` packed into in-memory faiss ``IndexIVFPQFastScan`` parts ((code + 8) bytes
+        per image) and searched as one (``PackedLists``). Rows deleted since the last compaction stay in the packed
+        lists and are skipped while searching (``_params``), which gives exactly the answers of lists without them.
+
+        A part is one large segment, whose memory-mapped lists faiss packs directly, on every thread (10,000,000
+        images: about 2 s), or a run of small ones (an append writes a segment every ``chunk`` images), packed
+        together (``_gathered``), since each part costs a search some time of its own. Parts another generation
+        of this index already packed (``previous`` when opening: an append or a deletion leaves the older segments
+        as they are) are taken over, not packed again, so a service moves to a new generation without stalling
+        its queries; beyond ``MAX_SMALL_PARTS`` parts of small segments, those are packed again as one."""
         template = self.codebooks.templates[name]
-        reusable = self._reusable.pop(name, {})
+        keys = [self._packed_key(seg, name) for seg in self.segments]
+        offered = self._reusable.pop(name, {})  # part key (its segments' keys) -> packed part
+        small = [seg.n_images < SMALL_SEGMENT_IMAGES for seg in self.segments]
+        plan: list[tuple[list[int], faiss.Index | None]] = []  # (segment positions, part taken over or None)
+        j = 0
+        while j < len(keys):
+            held = next((k for k in offered if tuple(keys[j:j + len(k)]) == k), None)
+            if held is not None:
+                plan.append((list(range(j, j + len(held))), offered[held]))
+                j += len(held)
+            elif not small[j]:
+                plan.append(([j], None))
+                j += 1
+            else:  # a run of small segments that no part taken over holds
+                run = [j]
+                j += 1
+                while j < len(keys) and small[j] and not any(k[0] == keys[j] for k in offered):
+                    run.append(j)
+                    j += 1
+                plan.append((run, None))
+        if sum(all(small[i] for i in segs) for segs, _ in plan) > MAX_SMALL_PARTS:
+            plan = _merge_small_runs(plan, small)
         parts = []
-        for seg in self.segments:
-            key = self._packed_key(seg, name)
-            packed = reusable.get(key)
+        for segs, packed in plan:
             if packed is None:
-                packed = faiss.IndexIVFPQFastScan(seg.stores[name])
-                # the packed index points at the segment's coarse quantizer and lists (and faiss's wrapper keeps
-                # the segment's index alive): it gets the codebooks' quantizer instead (the same centroids: the
-                # segment was encoded with it) and no source lists, so that the memory-mapped lists can be closed
-                packed.quantizer = template.quantizer
-                packed.orig_invlists = None
-                packed.referenced_objects = [template]
-            parts.append((key, packed))
+                packed = self._pack(name, [self.segments[i] for i in segs])
+            parts.append((tuple(keys[i] for i in segs), packed))
+        for seg in self.segments:
             # The packed copy is all a search reads: the segment's memory-mapped lists of this store are closed, so
             # their pages stop counting in this process's resident memory (about half of it at 10M records).
             seg.stores.pop(name, None)
         release_free_heap()  # the packing's temporaries were many small blocks: hand the pages back to the system
         return PackedLists(template.quantizer, parts)
+
+    def _pack(self, name: str, segments: list[Segment]) -> faiss.Index:
+        """One fast-scan part of store ``name`` over ``segments``."""
+        template = self.codebooks.templates[name]
+        if len(segments) > 1:
+            return self._gathered(name, segments)
+        packed = faiss.IndexIVFPQFastScan(segments[0].stores[name])
+        # the packed index points at the segment's coarse quantizer and lists (and faiss's wrapper keeps the
+        # segment's index alive): it gets the codebooks' quantizer instead (the same centroids: the segment was
+        # encoded with it) and no source lists, so that the memory-mapped lists can be closed
+        packed.quantizer = template.quantizer
+        packed.orig_invlists = None
+        packed.referenced_objects = [template]
+        return packed
+
+    def _gathered(self, name: str, segments: list[Segment]) -> faiss.Index:
+        """The lists of several segments packed into one fast-scan index. faiss packs codes into its blocks of 32
+        only from one index's lists (it crashes on stacked ones), and appending to a packed list that already holds
+        entries is unsafe in faiss 1.15 (a fast path copies past the end of the list when the entries already there
+        are a multiple of the block's byte size). So each list is filled exactly once: for a batch of lists, the
+        codes of every segment are gathered into an in-memory IVF-PQ index, faiss packs it, and the packed lists
+        are moved into the empty lists of the part. The extra memory is one batch."""
+        shell = faiss.IndexIVFPQFastScan(self.codebooks.templates[name])  # empty; the codebooks' quantizer
+        into = faiss.downcast_InvertedLists(shell.invlists)
+        sources = [seg.stores[name].invlists for seg in segments]
+        width = self.codebooks.stores[name].code_bytes
+        total, li, nlist = 0, 0, shell.nlist
+        while li < nlist:
+            batch = self.codebooks.new_store(name)  # in-memory lists (ArrayInvertedLists)
+            lists = faiss.downcast_InvertedLists(batch.invlists)
+            first, size = li, 0
+            while li < nlist and size < GATHER_BATCH_BYTES:
+                ids_parts, code_parts = [], []
+                for src in sources:
+                    n = src.list_size(li)
+                    if n:
+                        ids_parts.append(faiss.rev_swig_ptr(src.get_ids(li), n))
+                        code_parts.append(faiss.rev_swig_ptr(src.get_codes(li), n * width))
+                if ids_parts:
+                    ids = np.ascontiguousarray(np.concatenate(ids_parts))
+                    codes = np.ascontiguousarray(np.concatenate(code_parts))
+                    lists.add_entries(li, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                    size += codes.nbytes
+                li += 1
+            packed = faiss.IndexIVFPQFastScan(batch)
+            del batch
+            plists = packed.invlists
+            for j in range(first, li):
+                n = plists.list_size(j)
+                if n:  # the part's list is empty: faiss copies whole blocks
+                    into.add_entries(j, n, plists.get_ids(j), plists.get_codes(j))
+                    total += n
+            del packed
+        shell.ntotal = total
+        return shell
 
     def _packed_key(self, seg: Segment, name: str) -> tuple:
         """What a packed segment store depends on: the segment's lists file and the codebooks coding it."""
@@ -363,8 +453,8 @@ class IndexReader:
                 json.dumps(cb.get("files", {}), sort_keys=True))
 
     def packed_segments(self) -> dict[tuple, faiss.Index]:
-        """The segment stores this reader has packed so far, by ``_packed_key`` (a newer reader of the same index
-        takes them over instead of packing them again: see ``previous``)."""
+        """The packed parts this reader holds, by the ``_packed_key`` of each of their segments (a newer reader of
+        the same index takes them over instead of packing them again: see ``previous``)."""
         out = {key: packed for r in list(self._reusable.values()) for key, packed in r.items()}
         out.update({key: packed for shell in list(self._shells.values()) if isinstance(shell, PackedLists)
                     for key, packed in shell.parts})

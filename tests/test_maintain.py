@@ -591,14 +591,18 @@ def _dense_answers(folder, q: np.ndarray, k: int, exclude=None, nprobe: int = 10
     return out
 
 
-@pytest.mark.parametrize("segments", [3, 1])
-def test_fast_scan_lists_answer_like_lists_without_the_deleted_rows(tmp_path, tiny, segments):
-    """4-bit lists are packed on the first search, each segment's into its own fast-scan index, and searched as
-    one (three segments, or one). Deleted rows stay in the packed lists and never come back: every answer, rows
-    and scores, is the one of the index compacted into one segment without them. Excluded rows never come back,
-    and probing every list finds the exhaustive top 10."""
+@pytest.mark.parametrize("segments, parts", [(3, 1), (3, 3), (1, 1)])
+def test_fast_scan_lists_answer_like_lists_without_the_deleted_rows(tmp_path, tiny, monkeypatch, segments, parts):
+    """4-bit lists are packed on the first search into fast-scan parts searched as one: three small segments
+    packed together, or each on its own (as large segments are), or one segment. Deleted rows stay in the packed
+    lists and never come back: every answer, rows and scores, is the one of the index compacted into one segment
+    without them. Excluded rows never come back, and probing every list finds the exhaustive top 10."""
     import faiss
 
+    import engine._reader as rd
+
+    if parts > 1:
+        monkeypatch.setattr(rd, "SMALL_SEGMENT_IMAGES", 0)  # every segment is large: a part of its own
     folder = tmp_path / "idx"
     clip = _pq_index(folder, tiny)
     if segments == 1:
@@ -609,7 +613,7 @@ def test_fast_scan_lists_answer_like_lists_without_the_deleted_rows(tmp_path, ti
     assert spec.fast_scan and spec.nbits == 4 and spec.code_bytes == spec.m // 2
     assert r._shells == {}  # packed on the first search, not when an index opens (info, delete, compact)
     shell = r._shell("clip")
-    assert len(r.segments) == segments == len(shell.parts)
+    assert len(r.segments) == segments and len(shell.parts) == parts
     assert all(isinstance(p, faiss.IndexIVFPQFastScan) for _, p in shell.parts)
     assert shell.ntotal == 1200 and r.n_images == 800  # the deleted rows are still in the lists
     # the packed copy is what searches read: the segments' memory-mapped lists of that store are closed
@@ -670,17 +674,18 @@ def test_a_new_generation_takes_over_the_packed_lists_of_unchanged_segments(tmp_
     index = engine.open_index(folder)
     first = index.reader.search("clip", clip[:30], 10)
     old = {"clip": _parts(index, "clip"), "dino": _parts(index, "dino")}
-    assert len(old["clip"]) == len(old["dino"]) == 2
+    assert len(old["clip"]) == len(old["dino"]) == 1  # two small segments, packed together
     more = _append(folder, tiny, 50, 11)
     appended = index.reopen_if_changed()
     assert appended is not index and appended.reader.codebooks is index.reader.codebooks
     appended.reader._shell("clip")  # this generation searches one store only
     parts = _parts(appended, "clip")
-    assert len(parts) == 3 and parts[:2] == old["clip"]  # the same objects: not packed again
+    assert len(parts) == 2 and parts[:1] == old["clip"]  # the same object: not packed again
     _append(folder, tiny, 20, 12)
     again = appended.reopen_if_changed()
     assert again.reader.codebooks is index.reader.codebooks
-    assert _parts(again, "dino")[:2] == old["dino"] and _parts(again, "clip")[:3] == parts  # dino: from `index`
+    assert _parts(again, "dino")[:1] == old["dino"] and _parts(again, "clip")[:2] == parts  # dino: from `index`
+    assert len(_parts(again, "clip")) == 3
     for i in (index, appended):
         i.close()
     gc.collect()
@@ -711,6 +716,30 @@ def test_a_new_generation_takes_over_the_packed_lists_of_unchanged_segments(tmp_
     assert len(compacted.reader.packed_segments()) == 2  # its own two stores, one segment
     for i in (compacted, deleted, again):
         i.close()
+
+
+def test_parts_of_small_segments_taken_over_are_packed_again_as_one_beyond_a_few(tmp_path, tiny, monkeypatch):
+    """Each append a service moves on after adds a part to search; beyond MAX_SMALL_PARTS parts of small
+    segments, those segments are packed again as one part, with the same answers."""
+    import engine._reader as rd
+
+    monkeypatch.setattr(rd, "MAX_SMALL_PARTS", 2)
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny, n=400)
+    index = engine.open_index(folder)
+    counts = []
+    for seed in (21, 22, 23):
+        index.reader.warm()
+        _append(folder, tiny, 30, seed)
+        index = index.reopen_if_changed()
+        counts.append(len(_parts(index, "clip")))
+    assert counts == [2, 1, 2]  # 1 + 1, then 3 > 2: one part of the four segments, then 1 + 1
+    q = clip[:20]
+    fresh = IndexReader(folder)
+    assert [(r.tolist(), s.tolist()) for r, s in index.reader.search("clip", q, 10)] == \
+        [(r.tolist(), s.tolist()) for r, s in fresh.search("clip", q, 10)]
+    fresh.close()
+    index.close()
 
 
 def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny, monkeypatch):
