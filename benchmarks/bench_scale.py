@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_scale.py [--sizes 100000,1000000,10000000] [--queries 100] [--work DIR]
        python benchmarks/bench_scale.py --measure DIR/idx-10000000   (an index kept with --work, measured again)
+       python benchmarks/bench_scale.py --reopen DIR/idx-10000000    (a served index moving on, on a linked copy)
 
 Vectors are written through the library's writer (``IndexWriter.add_projected``: no image decoding) on clustered
 synthetic embeddings: a mixture of 2,000 anisotropic Gaussian clusters (each cluster stretched along its own
@@ -316,6 +317,28 @@ def reopen_seconds(out: Path, n: int, identity: dict, full: bool) -> dict:
     return result
 
 
+def reopen_copy(src: Path) -> dict:
+    """``reopen_seconds`` on a copy of an index this script built, beside it: segments and codebooks (immutable,
+    nearly all of its bytes) as hard links, the rest copied. The copy is removed afterwards."""
+    import json
+
+    m = json.loads((src / "manifest.json").read_text())
+    copy = Path(tempfile.mkdtemp(prefix=".reopen-", dir=src.parent))
+    try:
+        for item in src.iterdir():
+            if item.name in ("segments", "codebooks"):
+                shutil.copytree(item, copy / item.name, copy_function=os.link)
+            elif item.is_dir():
+                shutil.copytree(item, copy / item.name)
+            elif not item.name.startswith("."):
+                shutil.copy2(item, copy / item.name)
+        n = int(m["counts"]["records"])
+        return {"records": n, "segments": len(m["segments"]),
+                **reopen_seconds(copy, n, synthetic_identity(), full=int(m["dims"]["patch_grid"]) > 1)}
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 def pack_seconds(reader) -> float:
     """What the first search of an opened index does first (fast-scan stores are packed in memory), timed on its
     own so that it stays out of the latencies."""
@@ -459,6 +482,9 @@ def main() -> None:
     ap.add_argument("--measure", default=None, metavar="INDEX",
                     help="measure the dense first stage of an index this script built (kept with --work), without "
                          "regenerating its data: recall against its stored vectors (results: bench_scale_measure.json)")
+    ap.add_argument("--reopen", default=None, metavar="INDEX",
+                    help="time how a served index this script built moves on after an append and a deletion, on a "
+                         "copy of it whose immutable files are hard links (results: bench_scale_reopen.json)")
     ap.add_argument("--records", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", choices=("cone", "isotropic"), default="cone",
@@ -478,6 +504,11 @@ def main() -> None:
         r = measure_index(Path(args.measure), args.queries)
         print(r)
         print(f"saved {save('bench_scale_measure', {'index': str(args.measure), **r})}")
+        return
+    if args.reopen:
+        r = reopen_copy(Path(args.reopen))
+        print(r)
+        print(f"saved {save('bench_scale_reopen', {'index': str(args.reopen), **r})}")
         return
     identity = synthetic_identity()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
