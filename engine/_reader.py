@@ -113,6 +113,7 @@ DEFAULT_REFINE_FAST_SCAN = 8  # the same for 4-bit (fast-scan) codes, coarser pe
 SMALL_SEGMENT_IMAGES = 262_144  # segments with fewer images are packed together with their small neighbours
 MAX_SMALL_PARTS = 4  # packed parts of small segments taken over from older generations, at most; beyond, one
 GATHER_BATCH_BYTES = 64 << 20  # codes gathered per batch of lists while packing several segments together
+FAST_SCAN_MIN_K = 21  # results a fast-scan search asks for at least (see PackedLists._part)
 
 
 def release_free_heap() -> None:
@@ -146,55 +147,75 @@ class PackedLists:
 
     def search(self, q: np.ndarray, k: int, params: faiss.SearchParametersIVF) -> tuple[np.ndarray, np.ndarray]:
         """(distances, rows) of each query's best ``k`` (-1: no result), not in order: callers re-score them.
-        Each part is asked for some more than ``k``, and for twice as many again while one of them may hold more
-        candidates at the k-th distance than it returned."""
+        Each part is asked for some more than ``k``; a part that may hold more candidates at the k-th distance
+        than it returned is asked again for twice as many (near many copies of one image, say)."""
         q = np.ascontiguousarray(q, np.float32)
-        n = len(q)
-        coarse = self.quantizer.search(q, params.nprobe) if len(self.parts) > 1 else None
+        n, parts = len(q), len(self.parts)
+        coarse = self.quantizer.search(q, params.nprobe) if parts > 1 else None
         d_out, i_out = np.full((n, k), self.sign * np.inf, np.float32), np.full((n, k), -1, np.int64)  # as faiss
-        todo, want = np.arange(n), k + max(16, k // 8)
-        while len(todo):
-            found = [self._part(p, q[todo], want, params, None if coarse is None else (coarse[0][todo],
-                                                                                      coarse[1][todo]))
-                     for _, p in self.parts]
-            again = []
-            for j, qi in enumerate(todo):
-                key = np.concatenate([self.sign * f[0][j] for f in found])
-                rows = np.concatenate([f[1][j] for f in found])
+        got: list[list] = [[None] * parts for _ in range(n)]  # per query and part: (distances, rows, may hold more)
+        ask = {(qi, pj): k + max(16, k // 8) for qi in range(n) for pj in range(parts)}  # -> how many to ask for
+        while ask:
+            for pj, (_, p) in enumerate(self.parts):
+                by_want: dict[int, list[int]] = {}
+                for (qi, pk), want in ask.items():
+                    if pk == pj:
+                        by_want.setdefault(want, []).append(qi)
+                for want, qs in by_want.items():
+                    d, i, more = self._part(p, q[qs], want, params, None if coarse is None else
+                                            (np.ascontiguousarray(coarse[0][qs]), np.ascontiguousarray(coarse[1][qs])))
+                    for j, qi in enumerate(qs):
+                        got[qi][pj] = (d[j], i[j], more)
+            asked, ask = ask, {}
+            for qi in sorted({qi for qi, _ in asked}):
+                key = np.concatenate([self.sign * d for d, _, _ in got[qi]])
+                rows = np.concatenate([i for _, i, _ in got[qi]])
                 key, rows = key[rows >= 0], rows[rows >= 0]
                 if len(rows) > k:
                     kth = np.partition(key, k - 1)[k - 1]
-                    if any(f[2] and f[1][j][-1] >= 0 and self.sign * f[0][j][-1] == kth for f in found):
-                        again.append(qi)  # a part stopped at the k-th distance: it may hold more such rows
+                    # a part that stopped at the k-th distance may hold more rows there: it is asked again
+                    again = [pj for pj, (d, i, more) in enumerate(got[qi])
+                             if more and i[-1] >= 0 and self.sign * d[-1] == kth]
+                    if again:
+                        ask.update({(qi, pj): 2 * len(got[qi][pj][1]) for pj in again})
                         continue
                     key, rows = _best(key, rows, k, kth)
                 d_out[qi, :len(rows)], i_out[qi, :len(rows)] = self.sign * key, rows
-            todo, want = np.asarray(again, np.int64), want * 2
         return d_out, i_out
 
-    @staticmethod
-    def _part(p: faiss.Index, q: np.ndarray, want: int, params, coarse) -> tuple[np.ndarray, np.ndarray, bool]:
-        """One part's best ``want`` (best first), and whether it may hold more rows than it returned."""
-        kp = max(1, min(want, p.ntotal))
+    def _part(self, p: faiss.Index, q: np.ndarray, want: int, params, coarse) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One part's best ``want`` (best first), and whether it may hold more rows than it returned.
+
+        faiss 1.15's fast-scan search for 2 to 20 results starts from whatever its output buffers hold (with two
+        threads, recycled memory holding the best possible distance made whole queries come back empty): at least
+        21 results are asked for, into buffers filled with the worst distance."""
+        kp = max(FAST_SCAN_MIN_K, min(want, p.ntotal))
+        d = np.full((len(q), kp), self.sign * np.finfo(np.float32).max, np.float32)
+        i = np.full((len(q), kp), -1, np.int64)
         if coarse is None:
-            d, i = p.search(q, kp, params=params)
+            p.search_c(len(q), faiss.swig_ptr(q), kp, faiss.swig_ptr(d), faiss.swig_ptr(i), params)
         else:  # faiss's Python wrapper of this call takes no search parameters
-            d, i = np.empty((len(q), kp), np.float32), np.empty((len(q), kp), np.int64)
             p.search_preassigned_c(len(q), faiss.swig_ptr(q), kp, faiss.swig_ptr(coarse[1]),
                                    faiss.swig_ptr(coarse[0]), faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
         return d, i, kp < p.ntotal
 
 
-def _merge_small_runs(plan: list, small: list[bool]) -> list:
-    """``plan`` with every run of two or more consecutive entries made only of small segments joined into one
-    entry to pack."""
+def _is_small(segs: list[int], images: list[int]) -> bool:
+    """Whether a part of these segments holds fewer than SMALL_SEGMENT_IMAGES images (a part as large as a large
+    segment is kept as one, however it was made)."""
+    return sum(images[i] for i in segs) < SMALL_SEGMENT_IMAGES
+
+
+def _merge_small_runs(plan: list, images: list[int]) -> list:
+    """``plan`` with every run of two or more consecutive small entries (``_is_small``) joined into one entry to
+    pack."""
     runs: list[list] = []
     for entry in plan:
-        is_small = all(small[i] for i in entry[0])
-        if is_small and runs and runs[-1][0] and runs[-1][1]:
+        small = _is_small(entry[0], images)
+        if small and runs and runs[-1][0]:
             runs[-1][1].append(entry)
         else:
-            runs.append([is_small, [entry]])
+            runs.append([small, [entry]])
     return [entries[0] if len(entries) == 1 else ([i for segs, _ in entries for i in segs], None)
             for _, entries in runs]
 
@@ -256,9 +277,10 @@ class IndexReader:
         self._shells: dict[str, faiss.Index] = {}  # built on a store's first search (see _shell)
         # packed segment stores of an older reader of this index, taken over by _fast_scan_shell
         offered = previous.packed_segments() if same_cb else {}
-        self._reusable = {name: {k: p for k, p in offered.items()
-                                 if set(k) <= {self._packed_key(seg, name) for seg in self.segments}}
-                          for name in STORES}  # only parts of this generation's segments
+        self._reusable = {}  # only parts of this generation's segments
+        for name in STORES:
+            mine = {self._packed_key(seg, name) for seg in self.segments}
+            self._reusable[name] = {k: p for k, p in offered.items() if set(k) <= mine}
         self._shell_locks = {name: threading.Lock() for name in STORES}  # one store packs while the other searches
         self.search_stamp: tuple | None = ("unread",)  # never the stamp of a file, nor None (no file)
         self.reload_search()
@@ -317,6 +339,7 @@ class IndexReader:
                 if shell is None:
                     shell = self._search_shell(name)
                     self._shells[name] = shell
+                    self._reusable.pop(name, None)  # offered to a newer reader until the parts are in the shell
         return shell
 
     def warm(self) -> None:
@@ -358,7 +381,7 @@ class IndexReader:
         its queries; beyond ``MAX_SMALL_PARTS`` parts of small segments, those are packed again as one."""
         template = self.codebooks.templates[name]
         keys = [self._packed_key(seg, name) for seg in self.segments]
-        offered = self._reusable.pop(name, {})  # part key (its segments' keys) -> packed part
+        offered = self._reusable.get(name, {})  # part key (its segments' keys) -> packed part
         small = [seg.n_images < SMALL_SEGMENT_IMAGES for seg in self.segments]
         plan: list[tuple[list[int], faiss.Index | None]] = []  # (segment positions, part taken over or None)
         j = 0
@@ -377,8 +400,9 @@ class IndexReader:
                     run.append(j)
                     j += 1
                 plan.append((run, None))
-        if sum(all(small[i] for i in segs) for segs, _ in plan) > MAX_SMALL_PARTS:
-            plan = _merge_small_runs(plan, small)
+        images = [seg.n_images for seg in self.segments]
+        if sum(_is_small(segs, images) for segs, _ in plan) > MAX_SMALL_PARTS:
+            plan = _merge_small_runs(plan, images)
         parts = []
         for segs, packed in plan:
             if packed is None:
@@ -698,6 +722,7 @@ class IndexReader:
         for s in self.segments:
             s.close()
         self._shells = {}
+        self._reusable = {}
 
 
 def id_hashes(ids) -> np.ndarray:

@@ -720,7 +720,9 @@ def test_a_new_generation_takes_over_the_packed_lists_of_unchanged_segments(tmp_
 
 def test_parts_of_small_segments_taken_over_are_packed_again_as_one_beyond_a_few(tmp_path, tiny, monkeypatch):
     """Each append a service moves on after adds a part to search; beyond MAX_SMALL_PARTS parts of small
-    segments, those segments are packed again as one part, with the same answers."""
+    segments, those segments are packed again as one part. At every generation the parts hold every stored image,
+    appended records are found, parts taken over are the same objects, and answers are those of a fresh reader.
+    Parts of 20 images or fewer (where faiss 1.15's fast-scan search reads its output buffers) answer every time."""
     import engine._reader as rd
 
     monkeypatch.setattr(rd, "MAX_SMALL_PARTS", 2)
@@ -728,18 +730,89 @@ def test_parts_of_small_segments_taken_over_are_packed_again_as_one_beyond_a_few
     clip = _pq_index(folder, tiny, n=400)
     index = engine.open_index(folder)
     counts = []
-    for seed in (21, 22, 23):
-        index.reader.warm()
-        _append(folder, tiny, 30, seed)
+    for seed, n in ((21, 30), (22, 30), (23, 12), (24, 5)):
+        before = _parts(index, "clip")
+        more = _append(folder, tiny, n, seed)
         index = index.reopen_if_changed()
-        counts.append(len(_parts(index, "clip")))
-    assert counts == [2, 1, 2]  # 1 + 1, then 3 > 2: one part of the four segments, then 1 + 1
-    q = clip[:20]
-    fresh = IndexReader(folder)
-    assert [(r.tolist(), s.tolist()) for r, s in index.reader.search("clip", q, 10)] == \
-        [(r.tolist(), s.tolist()) for r, s in fresh.search("clip", q, 10)]
-    fresh.close()
+        shell = index.reader._shell("clip")
+        counts.append(len(shell.parts))
+        assert shell.ntotal == sum(s.n_images for s in index.reader.segments) == index.reader.n_images
+        if len(shell.parts) > 1:
+            assert [p for _, p in shell.parts[:-1]] == before  # taken over
+        first = index.reader.n_images - n
+        for _ in range(20):  # two threads answer the batch: every search finds every appended record first
+            assert [int(r[0]) for r, _ in index.reader.search("clip", more, 1)] == list(range(first, first + n))
+        fresh = IndexReader(folder)
+        q = np.concatenate([clip[:20], more])
+        assert [(r.tolist(), s.tolist()) for r, s in index.reader.search("clip", q, 10)] == \
+            [(r.tolist(), s.tolist()) for r, s in fresh.search("clip", q, 10)]
+        fresh.close()
+    assert counts == [2, 1, 2, 1]  # 1 + 1; 3 > 2: one part of the three segments; 1 + 1; again one
     index.close()
+
+
+def test_fast_scan_searches_never_ask_faiss_for_2_to_20_results_nor_hand_it_unset_buffers(tmp_path, tiny,
+                                                                                          monkeypatch):
+    """faiss 1.15's fast-scan search for 2 to 20 results starts from what its output buffers hold: with recycled
+    memory holding the best possible distance, whole queries came back empty (a part of a few appended images,
+    searched for k=1 x refine 8, is such a search). Every fast-scan search asks for at least 21 results, into
+    buffers holding the worst distance and no row, and finds what it should."""
+    import faiss
+
+    import engine._reader as rd
+
+    monkeypatch.setattr(rd, "SMALL_SEGMENT_IMAGES", 0)  # a part per segment, the last one of 12 images
+    folder = tmp_path / "idx"
+    _pq_index(folder, tiny, n=400)
+    more = _append(folder, tiny, 12, 31)
+    seen = []
+    cls = faiss.IndexIVFPQFastScan
+    for name, kpos, dpos, ipos in (("search_c", 2, 3, 4), ("search_preassigned_c", 2, 5, 6)):
+        real = getattr(cls, name)
+
+        def spy(self, *a, real=real, kpos=kpos, dpos=dpos, ipos=ipos):
+            n, k = a[0], a[kpos]
+            d = faiss.rev_swig_ptr(a[dpos], n * k)
+            i = faiss.rev_swig_ptr(a[ipos], n * k)
+            seen.append((k, bool(np.all(d == -np.finfo(np.float32).max)), bool(np.all(i == -1))))
+            return real(self, *a)
+
+        monkeypatch.setattr(cls, name, spy)
+    r = IndexReader(folder, refine=8)
+    assert len(r._shell("clip").parts) == 2
+    assert [int(x[0]) for x, _ in r.search("clip", more, 1)] == list(range(400, 412))
+    r.close()
+    monkeypatch.undo()
+    assert seen and all(k >= 21 and filled and unset for k, filled, unset in seen)
+
+
+def test_candidates_tied_with_the_kth_are_the_lowest_rows_whatever_the_parts(tmp_path, tiny, monkeypatch):
+    """Near 700 copies of one image spread over two segments, far more candidates tie at the k-th distance than
+    a part is first asked for: the parts holding more of them are asked again, and the candidates kept are the
+    best by distance, then by row, over everything the probed lists hold."""
+    import faiss
+
+    import engine._reader as rd
+
+    monkeypatch.setattr(rd, "SMALL_SEGMENT_IMAGES", 0)  # a part per segment
+    folder = tmp_path / "idx"
+    clip = _pq_index(folder, tiny, copies=700)
+    r = IndexReader(folder)
+    shell = r._shell("clip")
+    assert len(shell.parts) == 3
+    q = np.concatenate([clip[:1], clip[690:720]])
+    for nprobe in (1, 4, 10_000):
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, r.codebooks.stores["clip"].nlist))
+        everything = [p.search(q, p.ntotal, params=params) for _, p in shell.parts]
+        for k in (1, 10, 50, 300):
+            d, i = shell.search(q, k, params)
+            for j in range(len(q)):
+                dd = np.concatenate([e[0][j] for e in everything])
+                ii = np.concatenate([e[1][j] for e in everything])
+                dd, ii = dd[ii >= 0], ii[ii >= 0]
+                want = set(ii[np.lexsort((ii, -dd))[:k]].tolist())
+                assert set(i[j][i[j] >= 0].tolist()) == want
+    r.close()
 
 
 def test_indexes_with_8_bit_product_codes_are_searched_as_before(tmp_path, tiny, monkeypatch):
