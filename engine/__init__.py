@@ -12,10 +12,17 @@ leading underscore: ``engine.rankers``, ``engine.fusion``, ``engine.results``, `
 """
 from __future__ import annotations
 
-from . import _startup
+try:
+    from . import _startup
 
-if _startup.is_console_script():  # `attrib ...`: Ctrl-C during start-up exits quietly (see engine._startup)
-    _startup.install()
+    if _startup.is_console_script():  # `attrib ...`: Ctrl-C during start-up exits quietly (see engine._startup)
+        _startup.install()
+except KeyboardInterrupt:  # a Ctrl-C before that handler was in place (while _startup loaded): the same quiet exit
+    from . import _startup
+
+    if not _startup.is_console_script():
+        raise
+    _startup.interrupted_at_start_up(None, None)
 
 import importlib  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402

@@ -131,13 +131,13 @@ def default_refine(spec) -> int:
 
 
 class PackedLists:
-    """A fast-scan store searched as one index: each segment's lists packed into its own faiss
-    ``IndexIVFPQFastScan`` (``parts``: (key, index) pairs). The query is assigned to its nearest lists once, each
-    part scans those lists, and the best ``k`` of all parts are kept. Fast-scan distances depend on the query and
-    the codes only, so every candidate gets the distance one index over all segments would give. They are coarse
-    (quantized lookup tables): many candidates can tie at the k-th distance, and faiss keeps whichever it meets
-    first. Here the lower rows are kept, always, so an answer does not depend on how the records are split into
-    segments: compacting an index never changes it."""
+    """A fast-scan store searched as one index: its lists packed into parts (``parts``: (key, faiss
+    ``IndexIVFPQFastScan``) pairs; a part holds one large segment or a run of small ones). The query is assigned
+    to its nearest lists once, each part scans those lists, and the best ``k`` of all parts are kept. Fast-scan
+    distances depend on the query and the codes only, so every candidate gets the distance one index over all
+    segments would give. They are coarse (quantized lookup tables): many candidates can tie at the k-th distance,
+    and faiss keeps whichever it meets first. Here the lower rows are kept, always, so an answer does not depend on
+    how the records are split into segments or parts: compacting an index never changes it."""
 
     def __init__(self, quantizer: faiss.Index, parts: list[tuple[tuple, faiss.Index]]) -> None:
         self.quantizer = quantizer
