@@ -180,12 +180,19 @@ def synthetic_identity() -> dict:
     return identity
 
 
+def writer_settings(chunk: int, full: bool):
+    """The writer settings of this script's indexes: 8x8 patch cells of DP dims with the full pipeline, else one
+    cell of 8 (the dense first stage alone)."""
+    import engine
+
+    return engine.IndexSettings(chunk=chunk, codec="auto", ann="auto", patch_grid=8 if full else 1,
+                                patch_dims=DP if full else 8)
+
+
 def build(out: Path, n: int, identity: dict, full: bool) -> tuple[dict[str, np.ndarray], float]:
     import engine
 
-    settings = engine.IndexSettings(chunk=min(n, 100_000), codec="auto", ann="auto",
-                                    patch_grid=8 if full else 1, patch_dims=DP if full else 8)
-    w = engine.IndexWriter(out, identity, settings, expected_images=n)
+    w = engine.IndexWriter(out, identity, writer_settings(min(n, 100_000), full), expected_images=n)
     sample = {"clip": [], "dino": [], "cells": []}
     for ids, caps, clip, dino, cells, _, text in generate(n, full, full):
         w.add_projected(ids, [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells, caption_clip=text)
@@ -297,15 +304,13 @@ def reopen_seconds(out: Path, n: int, identity: dict, full: bool) -> dict:
     served = engine.open_index(out)
     result = {"reopen_baseline_pack_seconds": pack_seconds(served.reader)}
     ids, caps, clip, dino, cells, _, text = next(generate(1000, full, full, seed=7))
-    w = engine.IndexWriter(out, identity, engine.IndexSettings(chunk=1000, patch_grid=8 if full else 1,
-                                                               patch_dims=DP if full else 8))
+    w = engine.IndexWriter(out, identity, writer_settings(1000, full))
     w.add_projected([f"a{i}" for i in range(len(ids))], [None] * len(ids), caps, [{}] * len(ids), clip, dino, cells,
                     caption_clip=text)
     w.finalize({"path": "synthetic", "kind": "bench_scale append"})
-    for step, change in (("append", None), ("delete", lambda: engine.delete_records(
-            out, ids=[f"r{i}" for i in range(min(n, 1000), min(n, 2000))]))):
-        if change is not None:
-            change()
+
+    def move_on(step: str) -> None:
+        nonlocal served
         t = time.perf_counter()
         fresh = served.reopen_if_changed()
         fresh.reader.warm()
@@ -313,6 +318,10 @@ def reopen_seconds(out: Path, n: int, identity: dict, full: bool) -> dict:
         assert fresh is not served
         served.close()
         served = fresh
+
+    move_on("append")
+    engine.delete_records(out, ids=[f"r{i}" for i in range(min(n, 1000), min(n, 2000))])
+    move_on("delete")
     served.close()
     return result
 

@@ -382,7 +382,7 @@ class IndexReader:
         template = self.codebooks.templates[name]
         keys = [self._packed_key(seg, name) for seg in self.segments]
         offered = self._reusable.get(name, {})  # part key (its segments' keys) -> packed part
-        small = [seg.n_images < SMALL_SEGMENT_IMAGES for seg in self.segments]
+        images = [seg.n_images for seg in self.segments]
         plan: list[tuple[list[int], faiss.Index | None]] = []  # (segment positions, part taken over or None)
         j = 0
         while j < len(keys):
@@ -390,17 +390,16 @@ class IndexReader:
             if held is not None:
                 plan.append((list(range(j, j + len(held))), offered[held]))
                 j += len(held)
-            elif not small[j]:
+            elif not _is_small([j], images):
                 plan.append(([j], None))
                 j += 1
             else:  # a run of small segments that no part taken over holds
                 run = [j]
                 j += 1
-                while j < len(keys) and small[j] and not any(k[0] == keys[j] for k in offered):
+                while j < len(keys) and _is_small([j], images) and not any(k[0] == keys[j] for k in offered):
                     run.append(j)
                     j += 1
                 plan.append((run, None))
-        images = [seg.n_images for seg in self.segments]
         if sum(_is_small(segs, images) for segs, _ in plan) > MAX_SMALL_PARTS:
             plan = _merge_small_runs(plan, images)
         parts = []
@@ -470,11 +469,11 @@ class IndexReader:
         shell.ntotal = total
         return shell
 
-    def _packed_key(self, seg: Segment, name: str) -> tuple:
-        """What a packed segment store depends on: the segment's lists file and the codebooks coding it."""
-        cb = self.manifest["codebooks"]
-        return (str(seg.path), name, seg.entry["files"][path_of(name)]["sha256"], int(cb["generation"]),
-                json.dumps(cb.get("files", {}), sort_keys=True))
+    @staticmethod
+    def _packed_key(seg: Segment, name: str) -> tuple:
+        """What a packed segment store depends on: the segment's lists file (the codebooks coding it are the same
+        for every reader whose parts are taken over: see ``previous``)."""
+        return (str(seg.path), name, seg.entry["files"][path_of(name)]["sha256"])
 
     def packed_segments(self) -> dict[tuple, faiss.Index]:
         """The packed parts this reader holds, by the ``_packed_key`` of each of their segments (a newer reader of
