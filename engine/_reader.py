@@ -559,13 +559,20 @@ class IndexReader:
             return has, None
         if len(parts) == 1:  # one segment (the usual case): already in row order, no copy
             return has, parts[0][1]
-        order = np.concatenate([p[0] for p in parts])
-        stacked = np.concatenate([p[1] for p in parts])
-        return has, stacked[np.argsort(order, kind="stable")]
+        # each segment's results go straight to their places (stored codes, decoded by the caller once for all
+        # segments: concatenating, then reordering decoded patch cells copied a query's 6.5 MB twice, 3 ms a query
+        # on an index of two segments)
+        first = parts[0][1]
+        out = np.empty((int(has.sum()), *first.shape[1:]), first.dtype)
+        place = np.cumsum(has) - 1  # the position of each row with an image among them, in the order given
+        for sel, got in parts:
+            out[place[sel]] = got
+        return has, out
 
     def vectors(self, store: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, float32 vectors of the rows that have an image, in row order), checked."""
-        has, v = self._per_image(rows, lambda s, li: s.vectors(store, li))
+        has, v = self._per_image(rows, lambda s, li: s.refine_codes(store, li))  # decoded at once, below
+        v = self.codebooks.decode_refine(store, v) if v is not None else None
         return has, v if v is not None else np.zeros((0, self.codebooks.stores[store].dim), np.float32)
 
     def scores(self, store: str, rows: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -576,7 +583,8 @@ class IndexReader:
 
     def patch_cells(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, float32 patch cells (n, C, Dp) of the rows that have an image), checked."""
-        has, c = self._per_image(rows, lambda s, li: s.patch_cells(li))
+        has, c = self._per_image(rows, lambda s, li: s.patch_codes(li))  # decoded at once, below
+        c = self.codebooks.decode_patches(c) if c is not None else None
         if c is None:
             c = np.zeros((0, self.codebooks.patch_cells, self.codebooks.patch_dims), np.float32)
         return has, c
