@@ -321,7 +321,9 @@ def test_killed_builds_resume_to_the_same_index(tmp_path, tiny):
         if attempt < 3:
             if attempt:
                 _wait_for_commits(out, proc, 1)
-            time.sleep(rng.uniform(0.0, 1.5))
+            # during start-up (model loading) at first; then within a chunk or two of a commit: on a fast machine
+            # the rest of this small build takes well under a second
+            time.sleep(rng.uniform(0.0, 1.5 if attempt == 0 else 0.3))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
@@ -329,15 +331,17 @@ def test_killed_builds_resume_to_the_same_index(tmp_path, tiny):
             if not (out / MANIFEST).exists():
                 continue
             m = read_manifest(out)
-            if m["build"]["complete"]:  # killed after its last commit, on its way out: already the whole index
+            if m["build"]["complete"]:  # finished before it was killed, or killed on its way out: the whole index
                 assert_same_index(ref, out)
+                break
             with pytest.raises(engine.IndexFormatError, match="unfinished build|holds no records") \
                     if not m["segments"] else _nothing():
                 r = engine.open_index(out)  # a partial index is a consistent snapshot of what was committed
                 assert r.reader.n_records == sum(s["records"] for s in m["segments"])
             continue
-        out_json = proc.communicate(timeout=300)[0].decode()
-        assert proc.returncode == 0
+        out_json, err = proc.communicate(timeout=300)
+        out_json = out_json.decode()
+        assert proc.returncode == 0, err.decode()[-3000:]
         summary = json.loads(out_json)
         assert summary["encoded_this_run"] <= 48 - (summary["records"] - summary["added_this_run"]) + 8
         break
