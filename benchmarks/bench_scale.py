@@ -326,6 +326,19 @@ def reopen_seconds(out: Path, n: int, identity: dict, full: bool) -> dict:
     return result
 
 
+def linked_copy(src: Path, dst: Path) -> None:
+    """Into folder ``dst``: a copy of index ``src`` whose segments and codebooks (immutable, nearly all of its
+    bytes) are hard links, the rest copied."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name in ("segments", "codebooks"):
+            shutil.copytree(item, dst / item.name, copy_function=os.link)
+        elif item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        elif not item.name.startswith("."):
+            shutil.copy2(item, dst / item.name)
+
+
 def reopen_copy(src: Path) -> dict:
     """``reopen_seconds`` on a copy of an index this script built, beside it: segments and codebooks (immutable,
     nearly all of its bytes) as hard links, the rest copied. The copy is removed afterwards."""
@@ -334,13 +347,7 @@ def reopen_copy(src: Path) -> dict:
     m = json.loads((src / "manifest.json").read_text())
     copy = Path(tempfile.mkdtemp(prefix=".reopen-", dir=src.parent))
     try:
-        for item in src.iterdir():
-            if item.name in ("segments", "codebooks"):
-                shutil.copytree(item, copy / item.name, copy_function=os.link)
-            elif item.is_dir():
-                shutil.copytree(item, copy / item.name)
-            elif not item.name.startswith("."):
-                shutil.copy2(item, copy / item.name)
+        linked_copy(src, copy)
         n = int(m["counts"]["records"])
         return {"records": n, "segments": len(m["segments"]),
                 **reopen_seconds(copy, n, synthetic_identity(), full=int(m["dims"]["patch_grid"]) > 1)}

@@ -54,6 +54,7 @@ class BuildSummary:
     startup_seconds: float = 0.0  # ray: starting or joining the cluster and loading the models on the workers
     calibration: dict | None = None  # self-calibration after the build: its time and fit, or why it was skipped
     search: dict | None = None  # search settings measured on the finished index (engine._search_tune)
+    merged: dict | None = None  # an append: the segments it wrote (and small ones before) merged into one
 
     @property
     def throughput(self) -> float:
@@ -298,11 +299,19 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
     """The last steps of every completed build, local or distributed (engine._ray): a fresh index is compacted
     into one segment (the fastest searches), an --overwrite build is swapped in, the summary is made, and the
     index is calibrated (``extra``: further :class:`BuildSummary` fields)."""
+    merged = None
     if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
         from ._maintain import compact
 
         compact(folder, progress=False, measure_search=False)
         manifest = read_manifest(folder)
+    elif mode == "append" and added:  # its segments (one per --chunk), not the whole index
+        from ._maintain import merge_appended
+
+        m = merge_appended(folder, int(manifest["next_row"]) - added, progress=progress)
+        if m is not None:
+            merged = {"segments": m.merged, "records": m.records, "purged": m.purged, "seconds": round(m.seconds, 2)}
+            manifest = read_manifest(folder)
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)
@@ -313,7 +322,7 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
         out, int(manifest["counts"]["records"]), int(manifest["counts"]["images"]),
         int(manifest["counts"]["rejected"]), dict(manifest["counts"]["reject_reasons"]), list(src.ignored),
         time.perf_counter() - t0, encode_s, manifest, encoded_this_run=encoded, added_this_run=added, mode=mode,
-        segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns), **extra,
+        segments=len(manifest["segments"]), renamed_columns=dict(src.renamed_columns), merged=merged, **extra,
     )
     if calibrate is not False:  # the index is complete and in place: an interrupted calibration loses nothing of it
         from .calibrate import after_build

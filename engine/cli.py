@@ -223,7 +223,7 @@ def cmd_index(a: argparse.Namespace) -> int:
                     "untrained": "warning" in info, "warning": info.get("warning"),
                     "renamed_columns": s.renamed_columns, "engine": s.engine,
                     "startup_seconds": round(s.startup_seconds, 3), "calibration": s.calibration,
-                    "search": s.search})
+                    "search": s.search, "merged": s.merged})
     else:
         print_build_summary(s)
     return 0

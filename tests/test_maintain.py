@@ -1273,3 +1273,155 @@ def test_a_map_collected_while_the_budget_is_checked_does_not_deadlock(tmp_path,
         assert not t.is_alive(), "deadlock: the finaliser waited for the lock its own thread held"
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------------------------- merge after an append
+def test_the_tail_run_an_append_merges():
+    """Its own segments always; earlier small segments like the carries of a binary counter (each joins when it
+    holds at most as many records as the run so far); never a large one."""
+    from engine._maintain import tail_run
+    from engine._reader import SMALL_SEGMENT_IMAGES
+
+    def entries(*sizes):
+        out, row = [], 0
+        for n in sizes:
+            out.append({"records": n, "first_row": row})
+            row += n
+        return out
+
+    big = SMALL_SEGMENT_IMAGES
+    assert tail_run(entries(1000, 50, 50, 20), 1100) == 3  # its one segment: nothing joins (50 > 20)
+    assert tail_run(entries(1000, 50, 50, 20), 1050) == 1  # its own two (70), then 50 <= 70; 1000 > 120
+    assert tail_run(entries(1000, 50, 40, 30), 1090) == 3  # 40 > 30
+    assert tail_run(entries(1000, 40, 20, 20), 1060) == 1  # 20 <= 20, then 40 <= 40; 1000 > 80
+    assert tail_run(entries(big, 10, 10), big + 10) == 1  # a large segment never joins, however large the run
+    assert tail_run(entries(big - 1, 10 * big), big - 1) == 0  # a small one before a larger run does
+    assert tail_run(entries(100), 100) == 1  # nothing appended: nothing to merge
+    assert tail_run(entries(500, 8, 8, 8, 4), 500) == 1  # its four chunks
+    grown, written = entries(10), 10  # 200 appends of 10 records: few segments, each record written a few times
+    for _ in range(200):
+        grown += [{"records": 10, "first_row": sum(e["records"] for e in grown)}]
+        written += 10
+        start = tail_run(grown, grown[-1]["first_row"])
+        if len(grown) - start > 1:
+            written += sum(e["records"] for e in grown[start:])
+            grown = grown[:start] + [{"records": sum(e["records"] for e in grown[start:]),
+                                      "first_row": grown[start]["first_row"]}]
+        assert len(grown) <= 9
+        assert [e["records"] for e in grown] == sorted((e["records"] for e in grown), reverse=True)
+    assert sum(e["records"] for e in grown) == 2010 and written <= 2010 * 9  # at most log2(201) + 1 writes each
+
+
+def _appended(folder, tiny, base: int = 1200, chunks: tuple = (100, 100, 60)) -> np.ndarray:
+    """``_pq_index`` compacted into one segment, then records appended in segments of ``chunks`` images (as an
+    append writes one per --chunk), without the merge at the end of an append; returns every CLIP vector."""
+    clip = _pq_index(folder, tiny, n=base)
+    engine.compact(folder, progress=False, measure_search=False)
+    rng = np.random.default_rng(5)
+    n, d = sum(chunks), tiny.dino_dim
+    more = rng.standard_normal((n, 64)).astype(np.float32)
+    more /= np.linalg.norm(more, axis=1, keepdims=True)
+    w = engine.IndexWriter(folder, tiny.identity, engine.IndexSettings())
+    a = 0
+    for k in chunks:
+        w.add_images([f"a{i}" for i in range(a, a + k)], [None] * k, [f"added caption {i}" for i in range(a, a + k)],
+                     [{}] * k, more[a:a + k], rng.standard_normal((k, d)).astype(np.float32),
+                     rng.standard_normal((k, d)).astype(np.float32), rng.standard_normal((k, 64, d)).astype(np.float32))
+        w.commit()
+        a += k
+    w.finalize({"path": "synthetic", "kind": "test append"})
+    return np.concatenate([clip, more])
+
+
+def _answers(folder, tiny, clip: np.ndarray, rows) -> list:
+    """Every score and feature of the fused top 10 for queries made of the given rows' stored vectors, and what
+    each store and the captions give."""
+    from engine.rankers import QueryInput
+
+    idx = world.opened(folder, tiny)
+    got = []
+    for row in rows:
+        _, dino = idx.reader.vectors("dino", np.array([row]))
+        q = idx.with_terms(QueryInput(f"q{row}", None, f"added caption {row - 1200} {row}",
+                                      {"clip_image": clip[row], "clip_text": clip[row], "dino_global": dino[0],
+                                       "dino_cells": np.ones((64, tiny.dino_dim), np.float32)}))
+        d = idx.search(q, k=10).to_dict()
+        got.append({k: v for k, v in d.items() if k != "timings_ms"})
+        for store in ("clip", "dino"):
+            r, s = idx.reader.search(store, clip[row] if store == "clip" else dino[0], 20)[0]
+            got.append((store, r.tolist(), np.round(s, 5).tolist()))
+    idx.close()
+    return got
+
+
+def test_an_append_leaves_its_segments_merged_with_the_same_answers(tmp_path, tiny):
+    """The segments an append wrote become one: every answer stays the same (fused results with every feature,
+    each store's top 20), deleted records among them are removed physically and the others stay deleted, the old
+    segment folders are gone, and the earlier segment is not written again."""
+    from engine._maintain import merge_appended
+
+    folder = tmp_path / "idx"
+    clip = _appended(folder, tiny)
+    m = read_manifest(folder)
+    assert [e["records"] for e in m["segments"]] == [1200, 100, 100, 60]
+    engine.delete_records(folder, ids=["v7", "a150"])  # one in the old segment, one among the appended
+    rows = [3, 1210, 1300, 1455]
+    before = _answers(folder, tiny, clip, rows)
+    base = m["segments"][0]
+    s = merge_appended(folder, 1200, progress=False)
+    assert (s.merged, s.records, s.purged, s.segments_after) == (3, 259, 1, 2)
+    m2 = read_manifest(folder)
+    assert m2["segments"][0] == base and m2["segments"][1]["records"] == 259
+    assert m2["counts"]["records"] == 1458 and m2["counts"]["deleted"] == 1 and m2["counts"]["purged"] == 1
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == sorted(
+        e["path"].split("/")[-1] for e in m2["segments"])
+    assert _answers(folder, tiny, clip, rows) == before
+    r = IndexReader(folder)
+    assert r.rows_of(["v7", "a150", "a149", "v8"]).tolist() == [-1, -1, 1349, 8]
+    assert len(r.live.deleted) == 1  # v7 stays a tombstone; a150 is gone from the files
+    assert merge_appended(folder, 1200, progress=False) is None  # one segment of its own: nothing to merge
+    assert engine.verify(folder, progress=False).ok
+
+
+def test_an_interrupted_merge_leaves_the_index_as_the_append_committed_it(tmp_path, tiny, monkeypatch):
+    from engine import _maintain
+    from engine._segment import SegmentFiles
+
+    folder = tmp_path / "idx"
+    clip = _appended(folder, tiny)
+    m = read_manifest(folder)
+    before = _answers(folder, tiny, clip, [5, 1250])
+
+    def killed(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SegmentFiles, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _maintain.merge_appended(folder, 1200, progress=False)
+    monkeypatch.undo()
+    assert read_manifest(folder) == m and _answers(folder, tiny, clip, [5, 1250]) == before
+    s = _maintain.merge_appended(folder, 1200, progress=False)  # the next writer clears what was left
+    assert s.merged == 3
+    assert len(list((folder / "segments").iterdir())) == 2
+    assert _answers(folder, tiny, clip, [5, 1250]) == before
+
+
+def test_attrib_index_append_merges_its_chunks(tmp_path, tiny, capsys):
+    """An append of 20 images in chunks of 8 (three segments) ends as one segment beside the index's own, and
+    says so; its records are found."""
+    src = tmp_path / "src"
+    world.image_folder(src, 24, sidecar="json", nested=False)
+    build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(40, 60):
+        im, cap = world.scene(i)
+        im.save(more / f"extra{i}.png")
+        (more / f"extra{i}.txt").write_text(cap)
+    s = build(more, tmp_path / "idx", tiny, append=True)
+    assert s.merged["segments"] == 3 and s.merged["records"] == 20 and s.segments == 2
+    m = read_manifest(tmp_path / "idx")
+    assert [e["records"] for e in m["segments"]] == [24, 20]
+    idx = world.opened(tmp_path / "idx", tiny)
+    q = idx.encode_query(str(more / "extra45.png"), world.scene(45)[1])
+    assert idx.search(q, 3, weights="rrf").results[0].id == "extra45.png"

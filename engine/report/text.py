@@ -54,6 +54,10 @@ def print_build_summary(s) -> None:
             f"by this run) into [bold]{escape(str(s.index_dir))}[/bold] in {s.seconds:.1f}s "
             f"({s.throughput:.1f} records/s). The index holds {s.records} live records ({s.images} with images), "
             f"{s.deleted} deleted, in {s.segments} segment{'s' if s.segments != 1 else ''}.")
+    merged = getattr(s, "merged", None)
+    if merged:
+        c.print(f"merged {merged['segments']} segments (this append's and small ones before it) into one in "
+                f"{merged['seconds']:.1f}s: a query reads each segment on its own")
     if s.rejected:
         reasons = ", ".join(f"{n} {escape(r)}" for r, n in sorted(s.reject_reasons.items(), key=lambda kv: -kv[1]))
         c.print(f"[yellow]skipped {s.rejected} records[/yellow] ({reasons}); "
