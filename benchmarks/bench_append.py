@@ -101,6 +101,7 @@ def main() -> None:
     base = work / f"idx-{args.records}"
     copies = {k: work / f"{k}-{args.records}+{args.append}" for k in ("as_appended", "merged", "compacted")}
     result: dict = {"records": args.records, "appended": args.append, "chunk": args.chunk, "queries": args.queries}
+    runs: dict[str, list] = {k: [] for k in copies}
     try:
         if not (base / "manifest.json").exists():
             shutil.rmtree(base, ignore_errors=True)
@@ -118,7 +119,6 @@ def main() -> None:
         t = time.perf_counter()
         engine.compact(copies["compacted"], progress=False, measure_search=False)
         result["compact_seconds"] = round(time.perf_counter() - t, 2)
-        runs: dict[str, list] = {k: [] for k in copies}
         for _ in range(args.rounds):
             for k, p in copies.items():
                 runs[k].append(measure(p, args.queries))

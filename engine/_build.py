@@ -291,11 +291,12 @@ def build_index(
             _drop_empty(folder)
         raise
     return finish_build(out, folder, mode, manifest, src, t0, encode_s, encoded,
-                        int(manifest["next_row"]) - first_row, calibrate, encoders, progress)
+                        int(manifest["next_row"]) - first_row, calibrate, encoders, progress, first_row=first_row)
 
 
 def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source, t0: float, encode_s: float,
-                 encoded: int, added: int, calibrate, encoders, progress: bool, **extra) -> BuildSummary:
+                 encoded: int, added: int, calibrate, encoders, progress: bool, first_row: int | None = None,
+                 **extra) -> BuildSummary:
     """The last steps of every completed build, local or distributed (engine._ray): a fresh index is compacted
     into one segment (the fastest searches), an --overwrite build is swapped in, the summary is made, and the
     index is calibrated (``extra``: further :class:`BuildSummary` fields)."""
@@ -305,13 +306,18 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
 
         compact(folder, progress=False, measure_search=False)
         manifest = read_manifest(folder)
-    elif mode == "append" and added:  # its segments (one per --chunk), not the whole index
+    elif mode == "append" and added and first_row is not None:  # its segments (one per --chunk), not the index
         from ._maintain import merge_appended
 
-        m = merge_appended(folder, int(manifest["next_row"]) - added, progress=progress)
-        if m is not None:
-            merged = {"segments": m.merged, "records": m.records, "purged": m.purged, "seconds": round(m.seconds, 2)}
-            manifest = read_manifest(folder)
+        try:
+            m = merge_appended(folder, first_row, progress=progress)
+        except Exception as e:  # noqa: BLE001 - the append is committed and complete; only the merge is missing
+            merged = {"error": f"{e.__class__.__name__}: {e}"}
+        else:
+            if m is not None:
+                merged = {"segments": m.merged, "records": m.records, "purged": m.purged,
+                          "seconds": round(m.seconds, 2)}
+        manifest = read_manifest(folder)
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)

@@ -260,7 +260,10 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                 entry = _write_live(reader, folder, seg_id, with_captions, advance)
         old_segments = [s["path"] for s in m["segments"]]
         old_deletes = (m.get("deletes") or {}).get("path")
+        gone = np.asarray(reader.live.deleted, np.int64)
         reader.close()
+        if len(gone):  # see merge_appended: caption documents an interrupted deletion left behind its tombstones
+            _delete_text(folder, gone)
         m2["generation"] = int(m["generation"]) + 1
         m2["segments"] = [entry]
         m2["next_segment"] = seg_id + 1
@@ -322,6 +325,7 @@ def merge_appended(index: str | os.PathLike, first_row: int, progress: bool = Tr
     t0 = time.perf_counter()
     folder = Path(index).expanduser().absolute()
     recover(folder)
+    read_manifest(folder)  # a folder that is no index: a clear error, no lock file left
     with WriterLock(folder, "merge"):
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
@@ -341,14 +345,21 @@ def merge_appended(index: str | os.PathLike, first_row: int, progress: bool = Tr
         reader.close()
         m2 = json.loads(json.dumps(m))
         m2["generation"] = int(m["generation"]) + 1
-        m2["segments"] = m["segments"][:start] + [entry]
+        # a run whose records were all deleted leaves no segment (an empty one after others would have no rows to
+        # place it by); the first segment of an index stays, empty, as after a compaction of everything
+        m2["segments"] = m["segments"][:start] + ([entry] if entry["records"] or start == 0 else [])
         m2["next_segment"] = seg_id + 1
         old_deletes = (m.get("deletes") or {}).get("path")
         if len(gone):
+            # their caption documents go first: a deletion interrupted before it removed them left them hidden
+            # by the tombstones this drops (idempotent, and hidden either way until the commit below)
+            _delete_text(folder, gone)
             m2["deletes"] = _write_deletes(folder, m2["generation"], remaining)
             m2["counts"]["deleted"] = int(len(remaining))
             m2["counts"]["purged"] = int(m["counts"].get("purged", 0)) + int(len(gone))
         write_manifest(folder, m2)
+        if entry not in m2["segments"]:
+            remove(folder / entry["path"])
         for e in m["segments"][start:]:
             remove(folder / e["path"])
         if len(gone) and old_deletes:

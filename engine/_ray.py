@@ -349,7 +349,7 @@ def build_index_ray(
     clear_incoming(folder)
     # compaction, swap-in, summary and calibration as after a local build (models loaded here to calibrate)
     return finish_build(out, folder, mode, manifest, src, t0, encode_s, encoded, committer.added, calibrate, None,
-                        progress, engine="ray", startup_seconds=startup_s)
+                        progress, first_row=base_row, engine="ray", startup_seconds=startup_s)
 
 
 def _shutdown(ray) -> None:

@@ -86,14 +86,11 @@ def _file_resident_bytes() -> int | None:
     child opens its own (its inherited descriptor shows the parent's pages)."""
     global _statm
     try:
-        pid = os.getpid()
         fd = _statm
-        if fd is None or fd[0] != pid:
+        if fd is None or fd[0] != os.getpid():
             with _statm_lock:
-                if _statm is None or _statm[0] != pid:
-                    if _statm is not None:
-                        os.close(_statm[1])  # the parent's, inherited: this process's copy of it
-                    _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+                if _statm is None or _statm[0] != os.getpid():
+                    _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
                 fd = _statm
         return int(os.pread(fd[1], 256, 0).split()[2]) * mmap.PAGESIZE
     except (OSError, ValueError, IndexError):
@@ -101,6 +98,22 @@ def _file_resident_bytes() -> int | None:
 
 
 _statm_lock = threading.Lock()
+
+
+def _forked() -> None:
+    """In a forked child: its inherited descriptor shows the parent's pages (closed here, where it is surely
+    still ours), and the lock may have been copied while held."""
+    global _statm, _statm_lock
+    if _statm is not None:
+        try:
+            os.close(_statm[1])
+        except OSError:
+            pass
+    _statm, _statm_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class _MappedBudget:

@@ -1425,3 +1425,70 @@ def test_attrib_index_append_merges_its_chunks(tmp_path, tiny, capsys):
     idx = world.opened(tmp_path / "idx", tiny)
     q = idx.encode_query(str(more / "extra45.png"), world.scene(45)[1])
     assert idx.search(q, 3, weights="rrf").results[0].id == "extra45.png"
+
+
+def test_a_merged_run_whose_records_were_all_deleted_leaves_no_segment(tmp_path, tiny):
+    """Every appended record deleted before the merge: the run goes away (an empty segment after others could not
+    be placed by its rows), and the index opens, verifies and answers."""
+    from engine._maintain import merge_appended
+
+    folder = tmp_path / "idx"
+    clip = _appended(folder, tiny)
+    engine.delete_records(folder, ids=[f"a{i}" for i in range(260)] + ["v3"])
+    s = merge_appended(folder, 1200, progress=False)
+    assert s.records == 0 and s.purged == 260 and s.segments_after == 1
+    m = read_manifest(folder)
+    assert [e["records"] for e in m["segments"]] == [1200] and m["counts"]["deleted"] == 1
+    assert len(list((folder / "segments").iterdir())) == 1
+    r = IndexReader(folder)
+    assert r.n_records == 1199 and r.search("clip", clip[5], 1)[0][0].tolist() == [5]
+    assert engine.verify(folder, progress=False).ok
+
+
+def test_a_merge_drops_the_caption_documents_of_the_tombstones_it_drops(tmp_path, tiny, monkeypatch):
+    """A deletion interrupted after its commit, before it removed the caption documents, leaves them hidden by
+    their tombstones: a merge (and a compaction) that drops the tombstones removes those documents first, so BM25
+    never returns a row that is in no segment."""
+    from engine import _maintain
+    from engine.rankers import QueryInput
+
+    folder = tmp_path / "idx"
+    clip = _appended(folder, tiny)
+    monkeypatch.setattr(_maintain, "_delete_text", lambda folder, rows: None)
+    engine.delete_records(folder, ids=["a150"])
+    monkeypatch.undo()
+    assert 1350 not in IndexReader(folder).text.search(["150"], 50)[0].tolist()  # hidden by its tombstone
+    _maintain.merge_appended(folder, 1200, progress=False)
+    r = IndexReader(folder)
+    assert 1350 not in r.text.search(["150"], 50)[0].tolist() and len(r.live.deleted) == 0
+    idx = world.opened(folder, tiny)
+    q = idx.with_terms(QueryInput("q", None, "added caption 150", {"clip_image": clip[1350], "clip_text": clip[1350]}))
+    assert "a150" not in [c.id for c in idx.search(q, k=10).results]
+    assert engine.verify(folder, progress=False).ok
+
+
+def test_an_append_whose_merge_fails_is_committed_and_says_so(tmp_path, tiny, monkeypatch, capsys):
+    """Another writer taking the lock between the append's commit and its merge (or any error of the merge) does
+    not fail the append: its records are committed, the summary names what was not merged and how to merge it."""
+    from engine import _maintain
+    from engine.report.text import print_build_summary
+
+    src = tmp_path / "src"
+    world.image_folder(src, 24, sidecar="json", nested=False)
+    build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(40, 60):
+        im, cap = world.scene(i)
+        im.save(more / f"extra{i}.png")
+        (more / f"extra{i}.txt").write_text(cap)
+
+    def busy(*a, **kw):
+        raise engine.IndexBusyError("index is locked by another writer (delete, pid 1)")
+
+    monkeypatch.setattr(_maintain, "merge_appended", busy)
+    s = build(more, tmp_path / "idx", tiny, append=True)
+    assert "IndexBusyError" in s.merged["error"] and s.records == 44 and s.segments == 4
+    print_build_summary(s)
+    err = capsys.readouterr().err
+    assert "not merged" in err and "attrib compact" in err
