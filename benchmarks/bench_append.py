@@ -95,7 +95,6 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
     import engine
-    from engine._maintain import merge_appended
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-append-"))
     base = work / f"idx-{args.records}"
@@ -113,7 +112,7 @@ def main() -> None:
         bs.linked_copy(base, copies["as_appended"])
         result["append_seconds"] = round(append_in_chunks(copies["as_appended"], args.append, args.chunk), 1)
         bs.linked_copy(copies["as_appended"], copies["merged"])
-        s = merge_appended(copies["merged"], args.records, progress=False)
+        s = engine.merge_appended(copies["merged"], args.records, progress=False)
         result["merge_seconds"] = round(s.seconds, 2)
         bs.linked_copy(copies["merged"], copies["compacted"])
         t = time.perf_counter()

@@ -41,7 +41,8 @@ _LAZY = {
     "._explain": ("Correspondence",),
     "._index": ("Index", "open_index"),
     "._info": ("index_info",),
-    "._maintain": ("CompactSummary", "DeleteSummary", "VerifyReport", "compact", "delete_records", "verify"),
+    "._maintain": ("CompactSummary", "DeleteSummary", "MergeSummary", "VerifyReport", "compact", "delete_records",
+                   "merge_appended", "verify"),
     "._manifest": ("library_versions", "now_iso", "model_fingerprint"),
     "._stores": ("patch_scores",),
     "._search_tune": ("tune_search",),
@@ -93,7 +94,16 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from ._explain import Correspondence  # noqa: F401
     from ._index import Index, open_index  # noqa: F401
     from ._info import index_info  # noqa: F401
-    from ._maintain import CompactSummary, DeleteSummary, VerifyReport, compact, delete_records, verify  # noqa: F401
+    from ._maintain import (  # noqa: F401
+        CompactSummary,
+        DeleteSummary,
+        MergeSummary,
+        VerifyReport,
+        compact,
+        delete_records,
+        merge_appended,
+        verify,
+    )
     from ._manifest import FORMAT_VERSION as INDEX_FORMAT_VERSION  # noqa: F401
     from ._manifest import library_versions, model_fingerprint, now_iso  # noqa: F401
     from ._pool import Pool  # noqa: F401
@@ -124,8 +134,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_index", "open_index", "index_info", "delete_records", "compact", "verify", "tune_search", "DeleteSummary",
-    "CompactSummary", "VerifyReport", "Index", "IndexWriter", "BuildSummary", "Attribution", "Candidate",
+    "build_index", "open_index", "index_info", "delete_records", "compact", "merge_appended", "verify", "tune_search",
+    "DeleteSummary", "CompactSummary", "MergeSummary", "VerifyReport", "Index", "IndexWriter", "BuildSummary",
+    "Attribution", "Candidate",
     "Verdict", "ModelsInfo", "Correspondence", "Fusion", "FusionWeights", "Pool", "IndexSettings", "QuerySettings",
     "PROFILES", "ModelProfile", "get_profile", "RANKERS", "register_ranker", "main_rankers", "pool_rankers",
     "features", "feature_names", "feature_specs", "Feature", "QueryInput", "Ranker", "Ranking", "Candidates",
