@@ -298,8 +298,10 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
                  encoded: int, added: int, calibrate, encoders, progress: bool, first_row: int | None = None,
                  **extra) -> BuildSummary:
     """The last steps of every completed build, local or distributed (engine._ray): a fresh index is compacted
-    into one segment (the fastest searches), an --overwrite build is swapped in, the summary is made, and the
-    index is calibrated (``extra``: further :class:`BuildSummary` fields)."""
+    into one segment (the fastest searches), an append's segments (rows from ``first_row`` on) are merged
+    (``_maintain.merge_appended``; a failed merge is reported, not raised: the append is committed), an
+    --overwrite build is swapped in, the summary is made, and the index is calibrated (``extra``: further
+    :class:`BuildSummary` fields)."""
     merged = None
     if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
         from ._maintain import compact
