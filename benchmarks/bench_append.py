@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from _common import pct, save, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,36 +49,15 @@ def append_in_chunks(folder: Path, n: int, chunk: int) -> float:
     return time.perf_counter() - t
 
 
-def queries(idx, n: int) -> list:
-    from engine.rankers import QueryInput
-    from engine.scenes import caption_of, random_scene
-
-    z = bs.fresh_queries(n)
-    out = []
-    for i in range(n):
-        prompt = caption_of(random_scene(np.random.default_rng([3, i])), np.random.default_rng([4, i]))
-        out.append(idx.with_terms(QueryInput(f"q{i}", None, prompt, {
-            "clip_image": z["clip"][i], "clip_text": z["text"][i], "dino_global": z["dino"][i],
-            "dino_cells": z["cells"][i]})))
-    return out
-
-
 def measure(folder: Path, n_queries: int) -> dict:
-    """One round: open, pack, one warm-up query, then every query once."""
+    """One round: open, pack, then bench_scale's timed searches of its fresh queries."""
     import engine
 
     idx = engine.open_index(folder)
     idx.reader.warm()
-    qs = queries(idx, n_queries)
-    fus = idx.resolve_fusion("rrf")
-    idx.search(qs[0], k=10, fusion=fus)
-    times, parts = [], {"candidates": [], "features": []}
-    for q in qs:
-        t = time.perf_counter()
-        res = idx.search(q, k=10, fusion=fus)
-        times.append((time.perf_counter() - t) * 1e3)
-        for k in parts:
-            parts[k].append(res.timings_ms.get(k, 0.0))
+    z = bs.fresh_queries(n_queries)
+    times, parts = bs.timed_searches(idx, bs.encoded_queries(idx, z["clip"], z["dino"], z["cells"], z["text"],
+                                                             range(n_queries)))
     segments = len(idx.reader.segments)
     idx.close()
     return {"times": times, "parts": parts, "segments": segments}

@@ -313,13 +313,13 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
 
         try:
             m = merge_appended(folder, first_row, progress=progress)
-        except Exception as e:  # noqa: BLE001 - the append is committed and complete; only the merge is missing
-            merged = {"error": f"{e.__class__.__name__}: {e}"}
-        else:
             if m is not None:
                 merged = {"segments": m.merged, "records": m.records, "purged": m.purged,
                           "seconds": round(m.seconds, 2)}
-        manifest = read_manifest(folder)
+        except Exception as e:  # noqa: BLE001 - the append is committed and complete; only the merge is missing
+            merged = {"error": f"{e.__class__.__name__}: {e}"}
+        if merged is not None:  # merged (or failed part-way): the manifest may have moved on
+            manifest = read_manifest(folder)
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)

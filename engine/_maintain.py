@@ -258,26 +258,10 @@ def compact(index: str | os.PathLike, retrain: bool = False, progress: bool = Tr
                 entry = _write_live(reader, folder, seg_id, with_captions, advance, new_cb)
             else:  # streamed: one old segment's live records at a time; only the merged IVF lists are in memory
                 entry = _write_live(reader, folder, seg_id, with_captions, advance)
-        old_segments = [s["path"] for s in m["segments"]]
-        old_deletes = (m.get("deletes") or {}).get("path")
-        gone = np.asarray(reader.live.deleted, np.int64)
+        deleted = np.asarray(reader.live.deleted, np.int64)
         reader.close()
-        if len(gone):  # see merge_appended: caption documents an interrupted deletion left behind its tombstones
-            _delete_text(folder, gone)
-        m2["generation"] = int(m["generation"]) + 1
-        m2["segments"] = [entry]
-        m2["next_segment"] = seg_id + 1
-        m2["deletes"] = None
-        m2["counts"]["deleted"] = 0
-        m2["counts"]["purged"] = int(m["counts"].get("purged", 0)) + purged
         m2["compactions"] = int(m.get("compactions", 0)) + 1
-        write_manifest(folder, m2)
-        if keep_old_for_tests is not None:
-            keep_old_for_tests()
-        for rel in old_segments:
-            remove(folder / rel)
-        if old_deletes:
-            remove(folder / old_deletes)
+        _commit_merged(folder, m, m2, 0, entry, deleted, deleted, keep_old_for_tests)
         if retrain:
             remove(folder / codebook_dir(cb.generation))
         fsync_dir(folder)
@@ -341,32 +325,44 @@ def merge_appended(index: str | os.PathLike, first_row: int, progress: bool = Tr
 
         with progress_bar("merging appended segments", len(run), enabled=progress, unit="seg") as advance:
             entry = _write_live(reader, folder, seg_id, reader.captions.has_vectors, advance, segments=run)
-        remaining = np.setdiff1d(reader.live.deleted, gone).astype(np.int64)
+        deleted = np.asarray(reader.live.deleted, np.int64)
         reader.close()
-        m2 = json.loads(json.dumps(m))
-        m2["generation"] = int(m["generation"]) + 1
-        # a run whose records were all deleted leaves no segment (an empty one after others would have no rows to
-        # place it by); the first segment of an index stays, empty, as after a compaction of everything
-        m2["segments"] = m["segments"][:start] + ([entry] if entry["records"] or start == 0 else [])
-        m2["next_segment"] = seg_id + 1
-        old_deletes = (m.get("deletes") or {}).get("path")
-        if len(gone):
-            # their caption documents go first: a deletion interrupted before it removed them left them hidden
-            # by the tombstones this drops (idempotent, and hidden either way until the commit below)
-            _delete_text(folder, gone)
-            m2["deletes"] = _write_deletes(folder, m2["generation"], remaining)
-            m2["counts"]["deleted"] = int(len(remaining))
-            m2["counts"]["purged"] = int(m["counts"].get("purged", 0)) + int(len(gone))
-        write_manifest(folder, m2)
-        if entry not in m2["segments"]:
-            remove(folder / entry["path"])
-        for e in m["segments"][start:]:
-            remove(folder / e["path"])
-        if len(gone) and old_deletes:
-            remove(folder / old_deletes)
+        m2 = _commit_merged(folder, m, json.loads(json.dumps(m)), start, entry, deleted, gone)
         fsync_dir(folder)
     return MergeSummary(len(run), int(entry["records"]), int(len(gone)), time.perf_counter() - t0,
                         len(m2["segments"]))
+
+
+def _commit_merged(folder: Path, m: dict, m2: dict, start: int, entry: dict, deleted: np.ndarray, gone: np.ndarray,
+                   after_commit=None) -> dict:
+    """Commit ``m2`` (a copy of manifest ``m``) with the segments from position ``start`` on replaced by the merged
+    segment ``entry``, then remove what it no longer lists. The tombstones ``gone`` of the records the merge dropped
+    go, the other ``deleted`` rows stay; the caption documents of ``gone`` are deleted first (a deletion interrupted
+    before it removed them left them hidden only by those tombstones; idempotent, and hidden either way until the
+    commit). A merged segment whose records were all deleted is not listed when segments come before it (an empty
+    segment after others has no rows to be placed by); as the first one it stays, empty. ``after_commit`` runs
+    between the commit and the removals (tests). Returns ``m2``."""
+    if len(gone):
+        _delete_text(folder, gone)
+    m2["generation"] = int(m["generation"]) + 1
+    m2["segments"] = m["segments"][:start] + ([entry] if entry["records"] or start == 0 else [])
+    m2["next_segment"] = int(m["next_segment"]) + 1
+    old_deletes = (m.get("deletes") or {}).get("path")
+    if len(gone):
+        remaining = np.setdiff1d(deleted, gone).astype(np.int64)
+        m2["deletes"] = _write_deletes(folder, m2["generation"], remaining)
+        m2["counts"]["deleted"] = int(len(remaining))
+        m2["counts"]["purged"] = int(m["counts"].get("purged", 0)) + int(len(gone))
+    write_manifest(folder, m2)
+    if after_commit is not None:
+        after_commit()
+    if entry not in m2["segments"]:
+        remove(folder / entry["path"])
+    for e in m["segments"][start:]:
+        remove(folder / e["path"])
+    if len(gone) and old_deletes:
+        remove(folder / old_deletes)
+    return m2
 
 
 def _deleted_within(reader: IndexReader, segments: list) -> np.ndarray:
@@ -568,11 +564,11 @@ def _write_live(reader: IndexReader, folder: Path, seg_id: int, with_captions: b
             out.append(part)
             advance(int(last))
         if new_cb is None:
+            gone = _deleted_within(reader, segments)
             for n in STORES:
                 merged = cb.new_store(n)
                 for seg in segments:
                     merged.merge_from(faiss.read_index(str(seg.path / path_of(n))), 0)
-                gone = _deleted_within(reader, segments)
                 if len(gone):
                     merged.remove_ids(faiss.IDSelectorBatch(gone))
                 stores[n] = merged

@@ -571,9 +571,10 @@ class IndexReader:
 
     def vectors(self, store: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, float32 vectors of the rows that have an image, in row order), checked."""
-        has, v = self._per_image(rows, lambda s, li: s.refine_codes(store, li))  # decoded at once, below
-        v = self.codebooks.decode_refine(store, v) if v is not None else None
-        return has, v if v is not None else np.zeros((0, self.codebooks.stores[store].dim), np.float32)
+        has, codes = self._per_image(rows, lambda s, li: s.refine_codes(store, li))  # decoded at once
+        if codes is None:
+            return has, np.zeros((0, self.codebooks.stores[store].dim), np.float32)
+        return has, self.codebooks.decode_refine(store, codes)
 
     def scores(self, store: str, rows: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, inner products of ``q`` with the stored vectors of the rows that have an image, in
@@ -583,11 +584,10 @@ class IndexReader:
 
     def patch_cells(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(has_image mask, float32 patch cells (n, C, Dp) of the rows that have an image), checked."""
-        has, c = self._per_image(rows, lambda s, li: s.patch_codes(li))  # decoded at once, below
-        c = self.codebooks.decode_patches(c) if c is not None else None
-        if c is None:
-            c = np.zeros((0, self.codebooks.patch_cells, self.codebooks.patch_dims), np.float32)
-        return has, c
+        has, codes = self._per_image(rows, lambda s, li: s.patch_codes(li))  # decoded at once
+        if codes is None:
+            return has, np.zeros((0, self.codebooks.patch_cells, self.codebooks.patch_dims), np.float32)
+        return has, self.codebooks.decode_patches(codes)
 
     def records(self, rows: np.ndarray) -> pl.DataFrame:
         """id, image, caption of the given rows, in that order (only their pages of the files are read)."""

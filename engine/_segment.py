@@ -76,37 +76,32 @@ MAPPED_BUDGET_BYTES = _budget_from_env()
 TAKE_BLOCK = 256  # rows read between two looks at the process's mapped pages, when the maps are larger than the budget
 
 
-_statm: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/statm opened by that process)
+_statm: int | None = None  # this process's descriptor of /proc/self/statm (a forked child opens its own)
+_statm_lock = threading.Lock()
 
 
 def _file_resident_bytes() -> int | None:
     """Resident file-backed (and shared) bytes of this process (/proc/self/statm), or None where there is none.
     The file is opened once per process and read again with pread: a read is 1-2 us, where opening it each time
-    cost 10-20 us, and a query over an index grown by appends reads it once per segment and code file. A forked
-    child opens its own (its inherited descriptor shows the parent's pages)."""
+    cost 10-20 us, and a query over an index grown by appends reads it once per segment and code file."""
     global _statm
     try:
-        fd = _statm
-        if fd is None or fd[0] != os.getpid():
+        if _statm is None:
             with _statm_lock:
-                if _statm is None or _statm[0] != os.getpid():
-                    _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-                fd = _statm
-        return int(os.pread(fd[1], 256, 0).split()[2]) * mmap.PAGESIZE
+                if _statm is None:
+                    _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        return int(os.pread(_statm, 256, 0).split()[2]) * mmap.PAGESIZE
     except (OSError, ValueError, IndexError):
         return None
 
 
-_statm_lock = threading.Lock()
-
-
 def _forked() -> None:
-    """In a forked child: its inherited descriptor shows the parent's pages (closed here, where it is surely
-    still ours), and the lock may have been copied while held."""
+    """In a forked child: the inherited descriptor shows the parent's pages (closed here, where it is surely still
+    ours), and the lock may have been copied while held."""
     global _statm, _statm_lock
     if _statm is not None:
         try:
-            os.close(_statm[1])
+            os.close(_statm)
         except OSError:
             pass
     _statm, _statm_lock = None, threading.Lock()

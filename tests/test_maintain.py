@@ -22,17 +22,24 @@ from engine._reader import IndexReader
 from engine.cli import main
 
 
-@pytest.fixture
-def idx_dir(tmp_path, tiny):
+def _index_and_more(tmp_path, tiny, extra: range):
+    """An index of 24 images built in chunks of 8 at tmp_path/idx, and a folder tmp_path/more of the scenes
+    ``extra`` (images with caption sidecars) to append to it; returns that folder."""
     src = tmp_path / "src"
     world.image_folder(src, 24, sidecar="json", nested=False)
     build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
-    (tmp_path / "more").mkdir()
-    for i in range(30, 36):
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in extra:
         im, cap = world.scene(i)
-        im.save(tmp_path / "more" / f"extra{i}.png")
-        (tmp_path / "more" / f"extra{i}.txt").write_text(cap)
-    build(tmp_path / "more", tmp_path / "idx", tiny, append=True)  # a second segment
+        im.save(more / f"extra{i}.png")
+        (more / f"extra{i}.txt").write_text(cap)
+    return more
+
+
+@pytest.fixture
+def idx_dir(tmp_path, tiny):
+    build(_index_and_more(tmp_path, tiny, range(30, 36)), tmp_path / "idx", tiny, append=True)  # a second segment
     return tmp_path / "idx"
 
 
@@ -1409,15 +1416,7 @@ def test_an_interrupted_merge_leaves_the_index_as_the_append_committed_it(tmp_pa
 def test_attrib_index_append_merges_its_chunks(tmp_path, tiny, capsys):
     """An append of 20 images in chunks of 8 (three segments) ends as one segment beside the index's own, and
     says so; its records are found."""
-    src = tmp_path / "src"
-    world.image_folder(src, 24, sidecar="json", nested=False)
-    build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
-    more = tmp_path / "more"
-    more.mkdir()
-    for i in range(40, 60):
-        im, cap = world.scene(i)
-        im.save(more / f"extra{i}.png")
-        (more / f"extra{i}.txt").write_text(cap)
+    more = _index_and_more(tmp_path, tiny, range(40, 60))
     s = build(more, tmp_path / "idx", tiny, append=True)
     assert s.merged["segments"] == 3 and s.merged["records"] == 20 and s.segments == 2
     m = read_manifest(tmp_path / "idx")
@@ -1473,15 +1472,7 @@ def test_an_append_whose_merge_fails_is_committed_and_says_so(tmp_path, tiny, mo
     from engine import _maintain
     from engine.report.text import print_build_summary
 
-    src = tmp_path / "src"
-    world.image_folder(src, 24, sidecar="json", nested=False)
-    build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
-    more = tmp_path / "more"
-    more.mkdir()
-    for i in range(40, 60):
-        im, cap = world.scene(i)
-        im.save(more / f"extra{i}.png")
-        (more / f"extra{i}.txt").write_text(cap)
+    more = _index_and_more(tmp_path, tiny, range(40, 60))
 
     def busy(*a, **kw):
         raise engine.IndexBusyError("index is locked by another writer (delete, pid 1)")
