@@ -299,14 +299,18 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
                  **extra) -> BuildSummary:
     """The last steps of every completed build, local or distributed (engine._ray): a fresh index is compacted
     into one segment (the fastest searches), an append's segments (rows from ``first_row`` on) are merged
-    (``_maintain.merge_appended``; a failed merge is reported, not raised: the append is committed), an
+    (``_maintain.merge_appended``; a failed compaction or merge, a full disk say, is reported in ``merged``, not
+    raised: every record is committed and the index is complete), an
     --overwrite build is swapped in, the summary is made, and the index is calibrated (``extra``: further
     :class:`BuildSummary` fields)."""
     merged = None
     if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
         from ._maintain import compact
 
-        compact(folder, progress=False, measure_search=False)
+        try:
+            compact(folder, progress=False, measure_search=False)
+        except Exception as e:  # noqa: BLE001 - every record is committed: the index is complete, only unmerged
+            merged = {"error": f"{e.__class__.__name__}: {e}"}
         manifest = read_manifest(folder)
     elif mode == "append" and added and first_row is not None:  # its segments (one per --chunk), not the index
         from ._maintain import merge_appended

@@ -60,6 +60,24 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+
+def faiss_write(write, obj, path: Path) -> None:
+    """``write(obj, ...)`` with a faiss writer (``faiss.write_index``, ``faiss.write_ProductQuantizer``) into the
+    file ``path``, through Python's file object. faiss's own file writer reports a failed write as a RuntimeError,
+    and a failed close (the last buffered bytes on a full disk) only as a line on stderr: the file was then cut
+    short without an error. Here every failure is the ``OSError`` of the write, naming the file."""
+    try:
+        with open(path, "wb") as f:
+            writer = faiss.PyCallbackIOWriter(f.write)
+            try:
+                write(obj, writer)
+            finally:
+                del writer
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
 @dataclass
 class StoreSpec:
     """How one vector store (clip or dino) is encoded."""
@@ -183,14 +201,14 @@ class Codebooks:
         folder.mkdir(parents=True, exist_ok=True)
         self.projection.save(folder / path_of("projection"))
         for name in ("clip", "dino"):
-            faiss.write_index(self.templates[name], str(folder / path_of(f"{name}_ivf")))
+            faiss_write(faiss.write_index, self.templates[name], folder / path_of(f"{name}_ivf"))
             if name in self.sq:
                 with open(folder / path_of(f"{name}_sq"), "wb") as f:
                     np.save(f, faiss.vector_to_array(self.sq[name].trained), allow_pickle=False)
         if self.patch_pq is not None:
-            faiss.write_ProductQuantizer(self.patch_pq, str(folder / path_of("patch_pq")))
+            faiss_write(faiss.write_ProductQuantizer, self.patch_pq, folder / path_of("patch_pq"))
         if self.caption_pq is not None:
-            faiss.write_ProductQuantizer(self.caption_pq, str(folder / path_of("caption_pq")))
+            faiss_write(faiss.write_ProductQuantizer, self.caption_pq, folder / path_of("caption_pq"))
         files = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file()}
         out = {"generation": self.generation, "stores": {k: v.to_dict() for k, v in self.stores.items()},
                "patch_codec": self.patch_codec, "patch_m": self.patch_pq.M if self.patch_pq is not None else 0,

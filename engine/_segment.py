@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 
-from ._codebooks import REFINE_BLOCK, Codebooks, file_entry
+from ._codebooks import REFINE_BLOCK, Codebooks, faiss_write, file_entry
 from ._errors import IndexFormatError
 from ._layout import CODEBOOKS_DIR, at_level, codebook_dir, path_of
-from .files import fsync_dir, remove
+from .files import allocate, fsync_dir, remove
 from .text import caption_key
 
 SERVING_COLUMNS = ("id", "image", "caption")
@@ -325,6 +325,7 @@ class SegmentFiles:
             shapes["caption_sums"] = (np.uint64, (self.n_records,))
         for name, (dt, shape) in shapes.items():
             self._npy[name] = np.lib.format.open_memmap(self.tmp / path_of(name), "w+", dt, shape)
+            allocate(self.tmp / path_of(name))  # a full disk is an OSError here, not SIGBUS on a write below
         for name in (*(f"{n}_refine" for n in STORES), "patches", *(("caption_clip",) if self.with_captions else ())):
             self._bins[name] = open(self.tmp / path_of(name), "wb")
 
@@ -397,7 +398,7 @@ class SegmentFiles:
                              f"{self.n_images} images expected")
         self._close_files()
         for name in STORES:
-            faiss.write_index(stores[name], str(self.tmp / path_of(name)))
+            faiss_write(faiss.write_index, stores[name], self.tmp / path_of(name))
         for p in self.tmp.iterdir():  # the memory-mapped and faiss files: data on disk before the rename
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import tantivy
 
+from .files import disk_full
 from .text import DEFAULT_CHAIN, Analyzer, TextChain, get_chain
 
 
@@ -158,6 +159,7 @@ class TextSink:
 
     def __init__(self, path: Path, heap_bytes: int = 64_000_000, chain: str | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.chain = get_chain(chain)
         self.index = tantivy.Index(_schema(self.chain), path=str(path), reuse=True)
         self.index.register_tokenizer(self.chain.registered_as, self.chain.build())
@@ -182,11 +184,24 @@ class TextSink:
             self.writer.delete_documents_by_term(ROW_FIELD, int(r))
 
     def commit(self) -> None:
-        self.writer.commit()
+        with self._full_disk():
+            self.writer.commit()
 
     def close(self) -> None:
-        self.writer.commit()
-        self.writer.wait_merging_threads()
+        with self._full_disk():
+            self.writer.commit()
+            self.writer.wait_merging_threads()
+
+    @contextmanager
+    def _full_disk(self):
+        """Tantivy reports a failed write as a ValueError: a full disk is raised as its ``OSError``."""
+        try:
+            yield
+        except ValueError as e:
+            full = disk_full(e, self.path)
+            if full is None:
+                raise
+            raise full from e
 
     def abort(self) -> None:
         """Drop what was added since the last commit and stop the writer's threads."""

@@ -628,6 +628,9 @@ def after_build(summary, encoders, how: bool | CalibrationSettings | None = None
         res = calibrate(summary.index_dir, settings=settings, progress=progress, encoders=encoders)
     except AttribError as e:
         return {"skipped": str(e) + ("; the previous calibration stays (stale)" if had else "")}
+    except OSError as e:  # a full disk, say: the calibration is written whole or not at all
+        return {"skipped": f"the calibration could not be written ({e}): run `attrib calibrate {summary.index_dir}`"
+                           f" once that is fixed" + ("; the previous calibration stays (stale)" if had else "")}
     except KeyboardInterrupt:
         raise CalibrationInterrupted() from None
     return calibration_summary(res, summary.seconds, summary.encode_seconds)

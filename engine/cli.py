@@ -40,8 +40,10 @@ from ._startup import (
     release_import_locks,
     was_dropped,
 )
+from .files import DISK_FULL
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED = 1  # the work could not be done (a full disk)
 
 COMMAND_GROUPS = "attrib.commands"  # entry-point group: callables add_commands(subparsers)
 
@@ -168,18 +170,24 @@ def cmd_index(a: argparse.Namespace) -> int:
 
     before = stamp(out_path)  # a commit replaces the manifest: unchanged means nothing of this run was committed
 
-    def interrupted() -> str:  # said when the interrupt comes: whether anything was committed by then
+    def interrupted(how: str = "interrupted") -> str:  # said when it stops: whether anything was committed by then
         now = stamp(out_path)
         if a.overwrite and stamp(staging_path(out_path)) is None and now is not None and now != before:
-            return (f"interrupted after the new index replaced the old one in {a.out}: it is complete and in use "
+            return (f"{how} after the new index replaced the old one in {a.out}: it is complete and in use "
                     "(run `attrib calibrate` on it if its calibration was cut short)")
         if a.overwrite:
             now = stamp(staging_path(out_path))
         if now is None or (a.append and now == before):
-            return ("interrupted before the first segment was committed: nothing of this build was kept"
+            return (f"{how} before the first segment was committed: nothing of this build was kept"
                     + (f"; {a.out} is as it was" if a.overwrite or a.append else "")
                     + "; rerun the same command to start it again")
-        return (f"interrupted: every committed segment of {a.out} is kept and nothing half-written is "
+        if not a.overwrite:
+            done = _complete_build(out_path)
+            if done is not None:  # stopped in the last steps (merging segments, measuring, calibrating)
+                return (f"{how} after every record was committed: the index {a.out} is complete and can be queried"
+                        + (f"; run `attrib compact {a.out}` to merge its {done} segments" if done > 1 else "")
+                        + f" (run `attrib calibrate {a.out}` if its calibration was cut short)")
+        return (f"{how}: every committed segment of {a.out} is kept and nothing half-written is "
                 f"visible; rerun the same command to resume the build"
                 + (" (the previous index stays in place until the new one is complete)" if a.overwrite else ""))
 
@@ -626,6 +634,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def _complete_build(folder: Path) -> int | None:
+    """The number of segments of a complete index at ``folder`` (None when it is not one)."""
+    from ._manifest import read_manifest
+
+    try:
+        m = read_manifest(folder)
+    except Exception:  # noqa: BLE001 - no index, or not a readable one: not complete
+        return None
+    return len(m["segments"]) if (m.get("build") or {}).get("complete") else None
+
+
+def full_disk_message(e: OSError, args=None) -> str:
+    """One line for a full disk (or quota): the file being written, and what of the work was kept (the command's
+    own account when it set a callable ``args.interrupted``; every writer commits by renaming a complete file or
+    folder into place, so what was committed before is unchanged)."""
+    where = f" (writing {e.filename})" if e.filename else ""
+    said = getattr(args, "interrupted", None)
+    if callable(said):
+        try:
+            return f"{said('stopped by a full disk' + where)}; free some space on that disk first"
+        except Exception:  # noqa: BLE001 - the generic line rather than none
+            pass
+    return (f"no space left on the device{where}; nothing written before was changed (files and index generations "
+            "are replaced whole): free some space on that disk and run the command again")
+
+
 def _interrupted(args=None) -> int:
     """Ctrl-C (or SIGTERM): one line (the command's own, when it set ``args.interrupted``), exit code 130. A
     second Ctrl-C while saying so is ignored."""
@@ -682,6 +716,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return _interrupted(locals().get("a"))
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print_error(full_disk_message(e, locals().get("a")))
+        return EXIT_FAILED
     except Exception as e:
         if _caused_by_interrupt(e):  # Ctrl-C while a module was being imported, wrapped by Python
             return _interrupted(locals().get("a"))

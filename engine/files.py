@@ -3,6 +3,7 @@ so an interrupted or crashed writer never leaves a folder that looks finished. S
 atomically too, and never over anything but a regular file (see :func:`write_bytes_atomic`)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ._errors import OutputError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors of a full disk or quota
 
 
 def is_nonempty(path: Path) -> bool:
@@ -30,6 +33,31 @@ def remove(path: Path) -> None:
             time.sleep(0.05)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def allocate(path: Path) -> None:
+    """Reserve the disk blocks of a file already sized (a ``w+`` memory map is a sparse file): a full disk then
+    fails here, as an ``OSError`` naming the file, instead of killing the process with SIGBUS on the first write
+    into the map. Filesystems that cannot reserve blocks are left as they are."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def disk_full(e: Exception, path: str | os.PathLike) -> OSError | None:
+    """The ``OSError`` of a full disk (or quota) that a library reported as the text of another exception (faiss:
+    a RuntimeError; tantivy: a ValueError), naming ``path``; None when ``e`` is not about a full disk."""
+    for code in DISK_FULL:
+        if os.strerror(code) in str(e):
+            return OSError(code, os.strerror(code), os.fspath(path))
+    return None
 
 
 def fsync_dir(path: Path) -> None:
@@ -230,7 +258,8 @@ def write_bytes_atomic(out_path: str | os.PathLike, data: bytes, fsync: bool = F
     Only a regular file (or nothing) is ever replaced: a symbolic link, folder, device, FIFO or socket at
     ``out_path`` is refused with :class:`OutputError` (checked before writing and again just before the rename),
     as is a path under a file or in a folder that cannot be written. Any OSError becomes an OutputError naming
-    the path; nothing is left behind."""
+    the path, but a full disk: an ``OSError`` naming the path (the CLI then says what of the work was kept);
+    nothing is left behind."""
     out = check_output_file(out_path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +279,8 @@ def write_bytes_atomic(out_path: str | os.PathLike, data: bytes, fsync: bool = F
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise OSError(e.errno, e.strerror, str(out)) from None
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
         raise

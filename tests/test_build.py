@@ -2,6 +2,7 @@
 only what is ours and survives a crash at every step; one writer at a time; appends; the manifest."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -394,6 +395,115 @@ def test_a_resume_refuses_a_changed_source(tmp_path, tiny):
     world.image_folder(tmp_path / "other", 2)
     with pytest.raises(engine.AttribError, match="holds an unfinished build of .*src"):
         build(tmp_path / "other", out, tiny)
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def _disk_full_after(monkeypatch, n_segments: int) -> None:
+    """The disk is full for every segment written after the first ``n_segments`` (a compaction's included): its
+    first file's blocks cannot be reserved, as on a real full disk (engine.files.allocate)."""
+    import engine._segment as seg
+
+    real, folders = seg.allocate, []
+
+    def allocate(path: Path) -> None:
+        if path.parent not in folders:
+            folders.append(path.parent)
+        if len(folders) > n_segments:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path)
+
+    monkeypatch.setattr(seg, "allocate", allocate)
+
+
+def test_a_full_disk_stops_a_build_with_one_line_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of a build: exit code 1 and one line saying what was kept (no traceback); the committed
+    segments stay, nothing half-written is left, and the same command, once there is space, finishes the build."""
+    src = tmp_path / "src"
+    world.image_folder(src, 40, size=64)  # 5 segments of 8 images
+    ref, out = tmp_path / "ref", tmp_path / "idx"
+    assert main(["index", str(src), "--out", str(ref), *INDEX_ARGS]) == 0
+    capsys.readouterr()
+    _disk_full_after(monkeypatch, 2)
+    assert main(["index", str(src), "--out", str(out), *INDEX_ARGS]) == 1
+    err = capsys.readouterr().err
+    assert "stopped by a full disk" in err and "rerun the same command to resume the build" in err, err
+    assert "free some space" in err and "Traceback" not in err
+    m = read_manifest(out)
+    assert len(m["segments"]) == 2 and not m["build"]["complete"]
+    assert not [p.name for p in (out / "segments").iterdir() if p.name.startswith(".")]  # no half-written folder
+    monkeypatch.undo()
+    assert main(["index", str(src), "--out", str(out), *INDEX_ARGS, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["mode"] == "resume" and s["records"] == 40 and s["encoded_this_run"] == 24
+    assert_same_index(ref, out)
+
+
+def test_a_full_disk_in_the_last_compaction_leaves_a_complete_index(tmp_path, capsys, monkeypatch):
+    """Every record committed, then no room to merge the segments: the build succeeds and says the segments were
+    not merged and how to merge them (a rerun would be refused: the index is complete); attrib compact then does."""
+    src = tmp_path / "src"
+    world.image_folder(src, 40, size=64)
+    out = tmp_path / "idx"
+    _disk_full_after(monkeypatch, 5)
+    assert main(["index", str(src), "--out", str(out), *INDEX_ARGS[:-1]]) == 0
+    err = capsys.readouterr().err
+    assert "every record are committed, but the segments were not merged" in err, err
+    assert "No space left on device" in err and f"`attrib compact {out}`" in err
+    m = read_manifest(out)
+    assert m["build"]["complete"] and len(m["segments"]) == 5 and m["counts"]["records"] == 40
+    assert not [p.name for p in (out / "segments").iterdir() if p.name.startswith(".")]
+    assert engine.open_index(out).reader.n_records == 40
+    monkeypatch.undo()
+    assert main(["compact", str(out)]) == 0
+    assert len(read_manifest(out)["segments"]) == 1
+
+
+def test_an_interrupt_in_the_last_steps_says_the_index_is_complete(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the finished build merges its segments: the message says the index is complete and names
+    attrib compact, not "rerun the same command" (a rerun is refused: the index exists and is complete)."""
+    import engine._maintain
+
+    src = tmp_path / "src"
+    world.image_folder(src, 24, size=64)
+    out = tmp_path / "idx"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine._maintain, "compact", interrupted)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["index", str(src), "--out", str(out), *INDEX_ARGS]) == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+    err = capsys.readouterr().err
+    assert "interrupted after every record was committed" in err and "is complete" in err, err
+    assert f"attrib compact {out}` to merge its 3 segments" in err
+    assert read_manifest(out)["build"]["complete"]
+
+
+def test_faiss_writes_and_reserved_files_report_a_full_disk_as_oserror(tmp_path):
+    """/dev/full fails every write with ENOSPC: a faiss write raises that OSError naming the file (faiss's own
+    writer said nothing when only the close failed), and engine.files.allocate reserves a sparse file's blocks
+    (so a memory-mapped write cannot die of SIGBUS later)."""
+    import faiss
+
+    from engine._codebooks import faiss_write
+    from engine.files import allocate
+
+    small, large = faiss.IndexFlatL2(4), faiss.IndexFlatL2(4)
+    large.add(np.zeros((1 << 16, 4), np.float32))
+    for index in (small, large):  # faiss's own writer: a RuntimeError (large), or only a line on stderr (small)
+        with pytest.raises(OSError) as e:
+            faiss_write(faiss.write_index, index, Path("/dev/full"))
+        assert e.value.errno == errno.ENOSPC and e.value.filename == "/dev/full"
+    faiss_write(faiss.write_index, large, tmp_path / "large.index")
+    assert faiss.read_index(str(tmp_path / "large.index")).ntotal == 1 << 16
+    p = tmp_path / "sparse.npy"
+    a = np.lib.format.open_memmap(p, "w+", np.float32, (1 << 20,))
+    assert p.stat().st_blocks * 512 < a.nbytes  # sparse: its blocks are taken only when first written
+    allocate(p)
+    assert p.stat().st_blocks * 512 >= a.nbytes
 
 
 # ------------------------------------------------------------------------------------------- append

@@ -2,6 +2,7 @@
 and the leave-source-out benchmark mode that checks its verdict."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -267,6 +268,23 @@ def test_the_build_calibrates_large_corpora_and_says_so(tmp_path, tiny, capsys):
                  "--no-progress", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["calibration"] is None and not (tmp_path / "c" / "calibration.json").exists()
+
+
+def test_a_calibration_that_cannot_be_written_does_not_fail_the_build(tmp_path, tiny, monkeypatch):
+    """A full disk when the calibration is written: the build (complete) succeeds, and its summary says the
+    calibration was skipped, why, and the command that makes it later."""
+    import engine.calibrate as cal
+
+    def full(index_dir, weights):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(index_dir) / "calibration.json"))
+
+    monkeypatch.setattr(cal, "write_calibration", full)
+    src = _corpus(tmp_path / "src")
+    s = engine.build_index(src, tmp_path / "a", encoders=tiny, progress=False, calibrate=SMALL,
+                           settings=engine.IndexSettings(pca_sample=16))
+    assert "No space left on device" in s.calibration["skipped"], s.calibration
+    assert f"`attrib calibrate {tmp_path / 'a'}`" in s.calibration["skipped"]
+    assert not (tmp_path / "a" / "calibration.json").exists() and s.records == N_SCENES + 3  # orig, dup, textonly
 
 
 def test_calibrate_command_reports_the_fit(cal_index, capsys):

@@ -56,9 +56,10 @@ def print_build_summary(s) -> None:
             f"{s.deleted} deleted, in {s.segments} segment{'s' if s.segments != 1 else ''}.")
     merged = getattr(s, "merged", None)
     if merged and merged.get("error"):
-        c.print(f"[yellow]the appended records are committed, but their segments were not merged[/yellow] "
-                f"({escape(merged['error'])}); queries read each segment on its own: run `attrib compact` "
-                f"{escape(str(s.index_dir))} to merge them")
+        what = "the appended records" if s.mode == "append" else "every record"
+        c.print(f"[yellow]{what} are committed, but the segments were not merged[/yellow] "
+                f"({escape(merged['error'])}); the index is complete, and queries read each segment on its own: run "
+                f"`attrib compact {escape(str(s.index_dir))}` to merge them")
     elif merged:
         c.print(f"merged {merged['segments']} segments (this append's and small ones before it) into one in "
                 f"{merged['seconds']:.1f}s: a query reads each segment on its own")
