@@ -136,6 +136,7 @@ def patch_scores(q_cells: np.ndarray, c_cells: np.ndarray, grid: int) -> tuple[n
 TEXT_FIELD, ROW_FIELD, SEG_FIELD = "caption", "row", "seg"
 ANALYZER_DESC = DEFAULT_CHAIN  # the analysis chain new indexes use; the manifest's "text" entry records its name
 MAX_QUERY_TERMS = 256
+MAX_TIED_HITS = 4096  # how deep a search looks for the ties at its k-th score (about 1.5 ms at 50,000 ties)
 STOP_DF_MAX = 0.1  # a prompt's stop word is searched for only if at most this share of the captions has it
 
 
@@ -326,15 +327,30 @@ class TextStore:
     def search(self, terms: list[str], k: int, fuzzy: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(rows, bm25 scores), best first; empty when there are no terms. ``fuzzy``: term -> boost of terms
         also matched within one edit (a constant score of ``boost`` per matching caption). Documents outside the
-        snapshot (deleted records, records a writer is adding) never come back."""
+        snapshot (deleted records, records a writer is adding) never come back.
+
+        Equal scores (duplicate captions, captions matched by fuzzy terms alone) come in row order: tantivy breaks
+        ties by its own document order, which its background merges change, so the captions kept at the k-th
+        score differed after a compaction or a merge. The ties at the k-th score are fetched whole and ordered by
+        row, with one deeper search when they reach past the first (``MAX_TIED_HITS`` documents, or 4 times the
+        first search): more ties than that (thousands of identical captions) are ordered by row among those
+        fetched, tantivy choosing which."""
         if not terms or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        limit = k if self.live is None else self.live.overfetch(k)
-        rows, scores = self._collect(self._run(self._terms_query(terms, fuzzy), limit))
-        if self.live is not None:
-            keep = self.live.keep(rows)
-            rows, scores = rows[keep][:k], scores[keep][:k]
-        return rows, scores
+        query = self._terms_query(terms, fuzzy)
+        limit = (k if self.live is None else self.live.overfetch(k)) + 1
+        for again in (False, True):
+            rows, scores = self._collect(self._run(query, limit))
+            complete = len(rows) < limit  # every matching document came back
+            if self.live is not None:
+                keep = self.live.keep(rows)
+                rows, scores = rows[keep], scores[keep]
+            # done when the k-th score's ties all came back (a lower score follows them); else once more, deeper
+            if again or complete or (len(rows) > k and scores[-1] < scores[k - 1]):
+                break
+            limit = max(4 * limit, MAX_TIED_HITS)
+        order = np.lexsort((rows, -scores))[:k]
+        return rows[order], scores[order]
 
     def score_rows(self, terms: list[str], rows: np.ndarray) -> np.ndarray:
         """BM25 of the prompt for given rows (0 where no term matches), computed by tantivy itself so it

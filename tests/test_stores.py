@@ -167,3 +167,35 @@ def test_dense_search_matches_brute_force(tmp_path, tiny, ann, codec):
     has, v = r.vectors("clip", np.array([3, 2999, 3]))
     assert has.all() and v.shape == (3, 64)
     np.testing.assert_allclose(v, x16[[3, 2999, 3]], atol=1e-6 if codec == "fp16" else 0.02)
+
+
+def test_caption_search_orders_equal_scores_by_row(tmp_path):
+    """Identical captions score the same: the k kept are the lowest live rows, whatever the order tantivy holds
+    the documents in (added here in reverse row order, over several of its segments; its own tie order changes
+    when it merges them) and whatever the k; deleted rows never take a place."""
+    from engine._stores import TextSink, TextStore
+
+    class Live:
+        deleted = np.array([2, 5], np.int64)
+
+        def keep(self, rows):
+            return ~np.isin(rows, self.deleted)
+
+        def overfetch(self, n):
+            return n + len(self.deleted)
+
+    sink = TextSink(tmp_path / "text")
+    for batch in (range(299, 200, -1), range(200, 100, -1), range(100, -1, -1)):
+        for row in batch:
+            sink.add(row, "a red car" if row % 3 else "a red car on a red road")
+        sink.commit()
+    sink.close()
+    store = TextStore(tmp_path / "text", live=Live())
+    short = [r for r in range(300) if r % 3 and r not in (2, 5)]  # the higher score (a shorter caption)
+    long = list(range(0, 300, 3))
+    for k in (1, 5, 100, 198, 250, 400):
+        rows, scores = store.search(["red", "car"], k)
+        assert rows.tolist() == (short + long)[:k], k
+        assert np.all(np.diff(scores) <= 0)
+    store = TextStore(tmp_path / "text")
+    assert store.search(["car"], 4)[0].tolist() == [1, 2, 4, 5]  # "car" once in each caption: shorter ones first
