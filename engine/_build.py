@@ -140,10 +140,12 @@ def _plan(out: Path, overwrite: bool, append: bool, src_info: dict) -> tuple[str
         raise AttribError(f"{out} already exists (an index of {(m['build'].get('source') or {}).get('path')}); "
                           f"pass --overwrite to replace it, --append to add records to it, or choose another --out")
     staged = staging_path(out)
-    if staged.exists() and manifest_state(staged) == "unfinished":
+    if staged.exists() and manifest_state(staged) in ("unfinished", "complete"):
         prev = read_manifest(staged)["build"].get("source") or {}
         if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]:
-            return "overwrite", staged  # resume the interrupted replacement build
+            # resume the interrupted replacement build; one stopped after its last record (while merging its
+            # segments, before the swap) is finished without encoding anything again
+            return "overwrite", staged
     if staged.exists():
         remove_staged(staged)
     return "overwrite", staged
@@ -161,7 +163,7 @@ def remove_staged(staged: Path) -> None:
 
 #: What the folder a build writes may hold once its lock is taken, for each planned mode.
 _PLANNED_STATES = {"build": ("none",), "resume": ("unfinished",), "append": ("complete",),
-                   "overwrite": ("none", "unfinished")}
+                   "overwrite": ("none", "unfinished", "complete")}
 
 
 def _confirm_plan(out: Path, mode: str, writer, overwrite: bool, append: bool, src_info: dict,
@@ -177,7 +179,7 @@ def _confirm_plan(out: Path, mode: str, writer, overwrite: bool, append: bool, s
     prev = b.get("source") or {}
     ours = (prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]
             and (engine == "local" or b.get("engine") == engine))  # the local engine finishes any build
-    if state in _PLANNED_STATES[mode] and (state != "unfinished" or ours):
+    if state in _PLANNED_STATES[mode] and (state == "none" or mode == "append" or ours):
         return
     writer.abort()
     if m is None:

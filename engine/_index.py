@@ -75,15 +75,10 @@ class Index:
         """This index when its folder still holds the generation it opened; otherwise a freshly opened
         :class:`Index` of the newest committed generation (an append, a deletion, a compaction or a rebuild
         happened), sharing the already-loaded models. A long-running service calls this between requests."""
-        from ._layout import MANIFEST
-        from ._manifest import read_manifest
+        from ._manifest import manifest_stamp, read_manifest
 
         self.reader.reload_search()  # measured after the commit that made this generation: picked up in place
-        try:
-            st = (self.path / MANIFEST).stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None
+        stamp = manifest_stamp(self.path)
         if stamp is not None and stamp == self._manifest_stamp:  # a commit replaces the file: a new inode
             return self
         current = read_manifest(self.path)

@@ -76,6 +76,30 @@ class WriterLock:
         self.release()
 
 
+def writer_active(folder: Path) -> bool:
+    """Whether another process's writer holds ``folder``'s lock, judged from the lock file's content (a reader
+    never takes the lock: even a shared lock for a moment would make a writer starting then report the index
+    busy). A writer writes its pid there and empties the file when it ends; a dead writer's pid (kill -9) is no
+    longer alive."""
+    try:
+        with open(Path(folder) / LOCK_NAME, "rb") as f:
+            info = json.loads(f.read(4096).decode("utf-8", errors="replace") or "{}")
+    except (OSError, ValueError):
+        return False
+    pid = info.get("pid") if isinstance(info, dict) else None
+    if not isinstance(pid, int) or pid == os.getpid():  # this process's own writer opens no reader beside itself
+        return False
+    if info.get("host") != socket.gethostname():
+        return True  # another machine's writer (a shared folder): it cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's live process
+        return True
+    return True
+
+
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")

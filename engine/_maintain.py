@@ -129,6 +129,7 @@ def delete_records(index: str | os.PathLike, ids: list[str] = (), urls: list[str
     recover(folder)
     read_manifest(folder)  # a missing folder, a file or a folder that is no index: a clear error, no lock file left
     with WriterLock(folder, "delete"):
+        remove_uncommitted(folder, read_manifest(folder))  # what a killed writer left
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
         rows = reader.rows_of(list(ids))

@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from ._errors import IndexFormatError
+from ._errors import IndexFormatError, OutputError
 from ._layout import MANIFEST
-from .files import write_text_atomic
+from .files import DISK_FULL, write_text_atomic
 
 FORMAT_NAME = "attrib-index"
 FORMAT_VERSION = 3  # 3: first-stage product codes may be 4-bit (codebooks "nbits"), which version 2 readers lack
@@ -61,13 +61,30 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def manifest_stamp(index_dir: str | os.PathLike) -> tuple | None:
+    """What tells one committed manifest of ``index_dir`` from the next without reading it (a commit replaces the
+    file: a new inode); None when there is none."""
+    try:
+        st = (Path(index_dir) / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON through a temporary file, fsync and a rename, so a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", fsync=True)
+    """Write JSON through a temporary file, fsync and a rename, so a reader never sees half a file. A full disk is
+    raised as its ``OSError`` (an index file, not an output file: the command says what of its work was kept)."""
+    try:
+        write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", fsync=True)
+    except OutputError as e:
+        code = getattr(e, "errno", None)
+        if code not in DISK_FULL:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _checksum(m: dict) -> str:

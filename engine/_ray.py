@@ -286,6 +286,8 @@ def build_index_ray(
                 raise AttribError(f"the unfinished build in {folder} was started with the local engine; finish it "
                                   f"with the same command without --engine ray, or pass --overwrite to start again")
             remove_staged(folder)  # an interrupted local --overwrite build beside the index: this one starts again
+        elif b.get("complete") and mode == "overwrite":
+            remove_staged(folder)  # stopped before its swap: the local engine finishes it, this one starts again
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Ray's driver prints cluster events ("(raylet) ... marked dead", "A worker died ...") to sys.stdout from its
     # own thread; stdout belongs to the caller (`attrib index --json`), so they go to stderr while Ray is ours.

@@ -10,6 +10,7 @@ import ctypes
 import json
 import resource
 import threading
+import time
 from pathlib import Path
 
 import faiss
@@ -21,7 +22,8 @@ from ._captions import CaptionSignals
 from ._codebooks import PQ, Codebooks, sha256_file
 from ._errors import IndexFormatError
 from ._layout import MANIFEST, at_level, codebook_dir, path_of
-from ._manifest import dir_size, is_pretrained, read_manifest
+from ._lock import writer_active
+from ._manifest import dir_size, is_pretrained, manifest_stamp, read_manifest
 from ._rows import by_segment
 from ._segment import STORES, Segment
 from ._stores import TextStore, is_panic
@@ -230,15 +232,44 @@ def _best(key: np.ndarray, rows: np.ndarray, k: int, kth: float) -> tuple[np.nda
     return key[keep], rows[keep]
 
 
+OPEN_RETRY_SECONDS = 2.0  # how long an open that meets a writer's commit is retried
+
 class IndexReader:
     """The stores of one index generation (see the module docstring). Rows are global record ids (int64,
     stable across appends and compactions)."""
 
     def __init__(self, path: str | Path, nprobe: int | None = None, refine: int | None = None,
                  hash_files: bool | None = None, previous: "IndexReader | None" = None) -> None:
+        """Open the newest committed generation. A writer committing meanwhile removes files of the generation
+        before (segments merged away, an older list of deleted records, caption index files its merges replaced):
+        an open that finds one missing while a writer holds the index, or after the manifest moved on, is
+        retried (for up to ``OPEN_RETRY_SECONDS``) instead of calling a sound index damaged."""
+        self.path = Path(path).expanduser().absolute()
+        deadline = time.monotonic() + OPEN_RETRY_SECONDS
+        while True:
+            before = manifest_stamp(self.path)
+            try:
+                self._open(nprobe, refine, hash_files, previous)
+                return
+            except IndexFormatError:
+                self._close_partial()
+                if time.monotonic() >= deadline or not (
+                        manifest_stamp(self.path) != before or writer_active(self.path)):
+                    raise
+            time.sleep(0.02)
+
+    def _close_partial(self) -> None:
+        for s in getattr(self, "segments", ()):
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - a half-opened segment: closing what there is
+                pass
+
+    def _open(self, nprobe: int | None, refine: int | None, hash_files: bool | None,
+              previous: "IndexReader | None") -> None:
         from ._txn import recover
 
-        self.path = Path(path).expanduser().absolute()
+        self.segments = []
         recover(self.path, writable_only=True)
         self.manifest = m = read_manifest(self.path)
         if m.get("codebooks") is None or not m["segments"]:

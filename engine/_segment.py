@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ._codebooks import REFINE_BLOCK, Codebooks, faiss_write, file_entry
 from ._errors import IndexFormatError
-from ._layout import CODEBOOKS_DIR, at_level, codebook_dir, path_of
+from ._layout import CODEBOOKS_DIR, DELETES_DIR, at_level, codebook_dir, path_of
 from .files import allocate, fsync_dir, remove
 from .text import caption_key
 
@@ -428,13 +428,16 @@ class SegmentFiles:
 
 
 def remove_uncommitted(index_dir: Path, manifest: dict | None) -> None:
-    """Remove every segment and codebook folder that the committed generation does not list: what a killed
-    writer (a build, an append, a compaction, a retraining) left, e.g. a half-written ``.seg-N.tmp-PID`` folder or
-    the codebooks of a retraining that never committed. Only a writer that holds the index's lock may call it."""
+    """Remove every segment and codebook folder and every deletes file that the committed generation does not
+    list: what a killed writer (a build, an append, a deletion, a compaction, a retraining) left, e.g. a
+    half-written ``.seg-N.tmp-PID`` folder, the codebooks of a retraining that never committed, or the tombstones
+    of a generation before the committed one. Only a writer that holds the index's lock may call it."""
     listed = {e["path"] for e in manifest["segments"]} if manifest else set()
     if manifest and manifest.get("codebooks"):
         listed.add(codebook_dir(int(manifest["codebooks"]["generation"])))
-    for top in ("segments", CODEBOOKS_DIR):
+    if manifest and manifest.get("deletes"):
+        listed.add(manifest["deletes"]["path"])
+    for top in ("segments", CODEBOOKS_DIR, DELETES_DIR):
         root = index_dir / top
         if root.is_dir():
             for p in root.iterdir():

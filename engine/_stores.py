@@ -3,6 +3,8 @@ patch-level scoring, and the tantivy caption index. numpy / faiss / tantivy only
 cells are encoded by ``engine._codebooks`` and stored in segments (``engine._segment``)."""
 from __future__ import annotations
 
+import errno
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,11 +162,12 @@ class TextSink:
 
     def __init__(self, path: Path, heap_bytes: int = 64_000_000, chain: str | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path, self.heap_bytes = path, heap_bytes
         self.chain = get_chain(chain)
-        self.index = tantivy.Index(_schema(self.chain), path=str(path), reuse=True)
-        self.index.register_tokenizer(self.chain.registered_as, self.chain.build())
-        self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
+        with self._full_disk():
+            self.index = tantivy.Index(_schema(self.chain), path=str(path), reuse=True)
+            self.index.register_tokenizer(self.chain.registered_as, self.chain.build())
+            self.writer = self.index.writer(heap_size=heap_bytes, num_threads=1)
         self.n = 0
 
     def add(self, row: int, caption: str, seg: int = 0) -> None:
@@ -172,7 +175,8 @@ class TextSink:
         doc.add_integer(ROW_FIELD, int(row))
         doc.add_integer(SEG_FIELD, int(seg))
         doc.add_text(TEXT_FIELD, caption or "")
-        self.writer.add_document(doc)
+        with self._full_disk():  # a full heap is written out by a worker thread, whose failure shows here
+            self.writer.add_document(doc)
         self.n += 1
 
     def delete_rows_from(self, first_row: int) -> None:
@@ -195,11 +199,15 @@ class TextSink:
 
     @contextmanager
     def _full_disk(self):
-        """Tantivy reports a failed write as a ValueError: a full disk is raised as its ``OSError``."""
+        """Tantivy reports a failed write as a ValueError: a full disk is raised as its ``OSError``. A write by
+        its worker thread (a full heap written out) fails the next call with "index writer was killed", without
+        the reason: with less free space left than the heap it wrote, that is taken for a full disk."""
         try:
             yield
         except ValueError as e:
             full = disk_full(e, self.path)
+            if full is None and "killed" in str(e) and _free_bytes(self.path) < self.heap_bytes:
+                full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
             if full is None:
                 raise
             raise full from e
@@ -208,6 +216,14 @@ class TextSink:
         """Drop what was added since the last commit and stop the writer's threads."""
         self.writer.rollback()
         self.writer.wait_merging_threads()
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
 
 def check_text_files(path: Path) -> None:

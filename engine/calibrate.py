@@ -38,6 +38,7 @@ from ._index import Index
 from ._manifest import library_versions, now_iso
 from ._pool import Pool
 from ._stores import patch_scores
+from .files import DISK_FULL
 from .fusion import FusionWeights
 from .fusion.learn import learn_fusion, ranked
 from .images import ImageLimits, ImageRejected, load_image
@@ -628,9 +629,12 @@ def after_build(summary, encoders, how: bool | CalibrationSettings | None = None
         res = calibrate(summary.index_dir, settings=settings, progress=progress, encoders=encoders)
     except AttribError as e:
         return {"skipped": str(e) + ("; the previous calibration stays (stale)" if had else "")}
-    except OSError as e:  # a full disk, say: the calibration is written whole or not at all
-        return {"skipped": f"the calibration could not be written ({e}): run `attrib calibrate {summary.index_dir}`"
-                           f" once that is fixed" + ("; the previous calibration stays (stale)" if had else "")}
+    except OSError as e:  # a full disk: the calibration is written whole or not at all
+        if e.errno not in DISK_FULL:
+            raise
+        stale = "; the previous calibration stays (stale)" if had else ""
+        return {"skipped": f"the calibration could not be written ({e}): free some space, then run `attrib "
+                           f"calibrate {summary.index_dir}`{stale}"}
     except KeyboardInterrupt:
         raise CalibrationInterrupted() from None
     return calibration_summary(res, summary.seconds, summary.encode_seconds)

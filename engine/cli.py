@@ -156,17 +156,10 @@ def cmd_index(a: argparse.Namespace) -> int:
     given = {k: getattr(a, k) for k in ("batch_size", "workers", "patch_grid", "patch_dims", "max_pixels", "ann",
                                          "codec", "chunk", "caption_codec")}
     settings = IndexSettings(**{k: v for k, v in given.items() if v is not None})  # invalid values are named
-    from ._layout import MANIFEST
+    from ._manifest import manifest_stamp as stamp
     from ._txn import staging_path
 
     out_path = Path(a.out).expanduser().absolute()
-
-    def stamp(folder: Path) -> tuple | None:
-        try:
-            st = (folder / MANIFEST).stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
 
     before = stamp(out_path)  # a commit replaces the manifest: unchanged means nothing of this run was committed
 
@@ -175,6 +168,9 @@ def cmd_index(a: argparse.Namespace) -> int:
         if a.overwrite and stamp(staging_path(out_path)) is None and now is not None and now != before:
             return (f"{how} after the new index replaced the old one in {a.out}: it is complete and in use "
                     "(run `attrib calibrate` on it if its calibration was cut short)")
+        if a.overwrite and _complete_build(staging_path(out_path)) is not None and stamp(out_path) == before:
+            return (f"{how} after every record of the new index was committed, before it replaced {a.out}: {a.out} "
+                    "is as it was; rerun the same command to finish the new one (nothing is encoded again)")
         if a.overwrite:
             now = stamp(staging_path(out_path))
         if now is None or (a.append and now == before):
@@ -716,14 +712,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return _interrupted(locals().get("a"))
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        print_error(full_disk_message(e, locals().get("a")))
-        return EXIT_FAILED
     except Exception as e:
         if _caused_by_interrupt(e):  # Ctrl-C while a module was being imported, wrapped by Python
             return _interrupted(locals().get("a"))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            print_error(full_disk_message(e, locals().get("a")))
+            return EXIT_FAILED
         raise
     finally:
         clear_interrupt()

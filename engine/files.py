@@ -258,8 +258,7 @@ def write_bytes_atomic(out_path: str | os.PathLike, data: bytes, fsync: bool = F
     Only a regular file (or nothing) is ever replaced: a symbolic link, folder, device, FIFO or socket at
     ``out_path`` is refused with :class:`OutputError` (checked before writing and again just before the rename),
     as is a path under a file or in a folder that cannot be written. Any OSError becomes an OutputError naming
-    the path, but a full disk: an ``OSError`` naming the path (the CLI then says what of the work was kept);
-    nothing is left behind."""
+    the path (its ``errno`` kept); nothing is left behind."""
     out = check_output_file(out_path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,10 +278,10 @@ def write_bytes_atomic(out_path: str | os.PathLike, data: bytes, fsync: bool = F
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            raise OSError(e.errno, e.strerror, str(out)) from None
         if isinstance(e, OSError):
-            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+            err = OutputError(f"cannot write {out}: {e.strerror or e}")
+            err.errno = e.errno  # a full disk is told apart (engine._manifest.write_json_atomic)
+            raise err from None
         raise
     return out.absolute()
 

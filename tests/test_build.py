@@ -482,6 +482,58 @@ def test_an_interrupt_in_the_last_steps_says_the_index_is_complete(tmp_path, cap
     assert read_manifest(out)["build"]["complete"]
 
 
+def test_an_overwrite_stopped_before_its_swap_is_finished_without_encoding_again(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the new index of --overwrite merges its segments (every record committed, the old index still
+    in place): the message says so, and the same command then finishes it (merge, swap) without encoding."""
+    import engine._maintain
+
+    src = tmp_path / "src"
+    world.image_folder(src, 24, size=64)
+    ref, out = tmp_path / "ref", tmp_path / "idx"
+    assert main(["index", str(src), "--out", str(ref), *INDEX_ARGS]) == 0
+    world.image_folder(tmp_path / "old", 8, size=64)
+    assert main(["index", str(tmp_path / "old"), "--out", str(out), *INDEX_ARGS]) == 0
+    real = engine._maintain.compact
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine._maintain, "compact", interrupted)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["index", str(src), "--out", str(out), *INDEX_ARGS, "--overwrite"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+    err = capsys.readouterr().err
+    assert "every record of the new index was committed, before it replaced" in err, err
+    assert "nothing is encoded again" in err and read_manifest(out)["counts"]["records"] == 8
+    monkeypatch.setattr(engine._maintain, "compact", real)
+    assert main(["index", str(src), "--out", str(out), *INDEX_ARGS, "--overwrite", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["mode"] == "overwrite" and s["encoded_this_run"] == 0 and s["records"] == 24 and s["segments"] == 1
+    assert_same_index(ref, out)
+    assert [x["path"] for x in read_manifest(out)["sources"]] == [str(src)]  # the build is in its history once
+
+
+def test_an_error_caused_by_ctrl_c_is_an_interrupt_not_a_traceback(monkeypatch, capsys):
+    """An OSError raised while handling Ctrl-C (a worker's broken pipe) ends as an interrupt: exit code 130."""
+    import engine.cli
+
+    def broken(a):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe") from None
+
+    monkeypatch.setattr(engine.cli, "cmd_info", broken)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["info", "anything"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_faiss_writes_and_reserved_files_report_a_full_disk_as_oserror(tmp_path):
     """/dev/full fails every write with ENOSPC: a faiss write raises that OSError naming the file (faiss's own
     writer said nothing when only the close failed), and engine.files.allocate reserves a sparse file's blocks

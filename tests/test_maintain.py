@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from concurrent.futures import Future
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -178,6 +179,51 @@ def test_compaction_keeps_answers_and_drops_deleted_records(idx_dir, tiny, capsy
     assert [fresh.search(q, 5, weights="rrf").results[0].evidence for q in queries] == evidence
     assert "img0002.png" not in fresh.reader.all_ids()[1].tolist()
     assert engine.verify(idx_dir, progress=False).ok
+
+
+def test_the_next_writer_removes_deletes_files_that_no_generation_lists(tmp_path, tiny):
+    """A deletion killed between writing its tombstones and committing them (or between the commit and removing
+    the previous file) leaves a deletes file nothing lists; the next writer, a deletion too, removes it."""
+    world.image_folder(tmp_path / "src", 6, size=64)
+    idx_dir = tmp_path / "idx"
+    build(tmp_path / "src", idx_dir, tiny)
+    ids = sorted(IndexReader(idx_dir).all_ids()[1].tolist())
+    engine.delete_records(idx_dir, ids=[ids[0]])
+    shutil.copy(idx_dir / read_manifest(idx_dir)["deletes"]["path"], idx_dir / "deletes" / "del-000099.npy")
+    engine.delete_records(idx_dir, ids=[ids[1]])
+    m = read_manifest(idx_dir)
+    assert sorted(p.name for p in (idx_dir / "deletes").iterdir()) == [Path(m["deletes"]["path"]).name]
+    assert m["counts"]["deleted"] == 2 and engine.verify(idx_dir, progress=False).ok
+
+
+def test_indexes_opened_while_another_process_deletes_and_compacts_are_never_called_damaged(tmp_path, tiny):
+    """A writer's commit removes files of the generation before it (merged segments, caption index files its
+    merges replaced); an open that read the previous manifest met them missing and called a sound index damaged
+    ("rebuild it": 18 of about 400 opens, before). Opens now retry while a writer works: none fails, each one a
+    whole generation."""
+    import subprocess
+    import sys
+
+    world.image_folder(tmp_path / "src", 40, size=64)
+    idx_dir = tmp_path / "idx"
+    build(tmp_path / "src", idx_dir, tiny)
+    ids = sorted(IndexReader(idx_dir).all_ids()[1].tolist())[:12]
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); import engine\n"
+            f"for i, rid in enumerate({ids!r}):\n"
+            f"    engine.delete_records({str(idx_dir)!r}, ids=[rid])\n"
+            f"    if i % 3 == 2:\n"
+            f"        engine.compact({str(idx_dir)!r}, progress=False, measure_search=False)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    opened, live = 0, set()
+    while writer.poll() is None:
+        r = IndexReader(idx_dir)
+        assert len(r.all_ids()[0]) == r.n_records == int(r.manifest["counts"]["records"])  # one whole generation
+        live.add(r.n_records)
+        r.close()
+        opened += 1
+    assert writer.returncode == 0, writer.stderr.read().decode()[-2000:]
+    assert opened > 10 and len(live) > 2 and IndexReader(idx_dir).n_records == 40 - 12
 
 
 def _pq_index(folder, tiny, n: int = 1200, seed: int = 1, copies: int = 0) -> np.ndarray:

@@ -199,3 +199,39 @@ def test_caption_search_orders_equal_scores_by_row(tmp_path):
         assert np.all(np.diff(scores) <= 0)
     store = TextStore(tmp_path / "text")
     assert store.search(["car"], 4)[0].tolist() == [1, 2, 4, 5]  # "car" once in each caption: shorter ones first
+
+
+def test_a_full_disk_under_the_caption_index_is_an_oserror(tmp_path, monkeypatch):
+    """Tantivy's errors (the texts it gave on a full tmpfs) become the OSError of a full disk: a write that names
+    the reason; a worker thread's failed write ("writer was killed", no reason given) when less space is left
+    than the heap it wrote out. With space to spare, that error stays what it is."""
+    import errno
+
+    from engine import _stores
+
+    sink = _stores.TextSink(tmp_path / "text")
+    real = sink.writer
+
+    class Failing:
+        def add_document(self, doc):
+            raise ValueError("An index writer was killed.. A worker thread encountered an error (io::Error most "
+                             "likely) or panicked.")
+
+        def commit(self):
+            raise ValueError("Failed to open file for write: 'IoError { io_error: Custom { kind: StorageFull, error: "
+                             "PathError { path: \"/x/text/.tmpN5SHnf\", err: Os { code: 28, kind: StorageFull, "
+                             "message: \"No space left on device\" } } }, filepath: \"c78d.fieldnorm\" }'")
+
+    sink.writer = Failing()
+    monkeypatch.setattr(_stores, "_free_bytes", lambda path: 1 << 20)
+    with pytest.raises(OSError) as e:
+        sink.add(1, "a red car")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "text")
+    with pytest.raises(OSError) as e:
+        sink.commit()
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(_stores, "_free_bytes", lambda path: 1 << 40)
+    with pytest.raises(ValueError, match="writer was killed"):
+        sink.add(1, "a red car")
+    sink.writer = real
+    sink.abort()
