@@ -30,6 +30,17 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def timed_ms(fn, runs: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``fn``, after one call to warm up."""
+    fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs, np.float64), q))
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import pct, save, table
+from _common import pct, save, table, timed_ms
 
 TEXT_RANKERS = ("phrase", "fuzzy", "caption_clip", "caption_dups")  # issue 9's rankers, toggled in (c)
 
@@ -60,16 +60,6 @@ def synthetic_index(out: Path, n: int, enc, rng: np.random.Generator) -> None:
                      rng.standard_normal((m, cells, d)).astype(np.float32))
     w.finalize({"path": "synthetic", "kind": "synthetic"})
     engine.compact(out, progress=False)  # a finished build is served from one segment
-
-
-def timed(fn, runs: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def main() -> None:
@@ -123,8 +113,8 @@ def main() -> None:
         encoders_only()
         whole_query()
         for _ in range(args.runs):
-            a_ms += timed(encoders_only, 1)[0:1]
-            b_ms += timed(whole_query, 1)[0:1]
+            a_ms += timed_ms(encoders_only, 1)[0:1]
+            b_ms += timed_ms(whole_query, 1)[0:1]
         encoded = idx.encode_queries([p for p, _ in queries], [c for _, c in queries])
 
         def search_only(index) -> list[float]:

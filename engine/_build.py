@@ -277,6 +277,14 @@ def build_index(
         writer.source = src_info
     writer.auto_commit = False
     first_row = writer.next_row
+    if mode == "overwrite" and writer.manifest is not None and writer.manifest["build"].get("complete"):
+        # a replacement build stopped after its last commit (while merging its segments, before the swap): it is
+        # finished as it is, without reading the source again (its last commit counted the source's records as
+        # consumed, not the items read, and a rerun would read the end of the source again: rejects twice)
+        manifest = writer.manifest
+        writer.abort()  # nothing to commit: closes the caption index and releases the lock
+        return finish_build(out, folder, mode, manifest, src, t0, 0.0, 0, 0, calibrate, encoders, progress,
+                            first_row=first_row)
     try:
         b = writer.manifest["build"] if skip else {}
         encoded, encode_s = _run_pipeline(src, writer, encoders, writer.settings, progress, skip,

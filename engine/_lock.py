@@ -77,12 +77,30 @@ class WriterLock:
 
 
 def writer_active(folder: Path) -> bool:
-    """Whether another process's writer holds ``folder``'s lock, judged from the lock file's content (a reader
-    never takes the lock: even a shared lock for a moment would make a writer starting then report the index
-    busy). A writer writes its pid there and empties the file when it ends; a dead writer's pid (kill -9) is no
-    longer alive."""
+    """Whether another process holds ``folder``'s writer lock, without taking it (a reader never takes the lock:
+    even a shared lock for a moment would make a writer starting then report the index busy). Linux lists every
+    flock in /proc/locks, by file; elsewhere the lock file's content tells (a writer writes its pid there and
+    empties the file when it ends; a writer killed with kill -9 leaves it, so a live pid that is not a writer's
+    counts too)."""
+    path = Path(folder) / LOCK_NAME
     try:
-        with open(Path(folder) / LOCK_NAME, "rb") as f:
+        st = os.stat(path)
+    except OSError:
+        return False
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            held = f.read()
+    except OSError:
+        held = None
+    if held is not None:
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in held.splitlines():
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == dev and parts[4] != str(os.getpid()):
+                return True
+        return False
+    try:
+        with open(path, "rb") as f:
             info = json.loads(f.read(4096).decode("utf-8", errors="replace") or "{}")
     except (OSError, ValueError):
         return False

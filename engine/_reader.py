@@ -7,6 +7,7 @@ generation meanwhile never mixes into its answers: it keeps answering from the s
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import resource
 import threading
@@ -246,14 +247,14 @@ class IndexReader:
         retried (for up to ``OPEN_RETRY_SECONDS``) instead of calling a sound index damaged."""
         self.path = Path(path).expanduser().absolute()
         deadline = time.monotonic() + OPEN_RETRY_SECONDS
-        while True:
+        for attempt in itertools.count():
             before = manifest_stamp(self.path)
             try:
                 self._open(nprobe, refine, hash_files, previous)
                 return
             except IndexFormatError:
                 self._close_partial()
-                if time.monotonic() >= deadline or not (
+                if (time.monotonic() >= deadline and attempt >= 2) or not (  # a slow open gets its retries too
                         manifest_stamp(self.path) != before or writer_active(self.path)):
                     raise
             time.sleep(0.02)

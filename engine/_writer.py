@@ -320,13 +320,10 @@ class IndexWriter:
         m["counts"]["rejected"] = int(sum(self.reject_reasons.values()))
         m["counts"]["reject_reasons"] = dict(self.reject_reasons)
         m["counts"]["caption_only"] = m["counts"]["records"] - m["counts"]["images"]
-        # a complete build finished again (a resumed --overwrite stopped before its swap) is in the history already
-        again = bool(m["build"].get("complete")) and (progress or {}).get("source", m["build"].get("source")) == \
-            m["build"].get("source")
         if progress is not None:
             m["build"].update(progress)
         m["build"]["complete"] = bool(complete)
-        if complete and not again and m["build"].get("source"):
+        if complete and m["build"].get("source"):
             m["sources"].append({**m["build"]["source"], "completed": now_iso()})
         m.update(extra or {})
         self.committed_this_run += len(self._records)

@@ -162,13 +162,16 @@ def cmd_index(a: argparse.Namespace) -> int:
     out_path = Path(a.out).expanduser().absolute()
 
     before = stamp(out_path)  # a commit replaces the manifest: unchanged means nothing of this run was committed
+    staged_before = stamp(staging_path(out_path))
 
     def interrupted(how: str = "interrupted") -> str:  # said when it stops: whether anything was committed by then
         now = stamp(out_path)
         if a.overwrite and stamp(staging_path(out_path)) is None and now is not None and now != before:
             return (f"{how} after the new index replaced the old one in {a.out}: it is complete and in use "
                     "(run `attrib calibrate` on it if its calibration was cut short)")
-        if a.overwrite and _complete_build(staging_path(out_path)) is not None and stamp(out_path) == before:
+        if (a.overwrite and a.engine != "ray" and stamp(out_path) == before  # this run's staging build, complete
+                and stamp(staging_path(out_path)) != staged_before
+                and _complete_build(staging_path(out_path)) is not None):
             return (f"{how} after every record of the new index was committed, before it replaced {a.out}: {a.out} "
                     "is as it was; rerun the same command to finish the new one (nothing is encoded again)")
         if a.overwrite:
@@ -352,9 +355,15 @@ def weights_arg(value: str | None):
 
 
 def report_failed(error: AttribError) -> int:
-    """The result was printed but an output file could not be written: one line, exit code 2."""
+    """The result was printed but an output file could not be written: one line, exit code 2 (1 on a full
+    disk)."""
     print_error(f"{error} (the result above was computed and printed, but not saved)")
-    return EXIT_USER_ERROR
+    return exit_code(error)
+
+
+def exit_code(error: AttribError) -> int:
+    """2 for what the user can change in the command; 1 when a file could not be written for a full disk."""
+    return EXIT_FAILED if getattr(error, "errno", None) in DISK_FULL else EXIT_USER_ERROR
 
 
 def cmd_query(a: argparse.Namespace) -> int:
@@ -709,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     except AttribError as e:
         print_error(str(e))
-        return EXIT_USER_ERROR
+        return exit_code(e)
     except KeyboardInterrupt:
         return _interrupted(locals().get("a"))
     except Exception as e:

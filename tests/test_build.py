@@ -489,6 +489,7 @@ def test_an_overwrite_stopped_before_its_swap_is_finished_without_encoding_again
 
     src = tmp_path / "src"
     world.image_folder(src, 24, size=64)
+    (src / "part1" / "zz.tar").write_bytes(b"not a tar shard")  # the source's last item: one reject
     ref, out = tmp_path / "ref", tmp_path / "idx"
     assert main(["index", str(src), "--out", str(ref), *INDEX_ARGS]) == 0
     world.image_folder(tmp_path / "old", 8, size=64)
@@ -512,7 +513,9 @@ def test_an_overwrite_stopped_before_its_swap_is_finished_without_encoding_again
     s = json.loads(capsys.readouterr().out)
     assert s["mode"] == "overwrite" and s["encoded_this_run"] == 0 and s["records"] == 24 and s["segments"] == 1
     assert_same_index(ref, out)
-    assert [x["path"] for x in read_manifest(out)["sources"]] == [str(src)]  # the build is in its history once
+    m = read_manifest(out)
+    assert [x["path"] for x in m["sources"]] == [str(src)]  # the build is in its history once
+    assert m["counts"]["rejected"] == 1 and len((out / "rejects.jsonl").read_text().splitlines()) == 1  # not read again
 
 
 def test_an_error_caused_by_ctrl_c_is_an_interrupt_not_a_traceback(monkeypatch, capsys):
