@@ -220,8 +220,9 @@ def build_index(
         out: the index folder.
         models: the model profile (``default``: pretrained; ``offline``/``tiny``: untrained, for trying things).
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
-        settings: index settings (batch size, chunk, codec, patch grid, limits...); ignored when appending or
-            resuming (the index keeps its own).
+        settings: index settings (batch size, chunk, codec, patch grid, limits...); when appending or resuming,
+            the index keeps its format and this run uses the batch size, decoding threads, chunk and input limits
+            given (a format setting that differs from the index's is refused: ``IndexSettings.for_run``).
         overwrite: replace an existing index at ``out``.
         append: add the records of ``source`` to the existing index at ``out`` (ids it already has are rejected).
         progress: show a progress bar on stderr.

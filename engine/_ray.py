@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -314,6 +315,8 @@ def build_index_ray(
         if m is None:
             base_row, base_seg, bootstrap = 0, 1, True
         elif resuming:
+            # its units were planned with the chunk it started with: the run's own --chunk cannot apply
+            writer.settings = dataclasses.replace(writer.settings, chunk=int(m["settings"]["chunk"]))
             r = m["build"].get("ray") or {}
             base_row, base_seg, bootstrap = int(r["base_row"]), int(r["base_segment"]), bool(r["bootstrap"])
             src_info = m["build"].get("source") or src_info

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from . import _limits as L
 from ._errors import AttribError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+#: What one run of a build, resume or append may choose for itself.
+RUN_SETTINGS = ("batch_size", "workers", "chunk", "max_pixels", "max_bytes")
+#: The index's format: an append or a resume keeps it (the others, pca_sample and ann_flat_max, only act when the
+#: first commit fits the codebooks).
+FORMAT_SETTINGS = ("patch_grid", "patch_dims", "patch_pq_m", "ann", "codec", "caption_codec")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,24 @@ class IndexSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_run(self, given: "IndexSettings | None") -> "IndexSettings":
+        """These settings (an existing index's own) as a run that was given ``given`` uses them: an append or a
+        resume takes the run's operational settings (``RUN_SETTINGS``: batch size, decoding threads, chunk, input
+        limits), and keeps the index's own for the rest. A format setting (``FORMAT_SETTINGS``) given with another
+        value than the index's (and than the default, which a caller may not have chosen) is refused, never
+        silently dropped."""
+        if given is None:
+            return self
+        default = IndexSettings()
+        for name in FORMAT_SETTINGS:
+            mine, theirs = getattr(self, name), getattr(given, name)
+            if theirs != mine and theirs != getattr(default, name):
+                flag = "--" + name.replace("_", "-")
+                raise AttribError(f"index setting {name} ({flag}) {theirs!r} differs from the index's own {mine!r}: "
+                                  f"an append or a resume keeps the index's format; leave {flag} out (or build a new "
+                                  f"index)")
+        return replace(self, **{k: getattr(given, k) for k in RUN_SETTINGS})
 
     @classmethod
     def from_dict(cls, d: dict) -> "IndexSettings":

@@ -42,7 +42,8 @@ class IndexWriter:
         folder: the index folder; created when missing. A folder that already holds a manifest is opened for
             appending (or resuming) instead, with ``models`` checked against it.
         identity: the encoders' identity (``Encoders.identity``); its fingerprint must match an existing index.
-        settings: index settings (chunk size, codec, patch grid...); an existing index keeps its own.
+        settings: index settings (chunk size, codec, patch grid...); an existing index keeps its own format, and
+            takes the run's batch size, decoding threads, chunk and input limits (``IndexSettings.for_run``).
         extra_columns: source columns beyond id/image/caption, with their polars types.
         expected_images: how many images the whole build should hold (chooses the codec and IVF size).
         source: what is being indexed ({"path", "kind", "fingerprint", ...}): a resumed build must match it.
@@ -59,7 +60,7 @@ class IndexWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock = WriterLock(self.folder, "build").acquire()
         try:
-            self._open(identity, settings or IndexSettings(), extra_columns, expected_images, source)
+            self._open(identity, settings, extra_columns, expected_images, source)
         except BaseException:
             self.lock.release()
             raise
@@ -79,13 +80,13 @@ class IndexWriter:
                     f"{m['models']['fingerprint']}); these are {identity['profile']!r} ({identity['fingerprint']}). "
                     f"Use the same models, or build another index")
             self.manifest = m
-            self.settings = IndexSettings.from_dict(m["settings"])
+            self.settings = IndexSettings.from_dict(m["settings"]).for_run(settings)
             cb = m.get("codebooks")
             self.codebooks = Codebooks.load(self.folder / codebook_dir(int(cb["generation"])), cb) if cb else None
             self.projection = self.codebooks.projection if self.codebooks else None
         else:
             self.manifest = None
-            self.settings = settings
+            self.settings = settings or IndexSettings()
             self.codebooks = None
             self.projection = None
         if self.manifest is None:  # a build killed before its first commit left nothing worth keeping

@@ -397,6 +397,27 @@ def test_a_resume_refuses_a_changed_source(tmp_path, tiny):
         build(tmp_path / "other", out, tiny)
 
 
+def test_an_append_takes_the_runs_chunk_and_refuses_another_format(tmp_path, capsys):
+    """--chunk, --batch-size, --workers and the input limits are the run's own on an append (they were silently
+    dropped for the index's: an append with --chunk 4 committed segments of 8); a format setting (--patch-grid)
+    that differs from the index's is refused by name, and the index is left as it was."""
+    world.image_folder(tmp_path / "src", 16, size=64)
+    world.image_folder(tmp_path / "more", 12, size=64)
+    for d in (tmp_path / "more").iterdir():
+        d.rename(d.with_name("more-" + d.name))  # other ids than the first folder's
+    out = tmp_path / "idx"
+    assert main(["index", str(tmp_path / "src"), "--out", str(out), *INDEX_ARGS]) == 0
+    before = read_manifest(out)
+    assert main(["index", str(tmp_path / "more"), "--out", str(out), *INDEX_ARGS, "--append", "--patch-grid", "4"]) == 2
+    assert "patch_grid (--patch-grid) 4 differs from the index's own 8" in capsys.readouterr().err
+    assert read_manifest(out)["generation"] == before["generation"]
+    args = [a if a != "8" else "4" for a in INDEX_ARGS]  # --chunk 4
+    assert main(["index", str(tmp_path / "more"), "--out", str(out), *args, "--append", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["added_this_run"] == 12 and s["merged"]["segments"] == 3  # 3 segments of 4 (of 8: 2, before)
+    assert read_manifest(out)["settings"]["chunk"] == 8  # the index's own settings are what its manifest keeps
+
+
 # ------------------------------------------------------------------------------------------- a full disk
 def _disk_full_after(monkeypatch, n_segments: int) -> None:
     """The disk is full for every segment written after the first ``n_segments`` (a compaction's included): its

@@ -22,13 +22,16 @@ from engine._manifest import read_manifest
 from engine._reader import IndexReader
 from engine.cli import main
 
+CHUNKS_OF_8 = engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8)
+
 
 def _index_and_more(tmp_path, tiny, extra: range):
     """An index of 24 images built in chunks of 8 at tmp_path/idx, and a folder tmp_path/more of the scenes
-    ``extra`` (images with caption sidecars) to append to it; returns that folder."""
+    ``extra`` (images with caption sidecars) to append to it (in chunks of 8 too: ``CHUNKS_OF_8``); returns that
+    folder."""
     src = tmp_path / "src"
     world.image_folder(src, 24, sidecar="json", nested=False)
-    build(src, tmp_path / "idx", tiny, settings=engine.IndexSettings(pca_sample=8, batch_size=8, chunk=8))
+    build(src, tmp_path / "idx", tiny, settings=CHUNKS_OF_8)
     more = tmp_path / "more"
     more.mkdir()
     for i in extra:
@@ -1463,7 +1466,7 @@ def test_attrib_index_append_merges_its_chunks(tmp_path, tiny, capsys):
     """An append of 20 images in chunks of 8 (three segments) ends as one segment beside the index's own, and
     says so; its records are found."""
     more = _index_and_more(tmp_path, tiny, range(40, 60))
-    s = build(more, tmp_path / "idx", tiny, append=True)
+    s = build(more, tmp_path / "idx", tiny, append=True, settings=CHUNKS_OF_8)
     assert s.merged["segments"] == 3 and s.merged["records"] == 20 and s.segments == 2
     m = read_manifest(tmp_path / "idx")
     assert [e["records"] for e in m["segments"]] == [24, 20]
@@ -1524,7 +1527,7 @@ def test_an_append_whose_merge_fails_is_committed_and_says_so(tmp_path, tiny, mo
         raise engine.IndexBusyError("index is locked by another writer (delete, pid 1)")
 
     monkeypatch.setattr(_maintain, "merge_appended", busy)
-    s = build(more, tmp_path / "idx", tiny, append=True)
+    s = build(more, tmp_path / "idx", tiny, append=True, settings=CHUNKS_OF_8)
     assert "IndexBusyError" in s.merged["error"] and s.records == 44 and s.segments == 4
     print_build_summary(s)
     err = capsys.readouterr().err
