@@ -104,7 +104,8 @@ def _is_ours(folder: Path) -> bool:
     return names <= _OURS and bool(names & {"text", "segments", LOCK_NAME})
 
 
-def _plan(out: Path, overwrite: bool, append: bool, src_info: dict) -> tuple[str, Path]:
+def _plan(out: Path, overwrite: bool, append: bool, src_info: dict,
+          settings: IndexSettings | None = None) -> tuple[str, Path]:
     """(mode, folder to write): "build" (new), "resume" (an unfinished build of the same source), "append",
     or "overwrite" (a new index built beside the old one, swapped in when complete)."""
     recover(out)
@@ -141,14 +142,25 @@ def _plan(out: Path, overwrite: bool, append: bool, src_info: dict) -> tuple[str
                           f"pass --overwrite to replace it, --append to add records to it, or choose another --out")
     staged = staging_path(out)
     if staged.exists() and manifest_state(staged) in ("unfinished", "complete"):
-        prev = read_manifest(staged)["build"].get("source") or {}
-        if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"]:
+        staged_m = read_manifest(staged)
+        prev = staged_m["build"].get("source") or {}
+        if prev.get("path") == src_info["path"] and prev.get("fingerprint") == src_info["fingerprint"] and \
+                _same_format(staged_m, settings):
             # resume the interrupted replacement build; one stopped after its last record (while merging its
             # segments, before the swap) is finished without encoding anything again
             return "overwrite", staged
     if staged.exists():
         remove_staged(staged)
     return "overwrite", staged
+
+
+def _same_format(m: dict, settings: IndexSettings | None) -> bool:
+    """Whether a run given ``settings`` may continue the build of manifest ``m`` (IndexSettings.for_run)."""
+    try:
+        IndexSettings.from_dict(m.get("settings") or {}).for_run(settings)
+    except AttribError:
+        return False
+    return True
 
 
 def remove_staged(staged: Path) -> None:
@@ -259,7 +271,7 @@ def build_index(
     src = open_source(source, settings.max_bytes)
     src_info = {"path": str(Path(source).expanduser().absolute()), "kind": src.kind, "fingerprint": src.fingerprint,
                 "records": src.count, "started": now_iso()}
-    mode, folder = _plan(out, overwrite, append, src_info)
+    mode, folder = _plan(out, overwrite, append, src_info, settings)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if encoders is None:
         from ._encoders import Encoders

@@ -439,7 +439,7 @@ class Committer:
                 "source": self.source, "engine": "ray",
                 "ray": {"plan": self.plan.checksum, "units": len(self.plan.units), "units_committed": self.committed,
                         "base_row": self.plan.base_row, "base_segment": self.plan.base_segment,
-                        "bootstrap": self.plan.bootstrap}}
+                        "bootstrap": self.plan.bootstrap, "chunk": int(self.writer.settings.chunk)}}
 
     @blas_single
     def commit(self, markers: list[dict]) -> dict:

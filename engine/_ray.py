@@ -279,7 +279,7 @@ def build_index_ray(
         raise AttribError(f"--device {device} needs GPUs on the workers: give --gpus-per-worker (e.g. 1)")
     if device is None:
         device = "cuda" if cs.gpus_per_worker > 0 else "cpu"
-    mode, folder = _plan(out, overwrite, append, src_info)
+    mode, folder = _plan(out, overwrite, append, src_info, settings)
     if mode in ("resume", "overwrite") and (folder / "manifest.json").exists():
         b = read_manifest(folder)["build"]
         if not b.get("complete") and b.get("engine") != "ray":
@@ -315,9 +315,10 @@ def build_index_ray(
         if m is None:
             base_row, base_seg, bootstrap = 0, 1, True
         elif resuming:
-            # its units were planned with the chunk it started with: the run's own --chunk cannot apply
-            writer.settings = dataclasses.replace(writer.settings, chunk=int(m["settings"]["chunk"]))
             r = m["build"].get("ray") or {}
+            # its units were planned with the chunk it started with (recorded with its plan; before that, a build's
+            # and an append's plan used the index's stored chunk): the run's own --chunk cannot apply
+            writer.settings = dataclasses.replace(writer.settings, chunk=int(r.get("chunk") or m["settings"]["chunk"]))
             base_row, base_seg, bootstrap = int(r["base_row"]), int(r["base_segment"]), bool(r["bootstrap"])
             src_info = m["build"].get("source") or src_info
         else:

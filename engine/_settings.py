@@ -51,14 +51,15 @@ class IndexSettings:
         """These settings (an existing index's own) as a run that was given ``given`` uses them: an append or a
         resume takes the run's operational settings (``RUN_SETTINGS``: batch size, decoding threads, chunk, input
         limits), and keeps the index's own for the rest. A format setting (``FORMAT_SETTINGS``) given with another
-        value than the index's (and than the default, which a caller may not have chosen) is refused, never
-        silently dropped."""
+        value than the index's (and than the default, which a caller may not have chosen; and unless the index's
+        is "auto") is refused, never silently dropped."""
         if given is None:
             return self
         default = IndexSettings()
         for name in FORMAT_SETTINGS:
             mine, theirs = getattr(self, name), getattr(given, name)
-            if theirs != mine and theirs != getattr(default, name):
+            # "auto" was resolved when the codebooks were fit (fp16 or pq, flat or ivf): not compared here
+            if theirs != mine and theirs != getattr(default, name) and mine != "auto":
                 flag = "--" + name.replace("_", "-")
                 raise AttribError(f"index setting {name} ({flag}) {theirs!r} differs from the index's own {mine!r}: "
                                   f"an append or a resume keeps the index's format; leave {flag} out (or build a new "

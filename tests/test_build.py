@@ -418,6 +418,17 @@ def test_an_append_takes_the_runs_chunk_and_refuses_another_format(tmp_path, cap
     assert read_manifest(out)["settings"]["chunk"] == 8  # the index's own settings are what its manifest keeps
 
 
+def test_for_run_takes_the_runs_settings_and_keeps_the_format():
+    """IndexSettings.for_run: the run's chunk, batch size, threads and limits; the index's format, a different
+    explicit value refused by name, except where the index's own is "auto" (resolved when it was built)."""
+    stored = engine.IndexSettings(chunk=64, batch_size=8, patch_grid=8, codec="auto")
+    run = stored.for_run(engine.IndexSettings(chunk=16, batch_size=32, workers=0, max_pixels=1000, codec="fp16"))
+    assert (run.chunk, run.batch_size, run.workers, run.max_pixels) == (16, 32, 0, 1000)
+    assert (run.patch_grid, run.codec) == (8, "auto") and stored.for_run(None) is stored
+    with pytest.raises(engine.AttribError, match=r"patch_grid \(--patch-grid\) 4 differs from the index's own 8"):
+        stored.for_run(engine.IndexSettings(patch_grid=4))
+
+
 # ------------------------------------------------------------------------------------------- a full disk
 def _disk_full_after(monkeypatch, n_segments: int) -> None:
     """The disk is full for every segment written after the first ``n_segments`` (a compaction's included): its
