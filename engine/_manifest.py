@@ -64,8 +64,13 @@ def library_versions() -> dict[str, str]:
 def manifest_stamp(index_dir: str | os.PathLike) -> tuple | None:
     """What tells one committed manifest of ``index_dir`` from the next without reading it (a commit replaces the
     file: a new inode); None when there is none."""
+    return file_stamp(Path(index_dir) / MANIFEST)
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """(inode, mtime, size) of a file that is replaced, not edited, when it changes; None when it is missing."""
     try:
-        st = (Path(index_dir) / MANIFEST).stat()
+        st = path.stat()
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size

@@ -24,7 +24,7 @@ from ._codebooks import PQ, Codebooks, sha256_file
 from ._errors import IndexFormatError
 from ._layout import MANIFEST, at_level, codebook_dir, path_of
 from ._lock import writer_active
-from ._manifest import dir_size, is_pretrained, manifest_stamp, read_manifest
+from ._manifest import dir_size, file_stamp, is_pretrained, manifest_stamp, read_manifest
 from ._rows import by_segment
 from ._segment import STORES, Segment
 from ._stores import TextStore, is_panic
@@ -248,14 +248,14 @@ class IndexReader:
         self.path = Path(path).expanduser().absolute()
         deadline = time.monotonic() + OPEN_RETRY_SECONDS
         for attempt in itertools.count():
-            before = manifest_stamp(self.path)
+            before = _generation_stamp(self.path)
             try:
                 self._open(nprobe, refine, hash_files, previous)
                 return
-            except IndexFormatError:
+            except (IndexFormatError, FileNotFoundError):  # a file gone between a check and its use, too
                 self._close_partial()
                 if (time.monotonic() >= deadline and attempt >= 2) or not (  # a slow open gets its retries too
-                        manifest_stamp(self.path) != before or writer_active(self.path)):
+                        _generation_stamp(self.path) != before or writer_active(self.path)):
                     raise
             time.sleep(0.02)
 
@@ -769,6 +769,13 @@ def id_hashes(ids) -> np.ndarray:
     for equal strings within a process (it is never stored)."""
     series = pl.from_arrow(ids) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pl.Series(ids, dtype=pl.String)
     return series.cast(pl.String).hash(seed=0).to_numpy().astype(np.uint64, copy=False)
+
+
+def _generation_stamp(index_dir: Path) -> tuple:
+    """What changes when a writer commits: the manifest, and the caption index's file lists (a deletion's caption
+    documents go after its commit, and tantivy then removes the files it replaced, perhaps as the writer ends)."""
+    text = index_dir / path_of("text")
+    return manifest_stamp(index_dir), file_stamp(text / "meta.json"), file_stamp(text / ".managed.json")
 
 
 def manifest_path(index_dir: Path) -> Path:

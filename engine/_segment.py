@@ -484,8 +484,8 @@ class Segment:
         self.cb = cb
         self.n_records = int(entry["records"])
         self.n_images = int(entry["images"])
-        self._check_files(hash_files)
         try:
+            self._check_files(hash_files)  # a file gone between its checks (a writer's commit removed it): damaged
             self.rows = np.load(self.path / path_of("rows"), mmap_mode="r")
             self.image_rows = np.load(self.path / path_of("image_rows"), mmap_mode="r")
             self.record_crc = np.load(self.path / path_of("record_crc"), mmap_mode="r")
