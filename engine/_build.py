@@ -327,26 +327,21 @@ def finish_build(out: Path, folder: Path, mode: str, manifest: dict, src: Source
     --overwrite build is swapped in, the summary is made, and the index is calibrated (``extra``: further
     :class:`BuildSummary` fields)."""
     merged = None
-    if mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1:
-        from ._maintain import compact
+    whole = mode in ("build", "resume", "overwrite") and len(manifest["segments"]) > 1
+    if whole or (mode == "append" and added and first_row is not None):  # an append: its segments, not the index
+        from ._maintain import compact, merge_appended
 
         try:
-            compact(folder, progress=False, measure_search=False)
+            if whole:
+                compact(folder, progress=False, measure_search=False)
+            else:
+                m = merge_appended(folder, first_row, progress=progress)
+                if m is not None:
+                    merged = {"segments": m.merged, "records": m.records, "purged": m.purged,
+                              "seconds": round(m.seconds, 2)}
         except Exception as e:  # noqa: BLE001 - every record is committed: the index is complete, only unmerged
             merged = {"error": f"{e.__class__.__name__}: {e}"}
-        manifest = read_manifest(folder)
-    elif mode == "append" and added and first_row is not None:  # its segments (one per --chunk), not the index
-        from ._maintain import merge_appended
-
-        try:
-            m = merge_appended(folder, first_row, progress=progress)
-            if m is not None:
-                merged = {"segments": m.merged, "records": m.records, "purged": m.purged,
-                          "seconds": round(m.seconds, 2)}
-        except Exception as e:  # noqa: BLE001 - the append is committed and complete; only the merge is missing
-            merged = {"error": f"{e.__class__.__name__}: {e}"}
-        if merged is not None:  # merged (or failed part-way): the manifest may have moved on
-            manifest = read_manifest(folder)
+        manifest = read_manifest(folder)  # merged (or failed part-way): the manifest may have moved on
     if mode == "overwrite":
         swap_in(folder, out)
         manifest = read_manifest(out)

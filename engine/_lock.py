@@ -100,11 +100,14 @@ def writer_active(folder: Path) -> bool:
                 return True
         return False
     try:
-        with open(path, "rb") as f:
-            info = json.loads(f.read(4096).decode("utf-8", errors="replace") or "{}")
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return False
-    pid = info.get("pid") if isinstance(info, dict) else None
+    try:
+        info = _holder_info(fd)
+    finally:
+        os.close(fd)
+    pid = info.get("pid")
     if not isinstance(pid, int) or pid == os.getpid():  # this process's own writer opens no reader beside itself
         return False
     if info.get("host") != socket.gethostname():
@@ -118,11 +121,17 @@ def writer_active(folder: Path) -> bool:
     return True
 
 
-def _read_holder(fd: int) -> str:
+def _holder_info(fd: int) -> dict:
+    """What the writer holding the lock wrote into the lock file (empty when nothing, or nothing readable)."""
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")
     except (OSError, ValueError):
-        info = {}
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _read_holder(fd: int) -> str:
+    info = _holder_info(fd)
     if not info:
         return "unknown process"
     return (f"pid {info.get('pid')} on {info.get('host')}, {info.get('what', 'writing')} since {info.get('since')}: "

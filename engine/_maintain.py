@@ -129,9 +129,9 @@ def delete_records(index: str | os.PathLike, ids: list[str] = (), urls: list[str
     recover(folder)
     read_manifest(folder)  # a missing folder, a file or a folder that is no index: a clear error, no lock file left
     with WriterLock(folder, "delete"):
-        remove_uncommitted(folder, read_manifest(folder))  # what a killed writer left
         reader = IndexReader(folder, hash_files=False)
         m = reader.manifest
+        remove_uncommitted(folder, m)  # what a killed writer left
         rows = reader.rows_of(list(ids))
         not_found = [str(i) for i, r in zip(ids, rows) if r < 0]
         targets = set(int(r) for r in rows if r >= 0)
@@ -325,7 +325,7 @@ def merge_appended(index: str | os.PathLike, first_row: int, progress: bool = Tr
         from .ui import progress_bar
 
         with progress_bar("merging appended segments", len(run), enabled=progress, unit="seg") as advance:
-            entry = _write_live(reader, folder, seg_id, reader.captions.has_vectors, advance, segments=run)
+            entry = _write_live(reader, folder, seg_id, reader.captions.has_vectors, advance, segments=run, gone=gone)
         deleted = np.asarray(reader.live.deleted, np.int64)
         reader.close()
         m2 = _commit_merged(folder, m, json.loads(json.dumps(m)), start, entry, deleted, gone)
@@ -545,9 +545,10 @@ def _training_sample(reader: IndexReader, folder: Path, with_captions: bool, adv
 
 
 def _write_live(reader: IndexReader, folder: Path, seg_id: int, with_captions: bool, advance,
-                new_cb: Codebooks | None = None, segments: list | None = None) -> dict:
+                new_cb: Codebooks | None = None, segments: list | None = None, gone: np.ndarray | None = None) -> dict:
     """Write the live records of ``segments`` (default: every segment) into one new segment, streamed a block of
-    records at a time; returns its manifest entry. Memory: one block's codes plus the merged IVF lists.
+    records at a time; returns its manifest entry. Memory: one block's codes plus the merged IVF lists. ``gone``:
+    the deleted rows those segments hold, where the caller has them (``_deleted_within``).
 
     With the codebooks unchanged (``new_cb`` None) every code is copied and the old stores' lists are merged. With
     retrained codebooks the stores are filled again from the decoded refine vectors, and the refine, patch and
@@ -565,7 +566,7 @@ def _write_live(reader: IndexReader, folder: Path, seg_id: int, with_captions: b
             out.append(part)
             advance(int(last))
         if new_cb is None:
-            gone = _deleted_within(reader, segments)
+            gone = _deleted_within(reader, segments) if gone is None else gone
             for n in STORES:
                 merged = cb.new_store(n)
                 for seg in segments:

@@ -253,18 +253,11 @@ class IndexReader:
                 self._open(nprobe, refine, hash_files, previous)
                 return
             except (IndexFormatError, FileNotFoundError):  # a file gone between a check and its use, too
-                self._close_partial()
+                self.close()  # the segments this attempt opened
                 if (time.monotonic() >= deadline and attempt >= 2) or not (  # a slow open gets its retries too
                         _generation_stamp(self.path) != before or writer_active(self.path)):
                     raise
             time.sleep(0.02)
-
-    def _close_partial(self) -> None:
-        for s in getattr(self, "segments", ()):
-            try:
-                s.close()
-            except Exception:  # noqa: BLE001 - a half-opened segment: closing what there is
-                pass
 
     def _open(self, nprobe: int | None, refine: int | None, hash_files: bool | None,
               previous: "IndexReader | None") -> None:

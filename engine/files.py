@@ -52,8 +52,8 @@ def allocate(path: Path) -> None:
 
 
 def disk_full(e: Exception, path: str | os.PathLike) -> OSError | None:
-    """The ``OSError`` of a full disk (or quota) that a library reported as the text of another exception (faiss:
-    a RuntimeError; tantivy: a ValueError), naming ``path``; None when ``e`` is not about a full disk."""
+    """The ``OSError`` of a full disk (or quota) that a library reported as the text of another exception
+    (tantivy: a ValueError), naming ``path``; None when ``e`` is not about a full disk."""
     for code in DISK_FULL:
         if os.strerror(code) in str(e):
             return OSError(code, os.strerror(code), os.fspath(path))
